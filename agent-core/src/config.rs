@@ -1,0 +1,343 @@
+//! Where an agent keeps its files, and its configuration.
+//!
+//! [`Paths`] places one agent: by default in the platform's directories (`directories::ProjectDirs`),
+//! or wholly under `--data-dir DIR` / `HEARTH_DATA_DIR`, so several agents can share a machine.
+//! [`HearthConfig`] merges, in rising precedence, built-in defaults, the TOML file, the environment
+//! and command-line flags, then validates the result; every error names the offending field.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the configuration inside the config dir.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// The default port of the control API. Fixed, so that a bookmark to the web UI keeps working.
+pub const DEFAULT_API_PORT: u16 = 7447;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No home directory to derive default paths from, and no `--data-dir`.
+    #[error("cannot find a home directory for Hearth's files; pass --data-dir DIR or set HEARTH_DATA_DIR")]
+    NoHome,
+    /// The file exists but could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The file is not valid TOML for this schema. `toml` names the field and line.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A value has the right type but is not allowed.
+    #[error("config {source_name}: `{field}` {reason}")]
+    Invalid {
+        /// Where the value came from: the file's path, an environment variable or a flag.
+        source_name: String,
+        /// The dotted field name, such as `api.port`.
+        field: &'static str,
+        /// What was expected.
+        reason: String,
+    },
+}
+
+/// Where one agent's files live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// Identity, store, lock, API discovery files.
+    pub data_dir: PathBuf,
+    /// The configuration file.
+    pub config_file: PathBuf,
+}
+
+impl Paths {
+    /// Everything under `data_dir` when given; otherwise the platform's defaults. An explicit
+    /// `config_file` wins over both.
+    pub fn resolve(data_dir: Option<PathBuf>, config_file: Option<PathBuf>) -> Result<Self, ConfigError> {
+        let (data_dir, default_config) = match data_dir {
+            Some(dir) => {
+                let config = dir.join(CONFIG_FILE);
+                (dir, config)
+            }
+            None => {
+                let dirs = directories::ProjectDirs::from("org", "Hearth", "hearth")
+                    .ok_or(ConfigError::NoHome)?;
+                (dirs.data_dir().to_owned(), dirs.config_dir().join(CONFIG_FILE))
+            }
+        };
+        Ok(Self { data_dir, config_file: config_file.unwrap_or(default_config) })
+    }
+
+    /// The SQLite store.
+    pub fn store(&self) -> PathBuf {
+        self.data_dir.join("hearth.db")
+    }
+
+    /// The lock that keeps one daemon per data dir.
+    pub fn lock(&self) -> PathBuf {
+        self.data_dir.join("daemon.lock")
+    }
+
+    /// Where the daemon announces its API address.
+    pub fn api_info(&self) -> PathBuf {
+        self.data_dir.join("api.json")
+    }
+
+    /// The API's bearer token (mode 0600).
+    pub fn api_token(&self) -> PathBuf {
+        self.data_dir.join("api.token")
+    }
+}
+
+/// The whole configuration of an agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HearthConfig {
+    /// The local control API.
+    pub api: ApiConfig,
+    /// Resource detection.
+    pub resources: ResourcesConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The local control API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP port on 127.0.0.1; 0 picks any free port.
+    pub port: u16,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { port: DEFAULT_API_PORT }
+    }
+}
+
+/// Resource detection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourcesConfig {
+    /// How often the daemon re-reads CPU, memory, disk and GPU figures.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        Self { refresh_interval: Duration::from_secs(10) }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`. `RUST_LOG` and `--log-level` override it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned() }
+    }
+}
+
+/// Values given on the command line or in the environment, which win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--api-port` / `HEARTH_API_PORT`.
+    pub api_port: Option<u16>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+}
+
+/// The levels `log.level` accepts.
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// The file written on first start, so an owner finds every setting with its default.
+pub const DEFAULT_FILE: &str = r#"# Hearth agent configuration. Every setting is shown with its default.
+# Environment variables and command-line flags override what is written here.
+
+[api]
+# Port of the control API and web UI on 127.0.0.1 (0 picks any free port).
+# Overridden by --api-port or HEARTH_API_PORT.
+port = 7447
+
+[resources]
+# How often CPU, memory, disk and GPU figures are refreshed.
+refresh_interval = "10s"
+
+[log]
+# error, warn, info, debug or trace. RUST_LOG and --log-level override it.
+level = "info"
+"#;
+
+impl HearthConfig {
+    /// Reads the file (defaults when it does not exist), applies `overrides` and validates.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::default(),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
+        config.validate(&path.display().to_string())?;
+        if let Some(port) = overrides.api_port {
+            config.api.port = port;
+        }
+        if let Some(level) = &overrides.log_level {
+            config.log.level = level.clone();
+            config.validate("--log-level")?;
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let parse_error = |message| ConfigError::Parse { path: path.to_owned(), message };
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(one_line(&e)))?;
+        // serde_path_to_error adds the dotted path of the field, which toml's own message leaves
+        // out for type and range errors.
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let message = one_line(e.inner());
+            parse_error(if field == "." { message } else { format!("`{field}`: {message}") })
+        })
+    }
+
+    /// Writes [`DEFAULT_FILE`] to `path` unless a file is already there.
+    pub fn write_default_if_missing(path: &Path) -> io::Result<bool> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        match fs::OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(mut file) => {
+                io::Write::write_all(&mut file, DEFAULT_FILE.as_bytes())?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            source_name: source_name.to_owned(),
+            field,
+            reason,
+        };
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            return Err(invalid(
+                "log.level",
+                format!("is {:?}; expected one of {}", self.log.level, LOG_LEVELS.join(", ")),
+            ));
+        }
+        let interval = self.resources.refresh_interval;
+        if interval < Duration::from_secs(1) || interval > Duration::from_secs(3600) {
+            return Err(invalid(
+                "resources.refresh_interval",
+                format!(
+                    "is {}; expected between 1s and 1h",
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    let field_and_reason = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{field_and_reason} (at byte {})", span.start),
+        None => field_and_reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, overrides: &Overrides) -> Result<HearthConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        fs::write(&path, text).unwrap();
+        HearthConfig::load(&path, overrides)
+    }
+
+    #[test]
+    fn the_default_file_says_exactly_the_defaults() {
+        let parsed = HearthConfig::parse(DEFAULT_FILE, Path::new("x")).unwrap();
+        assert_eq!(parsed, HearthConfig::default());
+    }
+
+    #[test]
+    fn a_missing_file_means_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = HearthConfig::load(&dir.path().join("none.toml"), &Overrides::default()).unwrap();
+        assert_eq!(config, HearthConfig::default());
+    }
+
+    #[test]
+    fn flags_and_environment_win_over_the_file() {
+        let overrides = Overrides { api_port: Some(0), log_level: Some("debug".into()) };
+        let config = load_text("[api]\nport = 9000\n[log]\nlevel = \"warn\"\n", &overrides).unwrap();
+        assert_eq!(config.api.port, 0);
+        assert_eq!(config.log.level, "debug");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[api]\nprot = 1\n", "prot"),
+            ("[api]\nport = 70000\n", "port"),
+            ("[api]\nport = \"x\"\n", "port"),
+            ("[resources]\nrefresh_interval = \"soon\"\n", "refresh_interval"),
+            ("[resources]\nrefresh_interval = \"10ms\"\n", "resources.refresh_interval"),
+            ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[nope]\n", "nope"),
+        ];
+        for (text, field) in cases {
+            let err = load_text(text, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err:?}, which does not name {field}");
+            assert!(!err.contains('\n'), "errors are one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_flag_is_named_as_the_flag() {
+        let overrides = Overrides { log_level: Some("chatty".into()), ..Overrides::default() };
+        let err = load_text("", &overrides).unwrap_err().to_string();
+        assert!(err.contains("--log-level") && err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn data_dir_puts_everything_of_one_agent_under_it() {
+        let paths = Paths::resolve(Some("/srv/agent-a".into()), None).unwrap();
+        for path in [paths.config_file.clone(), paths.store(), paths.lock(), paths.api_info(), paths.api_token()] {
+            assert!(path.starts_with("/srv/agent-a"), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn the_default_file_is_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join(CONFIG_FILE);
+        assert!(HearthConfig::write_default_if_missing(&path).unwrap());
+        fs::write(&path, "[api]\nport = 1234\n").unwrap();
+        assert!(!HearthConfig::write_default_if_missing(&path).unwrap());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "[api]\nport = 1234\n");
+    }
+}

@@ -1,0 +1,325 @@
+//! The agent's SQLite file: the only module that writes SQL.
+//!
+//! One writer thread owns the read-write connection; [`Store`] is a cheap, cloneable handle that
+//! sends it typed operations over a bounded channel and awaits each reply on a oneshot. SQLite is
+//! blocking, so the writer is a plain OS thread rather than a tokio task. The thread ends when
+//! [`Store::shutdown`] is awaited (which checkpoints the WAL and closes the file) or when the last
+//! handle is dropped.
+//!
+//! The file uses WAL with `synchronous=FULL`, so a committed row survives a power cut, and its schema
+//! is versioned by migrations in code ([`migrations`]). A store remembers the peer id it was created
+//! for and refuses to open under another identity, so one agent's records never mix with another's.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bound on operations waiting for the writer; senders wait when it is full.
+const QUEUE_DEPTH: usize = 64;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The schema could not be brought up to date, for example because a newer Hearth wrote it.
+    #[error("store {path}: cannot migrate the schema: {source}")]
+    Migration {
+        /// The database file.
+        path: PathBuf,
+        /// The migration error.
+        source: rusqlite_migration::Error,
+    },
+    /// The store belongs to another identity.
+    #[error(
+        "store {path} belongs to peer {stored}, but this agent's identity is {current}; was identity.key \
+         replaced? Put the matching key back, or use another data dir"
+    )]
+    ForeignIdentity {
+        /// The database file.
+        path: PathBuf,
+        /// The peer id recorded in the store.
+        stored: String,
+        /// The peer id of the identity that tried to open it.
+        current: String,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(std::io::Error),
+    /// The writer thread is gone (the store was shut down).
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The schema, one migration per version. Append only: never edit a migration that has shipped.
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE meta (
+             key   TEXT PRIMARY KEY NOT NULL,
+             value TEXT NOT NULL
+         ) STRICT;
+         CREATE TABLE daemon_runs (
+             id         INTEGER PRIMARY KEY,
+             version    TEXT NOT NULL,
+             started_at INTEGER NOT NULL,
+             stopped_at INTEGER
+         ) STRICT;",
+    )])
+}
+
+/// What [`Store::begin_run`] learnt about the run before this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousRun {
+    /// When it started, in Unix seconds.
+    pub started_at: i64,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<i64>,
+}
+
+/// Identifies one daemon run in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunId(i64);
+
+/// What the writer does after an operation.
+enum Next {
+    Continue,
+    Close,
+}
+
+type Op = Box<dyn FnOnce(&mut Connection) -> Next + Send>;
+
+/// A handle to the store's writer. Clones share one writer.
+#[derive(Debug, Clone)]
+pub struct Store {
+    ops: mpsc::Sender<Op>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the store at `path` for the agent `peer_id`, and starts
+    /// its writer thread.
+    pub async fn open(path: &Path, peer_id: &str) -> Result<Self, StoreError> {
+        let (ops, mut queue) = mpsc::channel::<Op>(QUEUE_DEPTH);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_path = path.to_owned();
+        let peer_id = peer_id.to_owned();
+        thread::Builder::new()
+            .name("hearth-store".into())
+            .spawn(move || {
+                let mut conn = match open_connection(&thread_path, &peer_id) {
+                    Ok(conn) => {
+                        let _ = ready_tx.send(Ok(()));
+                        conn
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(op) = queue.blocking_recv() {
+                    if let Next::Close = op(&mut conn) {
+                        break;
+                    }
+                }
+                // Dropping the connection closes the file; the WAL is checkpointed on close.
+            })
+            .map_err(StoreError::Thread)?;
+        ready_rx.await.map_err(|_| StoreError::Closed)??;
+        Ok(Self { ops, path: path.to_owned() })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records the start of a daemon run and tells how the previous one ended.
+    pub async fn begin_run(
+        &self,
+        version: &str,
+        now: i64,
+    ) -> Result<(RunId, Option<PreviousRun>), StoreError> {
+        let version = version.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let previous = tx
+                .query_row(
+                    "SELECT started_at, stopped_at FROM daemon_runs ORDER BY id DESC LIMIT 1",
+                    [],
+                    |row| Ok(PreviousRun { started_at: row.get(0)?, stopped_at: row.get(1)? }),
+                )
+                .optional()?;
+            tx.execute(
+                "INSERT INTO daemon_runs (version, started_at) VALUES (?1, ?2)",
+                params![version, now],
+            )?;
+            let id = RunId(tx.last_insert_rowid());
+            tx.commit()?;
+            Ok((id, previous))
+        })
+        .await
+    }
+
+    /// Records that the run ended cleanly.
+    pub async fn end_run(&self, run: RunId, now: i64) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            conn.execute("UPDATE daemon_runs SET stopped_at = ?1 WHERE id = ?2", params![now, run.0])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Finishes queued work, checkpoints the WAL into the main file and closes it. Other handles
+    /// get [`StoreError::Closed`] afterwards.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.submit(Next::Close, |conn| {
+            conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);")
+        })
+        .await
+    }
+
+    /// Runs `op` on the writer thread, in order with every other operation.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit(Next::Continue, op).await
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        then: Next,
+        op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, result) = oneshot::channel();
+        let job: Op = Box::new(move |conn| {
+            let _ = reply.send(op(conn));
+            then
+        });
+        self.ops.send(job).await.map_err(|_| StoreError::Closed)?;
+        result
+            .await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
+    }
+}
+
+fn open_connection(path: &Path, peer_id: &str) -> Result<Connection, StoreError> {
+    let sqlite = |source| StoreError::Sqlite { path: path.to_owned(), source };
+    let mut conn = Connection::open(path).map_err(sqlite)?;
+    // journal_mode answers with a row, so it is read rather than executed.
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(sqlite)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(store = %path.display(), mode, "the store could not switch to WAL");
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(sqlite)?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|source| StoreError::Migration { path: path.to_owned(), source })?;
+    claim_for(&conn, path, peer_id)?;
+    Ok(conn)
+}
+
+/// Records `peer_id` as the store's owner on first open; refuses a store owned by another.
+fn claim_for(conn: &Connection, path: &Path, peer_id: &str) -> Result<(), StoreError> {
+    let sqlite = |source| StoreError::Sqlite { path: path.to_owned(), source };
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('peer_id', ?1) ON CONFLICT (key) DO NOTHING",
+        [peer_id],
+    )
+    .map_err(sqlite)?;
+    let stored: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'peer_id'", [], |row| row.get(0))
+        .map_err(sqlite)?;
+    if stored != peer_id {
+        return Err(StoreError::ForeignIdentity {
+            path: path.to_owned(),
+            stored,
+            current: peer_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().unwrap();
+    }
+
+    #[tokio::test]
+    async fn runs_are_recorded_and_an_unclean_stop_is_visible_next_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        let store = Store::open(&path, "peer-a").await.unwrap();
+        let (first, previous) = store.begin_run("0.1.0", 100).await.unwrap();
+        assert_eq!(previous, None);
+        store.end_run(first, 150).await.unwrap();
+        let (_second, previous) = store.begin_run("0.1.0", 200).await.unwrap();
+        assert_eq!(previous, Some(PreviousRun { started_at: 100, stopped_at: Some(150) }));
+        // The second run never ends: the process "crashes".
+        drop(store);
+
+        let store = Store::open(&path, "peer-a").await.unwrap();
+        let (_, previous) = store.begin_run("0.1.0", 300).await.unwrap();
+        assert_eq!(previous, Some(PreviousRun { started_at: 200, stopped_at: None }));
+        store.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_file_is_wal_with_full_sync_and_intact_after_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        let store = Store::open(&path, "peer-a").await.unwrap();
+        let other = store.clone();
+        store.begin_run("0.1.0", 1).await.unwrap();
+        store.shutdown().await.unwrap();
+        assert!(matches!(other.begin_run("0.1.0", 2).await, Err(StoreError::Closed)));
+
+        let conn = Connection::open(&path).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_refuses_another_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        Store::open(&path, "peer-a").await.unwrap().shutdown().await.unwrap();
+        let err = Store::open(&path, "peer-b").await.unwrap_err();
+        assert!(matches!(err, StoreError::ForeignIdentity { .. }), "{err}");
+        assert!(err.to_string().contains("peer-a") && err.to_string().contains("peer-b"));
+    }
+
+    #[tokio::test]
+    async fn a_store_from_a_newer_hearth_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        Store::open(&path, "peer-a").await.unwrap().shutdown().await.unwrap();
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        let err = Store::open(&path, "peer-a").await.unwrap_err();
+        assert!(matches!(err, StoreError::Migration { .. }), "{err}");
+    }
+}
