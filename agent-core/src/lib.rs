@@ -2,8 +2,14 @@
 //!
 //! Dependencies point one way: [`daemon`] wires the parts together, [`cli`] talks to a running
 //! daemon only through [`api::client`], and the leaves ([`identity`], [`store`], [`resources`])
-//! import none of the coordinators. See `docs/architecture.md` for the map.
+//! import none of the coordinators. Events that cross modules are declared in [`events`]. See
+//! `docs/architecture.md` for the map.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod events;
 pub mod identity;
+pub mod resources;
 pub mod store;

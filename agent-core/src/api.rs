@@ -1,0 +1,213 @@
+//! The local control API: HTTP + WebSocket on 127.0.0.1, used by the CLI, the web UI and the
+//! desktop shell alike.
+//!
+//! Every route sits behind [`security`]'s gate (Host, Origin, bearer token). Routes are declared
+//! with `utoipa` so that the OpenAPI document served at `/api/v1/openapi.json` is generated from
+//! the same code that handles requests and cannot drift from it. The API owns no state: it reads
+//! the daemon's watch channels and streams its event [`Bus`]. [`serve`] runs until the shutdown
+//! token is cancelled, then closes open WebSockets and drains in-flight requests.
+
+pub mod client;
+pub mod discovery;
+mod error;
+mod security;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, middleware};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use discovery::{ApiInfo, ApiToken};
+pub use error::ErrorBody;
+
+use crate::events::{AgentState, Bus, Event};
+use crate::resources::Resources;
+
+/// What `GET /api/v1/status` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Status {
+    /// The agent's peer id: its network name and signing identity.
+    pub peer_id: String,
+    /// The agent's state.
+    pub state: AgentState,
+    /// The daemon's version.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Where this agent keeps its files.
+    #[schema(value_type = String)]
+    pub data_dir: PathBuf,
+    /// When the daemon started, in Unix seconds.
+    pub started_at: i64,
+}
+
+/// The first message on the event stream: everything a fresh watcher needs to draw the screen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Snapshot {
+    /// Always `snapshot`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// As from `GET /api/v1/status`.
+    pub status: Status,
+    /// As from `GET /api/v1/resources`.
+    pub resources: Resources,
+}
+
+/// The parts of the daemon the API reads. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Fixed facts about this run; `state` inside is overwritten from `state`.
+    pub status: Arc<Status>,
+    /// The agent's state.
+    pub state: watch::Receiver<AgentState>,
+    /// The latest resource figures.
+    pub resources: watch::Receiver<Resources>,
+    /// The event stream.
+    pub events: Bus,
+    /// The bearer token every request must carry.
+    pub token: ApiToken,
+    /// The port the API listens on, which Host and Origin must name.
+    pub port: u16,
+    /// Cancelled when the daemon shuts down; open WebSockets close on it.
+    pub shutdown: CancellationToken,
+}
+
+impl ApiState {
+    fn status(&self) -> Status {
+        Status { state: *self.state.borrow(), ..(*self.status).clone() }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Hearth control API", description = "Local control API of a Hearth agent."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(Event, ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Builds the router, with every route behind the security gate, and its OpenAPI document.
+pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(get_status))
+        .routes(routes!(get_resources))
+        .routes(routes!(events))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    let doc_for_route = Arc::new(doc.clone());
+    let router = api
+        .fallback(|| async { error::ApiError::not_found() })
+        .layer(axum::Extension(doc_for_route))
+        .layer(middleware::from_fn_with_state(state.clone(), security::gate))
+        .with_state(state);
+    (router, doc)
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The agent's identity, state and this run's facts.
+#[utoipa::path(get, path = "/api/v1/status", responses(
+    (status = 200, body = Status),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_status(State(state): State<ApiState>) -> Json<Status> {
+    Json(state.status())
+}
+
+/// The machine's CPU, memory, disk and GPUs, as last refreshed.
+#[utoipa::path(get, path = "/api/v1/resources", responses(
+    (status = 200, body = Resources),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_resources(State(state): State<ApiState>) -> Json<Resources> {
+    Json(state.resources.borrow().clone())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document")))]
+async fn openapi_json(
+    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*doc).clone())
+}
+
+/// WebSocket stream of events. The first message is a `snapshot`; every later one is an `Event`
+/// tagged by `type`. A watcher that falls behind gets `{"type":"lagged","missed":N}`.
+#[utoipa::path(get, path = "/api/v1/events", responses(
+    (status = 101, description = "Switching to the WebSocket protocol", body = Event),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn events(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
+    // Subscribe before the upgrade completes, so nothing published in between is lost.
+    let rx = state.events.subscribe();
+    upgrade.on_upgrade(move |socket| stream_events(socket, state, rx)).into_response()
+}
+
+async fn stream_events(mut socket: WebSocket, state: ApiState, mut rx: broadcast::Receiver<Event>) {
+    let snapshot = Snapshot {
+        kind: "snapshot".to_owned(),
+        status: state.status(),
+        resources: state.resources.borrow().clone(),
+    };
+    if send_json(&mut socket, &snapshot).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let sent = match event {
+                    Ok(event) => send_json(&mut socket, &event).await,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        send_json(&mut socket, &serde_json::json!({"type": "lagged", "missed": missed})).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                // Clients have nothing to say yet; pings are answered by the library.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            () = state.shutdown.cancelled() => break,
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(value).map_err(axum::Error::new)?;
+    socket.send(Message::Text(text.into())).await
+}

@@ -1,0 +1,140 @@
+//! The typed client of the control API, shared by the CLI and the desktop shell.
+//!
+//! It finds the daemon through the data dir's discovery files and turns every way of not reaching
+//! it into one clear error: no daemon, a refused token, or the API's own error body.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
+use super::{ErrorBody, Status};
+use crate::config::Paths;
+use crate::resources::Resources;
+
+/// How long a call may take before the daemon is considered unresponsive.
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a call to the daemon failed. Every message is one line that says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answers for this data dir.
+    #[error("no Hearth daemon is running for {}; start one with `hearth daemon --data-dir {}`", .data_dir.display(), .data_dir.display())]
+    NoDaemon {
+        /// The data dir that was looked at.
+        data_dir: PathBuf,
+    },
+    /// The daemon refused the token from `api.token`.
+    #[error("the daemon at {url} refused the token in {}; it was changed after the daemon started, so restart the daemon", .token_path.display())]
+    Unauthorized {
+        /// The daemon's URL.
+        url: String,
+        /// The token file that was used.
+        token_path: PathBuf,
+    },
+    /// A discovery file could not be used.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// The API answered with an error.
+    #[error("the daemon answered {status}: {message} ({code})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The stable error code.
+        code: String,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The connection failed after it was made, or the answer was not understood.
+    #[error("talking to the daemon at {url}: {source}")]
+    Http {
+        /// The daemon's URL.
+        url: String,
+        /// What went wrong.
+        source: reqwest::Error,
+    },
+}
+
+/// A connection to one agent's control API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    info: ApiInfo,
+    token: ApiToken,
+    paths: Paths,
+}
+
+impl Client {
+    /// Finds the daemon of the agent at `paths`.
+    pub fn discover(paths: &Paths) -> Result<Self, ClientError> {
+        let no_daemon = || ClientError::NoDaemon { data_dir: paths.data_dir.clone() };
+        let info = ApiInfo::read(&paths.api_info())?.ok_or_else(no_daemon)?;
+        let token = match ApiToken::read(&paths.api_token()) {
+            Err(DiscoveryError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(no_daemon());
+            }
+            other => other?,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|source| ClientError::Http { url: info.url.clone(), source })?;
+        Ok(Self { http, info, token, paths: paths.clone() })
+    }
+
+    /// The API's base URL.
+    pub fn url(&self) -> &str {
+        &self.info.url
+    }
+
+    /// The token this client presents.
+    pub fn token(&self) -> &ApiToken {
+        &self.token
+    }
+
+    /// `GET /api/v1/status`.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.get("/api/v1/status").await
+    }
+
+    /// `GET /api/v1/resources`.
+    pub async fn resources(&self) -> Result<Resources, ClientError> {
+        self.get("/api/v1/resources").await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.info.url);
+        let http_err = |source| ClientError::Http { url: self.info.url.clone(), source };
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(self.token.as_str())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    // A stale api.json from a daemon that was killed: nobody listens there.
+                    ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() }
+                } else {
+                    http_err(e)
+                }
+            })?;
+        match response.status() {
+            status if status.is_success() => response.json().await.map_err(http_err),
+            StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized {
+                url: self.info.url.clone(),
+                token_path: self.paths.api_token(),
+            }),
+            status => {
+                let body: Option<ErrorBody> = response.json().await.ok();
+                let (code, message) = body
+                    .map(|b| (b.code, b.message))
+                    .unwrap_or_else(|| ("unknown".into(), "no error body".into()));
+                Err(ClientError::Api { status: status.as_u16(), code, message })
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The API's error body: a stable machine-readable `code` and a human `message`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// An error as the API returns it, with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable identifier for scripts, such as `unauthorized`.
+    pub code: String,
+    /// One line for people.
+    pub message: String,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: &str) -> Self {
+        Self { status, body: ErrorBody { code: code.to_owned(), message: message.to_owned() } }
+    }
+
+    pub(crate) fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token; it is in api.token in the agent's data dir",
+        )
+    }
+
+    pub(crate) fn forbidden_host() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "the Host header must name this machine's loopback address and the API's port",
+        )
+    }
+
+    pub(crate) fn forbidden_origin() -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_origin", "requests from other origins are refused")
+    }
+
+    pub(crate) fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}

@@ -1,0 +1,88 @@
+//! The gate in front of every route: Host, Origin, then the bearer token.
+//!
+//! The Host check defeats DNS rebinding (a page on `evil.example` whose name later resolves to
+//! 127.0.0.1), the Origin check stops other sites' pages, including their WebSocket upgrades, from
+//! driving the API through the owner's browser, and the token proves the caller can read the
+//! owner's files. Host and Origin failures are 403; a missing or wrong token is 401.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// Host names that denote this machine's loopback interface.
+const LOOPBACK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
+
+/// Rejects the request unless Host, Origin and token all check out.
+pub(super) async fn gate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    match check(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => axum::response::IntoResponse::into_response(e),
+    }
+}
+
+fn check(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let port = state.port;
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !is_loopback_authority(host, port) {
+        return Err(ApiError::forbidden_host());
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let own = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|authority| is_loopback_authority(authority, port));
+        if !own {
+            return Err(ApiError::forbidden_origin());
+        }
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or(b"");
+    if presented.is_empty() || !state.token.matches(presented) {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(())
+}
+
+/// True for `127.0.0.1:PORT`, `localhost:PORT` or `[::1]:PORT` with exactly our port.
+fn is_loopback_authority(authority: &str, port: u16) -> bool {
+    let Some((host, given_port)) = authority.rsplit_once(':') else {
+        return false;
+    };
+    given_port.parse::<u16>().is_ok_and(|p| p == port)
+        && LOOPBACK_HOSTS.iter().any(|h| h.eq_ignore_ascii_case(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_with_our_port_pass() {
+        let table = [
+            ("127.0.0.1:7447", true),
+            ("localhost:7447", true),
+            ("LOCALHOST:7447", true),
+            ("[::1]:7447", true),
+            ("127.0.0.1:7448", false),
+            ("127.0.0.1", false),
+            ("", false),
+            ("evil.example:7447", false),
+            ("localhost.evil.com:7447", false),
+            ("127.0.0.1.nip.io:7447", false),
+            ("[::1]", false),
+            ("::1:7447", false),
+            ("127.0.0.1:7447:7447", false),
+            ("user@127.0.0.1:7447", false),
+        ];
+        for (authority, expected) in table {
+            assert_eq!(is_loopback_authority(authority, 7447), expected, "{authority:?}");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The `hearth` command line: parsing, then a thin call into the daemon or the control API.
+//!
+//! Every command but `daemon` and `resources` is a client of a running daemon, found through the
+//! data dir (see [`crate::api::client`]). Errors travel up as `anyhow` to `main`, which prints
+//! them on one line and exits non-zero: this module is the binary's edge.
+
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::api::client::Client;
+use crate::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
+use crate::resources::{Detector, nvidia};
+
+/// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
+#[derive(Debug, Parser)]
+#[command(name = "hearth", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Keep everything of this agent under DIR (identity, store, config, API files).
+    #[arg(long, global = true, env = "HEARTH_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Read the configuration from FILE instead of the default place.
+    #[arg(long, global = true, env = "HEARTH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace (wins over RUST_LOG and the config file).
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = clap::builder::PossibleValuesParser::new(LOG_LEVELS))]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (SIGTERM or Ctrl-C stops it cleanly).
+    Daemon(DaemonArgs),
+    /// Show the running agent's identity and state.
+    Status(ReadArgs),
+    /// Show this machine's CPU, memory, disk and GPUs (works without a daemon).
+    Resources(ResourcesArgs),
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// Port of the control API on 127.0.0.1; 0 picks any free port.
+    #[arg(long, env = "HEARTH_API_PORT", value_name = "N")]
+    api_port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ResourcesArgs {
+    #[command(flatten)]
+    read: ReadArgs,
+    /// Write NVML's raw readings of every GPU to FILE, as a test fixture.
+    #[arg(long, value_name = "FILE", hide = true)]
+    record_nvml: Option<PathBuf>,
+}
+
+/// Parses the command line and runs the command. Returns the process exit code.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let paths = Paths::resolve(cli.data_dir.clone(), cli.config.clone())?;
+    match cli.command {
+        Command::Daemon(args) => {
+            let overrides = Overrides { api_port: args.api_port, log_level: cli.log_level };
+            let config = HearthConfig::load(&paths.config_file, &overrides)?;
+            init_logging(Some(&config.log.level), overrides.log_level.is_some());
+            runtime(true)?.block_on(crate::daemon::run(&paths, &config))?;
+        }
+        Command::Status(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let status = runtime(false)?.block_on(async { Client::discover(&paths)?.status().await })?;
+            output::print(&status, args.json, output::status)?;
+        }
+        Command::Resources(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            if let Some(file) = args.record_nvml {
+                let fixture = nvidia::record_fixture()?;
+                std::fs::write(&file, fixture).with_context(|| format!("writing {}", file.display()))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let resources = Detector::new().refresh(&paths.data_dir);
+            output::print(&resources, args.read.json, output::resources)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr, coloured only on a terminal. `--log-level` wins over `RUST_LOG`, which wins over
+/// the configured level; commands other than the daemon default to warnings only.
+fn init_logging(level: Option<&str>, explicit: bool) {
+    let filter = match (explicit, std::env::var("RUST_LOG")) {
+        (false, Ok(directives)) if !directives.is_empty() => EnvFilter::new(directives),
+        _ => EnvFilter::new(level.unwrap_or("warn")),
+    };
+    let stderr = std::io::stderr();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(stderr.is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().context("cannot start the async runtime")
+}

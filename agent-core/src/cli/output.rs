@@ -1,0 +1,119 @@
+//! How the CLI shows what it read: aligned `label  value` lines for people, or JSON with `--json`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::api::Status;
+use crate::resources::{Gpu, Resources};
+
+/// Prints `value` as pretty JSON, or through `human` as text.
+pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String) -> anyhow::Result<()> {
+    let text = if json { serde_json::to_string_pretty(value)? + "\n" } else { human(value) };
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`hearth status | head -1`) is not an error worth reporting.
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+pub(super) fn status(s: &Status) -> String {
+    let started = UNIX_EPOCH + Duration::from_secs(u64::try_from(s.started_at).unwrap_or(0));
+    table(&[
+        ("Peer ID", s.peer_id.clone()),
+        ("State", s.state.to_string()),
+        ("Version", s.version.clone()),
+        ("Data dir", s.data_dir.display().to_string()),
+        ("Running since", format!("{} (pid {})", humantime::format_rfc3339_seconds(started), s.pid)),
+    ])
+}
+
+pub(super) fn resources(r: &Resources) -> String {
+    let mut rows = vec![
+        (
+            "CPU",
+            format!("{}: {} cores, {} threads, {:.0}% busy", r.cpu.model, r.cpu.cores, r.cpu.threads, r.cpu.usage_percent),
+        ),
+        ("Memory", format!("{} total, {} available", bytes(r.memory.total_bytes), bytes(r.memory.available_bytes))),
+        (
+            "Disk",
+            format!(
+                "{} total, {} free on {} (holds {})",
+                bytes(r.disk.total_bytes),
+                bytes(r.disk.free_bytes),
+                r.disk.mount_point.display(),
+                r.disk.path.display()
+            ),
+        ),
+        ("OS", format!("{} {}, kernel {}, {}, host {}", r.os.name, r.os.version, r.os.kernel, r.os.arch, r.os.hostname)),
+    ];
+    if r.gpus.is_empty() {
+        rows.push(("GPUs", "none (no NVIDIA GPU or driver found)".to_owned()));
+    }
+    let mut out = table(&rows);
+    for gpu in &r.gpus {
+        let _ = writeln!(out, "GPU {:<10}  {}", gpu.index, describe_gpu(gpu));
+    }
+    out
+}
+
+fn describe_gpu(g: &Gpu) -> String {
+    let mut parts = vec![
+        format!("{} ({})", g.name, g.uuid),
+        format!("{} VRAM, {} used", bytes(g.memory_total_bytes), bytes(g.memory_used_bytes)),
+    ];
+    if let Some(cc) = &g.compute_capability {
+        parts.push(format!("compute {}.{}", cc.major, cc.minor));
+    }
+    if let Some(u) = &g.utilization {
+        parts.push(format!("{}% busy", u.gpu_percent));
+    }
+    if let Some(t) = g.temperature_c {
+        parts.push(format!("{t} °C"));
+    }
+    match (g.power_draw_w, g.power_limit_w) {
+        (Some(draw), Some(limit)) => parts.push(format!("{draw:.0}/{limit:.0} W")),
+        (Some(draw), None) => parts.push(format!("{draw:.0} W")),
+        _ => {}
+    }
+    if let Some(mig) = &g.mig_mode {
+        parts.push(format!("MIG {}", if mig.current { "on" } else { "off" }));
+    }
+    parts.push(format!("{} processes", g.processes.len()));
+    parts.join(", ")
+}
+
+fn table(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+    rows.iter().fold(String::new(), |mut out, (label, value)| {
+        let _ = writeln!(out, "{label:<width$}  {value}");
+        out
+    })
+}
+
+/// Bytes in binary units with one decimal, as `free -h` shows them.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_free_h() {
+        for (n, text) in [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (80 * (1 << 30), "80.0 GiB")] {
+            assert_eq!(bytes(n), text);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! What the agent tells its watchers: the one place where events that cross modules are declared.
+//!
+//! The daemon publishes [`Event`]s on a [`Bus`] (a bounded broadcast channel); the control API
+//! streams them to WebSocket clients as JSON objects tagged by `type`. A subscriber that falls
+//! behind loses the oldest events and is told how many it missed, never blocking the publisher.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::resources::Resources;
+
+/// How many events a slow subscriber may fall behind before it misses some.
+const BUS_CAPACITY: usize = 256;
+
+/// The agent's life-cycle state as the owner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Opening its files and starting its parts.
+    Starting,
+    /// Running and answering.
+    Ready,
+    /// Shutting down after a signal.
+    Stopping,
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Stopping => "stopping",
+        })
+    }
+}
+
+/// Something that changed, pushed to every watcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent's state changed.
+    StateChanged {
+        /// The new state.
+        state: AgentState,
+    },
+    /// Fresh figures for CPU, memory, disk and GPUs.
+    ResourcesRefreshed {
+        /// The figures.
+        resources: Box<Resources>,
+    },
+}
+
+/// The publishing side of the event stream. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bus(broadcast::Sender<Event>);
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self(broadcast::channel(BUS_CAPACITY).0)
+    }
+}
+
+impl Bus {
+    /// Sends `event` to every current subscriber; with none, it is dropped.
+    pub fn publish(&self, event: Event) {
+        let _ = self.0.send(event);
+    }
+
+    /// A new subscriber that sees events published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.0.subscribe()
+    }
+}
