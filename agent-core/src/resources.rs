@@ -214,9 +214,8 @@ impl Detector {
             })
             .inspect_err(|error| warn!(%error, "cannot read CPU and memory on this OS"))
             .ok();
-        let disks = Disks::new()
-            .inspect_err(|error| warn!(%error, "cannot read disks on this OS"))
-            .ok();
+        let disks =
+            Disks::new().inspect_err(|error| warn!(%error, "cannot read disks on this OS")).ok();
         Self { system, disks, cpu_sampled_at: Instant::now(), nvml: nvidia::init() }
     }
 
@@ -254,7 +253,11 @@ impl Detector {
             .filter(|&cores| cores > 0)
             .unwrap_or(threads);
         Cpu {
-            model: system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default(),
+            model: system
+                .cpus()
+                .first()
+                .map(|cpu| cpu.brand().trim().to_owned())
+                .unwrap_or_default(),
             cores,
             threads,
             usage_percent: system.global_cpu_usage(),
@@ -333,14 +336,12 @@ fn os() -> Os {
 /// count. Not `available_parallelism` first: it also divides by a cgroup CPU quota, which `nproc`
 /// does not.
 fn logical_cpus(listed: usize) -> u32 {
-    let from_affinity = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-                .and_then(count_cpu_list)
-        });
+    let from_affinity = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .and_then(count_cpu_list)
+    });
     from_affinity
         .or_else(|| u32::try_from(listed).ok().filter(|&n| n > 0))
         .or_else(|| {

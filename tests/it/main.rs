@@ -1,1 +1,61 @@
-fn main(){}
+//! Hearth's integration tests: real `hearth` processes on loopback.
+//!
+//! One test binary with a module per concern, run by libtest-mimic so that a test which cannot run
+//! here (no NVIDIA GPU, say) is reported as ignored, with the reason printed, rather than passing
+//! silently.
+
+mod api_security;
+mod cli;
+mod daemon;
+mod events;
+mod resources;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type TestFn = fn() -> anyhow::Result<()>;
+
+fn trial(name: &str, test: TestFn) -> Trial {
+    Trial::test(name, move || test().map_err(|e| Failed::from(format!("{e:#}"))))
+}
+
+/// A test that only runs where `available` holds; otherwise it is ignored, and says why loudly.
+fn trial_if(name: &str, test: TestFn, available: bool, missing: &str) -> Trial {
+    if !available {
+        eprintln!("SKIPPED {name}: {missing}");
+    }
+    trial(name, test).with_ignored_flag(!available)
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let gpu = hearth_tests::nvidia_gpu_present();
+    let trials = vec![
+        trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
+        trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
+        trial("daemon::sigterm_stops_cleanly_and_the_store_is_intact", daemon::sigterm_stops_cleanly_and_the_store_is_intact),
+        trial("daemon::sigint_stops_cleanly", daemon::sigint_stops_cleanly),
+        trial("daemon::restart_after_kill_9_recovers", daemon::restart_after_kill_9_recovers),
+        trial("daemon::bad_config_names_the_field_and_writes_nothing", daemon::bad_config_names_the_field_and_writes_nothing),
+        trial("daemon::busy_port_names_the_setting", daemon::busy_port_names_the_setting),
+        trial("daemon::corrupt_identity_is_reported_and_kept", daemon::corrupt_identity_is_reported_and_kept),
+        trial("api_security::missing_or_wrong_token_is_401", api_security::missing_or_wrong_token_is_401),
+        trial("api_security::foreign_or_missing_host_is_403", api_security::foreign_or_missing_host_is_403),
+        trial("api_security::foreign_origin_on_post_is_403", api_security::foreign_origin_on_post_is_403),
+        trial("api_security::foreign_origin_on_websocket_upgrade_is_403", api_security::foreign_origin_on_websocket_upgrade_is_403),
+        trial("api_security::openapi_document_lists_every_route", api_security::openapi_document_lists_every_route),
+        trial("events::websocket_streams_snapshot_refreshes_and_stopping", events::websocket_streams_snapshot_refreshes_and_stopping),
+        trial("cli::help_lists_every_command", cli::help_lists_every_command),
+        trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
+        trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),
+        trial("cli::wrong_token_is_one_clear_line", cli::wrong_token_is_one_clear_line),
+        trial("resources::json_agrees_with_the_kernel", resources::json_agrees_with_the_kernel),
+        trial("resources::daemon_serves_the_same_machine", resources::daemon_serves_the_same_machine),
+        trial_if(
+            "resources::live_nvml_agrees_with_nvidia_smi",
+            resources::live_nvml_agrees_with_nvidia_smi,
+            gpu,
+            "no NVIDIA GPU with a working driver on this machine (`nvidia-smi -L` lists none)",
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}

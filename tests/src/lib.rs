@@ -1,1 +1,275 @@
-//! helpers
+//! Helpers for tests that run real Hearth agents as processes on loopback.
+//!
+//! [`Agent`] starts `hearth daemon` in a private temporary data dir with any free API port, waits
+//! until it has announced its API, and stops it with a real signal. [`hearth`] runs one CLI command
+//! against a data dir, and [`raw_http`] sends a request byte for byte, so tests control every
+//! header (an empty Host, a foreign Origin, a WebSocket upgrade). Every wait is bounded.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// How long a daemon may take to start or stop before the test fails.
+pub const PROCESS_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The `hearth` binary, built once per test run from the current sources.
+pub fn hearth_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // This test binary is target/<profile>/deps/it-<hash>; hearth sits in target/<profile>.
+        let exe = std::env::current_exe().unwrap_or_default();
+        let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "agent-core", "--bin", "hearth"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status();
+        assert!(
+            status.as_ref().is_ok_and(ExitStatus::success),
+            "building the hearth binary failed: {status:?}"
+        );
+        profile_dir.join("hearth")
+    })
+}
+
+/// A `hearth` command with a clean environment: no inherited HEARTH_* or RUST_LOG settings.
+pub fn command(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(hearth_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("HEARTH_") || k == "RUST_LOG") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.arg("--data-dir").arg(data_dir);
+    cmd
+}
+
+/// Runs `hearth --data-dir DIR ARGS…` to completion.
+pub fn hearth(data_dir: &Path, args: &[&str]) -> Result<Output> {
+    let mut child = command(data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting hearth")?;
+    let status = wait_deadline(&mut child, PROCESS_DEADLINE)?;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_end(&mut stdout)?;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_end(&mut stderr)?;
+    }
+    Ok(Output { status, stdout, stderr })
+}
+
+/// Parses a command's stdout as JSON, failing with its stderr when it did not succeed.
+pub fn json_of(output: &Output) -> Result<Value> {
+    ensure!(output.status.success(), "hearth failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).context("stdout is not JSON")
+}
+
+/// Waits for `child` to exit, killing it and failing after `deadline`.
+pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Result<ExitStatus> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} still running after {deadline:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `hearth daemon` in its own temporary data dir.
+pub struct Agent {
+    root: tempfile::TempDir,
+    child: Option<Child>,
+    generation: u32,
+}
+
+impl Agent {
+    /// Starts a daemon in a fresh data dir.
+    pub fn start() -> Result<Self> {
+        Self::start_with_config("")
+    }
+
+    /// Starts a daemon in a fresh data dir whose config.toml holds `config`.
+    pub fn start_with_config(config: &str) -> Result<Self> {
+        let root = tempfile::tempdir()?;
+        fs::create_dir(root.path().join("data"))?;
+        if !config.is_empty() {
+            fs::write(root.path().join("data").join("config.toml"), config)?;
+        }
+        let mut agent = Self { root, child: None, generation: 0 };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// The agent's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// What the current daemon has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join(format!("daemon-{}.log", self.generation))
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the daemon again (after a stop) in the same data dir and waits until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "the daemon is still running");
+        self.generation += 1;
+        let log = fs::File::create(self.log_path())?;
+        let child = command(&self.data_dir())
+            .args(["daemon", "--api-port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting hearth daemon")?;
+        let pid = child.id();
+        self.child = Some(child);
+        let until = Instant::now() + PROCESS_DEADLINE;
+        loop {
+            if let Ok(info) = self.api_info() {
+                if info["pid"].as_u64() == Some(u64::from(pid)) {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                bail!("the daemon exited during start-up ({status}): {}", self.log());
+            }
+            ensure!(Instant::now() < until, "the daemon did not announce its API: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The content of api.json.
+    pub fn api_info(&self) -> Result<Value> {
+        let text = fs::read_to_string(self.data_dir().join("api.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The API's port.
+    pub fn port(&self) -> Result<u16> {
+        let url = self.api_info()?["url"].as_str().context("no url")?.to_owned();
+        let port = url.rsplit(':').next().context("no port")?;
+        Ok(port.parse()?)
+    }
+
+    /// The bearer token.
+    pub fn token(&self) -> Result<String> {
+        Ok(fs::read_to_string(self.data_dir().join("api.token"))?.trim().to_owned())
+    }
+
+    /// Sends `signal` and waits for the daemon to exit; returns its status.
+    pub fn stop_with(&mut self, signal: Signal) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("the daemon is not running")?;
+        let pid = i32::try_from(child.id())?;
+        kill(Pid::from_raw(pid), signal)?;
+        wait_deadline(&mut child, PROCESS_DEADLINE)
+    }
+
+    /// SIGTERM, then wait.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        self.stop_with(Signal::SIGTERM)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The answer to a raw HTTP request.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// The body, if the server closed the connection after it.
+    pub body: String,
+}
+
+impl RawResponse {
+    /// The `code` field of a JSON error body.
+    pub fn error_code(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.body).ok()?["code"].as_str().map(str::to_owned)
+    }
+}
+
+/// Sends `head` (request line and headers, without the blank line) to 127.0.0.1:`port` with
+/// `Connection: close`, and reads the answer. A `101` answer is returned without waiting for a body.
+pub fn raw_http(port: u16, head: &str) -> Result<RawResponse> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "{head}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if !received.is_empty() && e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        received.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&received);
+        if n == 0 || (text.starts_with("HTTP/1.1 101") && text.contains("\r\n\r\n")) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&received).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(RawResponse { status, headers, body: body.to_owned() })
+}
+
+/// True when this machine has an NVIDIA GPU with a working driver (`nvidia-smi -L` lists one).
+pub fn nvidia_gpu_present() -> bool {
+    Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU "))
+}

@@ -73,7 +73,7 @@ impl Monitor {
 /// and [`Monitor::shutdown`] logs it, while the API keeps serving the last figures.
 async fn refresh(detector: Option<Detector>, data_dir: PathBuf) -> (Detector, Resources) {
     let joined = tokio::task::spawn_blocking(move || {
-        let mut detector = detector.unwrap_or_else(Detector::new);
+        let mut detector = detector.unwrap_or_default();
         let resources = detector.refresh(&data_dir);
         (detector, resources)
     })

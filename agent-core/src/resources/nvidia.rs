@@ -1,8 +1,8 @@
 //! NVIDIA GPUs through NVML: reading each device, and turning a reading into a [`Gpu`].
 //!
 //! Reading and mapping are kept apart so the mapping can be tested without hardware.
-//! [`read_all`] asks NVML every query for every device and keeps each answer, failures included,
-//! in a [`DeviceReading`] made of nvml-wrapper's own types; [`to_gpu`] is a pure function from a
+//! `read_all` asks NVML every query for every device and keeps each answer, failures included,
+//! in a [`DeviceReading`] made of nvml-wrapper's own types; `to_gpu` is a pure function from a
 //! reading to the [`Gpu`] the agent reports. A reading serialises to JSON, so [`record_fixture`]
 //! can capture what a real machine answers and the tests replay those answers from `fixtures/`.
 //!
@@ -64,7 +64,7 @@ impl<T> Reading<T> {
 
 /// Everything NVML answered about one device, exactly as nvml-wrapper returned it.
 ///
-/// Power readings are NVML's milliwatts and memory is bytes; [`to_gpu`] does the conversions.
+/// Power readings are NVML's milliwatts and memory is bytes; `to_gpu` does the conversions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceReading {
     /// NVML's enumeration index (the index `nvidia-smi` shows).
@@ -170,11 +170,7 @@ fn read_device(nvml: &Nvml, index: u32) -> DeviceReading {
             device.cuda_compute_capability(),
         ),
         utilization: query(index, "utilization_rates", device.utilization_rates()),
-        temperature_gpu_c: query(
-            index,
-            "temperature",
-            device.temperature(TemperatureSensor::Gpu),
-        ),
+        temperature_gpu_c: query(index, "temperature", device.temperature(TemperatureSensor::Gpu)),
         power_usage_mw: query(index, "power_usage", device.power_usage()),
         enforced_power_limit_mw: query(
             index,
@@ -235,10 +231,10 @@ pub(super) fn to_gpu(reading: &DeviceReading) -> Gpu {
         memory_total_bytes: memory.map_or(0, |memory| memory.total),
         memory_used_bytes: memory.map_or(0, |memory| memory.used),
         compute_capability: reading.cuda_compute_capability.ok().and_then(compute_capability),
-        utilization: reading.utilization.ok().map(|rates| Utilization {
-            gpu_percent: rates.gpu,
-            memory_percent: rates.memory,
-        }),
+        utilization: reading
+            .utilization
+            .ok()
+            .map(|rates| Utilization { gpu_percent: rates.gpu, memory_percent: rates.memory }),
         temperature_c: reading.temperature_gpu_c.ok().copied(),
         power_draw_w: reading.power_usage_mw.ok().copied().map(milliwatts_to_watts),
         power_limit_w: reading.enforced_power_limit_mw.ok().copied().map(milliwatts_to_watts),
@@ -246,10 +242,10 @@ pub(super) fn to_gpu(reading: &DeviceReading) -> Gpu {
             &reading.running_compute_processes,
             &reading.running_graphics_processes,
         ]),
-        mig_mode: reading.mig_mode.ok().map(|mode| MigMode {
-            current: mode.current != 0,
-            pending: mode.pending != 0,
-        }),
+        mig_mode: reading
+            .mig_mode
+            .ok()
+            .map(|mode| MigMode { current: mode.current != 0, pending: mode.pending != 0 }),
     }
 }
 
