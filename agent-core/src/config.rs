@@ -71,8 +71,8 @@ impl Paths {
                 (dir, config)
             }
             None => {
-                let dirs = directories::ProjectDirs::from("org", "Hearth", "hearth")
-                    .ok_or(ConfigError::NoHome)?;
+                let dirs =
+                    directories::ProjectDirs::from("org", "Hearth", "hearth").ok_or(ConfigError::NoHome)?;
                 (dirs.data_dir().to_owned(), dirs.config_dir().join(CONFIG_FILE))
             }
         };
@@ -248,10 +248,7 @@ impl HearthConfig {
         if interval < Duration::from_secs(1) || interval > Duration::from_secs(3600) {
             return Err(invalid(
                 "resources.refresh_interval",
-                format!(
-                    "is {}; expected between 1s and 1h",
-                    humantime::format_duration(interval)
-                ),
+                format!("is {}; expected between 1s and 1h", humantime::format_duration(interval)),
             ));
         }
         Ok(())
@@ -326,7 +323,9 @@ mod tests {
     #[test]
     fn data_dir_puts_everything_of_one_agent_under_it() {
         let paths = Paths::resolve(Some("/srv/agent-a".into()), None).unwrap();
-        for path in [paths.config_file.clone(), paths.store(), paths.lock(), paths.api_info(), paths.api_token()] {
+        for path in
+            [paths.config_file.clone(), paths.store(), paths.lock(), paths.api_info(), paths.api_token()]
+        {
             assert!(path.starts_with("/srv/agent-a"), "{}", path.display());
         }
     }

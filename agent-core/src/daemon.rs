@@ -60,7 +60,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Discovery(#[from] api::discovery::DiscoveryError),
     /// The API's port could not be bound.
-    #[error("cannot open the control API on {addr} (set by `api.port`, --api-port or HEARTH_API_PORT): {source}")]
+    #[error(
+        "cannot open the control API on {addr} (set by `api.port`, --api-port or HEARTH_API_PORT): {source}"
+    )]
     Bind {
         /// The address tried.
         addr: SocketAddr,
@@ -95,13 +97,9 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
     let cancel = CancellationToken::new();
     let events = Bus::default();
     let (state_tx, state_rx) = watch::channel(AgentState::Starting);
-    let monitor = Monitor::spawn(
-        paths.data_dir.clone(),
-        config.resources.refresh_interval,
-        events.clone(),
-        &cancel,
-    )
-    .await;
+    let monitor =
+        Monitor::spawn(paths.data_dir.clone(), config.resources.refresh_interval, events.clone(), &cancel)
+            .await;
 
     let token = ApiToken::load_or_create(&paths.api_token())?;
     let url = format!("http://127.0.0.1:{port}");
@@ -175,7 +173,9 @@ fn write_default_config(paths: &Paths) {
     match HearthConfig::write_default_if_missing(&paths.config_file) {
         Ok(true) => tracing::info!(path = %paths.config_file.display(), "wrote the default configuration"),
         Ok(false) => {}
-        Err(e) => tracing::warn!(path = %paths.config_file.display(), error = %e, "cannot write the default configuration"),
+        Err(e) => {
+            tracing::warn!(path = %paths.config_file.display(), error = %e, "cannot write the default configuration")
+        }
     }
 }
 
@@ -190,13 +190,13 @@ fn load_identity(paths: &Paths) -> Result<Identity, DaemonError> {
 async fn open_store(paths: &Paths, peer_id: &str) -> Result<(Store, crate::store::RunId), DaemonError> {
     let store = Store::open(&paths.store(), peer_id).await?;
     let (run, previous) = store.begin_run(env!("CARGO_PKG_VERSION"), unix_now()).await?;
-    if let Some(previous) = previous {
-        if previous.stopped_at.is_none() {
-            tracing::warn!(
-                started_at = previous.started_at,
-                "the previous run of this agent did not shut down cleanly"
-            );
-        }
+    if let Some(previous) = previous
+        && previous.stopped_at.is_none()
+    {
+        tracing::warn!(
+            started_at = previous.started_at,
+            "the previous run of this agent did not shut down cleanly"
+        );
     }
     Ok((store, run))
 }

@@ -168,9 +168,8 @@ impl Identity {
     }
 
     fn from_seed(mut seed: [u8; SEED_LEN], path: &Path) -> Result<Self, IdentityError> {
-        let secret = ed25519::SecretKey::try_from_bytes(&mut seed).map_err(|e| {
-            IdentityError::Corrupt { path: path.to_owned(), reason: e.to_string() }
-        })?;
+        let secret = ed25519::SecretKey::try_from_bytes(&mut seed)
+            .map_err(|e| IdentityError::Corrupt { path: path.to_owned(), reason: e.to_string() })?;
         let signer = ed25519::Keypair::from(secret);
         let keypair = Keypair::from(signer.clone());
         let peer_id = keypair.public().to_peer_id();
@@ -209,8 +208,7 @@ fn write_new(path: &Path, seed: &[u8; SEED_LEN]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut file =
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         file.write_all(seed)?;
         file.sync_all()?;
         fs::hard_link(&tmp, path)?;

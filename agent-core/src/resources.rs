@@ -214,8 +214,7 @@ impl Detector {
             })
             .inspect_err(|error| warn!(%error, "cannot read CPU and memory on this OS"))
             .ok();
-        let disks =
-            Disks::new().inspect_err(|error| warn!(%error, "cannot read disks on this OS")).ok();
+        let disks = Disks::new().inspect_err(|error| warn!(%error, "cannot read disks on this OS")).ok();
         Self { system, disks, cpu_sampled_at: Instant::now(), nvml: nvidia::init() }
     }
 
@@ -253,11 +252,7 @@ impl Detector {
             .filter(|&cores| cores > 0)
             .unwrap_or(threads);
         Cpu {
-            model: system
-                .cpus()
-                .first()
-                .map(|cpu| cpu.brand().trim().to_owned())
-                .unwrap_or_default(),
+            model: system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default(),
             cores,
             threads,
             usage_percent: system.global_cpu_usage(),
@@ -273,12 +268,8 @@ impl Detector {
     }
 
     fn disk(&mut self, data_dir: &Path) -> Disk {
-        let mut disk = Disk {
-            path: data_dir.to_owned(),
-            mount_point: PathBuf::new(),
-            total_bytes: 0,
-            free_bytes: 0,
-        };
+        let mut disk =
+            Disk { path: data_dir.to_owned(), mount_point: PathBuf::new(), total_bytes: 0, free_bytes: 0 };
         let Some(disks) = self.disks.as_mut() else {
             return disk;
         };
@@ -337,16 +328,11 @@ fn os() -> Os {
 /// does not.
 fn logical_cpus(listed: usize) -> u32 {
     let from_affinity = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-            .and_then(count_cpu_list)
+        status.lines().find_map(|line| line.strip_prefix("Cpus_allowed_list:")).and_then(count_cpu_list)
     });
     from_affinity
         .or_else(|| u32::try_from(listed).ok().filter(|&n| n > 0))
-        .or_else(|| {
-            std::thread::available_parallelism().ok().and_then(|n| u32::try_from(n.get()).ok())
-        })
+        .or_else(|| std::thread::available_parallelism().ok().and_then(|n| u32::try_from(n.get()).ok()))
         .unwrap_or(1)
 }
 
@@ -381,10 +367,7 @@ fn resolve(path: &Path) -> Option<PathBuf> {
 
 /// The index of the mount point that is the longest whole-component prefix of `path`. When a
 /// mount point is listed twice the later entry wins, as the later mount hides the earlier.
-fn longest_mount_prefix<'a>(
-    mount_points: impl IntoIterator<Item = &'a Path>,
-    path: &Path,
-) -> Option<usize> {
+fn longest_mount_prefix<'a>(mount_points: impl IntoIterator<Item = &'a Path>, path: &Path) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (index, mount_point) in mount_points.into_iter().enumerate() {
         if !path.starts_with(mount_point) {
@@ -449,12 +432,7 @@ mod tests {
         let resources = Resources {
             cpu: Cpu { model: "m".into(), cores: 8, threads: 16, usage_percent: 12.5 },
             memory: Memory { total_bytes: 2, available_bytes: 1 },
-            disk: Disk {
-                path: "/d".into(),
-                mount_point: "/".into(),
-                total_bytes: 4,
-                free_bytes: 3,
-            },
+            disk: Disk { path: "/d".into(), mount_point: "/".into(), total_bytes: 4, free_bytes: 3 },
             os: Os {
                 name: "n".into(),
                 version: "v".into(),
@@ -479,8 +457,7 @@ mod tests {
         };
         let json = serde_json::to_value(&resources).expect("serialise");
         let keys = |value: &serde_json::Value| -> Vec<String> {
-            let mut keys: Vec<String> =
-                value.as_object().expect("object").keys().cloned().collect();
+            let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
             keys.sort();
             keys
         };
@@ -536,10 +513,8 @@ mod tests {
         fn threads_match_nproc() {
             let cpu = detect(&std::env::temp_dir()).cpu;
             let parallelism = std::thread::available_parallelism().expect("known parallelism");
-            let processors = proc_file("/proc/cpuinfo")
-                .lines()
-                .filter(|line| line.starts_with("processor"))
-                .count();
+            let processors =
+                proc_file("/proc/cpuinfo").lines().filter(|line| line.starts_with("processor")).count();
             let threads = usize::try_from(cpu.threads).expect("fits");
             assert!(
                 threads == parallelism.get() || threads == processors,

@@ -217,8 +217,7 @@ fn open_connection(path: &Path, peer_id: &str) -> Result<Connection, StoreError>
     let sqlite = |source| StoreError::Sqlite { path: path.to_owned(), source };
     let mut conn = Connection::open(path).map_err(sqlite)?;
     // journal_mode answers with a row, so it is read rather than executed.
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(sqlite)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(sqlite)?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(store = %path.display(), mode, "the store could not switch to WAL");
     }

@@ -27,7 +27,12 @@ pub(crate) fn missing_or_wrong_token_is_401() -> Result<()> {
         ("basic auth", format!("\r\nAuthorization: Basic {token}")),
     ] {
         for path in ["/api/v1/status", "/api/v1/resources", "/api/v1/openapi.json", "/api/v1/nope"] {
-            expect(&get(port, path, &format!("{host}{auth}"))?, 401, "unauthorized", &format!("{what} {path}"))?;
+            expect(
+                &get(port, path, &format!("{host}{auth}"))?,
+                401,
+                "unauthorized",
+                &format!("{what} {path}"),
+            )?;
         }
     }
     let ok = get(port, "/api/v1/status", &format!("{host}\r\nAuthorization: Bearer {token}"))?;
@@ -67,12 +72,18 @@ pub(crate) fn foreign_origin_on_post_is_403() -> Result<()> {
     let mut agent = Agent::start()?;
     let port = agent.port()?;
     let base = format!("\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {}", agent.token()?);
-    for origin in ["http://evil.example", "null", &format!("http://localhost.evil.com:{port}"), &format!("https://127.0.0.1:{port}")] {
+    for origin in [
+        "http://evil.example",
+        "null",
+        &format!("http://localhost.evil.com:{port}"),
+        &format!("https://127.0.0.1:{port}"),
+    ] {
         let response = raw_http(port, &format!("POST /api/v1/status HTTP/1.1{base}\r\nOrigin: {origin}"))?;
         expect(&response, 403, "forbidden_origin", &format!("POST with Origin {origin}"))?;
     }
     // The API's own origin passes the gate, and the route then answers for itself (no POST here).
-    let own = raw_http(port, &format!("POST /api/v1/status HTTP/1.1{base}\r\nOrigin: http://127.0.0.1:{port}"))?;
+    let own =
+        raw_http(port, &format!("POST /api/v1/status HTTP/1.1{base}\r\nOrigin: http://127.0.0.1:{port}"))?;
     ensure!(own.status == 405, "own origin reaches the route: {own:?}");
     ensure!(agent.terminate()?.success());
     Ok(())

@@ -32,18 +32,33 @@ fn main() {
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
         trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
-        trial("daemon::sigterm_stops_cleanly_and_the_store_is_intact", daemon::sigterm_stops_cleanly_and_the_store_is_intact),
+        trial(
+            "daemon::sigterm_stops_cleanly_and_the_store_is_intact",
+            daemon::sigterm_stops_cleanly_and_the_store_is_intact,
+        ),
         trial("daemon::sigint_stops_cleanly", daemon::sigint_stops_cleanly),
         trial("daemon::restart_after_kill_9_recovers", daemon::restart_after_kill_9_recovers),
-        trial("daemon::bad_config_names_the_field_and_writes_nothing", daemon::bad_config_names_the_field_and_writes_nothing),
+        trial(
+            "daemon::bad_config_names_the_field_and_writes_nothing",
+            daemon::bad_config_names_the_field_and_writes_nothing,
+        ),
         trial("daemon::busy_port_names_the_setting", daemon::busy_port_names_the_setting),
         trial("daemon::corrupt_identity_is_reported_and_kept", daemon::corrupt_identity_is_reported_and_kept),
         trial("api_security::missing_or_wrong_token_is_401", api_security::missing_or_wrong_token_is_401),
         trial("api_security::foreign_or_missing_host_is_403", api_security::foreign_or_missing_host_is_403),
         trial("api_security::foreign_origin_on_post_is_403", api_security::foreign_origin_on_post_is_403),
-        trial("api_security::foreign_origin_on_websocket_upgrade_is_403", api_security::foreign_origin_on_websocket_upgrade_is_403),
-        trial("api_security::openapi_document_lists_every_route", api_security::openapi_document_lists_every_route),
-        trial("events::websocket_streams_snapshot_refreshes_and_stopping", events::websocket_streams_snapshot_refreshes_and_stopping),
+        trial(
+            "api_security::foreign_origin_on_websocket_upgrade_is_403",
+            api_security::foreign_origin_on_websocket_upgrade_is_403,
+        ),
+        trial(
+            "api_security::openapi_document_lists_every_route",
+            api_security::openapi_document_lists_every_route,
+        ),
+        trial(
+            "events::websocket_streams_snapshot_refreshes_and_stopping",
+            events::websocket_streams_snapshot_refreshes_and_stopping,
+        ),
         trial("cli::help_lists_every_command", cli::help_lists_every_command),
         trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
         trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),

@@ -158,10 +158,10 @@ impl Agent {
         self.child = Some(child);
         let until = Instant::now() + PROCESS_DEADLINE;
         loop {
-            if let Ok(info) = self.api_info() {
-                if info["pid"].as_u64() == Some(u64::from(pid)) {
-                    return Ok(());
-                }
+            if let Ok(info) = self.api_info()
+                && info["pid"].as_u64() == Some(u64::from(pid))
+            {
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;

@@ -108,20 +108,14 @@ impl Client {
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.info.url);
         let http_err = |source| ClientError::Http { url: self.info.url.clone(), source };
-        let response = self
-            .http
-            .get(&url)
-            .bearer_auth(self.token.as_str())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    // A stale api.json from a daemon that was killed: nobody listens there.
-                    ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() }
-                } else {
-                    http_err(e)
-                }
-            })?;
+        let response = self.http.get(&url).bearer_auth(self.token.as_str()).send().await.map_err(|e| {
+            if e.is_connect() {
+                // A stale api.json from a daemon that was killed: nobody listens there.
+                ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() }
+            } else {
+                http_err(e)
+            }
+        })?;
         match response.status() {
             status if status.is_success() => response.json().await.map_err(http_err),
             StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized {

@@ -131,9 +131,9 @@ impl ApiInfo {
     /// Reads `api.json`; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> Result<Option<Self>, DiscoveryError> {
         match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                DiscoveryError::Malformed { path: path.to_owned(), reason: e.to_string() }
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| DiscoveryError::Malformed { path: path.to_owned(), reason: e.to_string() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(DiscoveryError::Io { path: path.to_owned(), source }),
         }
@@ -141,10 +141,10 @@ impl ApiInfo {
 
     /// Removes `api.json` if it still describes this process, so a newer daemon's file survives.
     pub fn remove_if_ours(path: &Path) {
-        if let Ok(Some(info)) = Self::read(path) {
-            if info.pid == std::process::id() {
-                let _ = fs::remove_file(path);
-            }
+        if let Ok(Some(info)) = Self::read(path)
+            && info.pid == std::process::id()
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }

@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::error::ApiError;
 use super::ApiState;
+use super::error::ApiError;
 
 /// Host names that denote this machine's loopback interface.
 const LOOPBACK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
@@ -40,10 +40,8 @@ fn check(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
             return Err(ApiError::forbidden_origin());
         }
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
-        .unwrap_or(b"");
+    let presented =
+        headers.get(header::AUTHORIZATION).and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")).unwrap_or(b"");
     if presented.is_empty() || !state.token.matches(presented) {
         return Err(ApiError::unauthorized());
     }

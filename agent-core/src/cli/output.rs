@@ -35,9 +35,15 @@ pub(super) fn resources(r: &Resources) -> String {
     let mut rows = vec![
         (
             "CPU",
-            format!("{}: {} cores, {} threads, {:.0}% busy", r.cpu.model, r.cpu.cores, r.cpu.threads, r.cpu.usage_percent),
+            format!(
+                "{}: {} cores, {} threads, {:.0}% busy",
+                r.cpu.model, r.cpu.cores, r.cpu.threads, r.cpu.usage_percent
+            ),
         ),
-        ("Memory", format!("{} total, {} available", bytes(r.memory.total_bytes), bytes(r.memory.available_bytes))),
+        (
+            "Memory",
+            format!("{} total, {} available", bytes(r.memory.total_bytes), bytes(r.memory.available_bytes)),
+        ),
         (
             "Disk",
             format!(
@@ -48,7 +54,13 @@ pub(super) fn resources(r: &Resources) -> String {
                 r.disk.path.display()
             ),
         ),
-        ("OS", format!("{} {}, kernel {}, {}, host {}", r.os.name, r.os.version, r.os.kernel, r.os.arch, r.os.hostname)),
+        (
+            "OS",
+            format!(
+                "{} {}, kernel {}, {}, host {}",
+                r.os.name, r.os.version, r.os.kernel, r.os.arch, r.os.hostname
+            ),
+        ),
     ];
     if r.gpus.is_empty() {
         rows.push(("GPUs", "none (no NVIDIA GPU or driver found)".to_owned()));

@@ -14,9 +14,7 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::struct_wrappers::device::{
-    MemoryInfo, ProcessInfo, Utilization as NvmlUtilization,
-};
+use nvml_wrapper::struct_wrappers::device::{MemoryInfo, ProcessInfo, Utilization as NvmlUtilization};
 use nvml_wrapper::structs::device::{CudaComputeCapability, MigMode as NvmlMigMode};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
@@ -44,11 +42,9 @@ impl<T> Reading<T> {
             Ok(value) => Self::Ok(value),
             // A symbol missing from an older libnvidia-ml is the driver saying it cannot answer,
             // not a fault of this device.
-            Err(
-                NvmlError::NotSupported
-                | NvmlError::FunctionNotFound
-                | NvmlError::FailedToLoadSymbol(_),
-            ) => Self::NotSupported,
+            Err(NvmlError::NotSupported | NvmlError::FunctionNotFound | NvmlError::FailedToLoadSymbol(_)) => {
+                Self::NotSupported
+            }
             Err(error) => Self::Failed(error.to_string()),
         }
     }
@@ -164,19 +160,11 @@ fn read_device(nvml: &Nvml, index: u32) -> DeviceReading {
         name: query(index, "name", device.name()),
         uuid: query(index, "uuid", device.uuid()),
         memory: query(index, "memory_info", device.memory_info()),
-        cuda_compute_capability: query(
-            index,
-            "cuda_compute_capability",
-            device.cuda_compute_capability(),
-        ),
+        cuda_compute_capability: query(index, "cuda_compute_capability", device.cuda_compute_capability()),
         utilization: query(index, "utilization_rates", device.utilization_rates()),
         temperature_gpu_c: query(index, "temperature", device.temperature(TemperatureSensor::Gpu)),
         power_usage_mw: query(index, "power_usage", device.power_usage()),
-        enforced_power_limit_mw: query(
-            index,
-            "enforced_power_limit",
-            device.enforced_power_limit(),
-        ),
+        enforced_power_limit_mw: query(index, "enforced_power_limit", device.enforced_power_limit()),
         running_compute_processes: query(
             index,
             "running_compute_processes",
@@ -373,10 +361,8 @@ mod tests {
             assert_eq!(gpu.temperature_c, case.temperature_c, "{}", case.name);
             assert_eq!(
                 gpu.utilization,
-                case.utilization.map(|(gpu_percent, memory_percent)| Utilization {
-                    gpu_percent,
-                    memory_percent
-                }),
+                case.utilization
+                    .map(|(gpu_percent, memory_percent)| Utilization { gpu_percent, memory_percent }),
                 "{}",
                 case.name
             );
@@ -420,10 +406,8 @@ mod tests {
             compute_instance_id: None,
         };
         let compute = Reading::Ok(vec![process(7, UsedGpuMemory::Unavailable)]);
-        let graphics = Reading::Ok(vec![
-            process(9, UsedGpuMemory::Used(MIB)),
-            process(7, UsedGpuMemory::Used(2 * MIB)),
-        ]);
+        let graphics =
+            Reading::Ok(vec![process(9, UsedGpuMemory::Used(MIB)), process(7, UsedGpuMemory::Used(2 * MIB))]);
         assert_eq!(
             merge_processes(&[&compute, &graphics]),
             vec![
@@ -467,9 +451,8 @@ mod tests {
             let written = serde_json::to_string_pretty(&readings).expect("serialise");
             let reread: Vec<DeviceReading> = serde_json::from_str(&written).expect("reparse");
             assert_eq!(reread, readings);
-            let as_value = |text: &str| -> serde_json::Value {
-                serde_json::from_str(text).expect("valid JSON")
-            };
+            let as_value =
+                |text: &str| -> serde_json::Value { serde_json::from_str(text).expect("valid JSON") };
             assert_eq!(as_value(&written), as_value(fixture), "the fixture is in canonical form");
         }
     }
