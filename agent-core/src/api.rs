@@ -12,7 +12,6 @@ pub mod discovery;
 mod error;
 mod security;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -52,16 +51,25 @@ pub struct Status {
     pub started_at: i64,
 }
 
-/// The first message on the event stream: everything a fresh watcher needs to draw the screen.
+/// A message on the event stream (`/api/v1/events`), tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Snapshot {
-    /// Always `snapshot`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// As from `GET /api/v1/status`.
-    pub status: Status,
-    /// As from `GET /api/v1/resources`.
-    pub resources: Resources,
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamMessage {
+    /// Always the first message: everything a fresh watcher needs to draw the screen.
+    Snapshot {
+        /// As from `GET /api/v1/status`.
+        status: Status,
+        /// As from `GET /api/v1/resources`.
+        resources: Box<Resources>,
+    },
+    /// This watcher fell behind and `missed` events were dropped; re-read the state.
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+    },
+    /// Something changed.
+    #[serde(untagged)]
+    Event(Event),
 }
 
 /// The parts of the daemon the API reads. Cheap to clone.
@@ -94,7 +102,7 @@ impl ApiState {
     info(title = "Hearth control API", description = "Local control API of a Hearth agent."),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(Event, ErrorBody))
+    components(schemas(StreamMessage, Event, ErrorBody))
 )]
 struct ApiDoc;
 
@@ -134,9 +142,7 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 /// The agent's identity, state and this run's facts.
@@ -165,10 +171,10 @@ async fn openapi_json(
     Json((*doc).clone())
 }
 
-/// WebSocket stream of events. The first message is a `snapshot`; every later one is an `Event`
-/// tagged by `type`. A watcher that falls behind gets `{"type":"lagged","missed":N}`.
+/// WebSocket stream of [`StreamMessage`]s: a `snapshot` first, then every event as it happens.
+/// At shutdown the events already published (such as `stopping`) are sent before the close frame.
 #[utoipa::path(get, path = "/api/v1/events", responses(
-    (status = 101, description = "Switching to the WebSocket protocol", body = Event),
+    (status = 101, description = "Switching to the WebSocket protocol; then a stream of messages", body = StreamMessage),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn events(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
@@ -178,34 +184,42 @@ async fn events(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Res
 }
 
 async fn stream_events(mut socket: WebSocket, state: ApiState, mut rx: broadcast::Receiver<Event>) {
-    let snapshot = Snapshot {
-        kind: "snapshot".to_owned(),
+    let snapshot = StreamMessage::Snapshot {
         status: state.status(),
-        resources: state.resources.borrow().clone(),
+        resources: Box::new(state.resources.borrow().clone()),
     };
     if send_json(&mut socket, &snapshot).await.is_err() {
         return;
     }
     loop {
         tokio::select! {
+            // Events first: at shutdown the daemon publishes `stopping` just before it cancels,
+            // and a watcher must see it.
+            biased;
             event = rx.recv() => {
-                let sent = match event {
-                    Ok(event) => send_json(&mut socket, &event).await,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        send_json(&mut socket, &serde_json::json!({"type": "lagged", "missed": missed})).await
-                    }
+                let message = match event {
+                    Ok(event) => StreamMessage::Event(event),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => StreamMessage::Lagged { missed },
                     Err(broadcast::error::RecvError::Closed) => break,
                 };
-                if sent.is_err() {
+                if send_json(&mut socket, &message).await.is_err() {
                     return;
                 }
+            }
+            () = state.shutdown.cancelled() => {
+                // Flush what was published before the cancellation, then close.
+                while let Ok(event) = rx.try_recv() {
+                    if send_json(&mut socket, &StreamMessage::Event(event)).await.is_err() {
+                        return;
+                    }
+                }
+                break;
             }
             incoming = socket.recv() => match incoming {
                 // Clients have nothing to say yet; pings are answered by the library.
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
-            () = state.shutdown.cancelled() => break,
         }
     }
     let _ = socket.send(Message::Close(None)).await;
@@ -214,4 +228,24 @@ async fn stream_events(mut socket: WebSocket, state: ApiState, mut rx: broadcast
 async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> Result<(), axum::Error> {
     let text = serde_json::to_string(value).map_err(axum::Error::new)?;
     socket.send(Message::Text(text.into())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_messages_are_flat_objects_tagged_by_type() {
+        let cases = [
+            (StreamMessage::Lagged { missed: 3 }, serde_json::json!({"type": "lagged", "missed": 3})),
+            (
+                StreamMessage::Event(Event::StateChanged { state: AgentState::Stopping }),
+                serde_json::json!({"type": "state_changed", "state": "stopping"}),
+            ),
+        ];
+        for (message, json) in cases {
+            assert_eq!(serde_json::to_value(&message).unwrap(), json);
+            assert_eq!(serde_json::from_value::<StreamMessage>(json).unwrap(), message);
+        }
+    }
 }

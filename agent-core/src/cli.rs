@@ -1,8 +1,9 @@
 //! The `hearth` command line: parsing, then a thin call into the daemon or the control API.
 //!
 //! Every command but `daemon` and `resources` is a client of a running daemon, found through the
-//! data dir (see [`crate::api::client`]). Errors travel up as `anyhow` to `main`, which prints
-//! them on one line and exits non-zero: this module is the binary's edge.
+//! data dir (see `hearth::api::client`). `resources` reads the machine in-process on purpose, so it
+//! works without a daemon. Errors travel up as `anyhow` to `main`, which prints them on one line
+//! and exits non-zero: this module belongs to the binary, the edge where `anyhow` is allowed.
 
 mod output;
 
@@ -14,14 +15,14 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::api::client::Client;
-use crate::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
-use crate::resources::{Detector, nvidia};
+use hearth::api::client::Client;
+use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
+use hearth::resources::{Detector, nvidia};
 
 /// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version, propagate_version = true, max_term_width = 100)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Keep everything of this agent under DIR (identity, store, config, API files).
     #[arg(long, global = true, env = "HEARTH_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -69,7 +70,7 @@ struct ResourcesArgs {
 }
 
 /// Parses the command line and runs the command. Returns the process exit code.
-pub fn run() -> anyhow::Result<ExitCode> {
+pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let paths = Paths::resolve(cli.data_dir.clone(), cli.config.clone())?;
     match cli.command {
@@ -77,7 +78,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             let overrides = Overrides { api_port: args.api_port, log_level: cli.log_level };
             let config = HearthConfig::load(&paths.config_file, &overrides)?;
             init_logging(Some(&config.log.level), overrides.log_level.is_some());
-            runtime(true)?.block_on(crate::daemon::run(&paths, &config))?;
+            runtime(true)?.block_on(hearth::daemon::run(&paths, &config))?;
         }
         Command::Status(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());

@@ -186,22 +186,25 @@ level = "info"
 "#;
 
 impl HearthConfig {
-    /// Reads the file (defaults when it does not exist), applies `overrides` and validates.
+    /// Reads the file (defaults when it does not exist), applies `overrides` and validates the
+    /// result, so a flag can correct a bad value in the file.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut config = match fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, path)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Self::default(),
             Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
         };
-        config.validate(&path.display().to_string())?;
         if let Some(port) = overrides.api_port {
             config.api.port = port;
         }
         if let Some(level) = &overrides.log_level {
             config.log.level = level.clone();
-            config.validate("--log-level")?;
         }
-        Ok(config)
+        let file = path.display().to_string();
+        config.validate(|field| match field {
+            "log.level" if overrides.log_level.is_some() => "--log-level".to_owned(),
+            _ => file.clone(),
+        })
     }
 
     /// Parses TOML text; `path` only names the source in errors.
@@ -232,9 +235,10 @@ impl HearthConfig {
         }
     }
 
-    fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
-        let invalid = |field, reason: String| ConfigError::Invalid {
-            source_name: source_name.to_owned(),
+    /// Checks the values types cannot; `source_of` names where a field's value came from.
+    fn validate(self, source_of: impl Fn(&str) -> String) -> Result<Self, ConfigError> {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+            source_name: source_of(field),
             field,
             reason,
         };
@@ -251,7 +255,7 @@ impl HearthConfig {
                 format!("is {}; expected between 1s and 1h", humantime::format_duration(interval)),
             ));
         }
-        Ok(())
+        Ok(self)
     }
 }
 
@@ -311,6 +315,13 @@ mod tests {
             assert!(err.contains(field), "{text:?} gave {err:?}, which does not name {field}");
             assert!(!err.contains('\n'), "errors are one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn a_flag_corrects_a_bad_value_in_the_file() {
+        let overrides = Overrides { log_level: Some("warn".into()), ..Overrides::default() };
+        let config = load_text("[log]\nlevel = \"loud\"\n", &overrides).unwrap();
+        assert_eq!(config.log.level, "warn");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The daemon: wires the parts together, owns start-up and graceful shutdown.
 //!
 //! Start-up is a sequence of named steps, each failing with an error that says which step and why:
-//! prepare the data dir, lock it, load the identity, open the store, start the resource monitor,
-//! open the control API and announce it. Then the daemon waits for SIGTERM or SIGINT (or for the
-//! API to fail) and stops the parts in reverse order: it tells watchers it is stopping, closes the
-//! API (WebSockets first, then in-flight requests), stops the monitor, records a clean stop in the
-//! store and checkpoints it, and releases the lock.
+//! install signal handlers, prepare the data dir, lock it, leave a default config file, load the
+//! identity, bind the control API's port, open the store and record the run, start the resource
+//! monitor, open the API and announce it in `api.json`. Then the daemon waits for SIGTERM or
+//! SIGINT (or for the API to fail) and stops the parts in reverse order: it tells watchers it is
+//! stopping, closes the API (WebSockets first, then in-flight requests), removes `api.json`, stops
+//! the monitor, records the end of the run, checkpoints and closes the store, and releases the lock.
 
 mod lock;
 mod monitor;
@@ -13,7 +14,7 @@ mod monitor;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,7 +30,7 @@ use crate::api::{self, ApiInfo, ApiState, ApiToken, Status};
 use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
-use crate::store::{Store, StoreError};
+use crate::store::{RunId, Store, StoreError};
 use lock::DataDirLock;
 use monitor::Monitor;
 
@@ -80,21 +81,40 @@ pub enum DaemonError {
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
 pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError> {
     // Install handlers first, so a signal during start-up still stops us cleanly.
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-
+    let mut signals = Signals::install()?;
     prepare_data_dir(&paths.data_dir)?;
     let _lock = DataDirLock::acquire(&paths.lock(), &paths.data_dir)?;
     write_default_config(paths);
     let identity = load_identity(paths)?;
-    let peer_id = identity.peer_id().to_string();
     // Bind before opening the store, so a port in use fails before anything is recorded.
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.api.port));
-    let listener = TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { addr, source })?;
-    let port = listener.local_addr().map_err(|source| DaemonError::Bind { addr, source })?.port();
-    let (store, run) = open_store(paths, &peer_id).await?;
+    let listener = bind_api(config.api.port).await?;
+    let started_at = unix_now();
+    let store = Store::open(&paths.store(), &identity.peer_id()).await?;
+    let run = begin_run(&store, started_at).await?;
 
+    let outcome = serve(paths, config, &identity, listener, started_at, &mut signals).await;
+
+    // Whether the agent ran or a later start-up step failed, the run ended in an orderly way.
+    store.end_run(run, unix_now()).await?;
+    store.shutdown().await?;
+    if outcome.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
+    outcome
+}
+
+/// Starts the monitor and the API, announces them, waits for a signal, and stops them in reverse.
+async fn serve(
+    paths: &Paths,
+    config: &HearthConfig,
+    identity: &Identity,
+    listener: TcpListener,
+    started_at: i64,
+    signals: &mut Signals,
+) -> Result<(), DaemonError> {
     let cancel = CancellationToken::new();
+    // Any early return below stops whatever was already started.
+    let _stop_on_return = cancel.clone().drop_guard();
     let events = Bus::default();
     let (state_tx, state_rx) = watch::channel(AgentState::Starting);
     let monitor =
@@ -102,7 +122,9 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
             .await;
 
     let token = ApiToken::load_or_create(&paths.api_token())?;
+    let port = listener.local_addr().map_err(DaemonError::Serve)?.port();
     let url = format!("http://127.0.0.1:{port}");
+    let peer_id = identity.peer_id().to_string();
     let state = ApiState {
         status: Arc::new(Status {
             peer_id: peer_id.clone(),
@@ -110,7 +132,7 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             data_dir: paths.data_dir.clone(),
-            started_at: unix_now(),
+            started_at,
         }),
         state: state_rx,
         resources: monitor.resources(),
@@ -128,8 +150,7 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
     tracing::info!(%peer_id, api = %url, data_dir = %paths.data_dir.display(), "Hearth agent ready");
 
     let outcome = tokio::select! {
-        _ = sigterm.recv() => { tracing::info!("SIGTERM received, shutting down"); Ok(()) }
-        _ = sigint.recv() => { tracing::info!("SIGINT received, shutting down"); Ok(()) }
+        signal = signals.recv() => { tracing::info!("{signal} received, shutting down"); Ok(()) }
         served = &mut server => Err(DaemonError::Serve(match served {
             Ok(Ok(())) => io::Error::other("the server stopped"),
             Ok(Err(e)) => e,
@@ -145,10 +166,35 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
     }
     ApiInfo::remove_if_ours(&paths.api_info());
     monitor.shutdown().await;
-    store.end_run(run, unix_now()).await?;
-    store.shutdown().await?;
-    tracing::info!("stopped cleanly");
     outcome
+}
+
+/// SIGTERM and SIGINT, the two ways to ask the daemon to stop.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, DaemonError> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(DaemonError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?,
+        })
+    }
+
+    /// Waits for either signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+async fn bind_api(port: u16) -> Result<TcpListener, DaemonError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { addr, source })
 }
 
 fn set_state(tx: &watch::Sender<AgentState>, events: &Bus, state: AgentState) {
@@ -156,15 +202,15 @@ fn set_state(tx: &watch::Sender<AgentState>, events: &Bus, state: AgentState) {
     events.publish(Event::StateChanged { state });
 }
 
-/// Creates the data dir, private to the owner: it holds the identity key and the API token.
+/// Creates the data dir private to the owner (0700): it holds the identity key and the API token.
+/// An existing directory keeps its mode, because it may be shared with other things (even `~`);
+/// the secret files in it are 0600 either way.
 fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
     let err = |source| DaemonError::DataDir { path: dir.to_owned(), source };
-    fs::create_dir_all(dir).map_err(err)?;
-    let mode = fs::metadata(dir).map_err(err)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o077)).map_err(err)?;
+    if dir.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)
 }
 
 /// Leaves a commented config file for the owner to edit, unless one exists. Failing to write it
@@ -187,18 +233,15 @@ fn load_identity(paths: &Paths) -> Result<Identity, DaemonError> {
     Ok(identity)
 }
 
-async fn open_store(paths: &Paths, peer_id: &str) -> Result<(Store, crate::store::RunId), DaemonError> {
-    let store = Store::open(&paths.store(), peer_id).await?;
-    let (run, previous) = store.begin_run(env!("CARGO_PKG_VERSION"), unix_now()).await?;
-    if let Some(previous) = previous
-        && previous.stopped_at.is_none()
-    {
+async fn begin_run(store: &Store, started_at: i64) -> Result<RunId, DaemonError> {
+    let (run, previous) = store.begin_run(env!("CARGO_PKG_VERSION"), started_at).await?;
+    if let Some(previous) = previous.filter(|p| p.stopped_at.is_none()) {
         tracing::warn!(
             started_at = previous.started_at,
             "the previous run of this agent did not shut down cleanly"
         );
     }
-    Ok((store, run))
+    Ok(run)
 }
 
 fn unix_now() -> i64 {

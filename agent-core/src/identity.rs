@@ -48,8 +48,8 @@ pub enum IdentityError {
     },
     /// The key file can be read by other users, so it may have been copied.
     #[error(
-        "identity key {path} has mode {mode:o}, readable by other users; run `chmod 600 {path}` if \
-         you trust it"
+        "identity key {path} has mode {mode:o}, open to other users who may have copied it; run \
+         `chmod 600 {path}` if you trust it"
     )]
     Exposed {
         /// The key file.

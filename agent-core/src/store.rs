@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::thread;
 
+use libp2p_identity::PeerId;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
@@ -92,7 +93,8 @@ pub struct RunId(i64);
 /// What the writer does after an operation.
 enum Next {
     Continue,
-    Close,
+    /// Close the connection, then say so on the sender.
+    Close(oneshot::Sender<()>),
 }
 
 type Op = Box<dyn FnOnce(&mut Connection) -> Next + Send>;
@@ -107,11 +109,11 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) and migrates the store at `path` for the agent `peer_id`, and starts
     /// its writer thread.
-    pub async fn open(path: &Path, peer_id: &str) -> Result<Self, StoreError> {
+    pub async fn open(path: &Path, peer_id: &PeerId) -> Result<Self, StoreError> {
         let (ops, mut queue) = mpsc::channel::<Op>(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_path = path.to_owned();
-        let peer_id = peer_id.to_owned();
+        let peer_id = peer_id.to_string();
         thread::Builder::new()
             .name("hearth-store".into())
             .spawn(move || {
@@ -125,12 +127,19 @@ impl Store {
                         return;
                     }
                 };
+                let mut closed = None;
                 while let Some(op) = queue.blocking_recv() {
-                    if let Next::Close = op(&mut conn) {
+                    if let Next::Close(done) = op(&mut conn) {
+                        closed = Some(done);
                         break;
                     }
                 }
-                // Dropping the connection closes the file; the WAL is checkpointed on close.
+                // Refuse further operations, then close the file (SQLite checkpoints the WAL).
+                drop(queue);
+                drop(conn);
+                if let Some(done) = closed {
+                    let _ = done.send(());
+                }
             })
             .map_err(StoreError::Thread)?;
         ready_rx.await.map_err(|_| StoreError::Closed)??;
@@ -181,10 +190,15 @@ impl Store {
     /// Finishes queued work, checkpoints the WAL into the main file and closes it. Other handles
     /// get [`StoreError::Closed`] afterwards.
     pub async fn shutdown(self) -> Result<(), StoreError> {
-        self.submit(Next::Close, |conn| {
-            conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);")
-        })
-        .await
+        let (closed_tx, closed) = oneshot::channel();
+        let checkpoint = self
+            .submit(Next::Close(closed_tx), |conn| {
+                conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);")
+            })
+            .await;
+        // Returns once the file is closed, so a lock released after this protects nothing open.
+        closed.await.map_err(|_| StoreError::Closed)?;
+        checkpoint
     }
 
     /// Runs `op` on the writer thread, in order with every other operation.
@@ -259,6 +273,10 @@ fn claim_for(conn: &Connection, path: &Path, peer_id: &str) -> Result<(), StoreE
 mod tests {
     use super::*;
 
+    fn peer(n: u8) -> PeerId {
+        libp2p_identity::Keypair::ed25519_from_bytes([n; 32]).unwrap().public().to_peer_id()
+    }
+
     #[test]
     fn migrations_are_valid() {
         migrations().validate().unwrap();
@@ -268,7 +286,7 @@ mod tests {
     async fn runs_are_recorded_and_an_unclean_stop_is_visible_next_time() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hearth.db");
-        let store = Store::open(&path, "peer-a").await.unwrap();
+        let store = Store::open(&path, &peer(1)).await.unwrap();
         let (first, previous) = store.begin_run("0.1.0", 100).await.unwrap();
         assert_eq!(previous, None);
         store.end_run(first, 150).await.unwrap();
@@ -277,7 +295,7 @@ mod tests {
         // The second run never ends: the process "crashes".
         drop(store);
 
-        let store = Store::open(&path, "peer-a").await.unwrap();
+        let store = Store::open(&path, &peer(1)).await.unwrap();
         let (_, previous) = store.begin_run("0.1.0", 300).await.unwrap();
         assert_eq!(previous, Some(PreviousRun { started_at: 200, stopped_at: None }));
         store.shutdown().await.unwrap();
@@ -287,7 +305,7 @@ mod tests {
     async fn the_file_is_wal_with_full_sync_and_intact_after_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hearth.db");
-        let store = Store::open(&path, "peer-a").await.unwrap();
+        let store = Store::open(&path, &peer(1)).await.unwrap();
         let other = store.clone();
         store.begin_run("0.1.0", 1).await.unwrap();
         store.shutdown().await.unwrap();
@@ -306,19 +324,20 @@ mod tests {
     async fn a_store_refuses_another_identity() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hearth.db");
-        Store::open(&path, "peer-a").await.unwrap().shutdown().await.unwrap();
-        let err = Store::open(&path, "peer-b").await.unwrap_err();
+        Store::open(&path, &peer(1)).await.unwrap().shutdown().await.unwrap();
+        let err = Store::open(&path, &peer(2)).await.unwrap_err();
         assert!(matches!(err, StoreError::ForeignIdentity { .. }), "{err}");
-        assert!(err.to_string().contains("peer-a") && err.to_string().contains("peer-b"));
+        let message = err.to_string();
+        assert!(message.contains(&peer(1).to_string()) && message.contains(&peer(2).to_string()));
     }
 
     #[tokio::test]
     async fn a_store_from_a_newer_hearth_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hearth.db");
-        Store::open(&path, "peer-a").await.unwrap().shutdown().await.unwrap();
+        Store::open(&path, &peer(1)).await.unwrap().shutdown().await.unwrap();
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
-        let err = Store::open(&path, "peer-a").await.unwrap_err();
+        let err = Store::open(&path, &peer(1)).await.unwrap_err();
         assert!(matches!(err, StoreError::Migration { .. }), "{err}");
     }
 }

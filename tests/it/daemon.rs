@@ -130,3 +130,43 @@ pub(crate) fn corrupt_identity_is_reported_and_kept() -> Result<()> {
     ensure!(fs::read(&key)? == b"half a key", "the key file was changed");
     Ok(())
 }
+
+pub(crate) fn environment_and_flags_override_the_file() -> Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let busy = taken.local_addr()?.port().to_string();
+    let dir = tempfile::tempdir()?;
+    fs::write(dir.path().join("config.toml"), "[api]\nport = 0\n")?;
+    // The environment wins over the file: the daemon tries the busy port and says so.
+    let out = command(dir.path()).arg("daemon").env("HEARTH_API_PORT", &busy).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains(&busy), "env ignored: {stderr}");
+    // A flag wins over the environment (Agent passes --api-port 0).
+    let mut agent = Agent::start_with(&format!("[api]\nport = {busy}\n"), &[("HEARTH_API_PORT", &busy)])?;
+    ensure!(agent.port()?.to_string() != busy);
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}
+
+pub(crate) fn log_level_flag_and_rust_log_are_respected() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = |args: &[&str], rust_log: Option<&str>| -> Result<String> {
+        let mut cmd = command(dir.path());
+        cmd.args(args);
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let out = cmd.output()?;
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stderr)?)
+    };
+    let quiet = run(&["resources", "--json"], None)?;
+    ensure!(quiet.is_empty(), "warnings only by default: {quiet}");
+    let debug = run(&["--log-level", "debug", "resources", "--json"], None)?;
+    ensure!(debug.contains("DEBUG"), "--log-level debug shows debug lines: {debug}");
+    ensure!(!debug.contains('\u{1b}'), "no colour codes when stderr is not a terminal");
+    let from_env = run(&["resources", "--json"], Some("debug"))?;
+    ensure!(from_env.contains("DEBUG"), "RUST_LOG=debug shows debug lines: {from_env}");
+    let flag_wins = run(&["--log-level", "error", "resources", "--json"], Some("debug"))?;
+    ensure!(flag_wins.is_empty(), "--log-level wins over RUST_LOG: {flag_wins}");
+    Ok(())
+}

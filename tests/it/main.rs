@@ -44,6 +44,14 @@ fn main() {
         ),
         trial("daemon::busy_port_names_the_setting", daemon::busy_port_names_the_setting),
         trial("daemon::corrupt_identity_is_reported_and_kept", daemon::corrupt_identity_is_reported_and_kept),
+        trial(
+            "daemon::environment_and_flags_override_the_file",
+            daemon::environment_and_flags_override_the_file,
+        ),
+        trial(
+            "daemon::log_level_flag_and_rust_log_are_respected",
+            daemon::log_level_flag_and_rust_log_are_respected,
+        ),
         trial("api_security::missing_or_wrong_token_is_401", api_security::missing_or_wrong_token_is_401),
         trial("api_security::foreign_or_missing_host_is_403", api_security::foreign_or_missing_host_is_403),
         trial("api_security::foreign_origin_on_post_is_403", api_security::foreign_origin_on_post_is_403),

@@ -103,6 +103,7 @@ pub struct Agent {
     root: tempfile::TempDir,
     child: Option<Child>,
     generation: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -113,12 +114,18 @@ impl Agent {
 
     /// Starts a daemon in a fresh data dir whose config.toml holds `config`.
     pub fn start_with_config(config: &str) -> Result<Self> {
+        Self::start_with(config, &[])
+    }
+
+    /// Starts a daemon in a fresh data dir with `config` in config.toml and `env` set.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let root = tempfile::tempdir()?;
         fs::create_dir(root.path().join("data"))?;
         if !config.is_empty() {
             fs::write(root.path().join("data").join("config.toml"), config)?;
         }
-        let mut agent = Self { root, child: None, generation: 0 };
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut agent = Self { root, child: None, generation: 0, env };
         agent.restart()?;
         Ok(agent)
     }
@@ -149,6 +156,7 @@ impl Agent {
         let log = fs::File::create(self.log_path())?;
         let child = command(&self.data_dir())
             .args(["daemon", "--api-port", "0"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

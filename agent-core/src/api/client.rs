@@ -27,7 +27,7 @@ pub enum ClientError {
         data_dir: PathBuf,
     },
     /// The daemon refused the token from `api.token`.
-    #[error("the daemon at {url} refused the token in {}; it was changed after the daemon started, so restart the daemon", .token_path.display())]
+    #[error("the daemon at {url} refused the token in {}; the file no longer matches the running daemon (restart the daemon to re-read it)", .token_path.display())]
     Unauthorized {
         /// The daemon's URL.
         url: String,

@@ -82,29 +82,38 @@ impl ApiToken {
                 reason: format!("expected {} hex digits", TOKEN_BYTES * 2),
             });
         }
-        Ok(Self(token.to_ascii_lowercase()))
+        // Kept exactly as written: clients send the file's content, and it is compared byte for byte.
+        Ok(Self(token.to_owned()))
     }
 
-    /// Reads the token file, creating it with a fresh random token (mode 0600) when absent.
+    /// Reads the token file, creating it with a fresh random token (mode 0600) when absent. The
+    /// file appears whole or not at all: it is written to a private temporary file, synced, and
+    /// hard-linked into place, which never replaces a token another process wrote first.
     pub fn load_or_create(path: &Path) -> Result<Self, DiscoveryError> {
         let io_err = |source| DiscoveryError::Io { path: path.to_owned(), source };
+        if path.exists() {
+            let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                // The file holds a secret: tighten it rather than serve with an exposed token.
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+                tracing::warn!(path = %path.display(), "api.token was accessible to others; set it to 0600");
+            }
+            return Self::read(path);
+        }
         let mut bytes = [0u8; TOKEN_BYTES];
         SystemRandom::new().fill(&mut bytes).map_err(|_| io_err(io::Error::other("no randomness")))?;
         let fresh = hex::encode(bytes);
-        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(mut file) => {
-                file.write_all(fresh.as_bytes()).and_then(|()| file.sync_all()).map_err(io_err)?;
-                Ok(Self(fresh))
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    // The file holds a secret: tighten it rather than serve with an exposed token.
-                    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-                    tracing::warn!(path = %path.display(), "api.token was readable by others; set it to 0600");
-                }
-                Self::read(path)
-            }
+        let tmp = path.with_extension(format!("token.{}.tmp", std::process::id()));
+        let written = (|| {
+            let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            file.write_all(fresh.as_bytes())?;
+            file.sync_all()?;
+            fs::hard_link(&tmp, path)
+        })();
+        let _ = fs::remove_file(&tmp);
+        match written {
+            Ok(()) => Ok(Self(fresh)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::read(path),
             Err(e) => Err(io_err(e)),
         }
     }

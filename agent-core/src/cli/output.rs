@@ -6,8 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::api::Status;
-use crate::resources::{Gpu, Resources};
+use hearth::api::Status;
+use hearth::resources::{Gpu, Resources};
 
 /// Prints `value` as pretty JSON, or through `human` as text.
 pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String) -> anyhow::Result<()> {

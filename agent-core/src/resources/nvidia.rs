@@ -395,6 +395,18 @@ mod tests {
         let gpu = only_gpu(FAILING_T4);
         assert_eq!(gpu.index, 1);
         assert!(gpu.processes.is_empty());
+        // The fixture's lists are both empty or failed; check the rule itself with a non-empty one.
+        let compute = Reading::Failed("Unknown".to_owned());
+        let graphics = Reading::Ok(vec![ProcessInfo {
+            pid: 4242,
+            used_gpu_memory: UsedGpuMemory::Used(MIB),
+            gpu_instance_id: None,
+            compute_instance_id: None,
+        }]);
+        assert_eq!(
+            merge_processes(&[&compute, &graphics]),
+            vec![GpuProcess { pid: 4242, used_memory_bytes: Some(MIB) }]
+        );
     }
 
     #[test]
