@@ -10,13 +10,15 @@
 //! Losing an identity loses the agent's reputation and ledger continuity, so only the owner may
 //! decide to throw one away.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::secret_file;
 
 /// File name of the identity seed inside the data dir.
 pub const KEY_FILE: &str = "identity.key";
@@ -112,7 +114,7 @@ impl Identity {
             Ok(file) => Ok((Self::read(&path, file)?, Created::No)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let seed = new_seed()?;
-                match write_new(&path, &seed) {
+                match secret_file::create(&path, &seed) {
                     Ok(()) => Ok((Self::from_seed(seed, &path)?, Created::Yes)),
                     // Another process created it between our open and our link: use theirs.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -201,26 +203,10 @@ fn new_seed() -> Result<[u8; SEED_LEN], IdentityError> {
     Ok(seed)
 }
 
-/// Writes the seed so that `path` either does not exist or holds the whole key, even across a
-/// crash: the bytes go to a private temporary file that is synced and then hard-linked into place.
-/// Linking fails with `AlreadyExists` rather than replacing a key someone else wrote.
-fn write_new(path: &Path, seed: &[u8; SEED_LEN]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        file.write_all(seed)?;
-        file.sync_all()?;
-        fs::hard_link(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    // The temporary name is ours alone; losing it is harmless either way.
-    let _ = fs::remove_file(&tmp);
-    result
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     const TAG: DomainTag = DomainTag::new(b"hearth/test/v1");

@@ -11,4 +11,5 @@ pub mod daemon;
 pub mod events;
 pub mod identity;
 pub mod resources;
+mod secret_file;
 pub mod store;

@@ -6,14 +6,16 @@
 //! and removed on clean shutdown; a stale one left by a crash is harmless, because clients treat a
 //! refused connection as "no daemon".
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+
+use crate::secret_file;
 
 /// Random bytes in a token; it is stored and sent as lowercase hex.
 const TOKEN_BYTES: usize = 32;
@@ -103,14 +105,7 @@ impl ApiToken {
         let mut bytes = [0u8; TOKEN_BYTES];
         SystemRandom::new().fill(&mut bytes).map_err(|_| io_err(io::Error::other("no randomness")))?;
         let fresh = hex::encode(bytes);
-        let tmp = path.with_extension(format!("token.{}.tmp", std::process::id()));
-        let written = (|| {
-            let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            file.write_all(fresh.as_bytes())?;
-            file.sync_all()?;
-            fs::hard_link(&tmp, path)
-        })();
-        let _ = fs::remove_file(&tmp);
+        let written = secret_file::create(path, fresh.as_bytes());
         match written {
             Ok(()) => Ok(Self(fresh)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::read(path),
