@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod identity;
+pub mod jobs;
 pub mod resources;
 mod secret_file;
 pub mod store;
