@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::toml_file;
+
 /// File name of the configuration inside the config dir.
 pub const CONFIG_FILE: &str = "config.toml";
 
@@ -209,15 +211,7 @@ impl HearthConfig {
 
     /// Parses TOML text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let parse_error = |message| ConfigError::Parse { path: path.to_owned(), message };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(one_line(&e)))?;
-        // serde_path_to_error adds the dotted path of the field, which toml's own message leaves
-        // out for type and range errors.
-        serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let message = one_line(e.inner());
-            parse_error(if field == "." { message } else { format!("`{field}`: {message}") })
-        })
+        toml_file::parse(text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
     }
 
     /// Writes [`DEFAULT_FILE`] to `path` unless a file is already there.
@@ -256,14 +250,6 @@ impl HearthConfig {
             ));
         }
         Ok(self)
-    }
-}
-
-fn one_line(e: &toml::de::Error) -> String {
-    let field_and_reason = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("{field_and_reason} (at byte {})", span.start),
-        None => field_and_reason,
     }
 }
 

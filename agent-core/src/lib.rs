@@ -14,3 +14,4 @@ pub mod jobs;
 pub mod resources;
 mod secret_file;
 pub mod store;
+mod toml_file;

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::toml_file;
+
 /// The most wall-clock time a job may ask for.
 const MAX_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -219,13 +221,8 @@ impl JobSpec {
 
     /// Parses and validates spec text; `path` names it in errors, `base` resolves relative paths.
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, SpecError> {
-        let parse_error = |message| SpecError::Parse { path: path.to_owned(), message };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(one_line(&e)))?;
-        let raw: RawSpec = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let message = one_line(e.inner());
-            parse_error(if field == "." { message } else { format!("`{field}`: {message}") })
-        })?;
+        let raw: RawSpec =
+            toml_file::parse(text).map_err(|message| SpecError::Parse { path: path.to_owned(), message })?;
         raw.validate(base).map_err(|problems| SpecError::Invalid { path: path.to_owned(), problems })
     }
 }
@@ -390,14 +387,6 @@ impl RawSpec {
             }
             _ => Err(problems),
         }
-    }
-}
-
-fn one_line(e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("{message} (at byte {})", span.start),
-        None => message,
     }
 }
 
