@@ -72,11 +72,22 @@ pub enum StreamMessage {
     Event(Event),
 }
 
+/// What stays fixed for one daemon run; the rest of [`Status`] is read when asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInfo {
+    /// The agent's peer id.
+    pub peer_id: String,
+    /// Where this agent keeps its files.
+    pub data_dir: PathBuf,
+    /// When the daemon started, in Unix seconds.
+    pub started_at: i64,
+}
+
 /// The parts of the daemon the API reads. Cheap to clone.
 #[derive(Clone)]
 pub struct ApiState {
-    /// Fixed facts about this run; `state` inside is overwritten from `state`.
-    pub status: Arc<Status>,
+    /// Fixed facts about this run.
+    pub run: Arc<RunInfo>,
     /// The agent's state.
     pub state: watch::Receiver<AgentState>,
     /// The latest resource figures.
@@ -93,7 +104,14 @@ pub struct ApiState {
 
 impl ApiState {
     fn status(&self) -> Status {
-        Status { state: *self.state.borrow(), ..(*self.status).clone() }
+        Status {
+            peer_id: self.run.peer_id.clone(),
+            state: *self.state.borrow(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            data_dir: self.run.data_dir.clone(),
+            started_at: self.run.started_at,
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 use hearth::api::client::Client;
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
-use hearth::resources::{Detector, nvidia};
+use hearth::resources::{self, nvidia};
 
 /// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
 #[derive(Debug, Parser)]
@@ -92,7 +92,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                 std::fs::write(&file, fixture).with_context(|| format!("writing {}", file.display()))?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let resources = Detector::new().refresh(&paths.data_dir);
+            let resources = resources::detect(&paths.data_dir);
             output::print(&resources, args.read.json, output::resources)?;
         }
     }

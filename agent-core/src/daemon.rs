@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use lock::LockError;
 
-use crate::api::{self, ApiInfo, ApiState, ApiToken, Status};
+use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo};
 use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
@@ -126,14 +126,7 @@ async fn serve(
     let url = format!("http://127.0.0.1:{port}");
     let peer_id = identity.peer_id().to_string();
     let state = ApiState {
-        status: Arc::new(Status {
-            peer_id: peer_id.clone(),
-            state: AgentState::Starting,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            pid: std::process::id(),
-            data_dir: paths.data_dir.clone(),
-            started_at,
-        }),
+        run: Arc::new(RunInfo { peer_id: peer_id.clone(), data_dir: paths.data_dir.clone(), started_at }),
         state: state_rx,
         resources: monitor.resources(),
         events: events.clone(),

@@ -85,16 +85,6 @@ impl Client {
         Ok(Self { http, info, token, paths: paths.clone() })
     }
 
-    /// The API's base URL.
-    pub fn url(&self) -> &str {
-        &self.info.url
-    }
-
-    /// The token this client presents.
-    pub fn token(&self) -> &ApiToken {
-        &self.token
-    }
-
     /// `GET /api/v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.get("/api/v1/status").await
