@@ -31,8 +31,9 @@ hearth_rust_is_recent() {
 }
 
 if command -v apt-get >/dev/null 2>&1; then
-    # A C compiler for the bundled SQLite and ring; curl and certificates only to fetch rustup.
-    hearth_apt_install gcc libc6-dev pkg-config ca-certificates curl
+    # A C compiler for the bundled SQLite and ring; libseccomp for the job sandbox's filter; curl
+    # and certificates only to fetch rustup.
+    hearth_apt_install gcc libc6-dev pkg-config libseccomp-dev ca-certificates curl
 fi
 
 if [ -f "$HOME/.cargo/env" ]; then
@@ -58,4 +59,8 @@ if command -v rustup >/dev/null 2>&1; then
         rustup component list --installed 2>/dev/null | grep -q "^$component" \
             || rustup component add "$component"
     done
+    # The tests build WASI job modules; the agent itself does not need this target.
+    if [ "${HEARTH_SETUP_WASM:-0}" = 1 ]; then
+        rustup target list --installed | grep -q '^wasm32-wasip1$' || rustup target add wasm32-wasip1
+    fi
 fi

@@ -6,6 +6,7 @@
 //! and exits non-zero: this module belongs to the binary, the edge where `anyhow` is allowed.
 
 mod output;
+mod run_local;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -44,6 +45,19 @@ enum Command {
     Status(ReadArgs),
     /// Show this machine's CPU, memory, disk and GPUs (works without a daemon).
     Resources(ResourcesArgs),
+    /// Run a job spec on this machine in the sandbox; the job's output goes to the terminal and
+    /// the exit code is the job's.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The job spec (TOML).
+    #[arg(value_name = "JOB.toml")]
+    spec: PathBuf,
+    /// Run here, with no daemon and no network (the only mode so far).
+    #[arg(long)]
+    local: bool,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +108,13 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             }
             let resources = resources::detect(&paths.data_dir);
             output::print(&resources, args.read.json, output::resources)?;
+        }
+        Command::Run(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            if !args.local {
+                anyhow::bail!("`hearth run` runs a job on this machine only: add --local");
+            }
+            return run_local::run(&paths, &args.spec);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,19 @@
-//! Jobs: what a consumer asks to run, and (as the job-execution work lands) their life cycle,
-//! runners and containment.
+//! Jobs: what a consumer asks to run, its life cycle, the runners and the sandbox around them.
 //!
-//! So far this holds [`spec`], the parsed and validated job spec that every runner will take, and
-//! [`lifecycle`], the states a job passes through and the one function that moves it between
-//! them. It spawns nothing.
+//! - [`spec`]: the parsed and validated job spec every runner takes.
+//! - [`lifecycle`]: the states a job passes through and the one function that moves it.
+//! - [`sandbox`]: the one containment every job runs in (namespaces, private root, cgroups,
+//!   rlimits, capabilities, seccomp), as the hidden `__sandbox-shim` and `__sandbox-init` steps.
+//! - [`wasi`]: wasmtime for WASI modules, compiled once into a content-addressed cache.
+//! - [`runner`]: takes a spec to a terminal state under the sandbox, with pause, resume, cancel,
+//!   a deadline, a disk limit and bounded logs.
 
 pub mod lifecycle;
+pub mod runner;
+pub mod sandbox;
 pub mod spec;
+pub mod wasi;
 
 pub use lifecycle::{JobState, Transition, TransitionError};
+pub use runner::{Control, GpuGrant, JobRequest, Outcome, RunEvent, Runner, Stream};
 pub use spec::{Demand, Image, JobKind, JobSpec, Limits, SpecError};

@@ -128,6 +128,8 @@ pub struct Gpu {
     pub name: String,
     /// "GPU-" and a UUID, stable across reboots; empty if NVML could not say.
     pub uuid: String,
+    /// The N of its device node `/dev/nvidiaN`, which a job granted this GPU gets.
+    pub minor_number: Option<u32>,
     /// Framebuffer size, including memory the driver reserves; 0 if NVML could not say.
     pub memory_total_bytes: u64,
     /// Framebuffer allocated by processes, as `nvidia-smi` shows it (reserved memory excluded).
@@ -444,6 +446,7 @@ mod tests {
                 index: 0,
                 name: "g".into(),
                 uuid: "GPU-0".into(),
+                minor_number: Some(0),
                 memory_total_bytes: 10,
                 memory_used_bytes: 5,
                 compute_capability: Some(ComputeCapability { major: 9, minor: 0 }),

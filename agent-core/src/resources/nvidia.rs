@@ -87,6 +87,14 @@ pub struct DeviceReading {
     pub running_graphics_processes: Reading<Vec<ProcessInfo>>,
     /// `nvmlDeviceGetMigMode`; 1 means enabled.
     pub mig_mode: Reading<NvmlMigMode>,
+    /// `nvmlDeviceGetMinorNumber`: the N of `/dev/nvidiaN`. Fixtures recorded before it was read
+    /// lack it.
+    #[serde(default = "not_recorded")]
+    pub minor_number: Reading<u32>,
+}
+
+fn not_recorded<T>() -> Reading<T> {
+    Reading::Failed("not recorded".to_owned())
 }
 
 impl DeviceReading {
@@ -105,7 +113,8 @@ impl DeviceReading {
             enforced_power_limit_mw: Reading::Failed(reason.clone()),
             running_compute_processes: Reading::Failed(reason.clone()),
             running_graphics_processes: Reading::Failed(reason.clone()),
-            mig_mode: Reading::Failed(reason),
+            mig_mode: Reading::Failed(reason.clone()),
+            minor_number: Reading::Failed(reason),
         }
     }
 }
@@ -159,6 +168,7 @@ fn read_device(nvml: &Nvml, index: u32) -> DeviceReading {
         index,
         name: query(index, "name", device.name()),
         uuid: query(index, "uuid", device.uuid()),
+        minor_number: query(index, "minor_number", device.minor_number()),
         memory: query(index, "memory_info", device.memory_info()),
         cuda_compute_capability: query(index, "cuda_compute_capability", device.cuda_compute_capability()),
         utilization: query(index, "utilization_rates", device.utilization_rates()),
@@ -216,6 +226,7 @@ pub(super) fn to_gpu(reading: &DeviceReading) -> Gpu {
         index: reading.index,
         name: reading.name.ok().cloned().unwrap_or_default(),
         uuid: reading.uuid.ok().cloned().unwrap_or_default(),
+        minor_number: reading.minor_number.ok().copied(),
         memory_total_bytes: memory.map_or(0, |memory| memory.total),
         memory_used_bytes: memory.map_or(0, |memory| memory.used),
         compute_capability: reading.cuda_compute_capability.ok().and_then(compute_capability),

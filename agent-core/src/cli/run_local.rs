@@ -1,0 +1,96 @@
+//! `hearth run JOB.toml --local`: one job under the sandbox, no daemon, output on the terminal.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use hearth::config::Paths;
+use hearth::jobs::{Control, GpuGrant, JobRequest, JobSpec, JobState, RunEvent, Runner, Stream};
+use hearth::resources;
+
+/// Exit code when the job hit its time limit, as `timeout(1)` has it.
+const TIMED_OUT: u8 = 124;
+/// Exit code when the sandbox stopped the job for any other reason, or could not start it.
+const FAILED: u8 = 125;
+/// Exit code after Ctrl-C, as a shell has it.
+const CANCELLED: u8 = 130;
+
+pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
+    let spec = JobSpec::load(spec_path)?;
+    let gpus = grant_gpus(paths, spec.resources.gpus)?;
+    let runner = Runner::for_data_dir(&paths.data_dir).context("finding the hearth binary")?;
+    let id = format!("local-{}-{}", unix_seconds(), std::process::id());
+    let request = JobRequest { id, spec, gpus };
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let outcome = runtime.block_on(async {
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+        let printer = tokio::spawn(async move {
+            while let Some(event) = event_rx.recv().await {
+                if let RunEvent::Output { stream, data } = event {
+                    // A closed terminal must not stop the job; the logs keep everything.
+                    let _ = match stream {
+                        Stream::Stdout => std::io::stdout().lock().write_all(&data),
+                        Stream::Stderr => std::io::stderr().lock().write_all(&data),
+                    };
+                }
+            }
+        });
+        let cancel = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = control_tx.send(Control::Cancel).await;
+            }
+        });
+        let outcome = runner.run(request, control_rx, event_tx).await;
+        cancel.abort();
+        let _ = printer.await;
+        outcome
+    });
+    let _ = std::io::stdout().flush();
+    let out = outcome.job_dir.join("out");
+    let code = match &outcome.state {
+        JobState::Finished { exit_code } => u8::try_from(*exit_code).unwrap_or(1),
+        JobState::Failed { reason } => {
+            eprintln!("hearth: job failed: {reason}");
+            if reason.starts_with("time limit") { TIMED_OUT } else { FAILED }
+        }
+        JobState::Cancelled => {
+            eprintln!("hearth: job cancelled");
+            CANCELLED
+        }
+        other => {
+            eprintln!("hearth: job ended in an unexpected state: {}", other.name());
+            FAILED
+        }
+    };
+    if std::fs::read_dir(&out).is_ok_and(|mut entries| entries.next().is_some()) {
+        eprintln!("hearth: outputs are in {}", out.display());
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// The first `count` GPUs of this machine, or an error saying how many there are.
+fn grant_gpus(paths: &Paths, count: u32) -> anyhow::Result<Vec<GpuGrant>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let found = resources::detect(&paths.data_dir).gpus;
+    let usable: Vec<GpuGrant> = found
+        .iter()
+        .filter_map(|gpu| Some(GpuGrant { uuid: gpu.uuid.clone(), minor_number: gpu.minor_number? }))
+        .take(count as usize)
+        .collect();
+    if usable.len() < count as usize {
+        anyhow::bail!("the job asks for {count} GPU(s) and this machine has {} usable", usable.len());
+    }
+    Ok(usable)
+}
+
+/// Seconds since the epoch: job ids only need to sort and not collide with the pid beside them.
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
+}

@@ -1,0 +1,510 @@
+//! The job runner: takes a validated spec to a terminal state under the sandbox, on the agent's
+//! side. `hearth run --local` and the daemon's supervisor both use it, so a job behaves the same
+//! whoever started it.
+//!
+//! One run: make the job folder, stage the inputs and compile a WASI module (`transferring`),
+//! create the cgroup, write the sandbox plan, spawn the shim (`running`), then watch four things at
+//! once: the shim's exit, the wall-clock deadline (paused time does not count), the scratch disk,
+//! and control requests (pause, resume, cancel). However it ends, the cgroup is killed and removed,
+//! so no process of the job outlives the run. Output is captured to bounded `stdout.log` and
+//! `stderr.log` files in the job folder and streamed as [`RunEvent::Output`].
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::sandbox::cgroup::{self, JobCgroup};
+use super::sandbox::{self, Payload, Plan, RootFs};
+use super::{Image, JobKind, JobSpec, JobState, wasi};
+
+/// Most bytes of each of stdout and stderr kept in the job folder; the stream goes on beyond it.
+pub const LOG_LIMIT: u64 = 8 << 20;
+
+/// Most processes and threads a job may have at once.
+pub const MAX_PROCESSES: u64 = 512;
+
+/// How often the scratch disk is measured.
+const DISK_CHECK: Duration = Duration::from_millis(200);
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// The log file's name in the job folder.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout.log",
+            Self::Stderr => "stderr.log",
+        }
+    }
+}
+
+/// What a run reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// The job moved to this state.
+    State(JobState),
+    /// The job wrote this.
+    Output {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes, as they came.
+        data: Vec<u8>,
+    },
+}
+
+/// A request to a running job, answered when done.
+#[derive(Debug)]
+pub enum Control {
+    /// Freeze every process; answered with the time it took to be frozen.
+    Pause(oneshot::Sender<anyhow::Result<Duration>>),
+    /// Thaw; answered with the time it took.
+    Resume(oneshot::Sender<anyhow::Result<Duration>>),
+    /// Kill everything and end as `cancelled`.
+    Cancel,
+}
+
+/// A GPU granted to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuGrant {
+    /// NVML's UUID, which the job sees in `NVIDIA_VISIBLE_DEVICES`.
+    pub uuid: String,
+    /// The N of `/dev/nvidiaN`.
+    pub minor_number: u32,
+}
+
+/// A job to run.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// Unique among this agent's jobs; names the job folder and cgroup.
+    pub id: String,
+    /// What to run.
+    pub spec: JobSpec,
+    /// The GPUs granted, as many as the spec asked for.
+    pub gpus: Vec<GpuGrant>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// `finished`, `failed` or `cancelled`.
+    pub state: JobState,
+    /// The job folder, holding `out/` and the logs.
+    pub job_dir: PathBuf,
+}
+
+/// Runs jobs under the sandbox.
+#[derive(Debug)]
+pub struct Runner {
+    exe: PathBuf,
+    jobs_dir: PathBuf,
+    cache_dir: PathBuf,
+    engine: OnceLock<wasmtime::Engine>,
+}
+
+impl Runner {
+    /// A runner keeping job folders under `jobs_dir` and compiled modules under `cache_dir`, and
+    /// starting the sandbox through `exe` (the `hearth` binary).
+    pub fn new(exe: PathBuf, jobs_dir: PathBuf, cache_dir: PathBuf) -> Self {
+        Self { exe, jobs_dir, cache_dir, engine: OnceLock::new() }
+    }
+
+    /// A runner for this `hearth` binary with its folders under `data_dir`.
+    pub fn for_data_dir(data_dir: &Path) -> io::Result<Self> {
+        Ok(Self::new(std::env::current_exe()?, data_dir.join("jobs"), data_dir.join("cache").join("wasm")))
+    }
+
+    /// The folder a job with this id runs in.
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.jobs_dir.join(id)
+    }
+
+    /// Runs the job to its end. Errors are reported as a `failed` outcome, never lost.
+    pub async fn run(
+        &self,
+        request: JobRequest,
+        controls: mpsc::Receiver<Control>,
+        events: mpsc::UnboundedSender<RunEvent>,
+    ) -> Outcome {
+        let job_dir = self.job_dir(&request.id);
+        let state = match self.try_run(&request, &job_dir, controls, &events).await {
+            Ok(state) => state,
+            Err(error) => JobState::Failed { reason: format!("{error:#}") },
+        };
+        for scratch in ["in", "work", "tmp", "root"] {
+            let _ = fs::remove_dir_all(job_dir.join(scratch));
+        }
+        let _ = events.send(RunEvent::State(state.clone()));
+        Outcome { state, job_dir }
+    }
+
+    async fn try_run(
+        &self,
+        request: &JobRequest,
+        job_dir: &Path,
+        mut controls: mpsc::Receiver<Control>,
+        events: &mpsc::UnboundedSender<RunEvent>,
+    ) -> anyhow::Result<JobState> {
+        let spec = &request.spec;
+        let _ = events.send(RunEvent::State(JobState::Transferring));
+        if spec.limits.network {
+            anyhow::bail!(
+                "this agent does not grant network access to jobs yet; set `limits.network = false`"
+            );
+        }
+        fs::create_dir_all(&self.jobs_dir)
+            .with_context(|| format!("creating {}", self.jobs_dir.display()))?;
+        fs::create_dir(job_dir).with_context(|| format!("creating the job folder {}", job_dir.display()))?;
+        for name in ["in", "out", "work", "tmp", "root"] {
+            fs::create_dir(job_dir.join(name))?;
+        }
+        let staged = job_dir.to_owned();
+        let inputs = spec.inputs.clone();
+        tokio::task::spawn_blocking(move || stage_inputs(&inputs, &staged.join("in"))).await??;
+        let payload = self.payload(spec).await?;
+
+        let limits = cgroup::Limits {
+            cpu_millis: spec.resources.cpu_millis,
+            memory_bytes: spec.resources.memory_bytes,
+            pids: MAX_PROCESSES,
+        };
+        let cgroup = Arc::new(JobCgroup::create(&request.id, &limits)?);
+        let result = self.supervise(request, job_dir, payload, &cgroup, &mut controls, events).await;
+        let cleanup = {
+            let cgroup = Arc::clone(&cgroup);
+            tokio::task::spawn_blocking(move || cgroup.kill_all()).await
+        };
+        if let Ok(Err(error)) = cleanup {
+            warn!(job = %request.id, %error, "could not empty the job's cgroup");
+        }
+        if let Ok(cgroup) = Arc::try_unwrap(cgroup)
+            && let Err(error) = cgroup.destroy()
+        {
+            warn!(job = %request.id, %error, "could not remove the job's cgroup");
+        }
+        result
+    }
+
+    async fn payload(&self, spec: &JobSpec) -> anyhow::Result<Payload> {
+        Ok(match &spec.kind {
+            JobKind::Wasi { module } => {
+                let engine = match self.engine.get() {
+                    Some(engine) => engine.clone(),
+                    None => {
+                        let engine = wasi::engine()?;
+                        self.engine.get_or_init(|| engine).clone()
+                    }
+                };
+                let (module, cache_dir) = (module.clone(), self.cache_dir.clone());
+                let compiled =
+                    tokio::task::spawn_blocking(move || wasi::compile_cached(&engine, &module, &cache_dir))
+                        .await??;
+                let name = spec_module_name(&spec.kind);
+                let mut args = vec![name];
+                args.extend(spec.args.iter().cloned());
+                Payload::Wasi {
+                    compiled,
+                    args,
+                    memory_bytes: spec.resources.memory_bytes,
+                    time: spec.limits.time,
+                }
+            }
+            JobKind::Native { image, command } => {
+                let root = match image {
+                    Image::Base => RootFs::Base,
+                    Image::Archive(path) => {
+                        anyhow::bail!(
+                            "image archives are not supported yet ({}); use image = \"base\"",
+                            path.display()
+                        )
+                    }
+                };
+                let mut command = command.clone();
+                command.extend(spec.args.iter().cloned());
+                Payload::Native { root, command }
+            }
+        })
+    }
+
+    async fn supervise(
+        &self,
+        request: &JobRequest,
+        job_dir: &Path,
+        payload: Payload,
+        cgroup: &Arc<JobCgroup>,
+        controls: &mut mpsc::Receiver<Control>,
+        events: &mpsc::UnboundedSender<RunEvent>,
+    ) -> anyhow::Result<JobState> {
+        let spec = &request.spec;
+        let mut env = spec.env.clone();
+        let mut devices = Vec::new();
+        if !request.gpus.is_empty() {
+            let uuids: Vec<&str> = request.gpus.iter().map(|gpu| gpu.uuid.as_str()).collect();
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
+            env.insert("CUDA_VISIBLE_DEVICES".into(), uuids.join(","));
+            devices = gpu_devices(&request.gpus);
+        }
+        let plan = Plan {
+            job_dir: job_dir.to_owned(),
+            cgroups: cgroup.join_dirs(),
+            payload,
+            env,
+            devices,
+            disk_bytes: spec.resources.disk_bytes,
+        };
+        let plan_path = job_dir.join(sandbox::PLAN_FILE);
+        fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
+
+        let mut shim = tokio::process::Command::new(&self.exe)
+            .arg(sandbox::SHIM_COMMAND)
+            .arg(&plan_path)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the sandbox with {}", self.exe.display()))?;
+        let pumps = [
+            (
+                shim.stdout.take().map(|out| Box::new(out) as Box<dyn AsyncRead + Send + Unpin>),
+                Stream::Stdout,
+            ),
+            (
+                shim.stderr.take().map(|err| Box::new(err) as Box<dyn AsyncRead + Send + Unpin>),
+                Stream::Stderr,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(reader, stream)| {
+            let reader = reader?;
+            Some(tokio::spawn(pump(reader, stream, job_dir.join(stream.file_name()), events.clone())))
+        })
+        .collect::<Vec<_>>();
+        let _ = events.send(RunEvent::State(JobState::Running));
+
+        let mut deadline = tokio::time::Instant::now() + spec.limits.time;
+        let mut disk_check = tokio::time::interval(DISK_CHECK);
+        let mut paused_since: Option<Instant> = None;
+        let mut controls_open = true;
+        let ending = loop {
+            tokio::select! {
+                status = shim.wait() => break Ending::Exited(status.context("waiting for the sandbox")?),
+                () = tokio::time::sleep_until(deadline), if paused_since.is_none() => break Ending::TimedOut,
+                _ = disk_check.tick(), if paused_since.is_none() => {
+                    let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
+                    let used = tokio::task::spawn_blocking(move || disk_usage(&dirs)).await?;
+                    if used > spec.resources.disk_bytes {
+                        break Ending::DiskFull(used);
+                    }
+                }
+                control = controls.recv(), if controls_open => match control {
+                    None => controls_open = false,
+                    Some(Control::Cancel) => break Ending::Cancelled,
+                    Some(Control::Pause(reply)) => {
+                        let result = blocking(cgroup, JobCgroup::freeze).await;
+                        if result.is_ok() && paused_since.is_none() {
+                            paused_since = Some(Instant::now());
+                            let _ = events.send(RunEvent::State(JobState::Paused));
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Some(Control::Resume(reply)) => {
+                        let result = blocking(cgroup, JobCgroup::thaw).await;
+                        if result.is_ok() && let Some(since) = paused_since.take() {
+                            deadline += since.elapsed();
+                            let _ = events.send(RunEvent::State(JobState::Running));
+                        }
+                        let _ = reply.send(result);
+                    }
+                },
+            }
+        };
+        // Whatever ended the run, nothing of the job may be left; this also closes the pipes.
+        let killed = blocking(cgroup, JobCgroup::kill_all).await;
+        let _ = shim.wait().await;
+        for pump in pumps {
+            let _ = pump.await;
+        }
+        killed.context("killing the job")?;
+        debug!(job = %request.id, ?ending, "job ended");
+        Ok(self.verdict(ending, spec, job_dir, cgroup))
+    }
+
+    fn verdict(&self, ending: Ending, spec: &JobSpec, job_dir: &Path, cgroup: &JobCgroup) -> JobState {
+        let failed = |reason: String| JobState::Failed { reason };
+        match ending {
+            Ending::Cancelled => JobState::Cancelled,
+            Ending::TimedOut => {
+                failed(format!("time limit of {} exceeded", humantime::format_duration(spec.limits.time)))
+            }
+            Ending::DiskFull(used) => failed(format!(
+                "disk limit of {} exceeded ({} written to /out, /work and /tmp)",
+                ByteSize(spec.resources.disk_bytes),
+                ByteSize(used)
+            )),
+            Ending::Exited(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                if cgroup.oom_kills() > 0 {
+                    return failed(format!(
+                        "memory limit of {} exceeded; the kernel killed the job",
+                        ByteSize(spec.resources.memory_bytes)
+                    ));
+                }
+                let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                if code == sandbox::SETUP_FAILED {
+                    let reason = fs::read_to_string(job_dir.join(sandbox::ERROR_FILE)).unwrap_or_default();
+                    if !reason.trim().is_empty() {
+                        return failed(reason.trim().to_owned());
+                    }
+                }
+                JobState::Finished { exit_code: code }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ending {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+    DiskFull(u64),
+    Cancelled,
+}
+
+/// Runs a blocking cgroup operation off the async threads, timing it.
+async fn blocking(
+    cgroup: &Arc<JobCgroup>,
+    operation: fn(&JobCgroup) -> Result<(), cgroup::CgroupError>,
+) -> anyhow::Result<Duration> {
+    let cgroup = Arc::clone(cgroup);
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        operation(&cgroup)?;
+        Ok(start.elapsed())
+    })
+    .await?
+}
+
+fn spec_module_name(kind: &JobKind) -> String {
+    match kind {
+        JobKind::Wasi { module } => module
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "job.wasm".into()),
+        JobKind::Native { .. } => String::new(),
+    }
+}
+
+/// Copies each input into the job's `in/` under its own name. Symlinks are copied as links, never
+/// followed, so an input cannot smuggle in a file it points to.
+fn stage_inputs(inputs: &[PathBuf], into: &Path) -> anyhow::Result<()> {
+    for input in inputs {
+        let name =
+            input.file_name().with_context(|| format!("input {} has no file name", input.display()))?;
+        copy_tree(input, &into.join(name)).with_context(|| format!("staging input {}", input.display()))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)
+    } else if meta.is_dir() {
+        fs::create_dir(to)?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        fs::copy(from, to).map(|_| ())
+    }
+}
+
+/// Bytes of disk used under `dirs`, as blocks allocated, without following links. Runs on a folder
+/// the job controls, so it only reads metadata and stops counting once it is clearly over.
+fn disk_usage(dirs: &[PathBuf]) -> u64 {
+    fn walk(path: &Path, total: &mut u64) {
+        let Ok(meta) = fs::symlink_metadata(path) else { return };
+        *total += meta.blocks() * 512;
+        if meta.is_dir()
+            && let Ok(entries) = fs::read_dir(path)
+        {
+            for entry in entries.flatten() {
+                walk(&entry.path(), total);
+            }
+        }
+    }
+    let mut total = 0;
+    for dir in dirs {
+        walk(dir, &mut total);
+    }
+    total
+}
+
+/// The device nodes for granted GPUs: each GPU's own node, plus the control and unified-memory
+/// nodes every CUDA program opens, where they exist.
+fn gpu_devices(gpus: &[GpuGrant]) -> Vec<PathBuf> {
+    let mut devices: Vec<PathBuf> =
+        gpus.iter().map(|gpu| PathBuf::from(format!("/dev/nvidia{}", gpu.minor_number))).collect();
+    for shared in ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"] {
+        if Path::new(shared).exists() {
+            devices.push(PathBuf::from(shared));
+        }
+    }
+    devices
+}
+
+/// Copies one output stream into its log file, up to [`LOG_LIMIT`], and onto the event channel.
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    stream: Stream,
+    path: PathBuf,
+    events: mpsc::UnboundedSender<RunEvent>,
+) -> io::Result<()> {
+    let mut file = tokio::fs::File::create(&path).await?;
+    let mut written = 0u64;
+    let mut truncated = false;
+    let mut buffer = vec![0u8; 16 << 10];
+    loop {
+        let n = reader.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        let data = &buffer[..n];
+        let room = usize::try_from(LOG_LIMIT.saturating_sub(written)).unwrap_or(usize::MAX);
+        if room > 0 {
+            let keep = &data[..n.min(room)];
+            file.write_all(keep).await?;
+            written += keep.len() as u64;
+        } else if !truncated {
+            truncated = true;
+            file.write_all(
+                format!("\n[hearth: output beyond {} not kept]\n", ByteSize(LOG_LIMIT)).as_bytes(),
+            )
+            .await?;
+        }
+        let _ = events.send(RunEvent::Output { stream, data: data.to_vec() });
+    }
+    file.flush().await
+}

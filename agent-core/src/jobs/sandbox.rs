@@ -1,0 +1,346 @@
+//! The one containment every job runs in, WASI and native alike.
+//!
+//! A job is three processes deep, all of them this same `hearth` binary:
+//!
+//! ```text
+//! agent (runner.rs)          creates the job's cgroup, spawns the shim, watches, freezes, kills
+//!  └─ shim   (`__sandbox-shim`)   joins the cgroup, then unshares user, pid, net, ipc, uts and
+//!      │                          cgroup namespaces and maps its own uid to root inside
+//!      └─ init (`__sandbox-init`) pid 1 of the new pid namespace: builds a private root in a new
+//!          │                      mount namespace, pivots into it, sets rlimits, drops every
+//!          │                      capability, sets no_new_privs and loads the seccomp filter
+//!          └─ the job             a native command, or (for WASI) wasmtime inside init itself
+//! ```
+//!
+//! The shim joins the cgroup before it does anything else, so nothing of the job ever runs outside
+//! it: CPU, memory and pid limits, the freezer and the kill all see every process. Each process sets
+//! `PR_SET_PDEATHSIG` to SIGKILL, so the agent's death takes the shim, the shim's takes init, and
+//! the kernel kills everything in a pid namespace when its init dies: a double-forked daemon cannot
+//! outlive its job. Init stays pid 1 for native jobs, reaps orphans, and ends the namespace as soon
+//! as the job's main process exits.
+//!
+//! The shim and init are plain synchronous code: `unshare(CLONE_NEWUSER)` needs a single-threaded
+//! process, so the binary dispatches to them before anything starts a thread (see `main.rs`). The
+//! two read their instructions from a [`Plan`] file the runner wrote into the job's folder. When
+//! they fail before the job runs, they write the reason to [`ERROR_FILE`] and exit with
+//! [`SETUP_FAILED`], so the runner reports "sandbox setup failed: …" instead of an exit code.
+
+pub mod cgroup;
+mod rootfs;
+mod seccomp;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sched::CloneFlags;
+use nix::sys::prctl;
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Pid, getegid, geteuid};
+use serde::{Deserialize, Serialize};
+
+/// Exit code of the shim or init when the sandbox could not be set up; the reason is in
+/// [`ERROR_FILE`]. The same number `docker run` uses for its own failures.
+pub const SETUP_FAILED: i32 = 125;
+
+/// The file in the job folder where the shim and init write why setup failed.
+pub const ERROR_FILE: &str = "sandbox-error";
+
+/// The plan file in the job folder.
+pub const PLAN_FILE: &str = "sandbox.json";
+
+/// The hidden subcommand that runs [`shim_main`].
+pub const SHIM_COMMAND: &str = "__sandbox-shim";
+
+/// The hidden subcommand that runs [`init_main`].
+pub const INIT_COMMAND: &str = "__sandbox-init";
+
+/// Host name inside every sandbox.
+const HOSTNAME: &str = "hearth-job";
+
+/// Open files a job may hold.
+const MAX_OPEN_FILES: u64 = 4096;
+
+/// Everything the shim and init need, written by the runner as JSON into the job folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// The job folder on the host, holding `in`, `out`, `work`, `tmp` and `root`.
+    pub job_dir: PathBuf,
+    /// The cgroup folders the shim joins (one for v2, one per controller for v1).
+    pub cgroups: Vec<PathBuf>,
+    /// What runs.
+    pub payload: Payload,
+    /// The job's environment, besides `PATH` and `HOME`.
+    pub env: BTreeMap<String, String>,
+    /// Device nodes passed through (granted GPUs and their control nodes).
+    pub devices: Vec<PathBuf>,
+    /// The scratch disk limit; also the largest file the job may write.
+    pub disk_bytes: u64,
+}
+
+/// What runs inside the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Payload {
+    /// A program from the root filesystem.
+    Native {
+        /// Where the root filesystem comes from.
+        root: RootFs,
+        /// Program and arguments.
+        command: Vec<String>,
+    },
+    /// A WASI module, run by wasmtime inside init.
+    Wasi {
+        /// The module compiled for this engine (see [`crate::jobs::wasi`]).
+        compiled: PathBuf,
+        /// `argv[0]` and the arguments.
+        args: Vec<String>,
+        /// The most linear memory the module may grow to.
+        memory_bytes: u64,
+        /// Running time before epoch interruption stops the module.
+        time: Duration,
+    },
+}
+
+/// A native job's root filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", content = "path", rename_all = "snake_case")]
+pub enum RootFs {
+    /// The host's `/usr`, `/bin`, `/lib` and friends, read-only, and nothing else of the host.
+    Base,
+    /// An unpacked image folder, read-only.
+    Image(PathBuf),
+}
+
+impl Plan {
+    /// Reads a plan file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn error_file(&self) -> PathBuf {
+        self.job_dir.join(ERROR_FILE)
+    }
+}
+
+/// How the job's own process tree ended, as init reports it through its exit status.
+fn exit_code_of(status: ExitStatus) -> i32 {
+    status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(SETUP_FAILED)
+}
+
+/// Records a setup failure where the runner will find it, and returns [`SETUP_FAILED`].
+fn setup_failed(error_file: &Path, error: &anyhow::Error) -> ExitCode {
+    let line = format!("{error:#}");
+    // If even this fails the runner still sees SETUP_FAILED and says so without details.
+    let _ = File::create(error_file).and_then(|mut file| file.write_all(line.as_bytes()));
+    ExitCode::from(SETUP_FAILED as u8)
+}
+
+/// The shim: joins the cgroup, enters new namespaces, and runs init as their pid 1.
+pub fn shim_main(plan_path: &Path) -> ExitCode {
+    let plan = match Plan::load(plan_path) {
+        Ok(plan) => plan,
+        Err(error) => {
+            let fallback = plan_path.with_file_name(ERROR_FILE);
+            return setup_failed(&fallback, &error);
+        }
+    };
+    match shim(&plan, plan_path) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(error) => setup_failed(&plan.error_file(), &error),
+    }
+}
+
+fn shim(plan: &Plan, plan_path: &Path) -> anyhow::Result<i32> {
+    prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    // The agent may have died between spawning us and the line above.
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        bail!("the agent exited before the job started");
+    }
+    let pid = std::process::id().to_string();
+    for dir in &plan.cgroups {
+        fs::write(dir.join("cgroup.procs"), &pid)
+            .with_context(|| format!("joining cgroup {}", dir.display()))?;
+    }
+    let (uid, gid) = (geteuid(), getegid());
+    let namespaces = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    nix::sched::unshare(namespaces).context(
+        "creating namespaces (unprivileged user namespaces may be disabled: \
+         see `sysctl kernel.unprivileged_userns_clone` and AppArmor's userns restriction)",
+    )?;
+    // Root inside is this user outside, and nothing else: no other uid exists in the sandbox.
+    fs::write("/proc/self/setgroups", "deny").context("writing /proc/self/setgroups")?;
+    fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing /proc/self/uid_map")?;
+    fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing /proc/self/gid_map")?;
+
+    let mut init = Command::new("/proc/self/exe")
+        .arg(INIT_COMMAND)
+        .arg(plan_path)
+        .stdin(Stdio::null())
+        .env_clear()
+        .spawn()
+        .context("starting the sandbox's init")?;
+    let status = init.wait().context("waiting for the sandbox's init")?;
+    Ok(exit_code_of(status))
+}
+
+/// Init: pid 1 of the job's pid namespace. Builds the private root, locks the process down, runs the
+/// job, and exits with its exit code.
+pub fn init_main(plan_path: &Path) -> ExitCode {
+    let plan = match Plan::load(plan_path) {
+        Ok(plan) => plan,
+        Err(error) => return setup_failed(&plan_path.with_file_name(ERROR_FILE), &error),
+    };
+    // Opened before the pivot, so a failure after it can still be written to the host.
+    let mut error_file = match File::create(plan.error_file()) {
+        Ok(file) => file,
+        Err(error) => return setup_failed(&plan.error_file(), &error.into()),
+    };
+    match init(&plan) {
+        Ok(code) => {
+            // An empty error file means no error; the runner ignores it.
+            ExitCode::from(code as u8)
+        }
+        Err(error) => {
+            let _ = error_file.write_all(format!("{error:#}").as_bytes());
+            ExitCode::from(SETUP_FAILED as u8)
+        }
+    }
+}
+
+fn init(plan: &Plan) -> anyhow::Result<i32> {
+    prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    // Read before the pivot: the compiled module lives in the agent's cache, outside the sandbox.
+    let wasm = match &plan.payload {
+        Payload::Wasi { compiled, .. } => {
+            Some(fs::read(compiled).with_context(|| format!("reading {}", compiled.display()))?)
+        }
+        Payload::Native { .. } => None,
+    };
+    let root = match &plan.payload {
+        Payload::Native { root, .. } => root.clone(),
+        // wasmtime needs nothing from the filesystem once the module is read, but the same root
+        // keeps one containment for both kinds.
+        Payload::Wasi { .. } => RootFs::Base,
+    };
+    close_inherited_fds()?;
+    rootfs::enter(&plan.job_dir, &root, &plan.devices)?;
+    // A session of its own: no controlling terminal, so nothing inside can reach the owner's.
+    nix::unistd::setsid().context("starting a new session")?;
+    nix::unistd::sethostname(HOSTNAME).context("setting the host name")?;
+    limit_resources(plan.disk_bytes)?;
+    lock_down()?;
+    match &plan.payload {
+        Payload::Native { command, .. } => run_native(command, &plan.env),
+        Payload::Wasi { args, memory_bytes, time, .. } => {
+            let wasm = wasm.unwrap_or_default();
+            super::wasi::run_inside(&wasm, args, &plan.env, *memory_bytes, *time)
+        }
+    }
+}
+
+/// Marks every descriptor above stderr close-on-exec. Rust opens everything close-on-exec, but the
+/// agent may have inherited descriptors from whatever started it, and the job must see only 0–2.
+fn close_inherited_fds() -> anyhow::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::BorrowedFd;
+    let listing = fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")?;
+    let fds: Vec<i32> = listing
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        #[allow(unsafe_code)]
+        // SAFETY: the descriptor is only borrowed for this one fcntl call, which fails cleanly
+        // with EBADF if it was closed since the listing (the listing's own descriptor is); nothing else in this single-threaded
+        // process closes descriptors concurrently.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        match fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            Ok(_) | Err(nix::errno::Errno::EBADF) => {}
+            Err(error) => bail!("marking descriptor {fd} close-on-exec: {error}"),
+        }
+    }
+    Ok(())
+}
+
+fn limit_resources(disk_bytes: u64) -> anyhow::Result<()> {
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).context("setting RLIMIT_CORE")?;
+    setrlimit(Resource::RLIMIT_FSIZE, disk_bytes, disk_bytes).context("setting RLIMIT_FSIZE")?;
+    setrlimit(Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES).context("setting RLIMIT_NOFILE")?;
+    setrlimit(Resource::RLIMIT_MEMLOCK, 64 << 10, 64 << 10).context("setting RLIMIT_MEMLOCK")?;
+    Ok(())
+}
+
+/// Drops every capability for good, forbids gaining privileges, and loads the seccomp filter.
+fn lock_down() -> anyhow::Result<()> {
+    use caps::CapSet;
+    // The bounding set first: with it empty, no exec (not even of a setuid root binary, not even as
+    // uid 0) can give a capability back.
+    for cap in caps::all() {
+        caps::drop(None, CapSet::Bounding, cap)
+            .with_context(|| format!("dropping {cap} from the bounding set"))?;
+    }
+    caps::clear(None, CapSet::Ambient).context("clearing ambient capabilities")?;
+    caps::clear(None, CapSet::Inheritable).context("clearing inheritable capabilities")?;
+    prctl::set_no_new_privs().context("setting no_new_privs")?;
+    seccomp::load().context("loading the seccomp filter")?;
+    // Last: init itself needs no capability to spawn, wait and kill its own children.
+    caps::clear(None, CapSet::Effective).context("clearing effective capabilities")?;
+    caps::clear(None, CapSet::Permitted).context("clearing permitted capabilities")?;
+    Ok(())
+}
+
+/// Runs a native job's command as init's child, reaps every orphan, and when the main process ends
+/// kills whatever it left behind.
+fn run_native(command: &[String], env: &BTreeMap<String, String>) -> anyhow::Result<i32> {
+    let (program, args) = command.split_first().context("the command is empty")?;
+    let child = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", "/work")
+        .envs(env)
+        .current_dir("/work")
+        .stdin(Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(child) => child,
+        // What a shell says, with a shell's exit codes: the job did run, its command did not.
+        Err(error) => {
+            eprintln!("hearth: cannot run {program}: {error}");
+            return Ok(if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
+        }
+    };
+    let main = Pid::from_raw(child.id() as i32);
+    let code = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => break code,
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == main => break 128 + signal as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(error) => bail!("waiting for the job: {error}"),
+        }
+    };
+    // As pid 1, kill(-1) reaches every other process in the namespace; init exiting would too,
+    // but reaping first means none is left even for an instant as a zombie of ours.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while let Ok(status) = waitpid(None, None) {
+        if matches!(status, WaitStatus::StillAlive) {
+            break;
+        }
+    }
+    Ok(code)
+}
