@@ -478,6 +478,7 @@ mod tests {
                 "memory_total_bytes",
                 "memory_used_bytes",
                 "mig_mode",
+                "minor_number",
                 "name",
                 "power_draw_w",
                 "power_limit_w",

@@ -87,14 +87,8 @@ pub struct DeviceReading {
     pub running_graphics_processes: Reading<Vec<ProcessInfo>>,
     /// `nvmlDeviceGetMigMode`; 1 means enabled.
     pub mig_mode: Reading<NvmlMigMode>,
-    /// `nvmlDeviceGetMinorNumber`: the N of `/dev/nvidiaN`. Fixtures recorded before it was read
-    /// lack it.
-    #[serde(default = "not_recorded")]
+    /// `nvmlDeviceGetMinorNumber`: the N of `/dev/nvidiaN`.
     pub minor_number: Reading<u32>,
-}
-
-fn not_recorded<T>() -> Reading<T> {
-    Reading::Failed("not recorded".to_owned())
 }
 
 impl DeviceReading {
