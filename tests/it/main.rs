@@ -7,7 +7,9 @@
 mod api_security;
 mod cli;
 mod daemon;
+mod escape;
 mod events;
+mod jobs;
 mod resources;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -29,6 +31,10 @@ fn trial_if(name: &str, test: TestFn, available: bool, missing: &str) -> Trial {
 fn main() {
     let args = Arguments::from_args();
     let gpu = hearth_tests::nvidia_gpu_present();
+    let sandbox = hearth_tests::jobs::sandbox_support();
+    let sandboxed = |name: &str, test: TestFn| {
+        trial_if(name, test, sandbox.is_ok(), sandbox.as_ref().err().map_or("", String::as_str))
+    };
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
         trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
@@ -79,6 +85,55 @@ fn main() {
             gpu,
             "no NVIDIA GPU with a working driver on this machine (`nvidia-smi -L` lists none)",
         ),
+        sandboxed(
+            "jobs::wasi_job_reads_an_input_and_writes_an_output",
+            jobs::wasi_job_reads_an_input_and_writes_an_output,
+        ),
+        sandboxed(
+            "jobs::native_job_reads_an_input_and_writes_an_output",
+            jobs::native_job_reads_an_input_and_writes_an_output,
+        ),
+        trial(
+            "jobs::malformed_spec_names_the_field_and_runs_nothing",
+            jobs::malformed_spec_names_the_field_and_runs_nothing,
+        ),
+        sandboxed(
+            "jobs::wasi_time_limit_stops_a_spinning_module",
+            jobs::wasi_time_limit_stops_a_spinning_module,
+        ),
+        sandboxed("jobs::wasi_memory_limit_refuses_growth", jobs::wasi_memory_limit_refuses_growth),
+        trial("jobs::a_module_that_is_not_wasm_fails_clearly", jobs::a_module_that_is_not_wasm_fails_clearly),
+        sandboxed(
+            "jobs::pause_freezes_every_thread_and_resume_continues",
+            jobs::pause_freezes_every_thread_and_resume_continues,
+        ),
+        sandboxed("escape::owner_files_are_not_there", escape::owner_files_are_not_there),
+        sandboxed("escape::writes_outside_out_fail", escape::writes_outside_out_fail),
+        sandboxed(
+            "escape::disk_limit_stops_one_big_file_and_many_small_ones",
+            escape::disk_limit_stops_one_big_file_and_many_small_ones,
+        ),
+        sandboxed(
+            "escape::no_network_reaches_the_agent_or_anywhere",
+            escape::no_network_reaches_the_agent_or_anywhere,
+        ),
+        sandboxed("escape::fork_bomb_stops_at_the_pid_limit", escape::fork_bomb_stops_at_the_pid_limit),
+        sandboxed(
+            "escape::memory_balloon_is_killed_inside_its_cgroup",
+            escape::memory_balloon_is_killed_inside_its_cgroup,
+        ),
+        sandboxed(
+            "escape::double_forked_children_do_not_outlive_cancel",
+            escape::double_forked_children_do_not_outlive_cancel,
+        ),
+        sandboxed(
+            "escape::the_agents_death_takes_every_job_process",
+            escape::the_agents_death_takes_every_job_process,
+        ),
+        sandboxed("escape::terminal_injection_is_refused", escape::terminal_injection_is_refused),
+        sandboxed("escape::ptrace_of_a_host_process_is_refused", escape::ptrace_of_a_host_process_is_refused),
+        sandboxed("escape::mknod_mount_and_setuid_give_nothing", escape::mknod_mount_and_setuid_give_nothing),
+        sandboxed("escape::only_stdio_fds_and_no_kernel_files", escape::only_stdio_fds_and_no_kernel_files),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

@@ -5,6 +5,8 @@
 //! against a data dir, and [`raw_http`] sends a request byte for byte, so tests control every
 //! header (an empty Host, a foreign Origin, a WebSocket upgrade). Every wait is bounded.
 
+pub mod jobs;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;

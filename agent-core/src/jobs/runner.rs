@@ -34,6 +34,10 @@ pub const LOG_LIMIT: u64 = 8 << 20;
 /// Most processes and threads a job may have at once.
 pub const MAX_PROCESSES: u64 = 512;
 
+/// Memory the WASI runtime itself (wasmtime, its compiled code and threads) may use on top of the
+/// module's linear memory, which the store's limiter caps at the spec's `memory`.
+pub const WASI_RUNTIME_MEMORY: u64 = 64 << 20;
+
 /// How often the scratch disk is measured.
 const DISK_CHECK: Duration = Duration::from_millis(200);
 
@@ -181,9 +185,13 @@ impl Runner {
         tokio::task::spawn_blocking(move || stage_inputs(&inputs, &staged.join("in"))).await??;
         let payload = self.payload(spec).await?;
 
+        let runtime_memory = match spec.kind {
+            JobKind::Wasi { .. } => WASI_RUNTIME_MEMORY,
+            JobKind::Native { .. } => 0,
+        };
         let limits = cgroup::Limits {
             cpu_millis: spec.resources.cpu_millis,
-            memory_bytes: spec.resources.memory_bytes,
+            memory_bytes: spec.resources.memory_bytes + runtime_memory,
             pids: MAX_PROCESSES,
         };
         let cgroup = Arc::new(JobCgroup::create(&request.id, &limits)?);

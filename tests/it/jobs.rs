@@ -1,0 +1,255 @@
+//! Jobs as a user runs them: `hearth run JOB.toml --local` under the real sandbox, WASI and native,
+//! with byte-exact outputs, limits that end a job with a clear reason, and pause and resume of a
+//! running job through the same runner the daemon uses.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use hearth::jobs::{Control, JobRequest, JobSpec, JobState, RunEvent, Runner};
+use hearth_tests::hearth_bin;
+use hearth_tests::jobs::{JobDir, probe_bin, wasm_module};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bytes that are not text, so any transformation would show.
+fn sample(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+pub(crate) fn wasi_job_reads_an_input_and_writes_an_output() -> Result<()> {
+    let job = JobDir::new()?;
+    job.copy_in(&wasm_module("copy")?, "copy.wasm")?;
+    let input = sample(1 << 20);
+    job.file("data.bin", &input)?;
+    let run = job.run(
+        r#"
+kind = "wasi"
+module = "copy.wasm"
+args = ["data.bin", "reversed.bin"]
+env = { KEY = "value", EXIT_CODE = "7" }
+inputs = ["data.bin"]
+[resources]
+cpu = 1.0
+memory = "256MiB"
+disk = "1GiB"
+gpus = 0
+[limits]
+time = "60s"
+network = false
+"#,
+    )?;
+    run.expect_code(7)?;
+    ensure!(run.stdout().contains("copied 1048576 bytes"), "stdout: {}", run.stdout());
+    ensure!(run.stderr().contains("a note on stderr"), "stderr: {}", run.stderr());
+    let mut expected = input;
+    expected.reverse();
+    ensure!(run.out("reversed.bin")? == expected, "the output is not the input reversed");
+    ensure!(run.out("seen.txt")? == b"args=data.bin reversed.bin\nKEY=value\n");
+    let logged = fs::read_to_string(run.job_dir()?.join("stdout.log"))?;
+    ensure!(logged == "copied 1048576 bytes\n", "stdout.log: {logged:?}");
+    Ok(())
+}
+
+pub(crate) fn native_job_reads_an_input_and_writes_an_output() -> Result<()> {
+    let job = JobDir::new()?;
+    let input = sample(300_000);
+    job.file("data.bin", &input)?;
+    fs::create_dir(job.path().join("folder"))?;
+    job.file("folder/inner.txt", b"inside a folder\n")?;
+    let run = job.run(
+        r#"
+kind = "native"
+image = "base"
+command = ["/bin/sh", "-c", "cat /in/data.bin /in/data.bin > /out/twice.bin && cp /in/folder/inner.txt /out/ && echo \"$KEY $1 $2 $(pwd)\" && exit 3", "sh"]
+args = ["a", "b"]
+env = { KEY = "value" }
+inputs = ["data.bin", "folder"]
+[resources]
+cpu = 0.5
+memory = "128MiB"
+disk = "64MiB"
+[limits]
+time = "60s"
+"#,
+    )?;
+    run.expect_code(3)?;
+    ensure!(run.stdout() == "value a b /work\n", "stdout: {:?}", run.stdout());
+    let twice = [input.as_slice(), input.as_slice()].concat();
+    ensure!(run.out("twice.bin")? == twice, "the output is not the input twice");
+    ensure!(run.out("inner.txt")? == b"inside a folder\n");
+    // Scratch is gone after the run; outputs and logs stay.
+    let dir = run.job_dir()?;
+    ensure!(!dir.join("work").exists() && !dir.join("in").exists(), "scratch left behind");
+    Ok(())
+}
+
+pub(crate) fn malformed_spec_names_the_field_and_runs_nothing() -> Result<()> {
+    let job = JobDir::new()?;
+    let run = job.run(
+        r#"
+kind = "native"
+image = "base"
+command = ["/bin/sh", "-c", "echo ran > /out/ran"]
+[resources]
+memory = "lots"
+[limits]
+time = "60s"
+"#,
+    )?;
+    run.expect_code(1)?;
+    let stderr = run.stderr();
+    ensure!(stderr.contains("resources.memory"), "the field is not named: {stderr}");
+    ensure!(stderr.trim_end().lines().count() == 1, "not one line: {stderr}");
+    ensure!(!job.data_dir().join("jobs").exists(), "a job folder was made for a spec that failed");
+    Ok(())
+}
+
+pub(crate) fn wasi_time_limit_stops_a_spinning_module() -> Result<()> {
+    let job = JobDir::new()?;
+    job.copy_in(&wasm_module("spin")?, "spin.wasm")?;
+    let started = Instant::now();
+    let run = job.run(
+        r#"
+kind = "wasi"
+module = "spin.wasm"
+[resources]
+memory = "64MiB"
+[limits]
+time = "2s"
+"#,
+    )?;
+    run.expect_code(124)?;
+    ensure!(run.stderr().contains("time limit of 2s exceeded"), "stderr: {}", run.stderr());
+    ensure!(started.elapsed() < Duration::from_secs(20), "the limit was not enforced promptly");
+    Ok(())
+}
+
+pub(crate) fn wasi_memory_limit_refuses_growth() -> Result<()> {
+    let job = JobDir::new()?;
+    job.copy_in(&wasm_module("balloon")?, "balloon.wasm")?;
+    let run = job.run(
+        r#"
+kind = "wasi"
+module = "balloon.wasm"
+[resources]
+memory = "32MiB"
+[limits]
+time = "60s"
+"#,
+    )?;
+    // The module sees its allocation refused and says how far it got, under the limit.
+    run.expect_code(3)?;
+    let line = run.stdout();
+    let mib: u64 = line
+        .trim()
+        .strip_prefix("allocation refused after ")
+        .and_then(|rest| rest.strip_suffix(" MiB"))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("stdout: {line:?}"))?;
+    ensure!((8..32).contains(&mib), "grew to {mib} MiB under a 32 MiB limit");
+    Ok(())
+}
+
+pub(crate) fn a_module_that_is_not_wasm_fails_clearly() -> Result<()> {
+    let job = JobDir::new()?;
+    job.file("bad.wasm", b"this is not WebAssembly")?;
+    let run = job.run("kind = \"wasi\"\nmodule = \"bad.wasm\"\n")?;
+    run.expect_code(125)?;
+    ensure!(run.stderr().contains("not a valid WebAssembly module"), "stderr: {}", run.stderr());
+    Ok(())
+}
+
+/// Reads the eight per-thread counters the probe writes; `None` until all exist.
+fn counters(out: &std::path::Path) -> Option<Vec<u64>> {
+    (0..8).map(|i| fs::read_to_string(out.join(format!("t{i}"))).ok()?.trim().parse().ok()).collect()
+}
+
+pub(crate) fn pause_freezes_every_thread_and_resume_continues() -> Result<()> {
+    let job = JobDir::new()?;
+    job.copy_in(&probe_bin()?, "job-probe")?;
+    let spec_path = job.file(
+        "job.toml",
+        br#"
+kind = "native"
+image = "base"
+command = ["/in/job-probe", "threads", "8"]
+inputs = ["job-probe"]
+[resources]
+cpu = 2.0
+memory = "256MiB"
+[limits]
+time = "120s"
+"#,
+    )?;
+    let spec = JobSpec::load(&spec_path)?;
+    let runner =
+        Runner::new(hearth_bin().to_owned(), job.data_dir().join("jobs"), job.data_dir().join("cache"));
+    let out = runner.job_dir("pausing").join("out");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let (controls, control_rx) = mpsc::channel(4);
+        let (events, mut event_rx) = mpsc::unbounded_channel();
+        let request = JobRequest { id: "pausing".into(), spec, gpus: Vec::new() };
+        let run = tokio::spawn(async move { runner.run(request, control_rx, events).await });
+
+        let until = Instant::now() + Duration::from_secs(30);
+        while counters(&out).is_none() {
+            ensure!(Instant::now() < until, "the threads never all started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut latencies = Vec::new();
+        for _ in 0..5 {
+            let (reply, answer) = oneshot::channel();
+            controls.send(Control::Pause(reply)).await?;
+            latencies.push(answer.await??);
+            let frozen = counters(&out).context("counters")?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            ensure!(counters(&out) == Some(frozen.clone()), "a thread moved while paused");
+
+            let (reply, answer) = oneshot::channel();
+            controls.send(Control::Resume(reply)).await?;
+            answer.await??;
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = counters(&out).context("counters")?;
+                if now.iter().zip(&frozen).all(|(after, before)| after > before) {
+                    break;
+                }
+                ensure!(Instant::now() < until, "not every thread continued: {frozen:?} -> {now:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        latencies.sort();
+        eprintln!(
+            "pause latency over {} freezes of 8 busy threads: min {:?}, max {:?}",
+            latencies.len(),
+            latencies[0],
+            latencies[latencies.len() - 1]
+        );
+
+        controls.send(Control::Cancel).await?;
+        let outcome = run.await?;
+        ensure!(outcome.state == JobState::Cancelled, "{:?}", outcome.state);
+        let mut states = Vec::new();
+        while let Ok(event) = event_rx.try_recv() {
+            if let RunEvent::State(state) = event {
+                states.push(state.name());
+            }
+        }
+        let expected = ["transferring", "running"]
+            .into_iter()
+            .chain(std::iter::repeat_n(["paused", "running"], 5).flatten())
+            .chain(["cancelled"])
+            .collect::<Vec<_>>();
+        ensure!(states == expected, "states: {states:?}");
+        Ok(())
+    })
+}
