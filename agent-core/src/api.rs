@@ -31,6 +31,8 @@ pub use discovery::{ApiInfo, ApiToken};
 pub use error::ErrorBody;
 
 use crate::events::{AgentState, Bus, Event};
+use crate::jobs::supervisor::read_log;
+use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::resources::Resources;
 
 /// What `GET /api/v1/status` answers.
@@ -100,6 +102,8 @@ pub struct ApiState {
     pub port: u16,
     /// Cancelled when the daemon shuts down; open WebSockets close on it.
     pub shutdown: CancellationToken,
+    /// The jobs this agent runs.
+    pub jobs: Supervisor,
 }
 
 impl ApiState {
@@ -142,6 +146,10 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(get_status))
         .routes(routes!(get_resources))
+        .routes(routes!(list_jobs, submit_job))
+        .routes(routes!(get_job))
+        .routes(routes!(act_on_job))
+        .routes(routes!(job_log))
         .routes(routes!(events))
         .routes(routes!(openapi_json))
         .split_for_parts();
@@ -179,6 +187,109 @@ async fn get_status(State(state): State<ApiState>) -> Json<Status> {
 ))]
 async fn get_resources(State(state): State<ApiState>) -> Json<Resources> {
     Json(state.resources.borrow().clone())
+}
+
+/// What `POST /api/v1/jobs` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SubmitJob {
+    /// Absolute path of the job spec on this machine; its inputs are read relative to it.
+    #[schema(value_type = String)]
+    pub spec: PathBuf,
+}
+
+/// A piece of a job's log, as `GET /api/v1/jobs/{id}/logs/{stream}` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LogChunk {
+    /// The bytes from `offset` on, as text (invalid UTF-8 replaced).
+    pub text: String,
+    /// The offset to ask from next time.
+    pub next_offset: u64,
+    /// True once the job has ended, so nothing more will come.
+    pub finished: bool,
+}
+
+/// Where to start reading a log.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::IntoParams)]
+pub struct LogQuery {
+    /// Byte offset into the log; 0 when absent.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// Every job on this agent, oldest first.
+#[utoipa::path(get, path = "/api/v1/jobs", responses(
+    (status = 200, body = Vec<JobRecord>),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn list_jobs(State(state): State<ApiState>) -> Result<Json<Vec<JobRecord>>, error::ApiError> {
+    Ok(Json(state.jobs.list().await?))
+}
+
+/// Runs a job spec on this machine under the sandbox.
+#[utoipa::path(post, path = "/api/v1/jobs", request_body = SubmitJob, responses(
+    (status = 201, body = JobRecord),
+    (status = 400, body = ErrorBody, description = "the spec is invalid; nothing runs"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn submit_job(
+    State(state): State<ApiState>,
+    Json(body): Json<SubmitJob>,
+) -> Result<(axum::http::StatusCode, Json<JobRecord>), error::ApiError> {
+    let job = state.jobs.submit(&body.spec).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+/// One job.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", params(("id" = String, Path, description = "The job's id")), responses(
+    (status = 200, body = JobRecord),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_job(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<JobRecord>, error::ApiError> {
+    Ok(Json(state.jobs.get(&id).await?))
+}
+
+/// Pauses, resumes or cancels a job; answers once done.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/{action}", params(
+    ("id" = String, Path, description = "The job's id"),
+    ("action" = JobAction, Path, description = "pause, resume or cancel")
+), responses(
+    (status = 200, body = JobRecord),
+    (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "not possible in the job's state"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn act_on_job(
+    State(state): State<ApiState>,
+    axum::extract::Path((id, action)): axum::extract::Path<(String, JobAction)>,
+) -> Result<Json<JobRecord>, error::ApiError> {
+    Ok(Json(state.jobs.act(&id, action).await?))
+}
+
+/// A job's stdout or stderr from a byte offset on (up to the kept limit).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/logs/{stream}", params(
+    ("id" = String, Path, description = "The job's id"),
+    ("stream" = Stream, Path, description = "stdout or stderr"),
+    LogQuery
+), responses(
+    (status = 200, body = LogChunk),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn job_log(
+    State(state): State<ApiState>,
+    axum::extract::Path((id, stream)): axum::extract::Path<(String, Stream)>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> Result<Json<LogChunk>, error::ApiError> {
+    let job = state.jobs.get(&id).await?;
+    // Read the state first: a log read after the job ended is then complete.
+    let finished = job.state.is_terminal();
+    let bytes = read_log(&job.job_dir, stream, query.offset).unwrap_or_default();
+    let next_offset = query.offset + bytes.len() as u64;
+    Ok(Json(LogChunk { text: String::from_utf8_lossy(&bytes).into_owned(), next_offset, finished }))
 }
 
 /// This document.

@@ -5,6 +5,7 @@
 //! works without a daemon. Errors travel up as `anyhow` to `main`, which prints them on one line
 //! and exits non-zero: this module belongs to the binary, the edge where `anyhow` is allowed.
 
+mod jobs;
 mod output;
 mod run_local;
 
@@ -18,6 +19,7 @@ use tracing_subscriber::EnvFilter;
 
 use hearth::api::client::Client;
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
+use hearth::jobs::{JobAction, Stream};
 use hearth::resources::{self, nvidia};
 
 /// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
@@ -48,6 +50,40 @@ enum Command {
     /// Run a job spec on this machine in the sandbox; the job's output goes to the terminal and
     /// the exit code is the job's.
     Run(RunArgs),
+    /// List the jobs the running agent has run or is running.
+    Jobs(ReadArgs),
+    /// Follow or control one job of the running agent.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCommand {
+    /// Print a job's output (stdout and stderr, or one of them).
+    Logs {
+        /// The job's id, as `hearth jobs` shows it.
+        id: String,
+        /// Keep printing until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this stream.
+        #[arg(long, value_parser = ["stdout", "stderr"])]
+        stream: Option<String>,
+    },
+    /// Stop a job for good; nothing of it keeps running.
+    Cancel(JobIdArgs),
+    /// Freeze every process of a job.
+    Pause(JobIdArgs),
+    /// Let a paused job run again.
+    Resume(JobIdArgs),
+}
+
+#[derive(Debug, Args)]
+struct JobIdArgs {
+    /// The job's id, as `hearth jobs` shows it.
+    id: String,
+    #[command(flatten)]
+    read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -55,7 +91,8 @@ struct RunArgs {
     /// The job spec (TOML).
     #[arg(value_name = "JOB.toml")]
     spec: PathBuf,
-    /// Run here, with no daemon and no network (the only mode so far).
+    /// Run here without a daemon (and so with no network at all); without it the running agent
+    /// runs the job and it shows in `hearth jobs`.
     #[arg(long)]
     local: bool,
 }
@@ -111,10 +148,40 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            if !args.local {
-                anyhow::bail!("`hearth run` runs a job on this machine only: add --local");
+            if args.local {
+                return run_local::run(&paths, &args.spec);
             }
-            return run_local::run(&paths, &args.spec);
+            return runtime(false)?
+                .block_on(async { jobs::run(&Client::discover(&paths)?, &args.spec).await });
+        }
+        Command::Jobs(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?.block_on(async { jobs::list(&Client::discover(&paths)?, args.json).await })?;
+        }
+        Command::Job(command) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?.block_on(async {
+                let client = Client::discover(&paths)?;
+                match command {
+                    JobCommand::Logs { id, follow, stream } => {
+                        let streams = match stream.as_deref() {
+                            Some("stdout") => vec![Stream::Stdout],
+                            Some(_) => vec![Stream::Stderr],
+                            None => vec![Stream::Stdout, Stream::Stderr],
+                        };
+                        jobs::follow(&client, &id, &streams, follow).await.map(drop)
+                    }
+                    JobCommand::Cancel(args) => {
+                        jobs::act(&client, &args.id, JobAction::Cancel, args.read.json).await
+                    }
+                    JobCommand::Pause(args) => {
+                        jobs::act(&client, &args.id, JobAction::Pause, args.read.json).await
+                    }
+                    JobCommand::Resume(args) => {
+                        jobs::act(&client, &args.id, JobAction::Resume, args.read.json).await
+                    }
+                }
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -30,6 +30,7 @@ use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo};
 use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
+use crate::jobs::{Runner, Supervisor};
 use crate::store::{RunId, Store, StoreError};
 use lock::DataDirLock;
 use monitor::Monitor;
@@ -92,7 +93,7 @@ pub async fn run(paths: &Paths, config: &HearthConfig) -> Result<(), DaemonError
     let store = Store::open(&paths.store(), &identity.peer_id()).await?;
     let run = begin_run(&store, started_at).await?;
 
-    let outcome = serve(paths, config, &identity, listener, started_at, &mut signals).await;
+    let outcome = serve(paths, config, &identity, &store, listener, started_at, &mut signals).await;
 
     // Whether the agent ran or a later start-up step failed, the run ended in an orderly way.
     store.end_run(run, unix_now()).await?;
@@ -108,6 +109,7 @@ async fn serve(
     paths: &Paths,
     config: &HearthConfig,
     identity: &Identity,
+    store: &Store,
     listener: TcpListener,
     started_at: i64,
     signals: &mut Signals,
@@ -121,6 +123,8 @@ async fn serve(
         Monitor::spawn(paths.data_dir.clone(), config.resources.refresh_interval, events.clone(), &cancel)
             .await;
 
+    let runner = Runner::for_data_dir(&paths.data_dir).map_err(DaemonError::Serve)?;
+    let jobs = Supervisor::start(runner, store.clone(), events.clone()).await?;
     let token = ApiToken::load_or_create(&paths.api_token())?;
     let port = listener.local_addr().map_err(DaemonError::Serve)?.port();
     let url = format!("http://127.0.0.1:{port}");
@@ -133,6 +137,7 @@ async fn serve(
         token,
         port,
         shutdown: cancel.clone(),
+        jobs: jobs.clone(),
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -158,6 +163,8 @@ async fn serve(
         server.abort();
     }
     ApiInfo::remove_if_ours(&paths.api_info());
+    // Jobs cannot outlive the agent anyway (see jobs::sandbox); cancelling them records why.
+    jobs.shutdown().await;
     monitor.shutdown().await;
     outcome
 }

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::jobs::{JobRecord, Stream};
 use crate::resources::Resources;
 
 /// How many events a slow subscriber may fall behind before it misses some.
@@ -47,6 +48,20 @@ pub enum Event {
     ResourcesRefreshed {
         /// The figures.
         resources: Box<Resources>,
+    },
+    /// A job was accepted or changed state; the whole record as it now stands.
+    JobChanged {
+        /// The job.
+        job: Box<JobRecord>,
+    },
+    /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
+    JobOutput {
+        /// The job's id.
+        id: String,
+        /// Which stream.
+        stream: Stream,
+        /// What it wrote.
+        text: String,
     },
 }
 

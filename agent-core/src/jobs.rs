@@ -7,13 +7,16 @@
 //! - [`wasi`]: wasmtime for WASI modules, compiled once into a content-addressed cache.
 //! - [`runner`]: takes a spec to a terminal state under the sandbox, with pause, resume, cancel,
 //!   a deadline, a disk limit and bounded logs.
+//! - [`supervisor`]: the daemon's jobs: records in the store, events on the bus, control.
 
 pub mod lifecycle;
 pub mod runner;
 pub mod sandbox;
 pub mod spec;
+pub mod supervisor;
 pub mod wasi;
 
 pub use lifecycle::{JobState, Transition, TransitionError};
 pub use runner::{Control, GpuGrant, JobRequest, Outcome, RunEvent, Runner, Stream};
 pub use spec::{Demand, Image, JobKind, JobSpec, Limits, SpecError};
+pub use supervisor::{JobAction, JobRecord, Supervisor, SupervisorError};

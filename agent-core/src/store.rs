@@ -16,6 +16,8 @@ use std::thread;
 use libp2p_identity::PeerId;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
+
+use crate::jobs::{JobRecord, JobState};
 use tokio::sync::{mpsc, oneshot};
 
 /// Bound on operations waiting for the writer; senders wait when it is full.
@@ -63,8 +65,9 @@ pub enum StoreError {
 
 /// The schema, one migration per version. Append only: never edit a migration that has shipped.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE meta (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE meta (
              key   TEXT PRIMARY KEY NOT NULL,
              value TEXT NOT NULL
          ) STRICT;
@@ -74,7 +77,22 @@ pub fn migrations() -> Migrations<'static> {
              started_at INTEGER NOT NULL,
              stopped_at INTEGER
          ) STRICT;",
-    )])
+        ),
+        M::up(
+            "CREATE TABLE jobs (
+             id         TEXT PRIMARY KEY NOT NULL,
+             kind       TEXT NOT NULL,
+             spec_path  TEXT NOT NULL,
+             job_dir    TEXT NOT NULL,
+             state      TEXT NOT NULL,
+             exit_code  INTEGER,
+             reason     TEXT,
+             created_at INTEGER NOT NULL,
+             updated_at INTEGER NOT NULL
+         ) STRICT;
+         CREATE INDEX jobs_by_creation ON jobs (created_at);",
+        ),
+    ])
 }
 
 /// What [`Store::begin_run`] learnt about the run before this one.
@@ -182,6 +200,71 @@ impl Store {
         .await
     }
 
+    /// Records a new job.
+    pub async fn insert_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let job = job.clone();
+        self.call(move |conn| {
+            let (state, exit_code, reason) = state_columns(&job.state);
+            conn.execute(
+                "INSERT INTO jobs (id, kind, spec_path, job_dir, state, exit_code, reason, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    job.id,
+                    job.kind,
+                    job.spec_path.to_string_lossy(),
+                    job.job_dir.to_string_lossy(),
+                    state,
+                    exit_code,
+                    reason,
+                    job.created_at,
+                    job.updated_at
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a job's new state.
+    pub async fn set_job_state(&self, id: &str, state: &JobState, now: i64) -> Result<(), StoreError> {
+        let (id, state) = (id.to_owned(), state.clone());
+        self.call(move |conn| {
+            let (name, exit_code, reason) = state_columns(&state);
+            conn.execute(
+                "UPDATE jobs SET state = ?2, exit_code = ?3, reason = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, name, exit_code, reason, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every job, oldest first.
+    pub async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.call(|conn| {
+            let mut statement = conn.prepare(
+                "SELECT id, kind, spec_path, job_dir, state, exit_code, reason, created_at, updated_at
+                 FROM jobs ORDER BY created_at, id",
+            )?;
+            statement.query_map([], job_from_row)?.collect()
+        })
+        .await
+    }
+
+    /// Marks every job that was not in a terminal state as failed with `reason`: after the agent
+    /// stopped, none of their processes is left. Returns how many there were.
+    pub async fn fail_unfinished_jobs(&self, reason: &str, now: i64) -> Result<usize, StoreError> {
+        let reason = reason.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE jobs SET state = 'failed', reason = ?1, updated_at = ?2
+                 WHERE state NOT IN ('finished', 'failed', 'cancelled')",
+                params![reason, now],
+            )
+        })
+        .await
+    }
+
     /// Finishes queued work, checkpoints the WAL into the main file and closes it. Other handles
     /// get [`StoreError::Closed`] afterwards.
     pub async fn shutdown(self) -> Result<(), StoreError> {
@@ -220,6 +303,41 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
             .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
     }
+}
+
+/// A job state as the `state`, `exit_code` and `reason` columns.
+fn state_columns(state: &JobState) -> (&'static str, Option<i32>, Option<String>) {
+    match state {
+        JobState::Finished { exit_code } => (state.name(), Some(*exit_code), None),
+        JobState::Failed { reason } => (state.name(), None, Some(reason.clone())),
+        other => (other.name(), None, None),
+    }
+}
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    let name: String = row.get(4)?;
+    let exit_code: Option<i32> = row.get(5)?;
+    let reason: Option<String> = row.get(6)?;
+    let state = match name.as_str() {
+        "queued" => JobState::Queued,
+        "transferring" => JobState::Transferring,
+        "running" => JobState::Running,
+        "paused" => JobState::Paused,
+        "finished" => JobState::Finished { exit_code: exit_code.unwrap_or_default() },
+        "cancelled" => JobState::Cancelled,
+        _ => JobState::Failed {
+            reason: reason.unwrap_or_else(|| format!("unknown state {name:?} in the store")),
+        },
+    };
+    Ok(JobRecord {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        spec_path: PathBuf::from(row.get::<_, String>(2)?),
+        job_dir: PathBuf::from(row.get::<_, String>(3)?),
+        state,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+    })
 }
 
 fn open_connection(path: &Path, peer_id: &str) -> Result<Connection, StoreError> {
@@ -312,7 +430,32 @@ mod tests {
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, 2);
+    }
+
+    #[tokio::test]
+    async fn job_records_keep_their_state_and_unfinished_ones_fail_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("h.db"), &peer(1)).await.unwrap();
+        let record = |id: &str| JobRecord {
+            id: id.into(),
+            kind: "native".into(),
+            spec_path: "/specs/a.toml".into(),
+            job_dir: format!("/jobs/{id}").into(),
+            state: JobState::Queued,
+            created_at: 10,
+            updated_at: 10,
+        };
+        store.insert_job(&record("a")).await.unwrap();
+        store.insert_job(&record("b")).await.unwrap();
+        store.set_job_state("a", &JobState::Finished { exit_code: 3 }, 11).await.unwrap();
+        store.set_job_state("b", &JobState::Running, 12).await.unwrap();
+        assert_eq!(store.fail_unfinished_jobs("the agent stopped", 13).await.unwrap(), 1);
+        let jobs = store.jobs().await.unwrap();
+        assert_eq!(jobs[0].state, JobState::Finished { exit_code: 3 });
+        assert_eq!(jobs[0].updated_at, 11);
+        assert_eq!(jobs[1].state, JobState::Failed { reason: "the agent stopped".into() });
+        assert_eq!(jobs[1].spec_path, std::path::Path::new("/specs/a.toml"));
     }
 
     #[tokio::test]

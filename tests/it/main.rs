@@ -7,6 +7,7 @@
 mod api_security;
 mod cli;
 mod daemon;
+mod daemon_jobs;
 mod escape;
 mod events;
 mod jobs;
@@ -106,6 +107,18 @@ fn main() {
         sandboxed(
             "jobs::pause_freezes_every_thread_and_resume_continues",
             jobs::pause_freezes_every_thread_and_resume_continues,
+        ),
+        sandboxed(
+            "daemon_jobs::daemon_runs_a_job_records_it_and_streams_its_life",
+            daemon_jobs::daemon_runs_a_job_records_it_and_streams_its_life,
+        ),
+        sandboxed(
+            "daemon_jobs::pause_resume_and_cancel_from_the_cli",
+            daemon_jobs::pause_resume_and_cancel_from_the_cli,
+        ),
+        sandboxed(
+            "daemon_jobs::a_crash_leaves_no_job_running_and_the_record_says_so",
+            daemon_jobs::a_crash_leaves_no_job_running_and_the_record_says_so,
         ),
         sandboxed("escape::owner_files_are_not_there", escape::owner_files_are_not_there),
         sandboxed("escape::writes_outside_out_fail", escape::writes_outside_out_fail),

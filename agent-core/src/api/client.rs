@@ -3,15 +3,16 @@
 //! It finds the daemon through the data dir's discovery files and turns every way of not reaching
 //! it into one clear error: no daemon, a refused token, or the API's own error body.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
-use super::{ErrorBody, Status};
+use super::{ErrorBody, LogChunk, Status, SubmitJob};
 use crate::config::Paths;
+use crate::jobs::{JobAction, JobRecord, Stream};
 use crate::resources::Resources;
 
 /// How long a call may take before the daemon is considered unresponsive.
@@ -95,10 +96,52 @@ impl Client {
         self.get("/api/v1/resources").await
     }
 
+    /// `GET /api/v1/jobs`.
+    pub async fn jobs(&self) -> Result<Vec<JobRecord>, ClientError> {
+        self.get("/api/v1/jobs").await
+    }
+
+    /// `GET /api/v1/jobs/{id}`.
+    pub async fn job(&self, id: &str) -> Result<JobRecord, ClientError> {
+        self.get(&format!("/api/v1/jobs/{id}")).await
+    }
+
+    /// `POST /api/v1/jobs`: runs the spec at `spec` (made absolute here) under the daemon.
+    pub async fn submit(&self, spec: &Path) -> Result<JobRecord, ClientError> {
+        let spec = std::path::absolute(spec).unwrap_or_else(|_| spec.to_owned());
+        self.send(self.http.post(self.url("/api/v1/jobs")).json(&SubmitJob { spec })).await
+    }
+
+    /// `POST /api/v1/jobs/{id}/{action}`.
+    pub async fn act(&self, id: &str, action: JobAction) -> Result<JobRecord, ClientError> {
+        let action = match action {
+            JobAction::Pause => "pause",
+            JobAction::Resume => "resume",
+            JobAction::Cancel => "cancel",
+        };
+        self.send(self.http.post(self.url(&format!("/api/v1/jobs/{id}/{action}")))).await
+    }
+
+    /// `GET /api/v1/jobs/{id}/logs/{stream}?offset=N`.
+    pub async fn log(&self, id: &str, stream: Stream, offset: u64) -> Result<LogChunk, ClientError> {
+        let stream = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.info.url)
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.info.url);
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
         let http_err = |source| ClientError::Http { url: self.info.url.clone(), source };
-        let response = self.http.get(&url).bearer_auth(self.token.as_str()).send().await.map_err(|e| {
+        let response = request.bearer_auth(self.token.as_str()).send().await.map_err(|e| {
             if e.is_connect() {
                 // A stale api.json from a daemon that was killed: nobody listens there.
                 ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() }

@@ -5,6 +5,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::SupervisorError;
+
 /// An error as the API returns it, with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -48,6 +50,21 @@ impl ApiError {
 
     pub(crate) fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(error: SupervisorError) -> Self {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            SupervisorError::Spec(_) => (StatusCode::BAD_REQUEST, "invalid_spec"),
+            SupervisorError::NotFound(_) => (StatusCode::NOT_FOUND, "job_not_found"),
+            SupervisorError::Conflict { .. } => (StatusCode::CONFLICT, "job_state_conflict"),
+            SupervisorError::Store(_) | SupervisorError::Control { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "job_control_failed")
+            }
+        };
+        Self::new(status, code, &message)
     }
 }
 

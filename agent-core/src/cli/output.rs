@@ -7,6 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use hearth::api::Status;
+use hearth::jobs::{JobRecord, JobState};
 use hearth::resources::{Gpu, Resources};
 
 /// Prints `value` as pretty JSON, or through `human` as text.
@@ -116,6 +117,39 @@ fn bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// One job, as `hearth job cancel|pause|resume` shows it.
+pub(super) fn job(job: &JobRecord) -> String {
+    format!("{} {}\n", job.id, state_text(&job.state))
+}
+
+/// The `hearth jobs` table: one line per job, newest last.
+pub(super) fn jobs(jobs: &Vec<JobRecord>) -> String {
+    if jobs.is_empty() {
+        return "No jobs yet.\n".to_owned();
+    }
+    let mut text = format!("{:<12}  {:<6}  {:<20}  {}\n", "ID", "KIND", "CREATED", "STATE");
+    for job in jobs {
+        let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(job.created_at).unwrap_or(0));
+        let _ = writeln!(
+            text,
+            "{:<12}  {:<6}  {:<20}  {}",
+            job.id,
+            job.kind,
+            humantime::format_rfc3339_seconds(created).to_string(),
+            state_text(&job.state)
+        );
+    }
+    text
+}
+
+fn state_text(state: &JobState) -> String {
+    match state {
+        JobState::Finished { exit_code } => format!("finished (exit {exit_code})"),
+        JobState::Failed { reason } => format!("failed: {reason}"),
+        other => other.name().to_owned(),
+    }
 }
 
 #[cfg(test)]

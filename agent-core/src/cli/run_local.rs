@@ -8,15 +8,8 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use hearth::config::Paths;
-use hearth::jobs::{Control, GpuGrant, JobRequest, JobSpec, JobState, RunEvent, Runner, Stream};
+use hearth::jobs::{Control, GpuGrant, JobRequest, JobSpec, RunEvent, Runner, Stream};
 use hearth::resources;
-
-/// Exit code when the job hit its time limit, as `timeout(1)` has it.
-const TIMED_OUT: u8 = 124;
-/// Exit code when the sandbox stopped the job for any other reason, or could not start it.
-const FAILED: u8 = 125;
-/// Exit code after Ctrl-C, as a shell has it.
-const CANCELLED: u8 = 130;
 
 pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let spec = JobSpec::load(spec_path)?;
@@ -52,25 +45,10 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     });
     let _ = std::io::stdout().flush();
     let out = outcome.job_dir.join("out");
-    let code = match &outcome.state {
-        JobState::Finished { exit_code } => u8::try_from(*exit_code).unwrap_or(1),
-        JobState::Failed { reason } => {
-            eprintln!("hearth: job failed: {reason}");
-            if reason.starts_with("time limit") { TIMED_OUT } else { FAILED }
-        }
-        JobState::Cancelled => {
-            eprintln!("hearth: job cancelled");
-            CANCELLED
-        }
-        other => {
-            eprintln!("hearth: job ended in an unexpected state: {}", other.name());
-            FAILED
-        }
-    };
     if std::fs::read_dir(&out).is_ok_and(|mut entries| entries.next().is_some()) {
         eprintln!("hearth: outputs are in {}", out.display());
     }
-    Ok(ExitCode::from(code))
+    Ok(super::jobs::exit_code(&outcome.state))
 }
 
 /// The first `count` GPUs of this machine, or an error saying how many there are.

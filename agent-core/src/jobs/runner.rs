@@ -42,7 +42,7 @@ pub const WASI_RUNTIME_MEMORY: u64 = 64 << 20;
 const DISK_CHECK: Duration = Duration::from_millis(200);
 
 /// Which output stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stream {
     /// Standard output.

@@ -1,0 +1,90 @@
+//! Job commands that go through the daemon: `hearth run JOB.toml` (without `--local`), `hearth jobs`
+//! and `hearth job logs|cancel|pause|resume ID`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hearth::api::client::Client;
+use hearth::jobs::{JobAction, JobRecord, JobState, Stream};
+
+use super::output;
+
+/// How often `-f` asks for more output.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Exit code when the job hit its time limit, as `timeout(1)` has it.
+const TIMED_OUT: u8 = 124;
+/// Exit code when the sandbox stopped the job for any other reason, or could not start it.
+const FAILED: u8 = 125;
+/// Exit code of a cancelled job, as a shell has it after Ctrl-C.
+const CANCELLED: u8 = 130;
+
+/// The exit code `hearth run` ends with for a job that ended in `state`, after saying why on stderr
+/// when the job itself did not choose it.
+pub(super) fn exit_code(state: &JobState) -> ExitCode {
+    let code = match state {
+        JobState::Finished { exit_code } => u8::try_from(*exit_code).unwrap_or(1),
+        JobState::Failed { reason } => {
+            eprintln!("hearth: job failed: {reason}");
+            if reason.starts_with("time limit") { TIMED_OUT } else { FAILED }
+        }
+        JobState::Cancelled => {
+            eprintln!("hearth: job cancelled");
+            CANCELLED
+        }
+        other => {
+            eprintln!("hearth: job is still {}", other.name());
+            FAILED
+        }
+    };
+    ExitCode::from(code)
+}
+
+/// Hands the spec to the daemon, follows the job's output to its end, and returns its exit code.
+pub(super) async fn run(client: &Client, spec: &Path) -> anyhow::Result<ExitCode> {
+    let job = client.submit(spec).await?;
+    eprintln!("hearth: job {} accepted", job.id);
+    let job = follow(client, &job.id, &[Stream::Stdout, Stream::Stderr], true).await?;
+    Ok(exit_code(&job.state))
+}
+
+/// Prints the job's logs from the start; with `follow`, keeps printing until the job ends.
+pub(super) async fn follow(
+    client: &Client,
+    id: &str,
+    streams: &[Stream],
+    follow: bool,
+) -> anyhow::Result<JobRecord> {
+    let mut offsets = vec![0u64; streams.len()];
+    loop {
+        let mut finished = true;
+        for (stream, offset) in streams.iter().zip(offsets.iter_mut()) {
+            let chunk = client.log(id, *stream, *offset).await?;
+            *offset = chunk.next_offset;
+            finished &= chunk.finished;
+            // A closed terminal or pipe must not stop the job or the loop's end.
+            let _ = match stream {
+                Stream::Stdout => std::io::stdout().lock().write_all(chunk.text.as_bytes()),
+                Stream::Stderr => std::io::stderr().lock().write_all(chunk.text.as_bytes()),
+            };
+        }
+        if finished || !follow {
+            return Ok(client.job(id).await?);
+        }
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+    }
+}
+
+/// `hearth job cancel|pause|resume ID`.
+pub(super) async fn act(client: &Client, id: &str, action: JobAction, json: bool) -> anyhow::Result<()> {
+    let job = client.act(id, action).await?;
+    output::print(&job, json, output::job)
+}
+
+/// `hearth jobs`.
+pub(super) async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let jobs = client.jobs().await?;
+    output::print(&jobs, json, output::jobs)
+}

@@ -1,0 +1,303 @@
+//! The daemon's job supervisor: the jobs this agent runs, their records in the store, and the
+//! events the API streams about them.
+//!
+//! Each accepted job gets a record (`queued`), a task that drives the [`Runner`], and a control
+//! channel. Every state the runner reports is written to the store before it is published as an
+//! [`Event::JobChanged`], so what a watcher sees is always what a restart would read back; output
+//! goes out as [`Event::JobOutput`] and into the job's bounded log files. When the daemon stops,
+//! running jobs are cancelled and their records say so; a job left unfinished by a crash is marked
+//! failed at the next start (its processes died with the agent).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+use super::runner::{Control, JobRequest, RunEvent, Runner, Stream};
+use super::spec::{JobKind, JobSpec, SpecError};
+use super::{JobState, Transition};
+use crate::events::{Bus, Event};
+use crate::store::{Store, StoreError};
+
+/// A job as the store keeps it and the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobRecord {
+    /// The job's id on this agent.
+    pub id: String,
+    /// `wasi` or `native`.
+    pub kind: String,
+    /// The spec file it came from.
+    #[schema(value_type = String)]
+    pub spec_path: PathBuf,
+    /// Its folder, holding `out/` and the logs.
+    #[schema(value_type = String)]
+    pub job_dir: PathBuf,
+    /// Where it is in its life, with the exit code or failure reason once it ended.
+    #[serde(flatten)]
+    pub state: JobState,
+    /// When it was accepted, in Unix seconds.
+    pub created_at: i64,
+    /// When its state last changed, in Unix seconds.
+    pub updated_at: i64,
+}
+
+/// Why a request about a job was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The spec is not acceptable; nothing was recorded or run.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// No job has this id.
+    #[error("no job {0} on this agent")]
+    NotFound(String),
+    /// The job is not in a state where this makes sense.
+    #[error("job {id} is {state}; it cannot be {action}")]
+    Conflict {
+        /// The job.
+        id: String,
+        /// Its state.
+        state: &'static str,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The control request could not be carried out.
+    #[error("job {id}: {message}")]
+    Control {
+        /// The job.
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What an owner may ask of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobAction {
+    /// Freeze it.
+    Pause,
+    /// Thaw it.
+    Resume,
+    /// Stop it for good.
+    Cancel,
+}
+
+impl JobAction {
+    fn transition(self) -> Transition {
+        match self {
+            Self::Pause => Transition::Pause,
+            Self::Resume => Transition::Resume,
+            Self::Cancel => Transition::Cancel,
+        }
+    }
+
+    fn past_tense(self) -> &'static str {
+        match self {
+            Self::Pause => "paused",
+            Self::Resume => "resumed",
+            Self::Cancel => "cancelled",
+        }
+    }
+}
+
+/// The supervisor. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    runner: Runner,
+    store: Store,
+    events: Bus,
+    /// Control channels of the jobs whose task is running.
+    live: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    tasks: TaskTracker,
+}
+
+impl Supervisor {
+    /// Starts supervising with `runner`; jobs a previous run left unfinished are marked failed.
+    pub async fn start(runner: Runner, store: Store, events: Bus) -> Result<Self, StoreError> {
+        let orphaned = store.fail_unfinished_jobs("the agent stopped while the job ran", unix_now()).await?;
+        if orphaned > 0 {
+            tracing::warn!(jobs = orphaned, "jobs left unfinished by the previous run were marked failed");
+        }
+        let inner = Inner { runner, store, events, live: Mutex::default(), tasks: TaskTracker::new() };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Validates the spec at `spec_path`, records the job and starts it.
+    pub async fn submit(&self, spec_path: &Path) -> Result<JobRecord, SupervisorError> {
+        let path = spec_path.to_owned();
+        let spec = tokio::task::spawn_blocking(move || JobSpec::load(&path))
+            .await
+            .map_err(|error| SupervisorError::Control { id: String::new(), message: error.to_string() })??;
+        let id = new_job_id();
+        let now = unix_now();
+        let record = JobRecord {
+            kind: match spec.kind {
+                JobKind::Wasi { .. } => "wasi",
+                JobKind::Native { .. } => "native",
+            }
+            .to_owned(),
+            spec_path: spec_path.to_owned(),
+            job_dir: self.inner.runner.job_dir(&id),
+            state: JobState::Queued,
+            created_at: now,
+            updated_at: now,
+            id: id.clone(),
+        };
+        self.inner.store.insert_job(&record).await?;
+        self.inner.events.publish(Event::JobChanged { job: Box::new(record.clone()) });
+
+        let (controls, control_rx) = mpsc::channel(8);
+        self.lock_live().insert(id.clone(), controls);
+        let inner = Arc::clone(&self.inner);
+        let request = JobRequest { id, spec, gpus: Vec::new() };
+        let first = record.clone();
+        self.inner.tasks.spawn(async move { inner.drive(first, request, control_rx).await });
+        Ok(record)
+    }
+
+    /// Every job, oldest first.
+    pub async fn list(&self) -> Result<Vec<JobRecord>, SupervisorError> {
+        Ok(self.inner.store.jobs().await?)
+    }
+
+    /// One job.
+    pub async fn get(&self, id: &str) -> Result<JobRecord, SupervisorError> {
+        self.list()
+            .await?
+            .into_iter()
+            .find(|job| job.id == id)
+            .ok_or_else(|| SupervisorError::NotFound(id.to_owned()))
+    }
+
+    /// Pauses, resumes or cancels a job; returns once it is done, with the job's record.
+    pub async fn act(&self, id: &str, action: JobAction) -> Result<JobRecord, SupervisorError> {
+        let job = self.get(id).await?;
+        if job.state.apply(action.transition()).is_err() {
+            return Err(SupervisorError::Conflict {
+                id: id.to_owned(),
+                state: job.state.name(),
+                action: action.past_tense(),
+            });
+        }
+        let controls = self.lock_live().get(id).cloned();
+        let controls = controls.ok_or_else(|| SupervisorError::Conflict {
+            id: id.to_owned(),
+            state: job.state.name(),
+            action: action.past_tense(),
+        })?;
+        let failed = |message: String| SupervisorError::Control { id: id.to_owned(), message };
+        let gone = || failed("the job ended meanwhile".to_owned());
+        match action {
+            JobAction::Cancel => controls.send(Control::Cancel).await.map_err(|_| gone())?,
+            JobAction::Pause | JobAction::Resume => {
+                let (reply, answer) = oneshot::channel();
+                let control =
+                    if action == JobAction::Pause { Control::Pause(reply) } else { Control::Resume(reply) };
+                controls.send(control).await.map_err(|_| gone())?;
+                answer.await.map_err(|_| gone())?.map_err(|error| failed(format!("{error:#}")))?;
+            }
+        }
+        // The record is updated by the job's task; wait briefly so the answer shows the effect.
+        for _ in 0..100 {
+            let now = self.get(id).await?;
+            if now.state != job.state {
+                return Ok(now);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.get(id).await
+    }
+
+    /// Cancels every running job and waits for their records to be final.
+    pub async fn shutdown(&self) {
+        let live: Vec<_> = self.lock_live().values().cloned().collect();
+        for controls in live {
+            let _ = controls.send(Control::Cancel).await;
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Control>>> {
+        self.inner.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// Runs one job, recording and publishing every state it passes through.
+    async fn drive(&self, mut record: JobRecord, request: JobRequest, controls: mpsc::Receiver<Control>) {
+        let id = request.id.clone();
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let run = self.runner.run(request, controls, events_tx);
+        tokio::pin!(run);
+        let mut outcome = None;
+        loop {
+            tokio::select! {
+                done = &mut run, if outcome.is_none() => outcome = Some(done),
+                event = events_rx.recv() => match event {
+                    Some(RunEvent::State(state)) => {
+                        if state == record.state {
+                            continue;
+                        }
+                        record.state = state;
+                        record.updated_at = unix_now();
+                        if let Err(error) = self.store.set_job_state(&id, &record.state, record.updated_at).await {
+                            tracing::error!(job = %id, %error, "could not record the job's state");
+                        }
+                        self.events.publish(Event::JobChanged { job: Box::new(record.clone()) });
+                    }
+                    Some(RunEvent::Output { stream, data }) => {
+                        let text = String::from_utf8_lossy(&data).into_owned();
+                        self.events.publish(Event::JobOutput { id: id.clone(), stream, text });
+                    }
+                    // The runner dropped its sender: every event has been seen.
+                    None => break,
+                },
+            }
+        }
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        if let Some(outcome) = outcome {
+            tracing::info!(job = %id, state = outcome.state.name(), "job ended");
+        }
+    }
+}
+
+/// Reads a job's log from byte `offset` on; `None` if the job or log does not exist.
+pub fn read_log(job_dir: &Path, stream: Stream, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(job_dir.join(stream.file_name()))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = Vec::new();
+    file.take(super::runner::LOG_LIMIT).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A fresh random job id: 12 hex digits, short enough to type.
+fn new_job_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 6];
+    // SystemRandom only fails if the OS has no randomness at all; the time is unique enough then.
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
+    }
+    hex::encode(bytes)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+}
