@@ -4,11 +4,13 @@
 //! - [`lifecycle`]: the states a job passes through and the one function that moves it.
 //! - [`sandbox`]: the one containment every job runs in (namespaces, private root, cgroups,
 //!   rlimits, capabilities, seccomp), as the hidden `__sandbox-shim` and `__sandbox-init` steps.
+//! - [`image`]: OCI image archives and rootfs tars, unpacked once into a content-addressed cache.
 //! - [`wasi`]: wasmtime for WASI modules, compiled once into a content-addressed cache.
 //! - [`runner`]: takes a spec to a terminal state under the sandbox, with pause, resume, cancel,
 //!   a deadline, a disk limit and bounded logs.
 //! - [`supervisor`]: the daemon's jobs: records in the store, events on the bus, control.
 
+pub mod image;
 pub mod lifecycle;
 pub mod runner;
 pub mod sandbox;

@@ -253,3 +253,131 @@ time = "120s"
         Ok(())
     })
 }
+
+/// Copies `/bin/sh` and `/bin/cat` with the libraries they load into `root`: the smallest image
+/// that runs a shell script, made from this host so no registry is needed.
+fn minimal_rootfs(root: &std::path::Path) -> Result<()> {
+    for program in ["/bin/sh", "/bin/cat"] {
+        let ldd = std::process::Command::new("ldd").arg(program).output()?;
+        let libraries: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|word| word.starts_with('/'))
+            .map(str::to_owned)
+            .collect();
+        for file in libraries.iter().map(String::as_str).chain([program]) {
+            let target = root.join(file.trim_start_matches('/'));
+            fs::create_dir_all(target.parent().context("parent")?)?;
+            fs::copy(file, &target).with_context(|| format!("copying {file}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn tar_dir(dir: &std::path::Path, archive: &std::path::Path) -> Result<()> {
+    let status =
+        std::process::Command::new("tar").arg("-C").arg(dir).arg("-cf").arg(archive).arg(".").status()?;
+    ensure!(status.success(), "tar failed");
+    Ok(())
+}
+
+fn sha256_of(path: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text.split_whitespace().next().context("no sum")?.to_owned())
+}
+
+const IMAGE_SCRIPT: &str = "cat /etc/hello; [ -e /etc/gone ] || echo gone; [ -e /usr/bin ] || echo no-usr; cat /in/data.txt > /out/copy";
+
+fn image_spec(image: &str) -> String {
+    format!(
+        "kind = \"native\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"{IMAGE_SCRIPT}\"]\n\
+         inputs = [\"data.txt\"]\n[limits]\ntime = \"60s\"\n"
+    )
+}
+
+pub(crate) fn native_job_runs_in_a_rootfs_tar() -> Result<()> {
+    let job = JobDir::new()?;
+    let root = job.path().join("rootfs");
+    minimal_rootfs(&root)?;
+    fs::create_dir_all(root.join("etc"))?;
+    fs::write(root.join("etc/hello"), "from the tar\n")?;
+    tar_dir(&root, &job.path().join("rootfs.tar"))?;
+    job.file("data.txt", b"input bytes")?;
+    let run = job.run(&image_spec("rootfs.tar"))?;
+    run.expect_code(0)?;
+    ensure!(run.stdout() == "from the tar\ngone\nno-usr\n", "stdout: {:?}", run.stdout());
+    ensure!(run.out("copy")? == b"input bytes");
+    // Unpacked once, under the archive's digest.
+    let images = job.data_dir().join("cache/images");
+    let cached: Vec<_> = fs::read_dir(&images)?.filter_map(|e| e.ok()).collect();
+    ensure!(cached.len() == 1, "cache: {cached:?}");
+    ensure!(cached[0].file_name().to_string_lossy() == sha256_of(&job.path().join("rootfs.tar"))?);
+    Ok(())
+}
+
+pub(crate) fn native_job_runs_in_an_oci_image_with_whiteouts() -> Result<()> {
+    let job = JobDir::new()?;
+    let layout = job.path().join("layout");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    // Layer one: the shell, /etc/hello = one, /etc/gone. Layer two (gzipped): hello = two, and a
+    // whiteout for gone.
+    let one = job.path().join("one");
+    minimal_rootfs(&one)?;
+    fs::create_dir_all(one.join("etc"))?;
+    fs::write(one.join("etc/hello"), "one\n")?;
+    fs::write(one.join("etc/gone"), "should be hidden\n")?;
+    let two = job.path().join("two");
+    fs::create_dir_all(two.join("etc"))?;
+    fs::write(two.join("etc/hello"), "two\n")?;
+    fs::write(two.join("etc/.wh.gone"), "")?;
+    let mut layers = Vec::new();
+    for (dir, gzip) in [(&one, false), (&two, true)] {
+        let tar = job.path().join("layer.tar");
+        tar_dir(dir, &tar)?;
+        let file = if gzip {
+            ensure!(std::process::Command::new("gzip").arg("-f").arg(&tar).status()?.success());
+            job.path().join("layer.tar.gz")
+        } else {
+            tar
+        };
+        let digest = sha256_of(&file)?;
+        let size = fs::metadata(&file)?.len();
+        fs::rename(&file, blobs.join(&digest))?;
+        let media = if gzip { "tar+gzip" } else { "tar" };
+        layers.push(format!(
+            "{{\"mediaType\":\"application/vnd.oci.image.layer.v1.{media}\",\"digest\":\"sha256:{digest}\",\"size\":{size}}}"
+        ));
+    }
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}";
+    fs::write(job.path().join("config"), config)?;
+    let config_digest = sha256_of(&job.path().join("config"))?;
+    fs::rename(job.path().join("config"), blobs.join(&config_digest))?;
+    let manifest = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
+         \"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:{config_digest}\",\"size\":{}}},\
+         \"layers\":[{}]}}",
+        config.len(),
+        layers.join(",")
+    );
+    fs::write(job.path().join("manifest"), &manifest)?;
+    let manifest_digest = sha256_of(&job.path().join("manifest"))?;
+    fs::rename(job.path().join("manifest"), blobs.join(&manifest_digest))?;
+    fs::write(
+        layout.join("index.json"),
+        format!(
+            "{{\"schemaVersion\":2,\"manifests\":[{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
+             \"digest\":\"sha256:{manifest_digest}\",\"size\":{}}}]}}",
+            manifest.len()
+        ),
+    )?;
+    fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
+    tar_dir(&layout, &job.path().join("image.tar"))?;
+    job.file("data.txt", b"input bytes")?;
+
+    let run = job.run(&image_spec("image.tar"))?;
+    run.expect_code(0)?;
+    ensure!(run.stdout() == "two\ngone\nno-usr\n", "stdout: {:?}", run.stdout());
+    ensure!(run.out("copy")? == b"input bytes");
+    Ok(())
+}

@@ -94,6 +94,11 @@ fn main() {
             "jobs::native_job_reads_an_input_and_writes_an_output",
             jobs::native_job_reads_an_input_and_writes_an_output,
         ),
+        sandboxed("jobs::native_job_runs_in_a_rootfs_tar", jobs::native_job_runs_in_a_rootfs_tar),
+        sandboxed(
+            "jobs::native_job_runs_in_an_oci_image_with_whiteouts",
+            jobs::native_job_runs_in_an_oci_image_with_whiteouts,
+        ),
         trial(
             "jobs::malformed_spec_names_the_field_and_runs_nothing",
             jobs::malformed_spec_names_the_field_and_runs_nothing,

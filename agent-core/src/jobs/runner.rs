@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use super::sandbox::cgroup::{self, JobCgroup};
 use super::sandbox::{self, Payload, Plan, RootFs};
-use super::{Image, JobKind, JobSpec, JobState, wasi};
+use super::{Image, JobKind, JobSpec, JobState, image, wasi};
 
 /// Most bytes of each of stdout and stderr kept in the job folder; the stream goes on beyond it.
 pub const LOG_LIMIT: u64 = 8 << 20;
@@ -125,15 +125,15 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner keeping job folders under `jobs_dir` and compiled modules under `cache_dir`, and
-    /// starting the sandbox through `exe` (the `hearth` binary).
+    /// A runner keeping job folders under `jobs_dir`, compiled modules and unpacked images under
+    /// `cache_dir`, and starting the sandbox through `exe` (the `hearth` binary).
     pub fn new(exe: PathBuf, jobs_dir: PathBuf, cache_dir: PathBuf) -> Self {
         Self { exe, jobs_dir, cache_dir, engine: OnceLock::new() }
     }
 
     /// A runner for this `hearth` binary with its folders under `data_dir`.
     pub fn for_data_dir(data_dir: &Path) -> io::Result<Self> {
-        Ok(Self::new(std::env::current_exe()?, data_dir.join("jobs"), data_dir.join("cache").join("wasm")))
+        Ok(Self::new(std::env::current_exe()?, data_dir.join("jobs"), data_dir.join("cache")))
     }
 
     /// The folder a job with this id runs in.
@@ -221,7 +221,7 @@ impl Runner {
                         self.engine.get_or_init(|| engine).clone()
                     }
                 };
-                let (module, cache_dir) = (module.clone(), self.cache_dir.clone());
+                let (module, cache_dir) = (module.clone(), self.cache_dir.join("wasm"));
                 let compiled =
                     tokio::task::spawn_blocking(move || wasi::compile_cached(&engine, &module, &cache_dir))
                         .await??;
@@ -235,14 +235,15 @@ impl Runner {
                     time: spec.limits.time,
                 }
             }
-            JobKind::Native { image, command } => {
-                let root = match image {
+            JobKind::Native { image: root_image, command } => {
+                let root = match root_image {
                     Image::Base => RootFs::Base,
                     Image::Archive(path) => {
-                        anyhow::bail!(
-                            "image archives are not supported yet ({}); use image = \"base\"",
-                            path.display()
-                        )
+                        let (archive, cache_dir) = (path.clone(), self.cache_dir.join("images"));
+                        let rootfs =
+                            tokio::task::spawn_blocking(move || image::unpack_cached(&archive, &cache_dir))
+                                .await??;
+                        RootFs::Image(rootfs)
                     }
                 };
                 let mut command = command.clone();
