@@ -3,10 +3,11 @@
 //! Start-up is a sequence of named steps, each failing with an error that says which step and why:
 //! install signal handlers, prepare the data dir, lock it, leave a default config file, load the
 //! identity, bind the control API's port, open the store and record the run, start the resource
-//! monitor, open the API and announce it in `api.json`. Then the daemon waits for SIGTERM or
-//! SIGINT (or for the API to fail) and stops the parts in reverse order: it tells watchers it is
-//! stopping, closes the API (WebSockets first, then in-flight requests), removes `api.json`, stops
-//! the monitor, records the end of the run, checkpoints and closes the store, and releases the lock.
+//! monitor and the job supervisor, open the API and announce it in `api.json`. Then the daemon
+//! waits for SIGTERM or SIGINT (or for the API to fail) and stops the parts in reverse order: it
+//! tells watchers it is stopping, closes the API (WebSockets first, then in-flight requests),
+//! removes `api.json`, cancels running jobs, stops the monitor, records the end of the run,
+//! checkpoints and closes the store, and releases the lock.
 
 mod lock;
 mod monitor;
@@ -123,7 +124,7 @@ async fn serve(
         Monitor::spawn(paths.data_dir.clone(), config.resources.refresh_interval, events.clone(), &cancel)
             .await;
 
-    let runner = Runner::for_data_dir(&paths.data_dir).map_err(DaemonError::Serve)?;
+    let runner = Runner::for_data_dir(&paths.data_dir);
     let jobs = Supervisor::start(runner, store.clone(), events.clone()).await?;
     let token = ApiToken::load_or_create(&paths.api_token())?;
     let port = listener.local_addr().map_err(DaemonError::Serve)?.port();

@@ -1,8 +1,8 @@
 //! The Hearth agent as a library: every part of the daemon and the `hearth` CLI lives here.
 //!
 //! Dependencies point one way: [`daemon`] wires the parts together, the `hearth` binary's CLI talks
-//! to a running daemon only through [`api::client`], and the leaves ([`identity`], [`store`], [`resources`])
-//! import none of the coordinators. Events that cross modules are declared in [`events`]. See
+//! to a running daemon only through [`api::client`], and the leaves ([`identity`], [`resources`])
+//! import none of the coordinators; [`store`] knows the job record it persists ([`jobs`]). Events that cross modules are declared in [`events`]. See
 //! `docs/architecture.md` for the map.
 
 pub mod api;

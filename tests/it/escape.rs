@@ -246,3 +246,32 @@ pub(crate) fn only_stdio_fds_and_no_kernel_files() -> Result<()> {
     }
     Ok(())
 }
+
+pub(crate) fn an_image_cannot_bring_host_folders_in() -> Result<()> {
+    // An image whose /etc is a symlink to the host's root: mounting it would follow the link.
+    let job = JobDir::new()?;
+    let root = job.path().join("rootfs");
+    crate::jobs::minimal_rootfs(&root)?;
+    std::os::unix::fs::symlink("/", root.join("etc"))?;
+    crate::jobs::tar_dir(&root, &job.path().join("evil.tar"))?;
+    let run = job.run(
+        "kind = \"native\"\nimage = \"evil.tar\"\n\
+         command = [\"/bin/sh\", \"-c\", \"[ -e /etc/usr ] && echo LEAK; cat /etc/passwd\"]\n",
+    )?;
+    run.expect_code(0)?;
+    ensure!(!run.stdout().contains("LEAK"), "the host's root showed up under /etc");
+    ensure!(run.stdout().contains("root:x:0:0:job:/work"), "not the sandbox's own /etc: {}", run.stdout());
+    Ok(())
+}
+
+pub(crate) fn outputs_lose_setuid_bits() -> Result<()> {
+    let (_job, run) =
+        shell("cp /bin/true /out/t && chmod 6755 /out/t && mkdir /out/d && chmod 1777 /out/d", "")?;
+    run.expect_code(0)?;
+    let dir = run.job_dir()?;
+    let file = fs::metadata(dir.join("out/t"))?.permissions().mode();
+    let folder = fs::metadata(dir.join("out/d"))?.permissions().mode();
+    ensure!(file & 0o7000 == 0 && folder & 0o7000 == 0, "modes {file:o} and {folder:o}");
+    ensure!(file & 0o777 == 0o755, "the rest of the mode changed: {file:o}");
+    Ok(())
+}

@@ -256,7 +256,7 @@ time = "120s"
 
 /// Copies `/bin/sh` and `/bin/cat` with the libraries they load into `root`: the smallest image
 /// that runs a shell script, made from this host so no registry is needed.
-fn minimal_rootfs(root: &std::path::Path) -> Result<()> {
+pub(crate) fn minimal_rootfs(root: &std::path::Path) -> Result<()> {
     for program in ["/bin/sh", "/bin/cat"] {
         let ldd = std::process::Command::new("ldd").arg(program).output()?;
         let libraries: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
@@ -273,7 +273,7 @@ fn minimal_rootfs(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn tar_dir(dir: &std::path::Path, archive: &std::path::Path) -> Result<()> {
+pub(crate) fn tar_dir(dir: &std::path::Path, archive: &std::path::Path) -> Result<()> {
     let status =
         std::process::Command::new("tar").arg("-C").arg(dir).arg("-cf").arg(archive).arg(".").status()?;
     ensure!(status.success(), "tar failed");

@@ -125,6 +125,11 @@ fn main() {
             "daemon_jobs::a_crash_leaves_no_job_running_and_the_record_says_so",
             daemon_jobs::a_crash_leaves_no_job_running_and_the_record_says_so,
         ),
+        sandboxed(
+            "escape::an_image_cannot_bring_host_folders_in",
+            escape::an_image_cannot_bring_host_folders_in,
+        ),
+        sandboxed("escape::outputs_lose_setuid_bits", escape::outputs_lose_setuid_bits),
         sandboxed("escape::owner_files_are_not_there", escape::owner_files_are_not_there),
         sandboxed("escape::writes_outside_out_fail", escape::writes_outside_out_fail),
         sandboxed(

@@ -62,9 +62,18 @@ pub fn sandbox_support() -> Result<(), String> {
         return Err("user and pid namespaces cannot be created here (`unshare -Urpf true` fails)".into());
     }
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let probe = if v2 { "/sys/fs/cgroup" } else { "/sys/fs/cgroup/memory" };
-    if nix::unistd::access(probe, nix::unistd::AccessFlags::W_OK).is_err() && !v2 {
-        return Err(format!("{probe} is not writable: no cgroup for job limits"));
+    let probe = if v2 {
+        // Our own cgroup, which the agent must be able to create children in.
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let path = own.lines().find_map(|line| line.strip_prefix("0::")).unwrap_or("/").to_owned();
+        format!("/sys/fs/cgroup{}", path.trim_end_matches('/'))
+    } else {
+        "/sys/fs/cgroup/memory".to_owned()
+    };
+    if nix::unistd::access(probe.as_str(), nix::unistd::AccessFlags::W_OK).is_err() {
+        return Err(format!(
+            "{probe} is not writable: no cgroup for job limits (run as root or with a delegated cgroup)"
+        ));
     }
     Ok(())
 }

@@ -57,7 +57,9 @@ impl From<SupervisorError> for ApiError {
     fn from(error: SupervisorError) -> Self {
         let message = error.to_string();
         let (status, code) = match &error {
-            SupervisorError::Spec(_) => (StatusCode::BAD_REQUEST, "invalid_spec"),
+            SupervisorError::Spec(_) | SupervisorError::Unsupported(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_spec")
+            }
             SupervisorError::NotFound(_) => (StatusCode::NOT_FOUND, "job_not_found"),
             SupervisorError::Conflict { .. } => (StatusCode::CONFLICT, "job_state_conflict"),
             SupervisorError::Store(_) | SupervisorError::Control { .. } => {

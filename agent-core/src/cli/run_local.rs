@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 
 use hearth::config::Paths;
@@ -14,7 +13,7 @@ use hearth::resources;
 pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let spec = JobSpec::load(spec_path)?;
     let gpus = grant_gpus(paths, spec.resources.gpus)?;
-    let runner = Runner::for_data_dir(&paths.data_dir).context("finding the hearth binary")?;
+    let runner = Runner::for_data_dir(&paths.data_dir);
     let id = format!("local-{}-{}", unix_seconds(), std::process::id());
     let request = JobRequest { id, spec, gpus };
 

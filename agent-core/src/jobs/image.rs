@@ -27,20 +27,17 @@ pub fn unpack_cached(archive: &Path, cache_dir: &Path) -> anyhow::Result<PathBuf
         return Ok(rootfs);
     }
     fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let staging = cache_dir.join(format!(".{digest}.{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    fs::create_dir(&staging)?;
-    let result = unpack(archive, &staging).with_context(|| format!("unpacking image {}", archive.display()));
-    if let Err(error) = result {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(error);
-    }
-    match fs::rename(&staging, &image_dir) {
-        Ok(()) => {}
-        // Another run unpacked the same archive meanwhile; theirs is as good as ours.
-        Err(_) if rootfs.is_dir() => {
-            let _ = fs::remove_dir_all(&staging);
+    // A staging folder of its own per unpack (removed on drop unless kept), so two jobs with the
+    // same image never share or delete each other's half-made tree.
+    let staging = tempfile::Builder::new().prefix(".unpack-").tempdir_in(cache_dir)?;
+    unpack(archive, staging.path()).with_context(|| format!("unpacking image {}", archive.display()))?;
+    match fs::rename(staging.path(), &image_dir) {
+        Ok(()) => {
+            // Renamed away: there is nothing left for the guard to remove.
+            let _ = staging.keep();
         }
+        // Another run unpacked the same archive meanwhile; theirs is as good as ours.
+        Err(_) if rootfs.is_dir() => {}
         Err(error) => return Err(error).context("moving the unpacked image into the cache"),
     }
     Ok(rootfs)
@@ -106,7 +103,7 @@ fn oci_layers(layout: &Path) -> anyhow::Result<Vec<PathBuf>> {
         if algorithm != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("unsupported digest {digest:?}");
         }
-        Ok(layout.join("blobs/sha256").join(hex))
+        regular_file_beneath(layout, &Path::new("blobs/sha256").join(hex))
     };
     let read_json = |path: &Path| -> anyhow::Result<serde_json::Value> {
         let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -150,17 +147,7 @@ fn docker_layers(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let text = fs::read(dir.join("manifest.json"))?;
     let entries: Vec<Entry> = serde_json::from_slice(&text).context("parsing manifest.json")?;
     let entry = entries.first().context("manifest.json lists no image")?;
-    entry
-        .layers
-        .iter()
-        .map(|layer| {
-            let path = Path::new(layer);
-            if path.components().any(|c| !matches!(c, Component::Normal(_))) {
-                bail!("layer path {layer:?} leaves the archive");
-            }
-            Ok(dir.join(path))
-        })
-        .collect()
+    entry.layers.iter().map(|layer| regular_file_beneath(dir, Path::new(layer))).collect()
 }
 
 /// Opens a tar that may be gzip-compressed.
@@ -176,7 +163,8 @@ fn open_maybe_gzip(path: &Path) -> anyhow::Result<Box<dyn Read>> {
 /// Unpacks one tar into `dest`, honouring whiteouts when `whiteouts` is set.
 fn apply_layer(reader: impl Read, dest: &Path, budget: &mut u64, whiteouts: bool) -> anyhow::Result<()> {
     let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
+    // Modes are kept but for setuid, setgid and sticky bits, which the tar crate then drops.
+    archive.set_preserve_permissions(false);
     archive.set_preserve_ownerships(false);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
@@ -212,15 +200,32 @@ fn apply_layer(reader: impl Read, dest: &Path, budget: &mut u64, whiteouts: bool
     Ok(())
 }
 
-/// `dest/relative`, refusing anything but plain names in `relative`.
+/// `dest/relative`, refusing anything but plain names in `relative` and any symlink among the
+/// folders on the way, so an earlier entry's link cannot send a whiteout out of the image.
 fn safe_join(dest: &Path, relative: &Path) -> anyhow::Result<PathBuf> {
     let mut path = dest.to_owned();
-    for component in relative.components() {
+    let components: Vec<Component<'_>> = relative.components().collect();
+    for (i, component) in components.iter().enumerate() {
         match component {
             Component::Normal(name) => path.push(name),
-            Component::CurDir => {}
+            Component::CurDir => continue,
             _ => bail!("path {} leaves the image", relative.display()),
         }
+        let last = i + 1 == components.len();
+        if !last && fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            bail!("path {} goes through a symlink", relative.display());
+        }
+    }
+    Ok(path)
+}
+
+/// A regular file at `relative` under `root`, reached without following any symlink: blobs and
+/// layers are named by the archive itself, which must not point the agent at other files.
+fn regular_file_beneath(root: &Path, relative: &Path) -> anyhow::Result<PathBuf> {
+    let path = safe_join(root, relative)?;
+    let meta = fs::symlink_metadata(&path).with_context(|| format!("{} is missing", relative.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", relative.display());
     }
     Ok(path)
 }

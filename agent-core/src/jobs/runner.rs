@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
+
+mod scratch;
 
 use super::sandbox::cgroup::{self, JobCgroup};
 use super::sandbox::{self, Payload, Plan, RootFs};
@@ -131,9 +133,10 @@ impl Runner {
         Self { exe, jobs_dir, cache_dir, engine: OnceLock::new() }
     }
 
-    /// A runner for this `hearth` binary with its folders under `data_dir`.
-    pub fn for_data_dir(data_dir: &Path) -> io::Result<Self> {
-        Ok(Self::new(std::env::current_exe()?, data_dir.join("jobs"), data_dir.join("cache")))
+    /// A runner for this very `hearth` binary (through `/proc/self/exe`, so an upgrade of the file
+    /// on disk cannot mix versions) with its folders under `data_dir`.
+    pub fn for_data_dir(data_dir: &Path) -> Self {
+        Self::new(PathBuf::from("/proc/self/exe"), data_dir.join("jobs"), data_dir.join("cache"))
     }
 
     /// The folder a job with this id runs in.
@@ -153,8 +156,14 @@ impl Runner {
             Ok(state) => state,
             Err(error) => JobState::Failed { reason: format!("{error:#}") },
         };
-        for scratch in ["in", "work", "tmp", "root"] {
-            let _ = fs::remove_dir_all(job_dir.join(scratch));
+        // The job is dead: make everything it left the agent's again, clear privilege bits on its
+        // outputs, and drop the scratch.
+        for name in ["in", "out", "work", "tmp"] {
+            let _ = scratch::reclaim(&job_dir.join(name));
+        }
+        let _ = scratch::strip_special_bits(&job_dir.join("out"));
+        for name in ["in", "work", "tmp", "root"] {
+            let _ = fs::remove_dir_all(job_dir.join(name));
         }
         let _ = events.send(RunEvent::State(state.clone()));
         Outcome { state, job_dir }
@@ -174,7 +183,11 @@ impl Runner {
                 "this agent does not grant network access to jobs yet; set `limits.network = false`"
             );
         }
-        fs::create_dir_all(&self.jobs_dir)
+        // Private to the agent's user: job folders hold other people's inputs and outputs.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.jobs_dir)
             .with_context(|| format!("creating {}", self.jobs_dir.display()))?;
         fs::create_dir(job_dir).with_context(|| format!("creating the job folder {}", job_dir.display()))?;
         for name in ["in", "out", "work", "tmp", "root"] {
@@ -278,6 +291,7 @@ impl Runner {
             env,
             devices,
             disk_bytes: spec.resources.disk_bytes,
+            agent_pid: std::process::id(),
         };
         let plan_path = job_dir.join(sandbox::PLAN_FILE);
         fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
@@ -308,23 +322,27 @@ impl Runner {
             Some(tokio::spawn(pump(reader, stream, job_dir.join(stream.file_name()), events.clone())))
         })
         .collect::<Vec<_>>();
+        // The shim joins the cgroup as its first act; until it has, killing the cgroup would miss
+        // it, so a cancel or a deadline must not be acted on before.
+        let shim_pid = shim.id().map(|pid| pid as i32);
+        let joined = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shim_pid.is_some_and(|pid| !cgroup.processes().contains(&pid)) {
+            if shim.try_wait()?.is_some() || tokio::time::Instant::now() > joined {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let _ = events.send(RunEvent::State(JobState::Running));
 
         let mut deadline = tokio::time::Instant::now() + spec.limits.time;
-        let mut disk_check = tokio::time::interval(DISK_CHECK);
+        let mut disk = tokio::spawn(watch_disk(job_dir.to_owned(), spec.resources.disk_bytes));
         let mut paused_since: Option<Instant> = None;
         let mut controls_open = true;
         let ending = loop {
             tokio::select! {
                 status = shim.wait() => break Ending::Exited(status.context("waiting for the sandbox")?),
                 () = tokio::time::sleep_until(deadline), if paused_since.is_none() => break Ending::TimedOut,
-                _ = disk_check.tick(), if paused_since.is_none() => {
-                    let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
-                    let used = tokio::task::spawn_blocking(move || disk_usage(&dirs)).await?;
-                    if used > spec.resources.disk_bytes {
-                        break Ending::DiskFull(used);
-                    }
-                }
+                over = &mut disk => break over?,
                 control = controls.recv(), if controls_open => match control {
                     None => controls_open = false,
                     Some(Control::Cancel) => break Ending::Cancelled,
@@ -347,8 +365,10 @@ impl Runner {
                 },
             }
         };
+        disk.abort();
         // Whatever ended the run, nothing of the job may be left; this also closes the pipes.
         let killed = blocking(cgroup, JobCgroup::kill_all).await;
+        let _ = shim.start_kill();
         let _ = shim.wait().await;
         for pump in pumps {
             let _ = pump.await;
@@ -363,12 +383,24 @@ impl Runner {
         match ending {
             Ending::Cancelled => JobState::Cancelled,
             Ending::TimedOut => {
-                failed(format!("time limit of {} exceeded", humantime::format_duration(spec.limits.time)))
+                let mut reason =
+                    format!("time limit of {} exceeded", humantime::format_duration(spec.limits.time));
+                let hits = cgroup.pids_limit_hits();
+                if hits > 0 {
+                    reason.push_str(&format!(
+                        " (it also hit the limit of {MAX_PROCESSES} processes {hits} times)"
+                    ));
+                }
+                failed(reason)
             }
             Ending::DiskFull(used) => failed(format!(
-                "disk limit of {} exceeded ({} written to /out, /work and /tmp)",
+                "disk limit of {} exceeded (over {} in /out, /work and /tmp)",
                 ByteSize(spec.resources.disk_bytes),
                 ByteSize(used)
+            )),
+            Ending::Hidden(path) => failed(format!(
+                "the job made {} unreadable, so its disk use could not be checked",
+                path.strip_prefix(job_dir).unwrap_or(&path).display()
             )),
             Ending::Exited(status) => {
                 use std::os::unix::process::ExitStatusExt;
@@ -396,7 +428,23 @@ enum Ending {
     Exited(std::process::ExitStatus),
     TimedOut,
     DiskFull(u64),
+    Hidden(PathBuf),
     Cancelled,
+}
+
+/// Measures the scratch every [`DISK_CHECK`] on the blocking pool, apart from the watch loop so a
+/// slow walk never delays a cancel or a deadline; returns once the job is over its limit.
+async fn watch_disk(job_dir: PathBuf, limit: u64) -> Ending {
+    let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
+    loop {
+        tokio::time::sleep(DISK_CHECK).await;
+        let dirs = dirs.clone();
+        match tokio::task::spawn_blocking(move || scratch::usage(&dirs, limit)).await {
+            Ok(Ok(used)) if used > limit => return Ending::DiskFull(used),
+            Ok(Err(scratch::Unmeasurable::Hidden(path))) => return Ending::Hidden(path),
+            _ => {}
+        }
+    }
 }
 
 /// Runs a blocking cgroup operation off the async threads, timing it.
@@ -448,27 +496,6 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     } else {
         fs::copy(from, to).map(|_| ())
     }
-}
-
-/// Bytes of disk used under `dirs`, as blocks allocated, without following links. Runs on a folder
-/// the job controls, so it only reads metadata and stops counting once it is clearly over.
-fn disk_usage(dirs: &[PathBuf]) -> u64 {
-    fn walk(path: &Path, total: &mut u64) {
-        let Ok(meta) = fs::symlink_metadata(path) else { return };
-        *total += meta.blocks() * 512;
-        if meta.is_dir()
-            && let Ok(entries) = fs::read_dir(path)
-        {
-            for entry in entries.flatten() {
-                walk(&entry.path(), total);
-            }
-        }
-    }
-    let mut total = 0;
-    for dir in dirs {
-        walk(dir, &mut total);
-    }
-    total
 }
 
 /// The device nodes for granted GPUs: each GPU's own node, plus the control and unified-memory

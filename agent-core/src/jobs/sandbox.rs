@@ -83,6 +83,8 @@ pub struct Plan {
     pub devices: Vec<PathBuf>,
     /// The scratch disk limit; also the largest file the job may write.
     pub disk_bytes: u64,
+    /// The agent's pid: the shim's parent, which it checks is still alive.
+    pub agent_pid: u32,
 }
 
 /// What runs inside the sandbox.
@@ -161,8 +163,9 @@ pub fn shim_main(plan_path: &Path) -> ExitCode {
 
 fn shim(plan: &Plan, plan_path: &Path) -> anyhow::Result<i32> {
     prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
-    // The agent may have died between spawning us and the line above.
-    if nix::unistd::getppid() == Pid::from_raw(1) {
+    // The agent may have died between spawning us and the line above (we would then have been
+    // re-parented, to init or to a subreaper such as systemd --user).
+    if nix::unistd::getppid().as_raw() as u32 != plan.agent_pid {
         bail!("the agent exited before the job started");
     }
     let pid = std::process::id().to_string();
@@ -243,6 +246,9 @@ fn init(plan: &Plan) -> anyhow::Result<i32> {
     nix::unistd::sethostname(HOSTNAME).context("setting the host name")?;
     limit_resources(plan.disk_bytes)?;
     lock_down()?;
+    // Not dumpable: the job cannot open init's /proc/1/fd (the host's error file), its memory, or
+    // ptrace it.
+    prctl::set_dumpable(false).context("making init undumpable")?;
     match &plan.payload {
         Payload::Native { command, .. } => run_native(command, &plan.env),
         Payload::Wasi { args, memory_bytes, time, .. } => {

@@ -63,6 +63,9 @@ pub enum SupervisorError {
         /// What was asked.
         action: &'static str,
     },
+    /// The spec asks for something the daemon does not grant yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -139,6 +142,12 @@ impl Supervisor {
         let spec = tokio::task::spawn_blocking(move || JobSpec::load(&path))
             .await
             .map_err(|error| SupervisorError::Control { id: String::new(), message: error.to_string() })??;
+        if spec.resources.gpus > 0 {
+            return Err(SupervisorError::Unsupported(
+                "the daemon does not grant GPUs to jobs yet; run GPU jobs with `hearth run JOB.toml --local`"
+                    .into(),
+            ));
+        }
         let id = new_job_id();
         let now = unix_now();
         let record = JobRecord {
@@ -273,7 +282,7 @@ impl Inner {
     }
 }
 
-/// Reads a job's log from byte `offset` on; `None` if the job or log does not exist.
+/// Reads a job's log from byte `offset` on (at most [`LOG_LIMIT`](super::runner::LOG_LIMIT) bytes).
 pub fn read_log(job_dir: &Path, stream: Stream, offset: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(job_dir.join(stream.file_name()))?;

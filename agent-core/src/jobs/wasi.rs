@@ -45,9 +45,10 @@ pub fn compile_cached(engine: &Engine, module: &Path, cache_dir: &Path) -> anyho
     fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let code = wasm(engine.precompile_module(&bytes))
         .with_context(|| format!("{} is not a valid WebAssembly module", module.display()))?;
-    let temporary = cache_dir.join(format!(".{}.tmp", std::process::id()));
-    fs::write(&temporary, code).with_context(|| format!("writing {}", temporary.display()))?;
-    fs::rename(&temporary, &compiled).with_context(|| format!("writing {}", compiled.display()))?;
+    // A temporary file of its own per compile: concurrent compiles never share one.
+    let mut temporary = tempfile::NamedTempFile::new_in(cache_dir)?;
+    std::io::Write::write_all(&mut temporary, &code).context("writing the compiled module")?;
+    temporary.persist(&compiled).with_context(|| format!("writing {}", compiled.display()))?;
     Ok(compiled)
 }
 

@@ -108,7 +108,13 @@ impl JobCgroup {
             }
         };
         let cgroup = Self { layout };
-        cgroup.set_limits(limits)?;
+        if let Err(error) = cgroup.set_limits(limits) {
+            // Nothing has joined yet: the folders can go at once.
+            for dir in cgroup.join_dirs() {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(error);
+        }
         Ok(cgroup)
     }
 

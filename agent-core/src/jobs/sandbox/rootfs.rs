@@ -73,9 +73,11 @@ pub(super) fn enter(job_dir: &Path, image: &RootFs, devices: &[PathBuf]) -> anyh
                 }
             }
             make_etc(&root, None)?;
-            if dir.join("etc").is_dir() {
-                // The image's own /etc replaces the synthesized one.
-                bind(&dir.join("etc"), &root.join("etc"), Access::ReadOnly)?;
+            // The image's own /etc replaces the synthesized one, but only a real folder: a
+            // symlink would be followed by the bind mount, out of the image.
+            let image_etc = dir.join("etc");
+            if fs::symlink_metadata(&image_etc).is_ok_and(|meta| meta.is_dir()) {
+                bind(&image_etc, &root.join("etc"), Access::ReadOnly)?;
             }
         }
     }
@@ -208,9 +210,10 @@ fn make_proc(root: &Path) -> anyhow::Result<()> {
 
 /// Bind-mounts `source` on `target` and then sets its flags. A bind mount keeps the source mount's
 /// flags until remounted, and inside a user namespace the remount must repeat the flags the host
-/// locked (nodev, noexec, atime) or the kernel refuses it.
+/// locked (nodev, noexec, atime) or the kernel refuses it. The bind is not recursive: a host mount
+/// below `source` is not brought along, so none can stay writable under a read-only folder.
 fn bind(source: &Path, target: &Path, access: Access) -> anyhow::Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
     let mut flags = MsFlags::MS_NOSUID;
     match access {

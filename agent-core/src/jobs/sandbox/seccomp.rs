@@ -73,6 +73,9 @@ fn namespace_flags() -> impl Iterator<Item = u64> {
     flags.iter().map(|flag| flag.bits() as u64).chain([CLONE_NEWTIME])
 }
 
+/// The vsock address family (linux/socket.h).
+const AF_VSOCK: u64 = 40;
+
 const EPERM: i32 = 1;
 const ENOSYS: i32 = 38;
 
@@ -103,6 +106,9 @@ fn filter() -> anyhow::Result<ScmpFilterContext> {
         let compare = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
         filter.add_rule_conditional(deny, clone, &[compare])?;
     }
+    // vsock talks to the hypervisor's host and is not confined by the network namespace.
+    let socket = ScmpSyscall::from_name("socket")?;
+    filter.add_rule_conditional(deny, socket, &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, AF_VSOCK)])?;
     // clone3 passes its flags in memory, where seccomp cannot look: ENOSYS makes libc fall back to
     // clone, whose flags the rules above do check.
     filter.add_rule(ScmpAction::Errno(ENOSYS), ScmpSyscall::from_name("clone3")?)?;
