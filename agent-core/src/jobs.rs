@@ -3,7 +3,7 @@
 //! - [`spec`]: the parsed and validated job spec every runner takes.
 //! - [`lifecycle`]: the states a job passes through and the one function that moves it.
 //! - [`sandbox`]: the one containment every job runs in (namespaces, private root, cgroups,
-//!   rlimits, capabilities, seccomp), as the hidden `__sandbox-shim` and `__sandbox-init` steps.
+//!   rlimits, capabilities, seccomp), through the hidden `__sandbox-shim` step and the init it forks.
 //! - [`image`]: OCI image archives and rootfs tars, unpacked once into a content-addressed cache.
 //! - [`wasi`]: wasmtime for WASI modules, compiled once into a content-addressed cache.
 //! - [`runner`]: takes a spec to a terminal state under the sandbox, with pause, resume, cancel,

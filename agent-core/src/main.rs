@@ -1,7 +1,7 @@
 //! The `hearth` binary: runs the CLI and turns any error into one line on stderr and exit code 1.
 //!
-//! Two hidden steps of the job sandbox are dispatched before anything else runs: they must stay
-//! single-threaded to enter new namespaces (see `hearth::jobs::sandbox`).
+//! The hidden first step of the job sandbox is dispatched before anything else runs: it must stay
+//! single-threaded to enter new namespaces and fork the job's init (see `hearth::jobs::sandbox`).
 
 mod cli;
 
@@ -12,13 +12,10 @@ use hearth::jobs::sandbox;
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().take(3).collect();
-    if let [_, step, plan] = args.as_slice() {
-        if step == sandbox::SHIM_COMMAND {
-            return sandbox::shim_main(Path::new(plan));
-        }
-        if step == sandbox::INIT_COMMAND {
-            return sandbox::init_main(Path::new(plan));
-        }
+    if let [_, step, plan] = args.as_slice()
+        && step == sandbox::SHIM_COMMAND
+    {
+        return sandbox::shim_main(Path::new(plan));
     }
     match cli::run() {
         Ok(code) => code,

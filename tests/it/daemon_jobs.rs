@@ -164,3 +164,23 @@ pub(crate) fn a_crash_leaves_no_job_running_and_the_record_says_so() -> Result<(
     ensure!(agent.terminate()?.success());
     Ok(())
 }
+
+pub(crate) fn a_job_frozen_when_its_agent_died_is_swept_by_the_next_start() -> Result<()> {
+    let mut agent = Agent::start()?;
+    let job = JobDir::new()?;
+    let marker = format!("888.{}3", std::process::id());
+    let (mut cli, id) = start_sleeper(&agent, &job, &marker)?;
+    ensure!(json_of(&hearth(&agent.data_dir(), &["job", "pause", &id, "--json"])?)?["state"] == "paused");
+    agent.stop_with(Signal::SIGKILL)?;
+    let _ = cli.kill();
+    let _ = cli.wait();
+    // Frozen, its processes cannot act on the kill the agent's death sent them; the next job
+    // start, by this or any agent, finds the cgroup of a dead agent and ends it.
+    agent.restart()?;
+    let next = job.file("next.toml", b"kind = \"native\"\nimage = \"base\"\ncommand = [\"/bin/true\"]\n")?;
+    let out = hearth(&agent.data_dir(), &["run", next.to_str().context("path")?])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_none(&marker)?;
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}

@@ -206,26 +206,43 @@ time = "120s"
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut latencies = Vec::new();
-        for _ in 0..5 {
-            let (reply, answer) = oneshot::channel();
-            controls.send(Control::Pause(reply)).await?;
-            latencies.push(answer.await??);
-            let frozen = counters(&out).context("counters")?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            ensure!(counters(&out) == Some(frozen.clone()), "a thread moved while paused");
+        let cycles = async {
+            for _ in 0..5 {
+                let (reply, answer) = oneshot::channel();
+                controls.send(Control::Pause(reply)).await?;
+                latencies.push(answer.await??);
+                // A thread frozen inside a system call (the rename of its counter file) may finish
+                // that one call; after that nothing may move.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let frozen = counters(&out).context("counters")?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let later = counters(&out);
+                ensure!(
+                    later == Some(frozen.clone()),
+                    "a thread moved while paused: {frozen:?} -> {later:?}"
+                );
 
-            let (reply, answer) = oneshot::channel();
-            controls.send(Control::Resume(reply)).await?;
-            answer.await??;
-            let until = Instant::now() + Duration::from_secs(10);
-            loop {
-                let now = counters(&out).context("counters")?;
-                if now.iter().zip(&frozen).all(|(after, before)| after > before) {
-                    break;
+                let (reply, answer) = oneshot::channel();
+                controls.send(Control::Resume(reply)).await?;
+                answer.await??;
+                let until = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let now = counters(&out).context("counters")?;
+                    if now.iter().zip(&frozen).all(|(after, before)| after > before) {
+                        break;
+                    }
+                    ensure!(Instant::now() < until, "not every thread continued: {frozen:?} -> {now:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                ensure!(Instant::now() < until, "not every thread continued: {frozen:?} -> {now:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(error) = cycles {
+            // Say how the job ended if it ended early: that is the real failure.
+            run.abort();
+            let ended = run.await;
+            anyhow::bail!("{error:#} (the run: {ended:?})");
         }
         latencies.sort();
         eprintln!(

@@ -126,6 +126,10 @@ fn main() {
             daemon_jobs::a_crash_leaves_no_job_running_and_the_record_says_so,
         ),
         sandboxed(
+            "daemon_jobs::a_job_frozen_when_its_agent_died_is_swept_by_the_next_start",
+            daemon_jobs::a_job_frozen_when_its_agent_died_is_swept_by_the_next_start,
+        ),
+        sandboxed(
             "escape::an_image_cannot_bring_host_folders_in",
             escape::an_image_cannot_bring_host_folders_in,
         ),

@@ -57,7 +57,8 @@ pub fn command(data_dir: &Path) -> Command {
     cmd
 }
 
-/// Runs `hearth --data-dir DIR ARGS…` to completion.
+/// Runs `hearth --data-dir DIR ARGS…` to completion, reading its output as it comes (so a
+/// command that writes a lot never blocks on a full pipe).
 pub fn hearth(data_dir: &Path, args: &[&str]) -> Result<Output> {
     let mut child = command(data_dir)
         .args(args)
@@ -66,15 +67,20 @@ pub fn hearth(data_dir: &Path, args: &[&str]) -> Result<Output> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting hearth")?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let status = wait_deadline(&mut child, PROCESS_DEADLINE)?;
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_end(&mut stdout)?;
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_end(&mut stderr)?;
-    }
+    let stdout = stdout.join().map_err(|_| anyhow::anyhow!("reading stdout panicked"))?;
+    let stderr = stderr.join().map_err(|_| anyhow::anyhow!("reading stderr panicked"))?;
     Ok(Output { status, stdout, stderr })
 }
 

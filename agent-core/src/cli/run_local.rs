@@ -21,8 +21,10 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let outcome = runtime.block_on(async {
         let (control_tx, control_rx) = mpsc::channel(4);
         let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-        let printer = tokio::spawn(async move {
-            while let Some(event) = event_rx.recv().await {
+        // A thread of its own: a terminal or pipe that stops reading blocks only the printing,
+        // never the runtime that enforces the job's deadline and limits.
+        let printer = tokio::task::spawn_blocking(move || {
+            while let Some(event) = event_rx.blocking_recv() {
                 if let RunEvent::Output { stream, data } = event {
                     // A closed terminal must not stop the job; the logs keep everything.
                     let _ = match stream {

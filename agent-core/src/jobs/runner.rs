@@ -325,12 +325,17 @@ impl Runner {
         // The shim joins the cgroup as its first act; until it has, killing the cgroup would miss
         // it, so a cancel or a deadline must not be acted on before.
         let shim_pid = shim.id().map(|pid| pid as i32);
-        let joined = tokio::time::Instant::now() + Duration::from_secs(10);
+        // It takes the shim about a millisecond: yield rather than sleep a timer tick at first.
+        let started = tokio::time::Instant::now();
         while shim_pid.is_some_and(|pid| !cgroup.processes().contains(&pid)) {
-            if shim.try_wait()?.is_some() || tokio::time::Instant::now() > joined {
+            if shim.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(10) {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            if started.elapsed() < Duration::from_millis(50) {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         let _ = events.send(RunEvent::State(JobState::Running));
 
@@ -369,7 +374,9 @@ impl Runner {
         // Whatever ended the run, nothing of the job may be left; this also closes the pipes.
         let killed = blocking(cgroup, JobCgroup::kill_all).await;
         let _ = shim.start_kill();
-        let _ = shim.wait().await;
+        if tokio::time::timeout(Duration::from_secs(10), shim.wait()).await.is_err() {
+            warn!(job = %request.id, "the sandbox did not exit after being killed");
+        }
         for pump in pumps {
             let _ = pump.await;
         }

@@ -1,12 +1,12 @@
 //! The one containment every job runs in, WASI and native alike.
 //!
-//! A job is three processes deep, all of them this same `hearth` binary:
+//! A job is three processes deep below the agent:
 //!
 //! ```text
 //! agent (runner.rs)          creates the job's cgroup, spawns the shim, watches, freezes, kills
 //!  └─ shim   (`__sandbox-shim`)   joins the cgroup, then unshares user, pid, net, ipc, uts and
 //!      │                          cgroup namespaces and maps its own uid to root inside
-//!      └─ init (`__sandbox-init`) pid 1 of the new pid namespace: builds a private root in a new
+//!      └─ init (forked)           pid 1 of the new pid namespace: builds a private root in a new
 //!          │                      mount namespace, pivots into it, sets rlimits, drops every
 //!          │                      capability, sets no_new_privs and loads the seccomp filter
 //!          └─ the job             a native command, or (for WASI) wasmtime inside init itself
@@ -19,9 +19,10 @@
 //! outlive its job. Init stays pid 1 for native jobs, reaps orphans, and ends the namespace as soon
 //! as the job's main process exits.
 //!
-//! The shim and init are plain synchronous code: `unshare(CLONE_NEWUSER)` needs a single-threaded
-//! process, so the binary dispatches to them before anything starts a thread (see `main.rs`). The
-//! two read their instructions from a [`Plan`] file the runner wrote into the job's folder. When
+//! The shim and init are plain synchronous code: `unshare(CLONE_NEWUSER)` and a safe `fork` need a
+//! single-threaded process, so the binary dispatches to the shim before anything starts a thread
+//! (see `main.rs`), and init is a fork of the shim. The shim reads its instructions from a [`Plan`]
+//! file the runner wrote into the job's folder. When
 //! they fail before the job runs, they write the reason to [`ERROR_FILE`] and exit with
 //! [`SETUP_FAILED`], so the runner reports "sandbox setup failed: …" instead of an exit code.
 
@@ -32,9 +33,8 @@ mod seccomp;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -43,7 +43,7 @@ use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{Pid, getegid, geteuid};
+use nix::unistd::{ForkResult, Pid, getegid, geteuid};
 use serde::{Deserialize, Serialize};
 
 /// Exit code of the shim or init when the sandbox could not be set up; the reason is in
@@ -58,9 +58,6 @@ pub const PLAN_FILE: &str = "sandbox.json";
 
 /// The hidden subcommand that runs [`shim_main`].
 pub const SHIM_COMMAND: &str = "__sandbox-shim";
-
-/// The hidden subcommand that runs [`init_main`].
-pub const INIT_COMMAND: &str = "__sandbox-init";
 
 /// Host name inside every sandbox.
 const HOSTNAME: &str = "hearth-job";
@@ -133,11 +130,6 @@ impl Plan {
     }
 }
 
-/// How the job's own process tree ended, as init reports it through its exit status.
-fn exit_code_of(status: ExitStatus) -> i32 {
-    status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(SETUP_FAILED)
-}
-
 /// Records a setup failure where the runner will find it, and returns [`SETUP_FAILED`].
 fn setup_failed(error_file: &Path, error: &anyhow::Error) -> ExitCode {
     let line = format!("{error:#}");
@@ -155,13 +147,13 @@ pub fn shim_main(plan_path: &Path) -> ExitCode {
             return setup_failed(&fallback, &error);
         }
     };
-    match shim(&plan, plan_path) {
+    match shim(&plan) {
         Ok(code) => ExitCode::from(code as u8),
         Err(error) => setup_failed(&plan.error_file(), &error),
     }
 }
 
-fn shim(plan: &Plan, plan_path: &Path) -> anyhow::Result<i32> {
+fn shim(plan: &Plan) -> anyhow::Result<i32> {
     prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
     // The agent may have died between spawning us and the line above (we would then have been
     // re-parented, to init or to a subreaper such as systemd --user).
@@ -189,37 +181,40 @@ fn shim(plan: &Plan, plan_path: &Path) -> anyhow::Result<i32> {
     fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing /proc/self/uid_map")?;
     fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing /proc/self/gid_map")?;
 
-    let mut init = Command::new("/proc/self/exe")
-        .arg(INIT_COMMAND)
-        .arg(plan_path)
-        .stdin(Stdio::null())
-        .env_clear()
-        .spawn()
-        .context("starting the sandbox's init")?;
-    let status = init.wait().context("waiting for the sandbox's init")?;
-    Ok(exit_code_of(status))
+    // Init is a fork of this process rather than a fresh exec of the binary: it already holds the
+    // plan, and an exec would cost milliseconds of every job's start (benchmark B2).
+    #[allow(unsafe_code)]
+    // SAFETY: the shim is single-threaded: `main` dispatches to it before anything can start a
+    // thread, and it starts none. The child of a single-threaded process may run any code.
+    let forked = unsafe { nix::unistd::fork() }.context("starting the sandbox's init")?;
+    let init = match forked {
+        ForkResult::Child => std::process::exit(init_main(plan)),
+        ForkResult::Parent { child } => child,
+    };
+    loop {
+        match waitpid(init, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(error) => bail!("waiting for the sandbox's init: {error}"),
+        }
+    }
 }
 
-/// Init: pid 1 of the job's pid namespace. Builds the private root, locks the process down, runs the
-/// job, and exits with its exit code.
-pub fn init_main(plan_path: &Path) -> ExitCode {
-    let plan = match Plan::load(plan_path) {
-        Ok(plan) => plan,
-        Err(error) => return setup_failed(&plan_path.with_file_name(ERROR_FILE), &error),
-    };
-    // Opened before the pivot, so a failure after it can still be written to the host.
+/// Init: pid 1 of the job's pid namespace, forked from the shim. Builds the private root, locks the
+/// process down, runs the job, and returns its exit code for the process to exit with.
+fn init_main(plan: &Plan) -> i32 {
+    // Opened before the pivot, so a failure after it can still be written to the host. An empty
+    // error file means no error; the runner ignores it.
     let mut error_file = match File::create(plan.error_file()) {
         Ok(file) => file,
-        Err(error) => return setup_failed(&plan.error_file(), &error.into()),
+        Err(_) => return SETUP_FAILED,
     };
-    match init(&plan) {
-        Ok(code) => {
-            // An empty error file means no error; the runner ignores it.
-            ExitCode::from(code as u8)
-        }
+    match init(plan) {
+        Ok(code) => code,
         Err(error) => {
             let _ = error_file.write_all(format!("{error:#}").as_bytes());
-            ExitCode::from(SETUP_FAILED as u8)
+            SETUP_FAILED
         }
     }
 }

@@ -72,8 +72,11 @@ enum Layout {
 }
 
 impl JobCgroup {
-    /// Creates the cgroup `name` for a job with these limits.
+    /// Creates the cgroup for job `name` with these limits. Its folder is named after this agent's
+    /// pid too (`a<pid>-<name>`), so job cgroups left by an agent that died (SIGKILL, a crash, even
+    /// while a job was frozen) are recognised and removed here, by the next job of any agent.
     pub fn create(name: &str, limits: &Limits) -> Result<Self, CgroupError> {
+        let name = &format!("a{}-{name}", std::process::id());
         let own = fs::read_to_string("/proc/self/cgroup")
             .map_err(|error| CgroupError::Unavailable(format!("cannot read /proc/self/cgroup: {error}")))?;
         let root = Path::new(CGROUP_ROOT);
@@ -89,6 +92,7 @@ impl JobCgroup {
                     .map(|path| mount.join(path.trim_start_matches('/')))
                     .filter(|path| path.is_dir())
                     .unwrap_or(mount);
+                sweep_orphans(&base.join("hearth"));
                 let dir = base.join("hearth").join(name);
                 fs::create_dir_all(&dir).map_err(|error| {
                     CgroupError::Unavailable(format!("cannot create {}: {error}", dir.display()))
@@ -234,14 +238,13 @@ impl JobCgroup {
             }
         }
         // Freeze first so nothing forks between reading the list and the signals landing; a
-        // SIGKILL to a frozen task takes effect on thaw.
-        let frozen = self.freeze().is_ok();
+        // SIGKILL to a frozen task takes effect on thaw. Thaw whether or not the freeze settled:
+        // a cgroup left FREEZING would keep its killed processes forever.
+        let _ = self.freeze();
         for pid in self.processes() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        if frozen {
-            self.thaw()?;
-        }
+        self.thaw()?;
         settle(|| {
             let left = self.processes();
             for &pid in &left {
@@ -305,10 +308,55 @@ fn create_v2(root: &Path, own: &str, name: &str) -> Result<PathBuf, CgroupError>
         fs::write(base.join("cgroup.subtree_control"), change.join(" "))
             .map_err(|error| unavailable("enabling cpu, memory and pids", error))?;
     }
+    sweep_orphans(&base);
     let dir = base.join(format!("hearth-job-{name}"));
     fs::create_dir_all(&dir)
         .map_err(|error| CgroupError::Unavailable(format!("cannot create {}: {error}", dir.display())))?;
     Ok(dir)
+}
+
+/// Kills and removes the job cgroups under `parent` whose agent is no longer running.
+fn sweep_orphans(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(agent) = name.to_str().and_then(agent_of) else { continue };
+        // Any live process with that pid counts (the agent may be a library user, not `hearth`):
+        // a reused pid only delays the sweep.
+        if Path::new(&format!("/proc/{agent}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        // v1 keeps one folder per controller; each is swept where it is found.
+        let layout = if dir.join("cgroup.freeze").exists() || dir.join("cgroup.kill").exists() {
+            Layout::V2 { dir: dir.clone() }
+        } else {
+            Layout::V1 { cpu: dir.clone(), memory: dir.clone(), pids: dir.clone(), freezer: None }
+        };
+        // Thaw first: a SIGKILL to a process frozen by the v1 freezer waits for the thaw.
+        if let Some(freezer) = sibling(&dir, "freezer") {
+            let _ = fs::write(freezer.join("freezer.state"), "THAWED");
+        }
+        let _ = JobCgroup { layout }.kill_all();
+        if fs::remove_dir(&dir).is_ok() {
+            tracing::info!(cgroup = %dir.display(), "removed the cgroup of a job whose agent died");
+        }
+    }
+}
+
+/// The agent pid in a job cgroup's folder name (`a<pid>-<id>` or `hearth-job-a<pid>-<id>`).
+fn agent_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("hearth-job-").unwrap_or(name).strip_prefix('a')?;
+    rest.split_once('-')?.0.parse().ok()
+}
+
+/// For a v1 folder under `/sys/fs/cgroup/<controller>/…`, the same folder in another hierarchy.
+fn sibling(dir: &Path, controller: &str) -> Option<PathBuf> {
+    let relative = dir.strip_prefix(CGROUP_ROOT).ok()?;
+    let mut parts = relative.components();
+    parts.next()?;
+    let other = Path::new(CGROUP_ROOT).join(controller).join(parts.as_path());
+    other.is_dir().then_some(other)
 }
 
 /// This process's path in the hierarchy holding `controller` (`""` for v2) from /proc/self/cgroup.
@@ -373,6 +421,14 @@ mod tests {
         assert_eq!(own_path(HYBRID, ""), Some("/user.slice/x.scope"));
         assert_eq!(own_path(HYBRID, "freezer"), None);
         assert_eq!(own_path("3:cpu,cpuacct:/a\n", "cpuacct"), Some("/a"));
+    }
+
+    #[test]
+    fn job_folders_name_their_agent() {
+        assert_eq!(agent_of("a123-local-1-2"), Some(123));
+        assert_eq!(agent_of("hearth-job-a77-abcdef"), Some(77));
+        assert_eq!(agent_of("hearth-agent"), None);
+        assert_eq!(agent_of("local-1-2"), None);
     }
 
     #[test]
