@@ -325,17 +325,22 @@ impl Runner {
         // The shim joins the cgroup as its first act; until it has, killing the cgroup would miss
         // it, so a cancel or a deadline must not be acted on before.
         let shim_pid = shim.id().map(|pid| pid as i32);
-        // It takes the shim about a millisecond: yield rather than sleep a timer tick at first.
-        let started = tokio::time::Instant::now();
-        while shim_pid.is_some_and(|pid| !cgroup.processes().contains(&pid)) {
-            if shim.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if started.elapsed() < Duration::from_millis(50) {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        // It takes the shim about a millisecond. Poll with short sleeps on the blocking pool: a
+        // timer tick would cost a whole millisecond, and spinning would take the CPU the shim needs.
+        if let Some(pid) = shim_pid {
+            let waiting = Arc::clone(cgroup);
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                while !waiting.processes().contains(&pid) && started.elapsed() < Duration::from_secs(10) {
+                    // A shim that failed before joining is a zombie (or gone): stop waiting.
+                    let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    if state.rsplit(')').next().is_none_or(|rest| rest.trim_start().starts_with('Z')) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            })
+            .await?;
         }
         let _ = events.send(RunEvent::State(JobState::Running));
 
