@@ -34,6 +34,9 @@ if command -v apt-get >/dev/null 2>&1; then
     # A C compiler for the bundled SQLite and ring; libseccomp for the job sandbox's filter; curl
     # and certificates only to fetch rustup.
     hearth_apt_install gcc libc6-dev pkg-config libseccomp-dev ca-certificates curl
+    # slirp4netns gives jobs granted network their outbound-only link; iproute2 and util-linux
+    # (nsenter) build the test networks in namespaces.
+    hearth_apt_install slirp4netns iproute2 util-linux
 fi
 
 if [ -f "$HOME/.cargo/env" ]; then

@@ -10,6 +10,7 @@ mod daemon;
 mod daemon_jobs;
 mod escape;
 mod events;
+mod job_network;
 mod jobs;
 mod resources;
 
@@ -35,6 +36,16 @@ fn main() {
     let sandbox = hearth_tests::jobs::sandbox_support();
     let sandboxed = |name: &str, test: TestFn| {
         trial_if(name, test, sandbox.is_ok(), sandbox.as_ref().err().map_or("", String::as_str))
+    };
+    // Jobs in network namespaces: the sandbox, `ip netns` (root), and slirp4netns for granted network.
+    let networked = sandbox.clone().and_then(|()| hearth_tests::netns::support()).and_then(|()| {
+        match hearth_tests::netns::installed("slirp4netns") {
+            true => Ok(()),
+            false => Err("slirp4netns is not installed (`apt install slirp4netns`)".to_owned()),
+        }
+    });
+    let in_netns = |name: &str, test: TestFn| {
+        trial_if(name, test, networked.is_ok(), networked.as_ref().err().map_or("", String::as_str))
     };
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
@@ -161,6 +172,11 @@ fn main() {
         sandboxed("escape::ptrace_of_a_host_process_is_refused", escape::ptrace_of_a_host_process_is_refused),
         sandboxed("escape::mknod_mount_and_setuid_give_nothing", escape::mknod_mount_and_setuid_give_nothing),
         sandboxed("escape::only_stdio_fds_and_no_kernel_files", escape::only_stdio_fds_and_no_kernel_files),
+        in_netns(
+            "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",
+            job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,
+        ),
+        in_netns("job_network::network_is_off_unless_granted", job_network::network_is_off_unless_granted),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

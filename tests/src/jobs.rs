@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{hearth, hearth_bin};
+use crate::{command, hearth_bin, run_to_end};
 
 /// Builds a program of `tests/wasm-jobs` for wasm32-wasip1 once per run and returns the module.
 pub fn wasm_module(name: &str) -> Result<PathBuf> {
@@ -115,8 +115,16 @@ impl JobDir {
 
     /// Writes `spec` as `job.toml` and runs it with `hearth run --local`.
     pub fn run(&self, spec: &str) -> Result<JobRun> {
+        self.run_with(spec, |command| command)
+    }
+
+    /// Like [`JobDir::run`], with the `hearth` command passed through `wrap` first (to run it in
+    /// a network namespace, say).
+    pub fn run_with(&self, spec: &str, wrap: impl FnOnce(Command) -> Command) -> Result<JobRun> {
         let spec_path = self.file("job.toml", spec.as_bytes())?;
-        let output = hearth(&self.data_dir(), &["run", spec_path.to_str().context("path")?, "--local"])?;
+        let mut command = command(&self.data_dir());
+        command.arg("run").arg(&spec_path).arg("--local");
+        let output = run_to_end(wrap(command))?;
         Ok(JobRun { output, jobs: self.data_dir().join("jobs") })
     }
 }

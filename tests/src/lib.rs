@@ -6,6 +6,7 @@
 //! header (an empty Host, a foreign Origin, a WebSocket upgrade). Every wait is bounded.
 
 pub mod jobs;
+pub mod netns;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -60,13 +61,19 @@ pub fn command(data_dir: &Path) -> Command {
 /// Runs `hearth --data-dir DIR ARGS…` to completion, reading its output as it comes (so a
 /// command that writes a lot never blocks on a full pipe).
 pub fn hearth(data_dir: &Path, args: &[&str]) -> Result<Output> {
-    let mut child = command(data_dir)
-        .args(args)
+    let mut command = command(data_dir);
+    command.args(args);
+    run_to_end(command)
+}
+
+/// Runs `command` to completion within [`PROCESS_DEADLINE`], reading its output as it comes.
+pub fn run_to_end(mut command: Command) -> Result<Output> {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting hearth")?;
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();

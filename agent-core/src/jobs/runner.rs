@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 mod scratch;
 
 use super::sandbox::cgroup::{self, JobCgroup};
+use super::sandbox::network::NetworkPlan;
 use super::sandbox::{self, Payload, Plan, RootFs};
 use super::{Image, JobKind, JobSpec, JobState, image, wasi};
 
@@ -178,11 +179,11 @@ impl Runner {
     ) -> anyhow::Result<JobState> {
         let spec = &request.spec;
         let _ = events.send(RunEvent::State(JobState::Transferring));
-        if spec.limits.network {
-            anyhow::bail!(
-                "this agent does not grant network access to jobs yet; set `limits.network = false`"
-            );
-        }
+        // Planned before anything is created, so a missing slirp4netns fails the job at once.
+        let network = match spec.limits.network {
+            true => Some(tokio::task::spawn_blocking(NetworkPlan::for_this_host).await??),
+            false => None,
+        };
         // Private to the agent's user: job folders hold other people's inputs and outputs.
         fs::DirBuilder::new()
             .recursive(true)
@@ -208,7 +209,8 @@ impl Runner {
             pids: MAX_PROCESSES,
         };
         let cgroup = Arc::new(JobCgroup::create(&request.id, &limits)?);
-        let result = self.supervise(request, job_dir, payload, &cgroup, &mut controls, events).await;
+        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network);
+        let result = self.supervise(request, plan, &cgroup, &mut controls, events).await;
         let cleanup = {
             let cgroup = Arc::clone(&cgroup);
             tokio::task::spawn_blocking(move || cgroup.kill_all()).await
@@ -269,30 +271,13 @@ impl Runner {
     async fn supervise(
         &self,
         request: &JobRequest,
-        job_dir: &Path,
-        payload: Payload,
+        plan: Plan,
         cgroup: &Arc<JobCgroup>,
         controls: &mut mpsc::Receiver<Control>,
         events: &mpsc::UnboundedSender<RunEvent>,
     ) -> anyhow::Result<JobState> {
         let spec = &request.spec;
-        let mut env = spec.env.clone();
-        let mut devices = Vec::new();
-        if !request.gpus.is_empty() {
-            let uuids: Vec<&str> = request.gpus.iter().map(|gpu| gpu.uuid.as_str()).collect();
-            env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
-            env.insert("CUDA_VISIBLE_DEVICES".into(), uuids.join(","));
-            devices = gpu_devices(&request.gpus);
-        }
-        let plan = Plan {
-            job_dir: job_dir.to_owned(),
-            cgroups: cgroup.join_dirs(),
-            payload,
-            env,
-            devices,
-            disk_bytes: spec.resources.disk_bytes,
-            agent_pid: std::process::id(),
-        };
+        let job_dir = plan.job_dir.as_path();
         let plan_path = job_dir.join(sandbox::PLAN_FILE);
         fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
 
@@ -507,6 +492,34 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
         Ok(())
     } else {
         fs::copy(from, to).map(|_| ())
+    }
+}
+
+/// What the shim needs to build the job's sandbox.
+fn sandbox_plan(
+    request: &JobRequest,
+    job_dir: &Path,
+    payload: Payload,
+    cgroup: &JobCgroup,
+    network: Option<NetworkPlan>,
+) -> Plan {
+    let mut env = request.spec.env.clone();
+    let mut devices = Vec::new();
+    if !request.gpus.is_empty() {
+        let uuids: Vec<&str> = request.gpus.iter().map(|gpu| gpu.uuid.as_str()).collect();
+        env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
+        env.insert("CUDA_VISIBLE_DEVICES".into(), uuids.join(","));
+        devices = gpu_devices(&request.gpus);
+    }
+    Plan {
+        job_dir: job_dir.to_owned(),
+        cgroups: cgroup.join_dirs(),
+        payload,
+        env,
+        devices,
+        disk_bytes: request.spec.resources.disk_bytes,
+        agent_pid: std::process::id(),
+        network,
     }
 }
 

@@ -27,6 +27,7 @@
 //! [`SETUP_FAILED`], so the runner reports "sandbox setup failed: …" instead of an exit code.
 
 pub mod cgroup;
+pub mod network;
 mod rootfs;
 mod seccomp;
 
@@ -56,6 +57,9 @@ pub const ERROR_FILE: &str = "sandbox-error";
 /// The plan file in the job folder.
 pub const PLAN_FILE: &str = "sandbox.json";
 
+/// The file in the job folder where slirp4netns, for a job granted network, writes what it says.
+pub const NETWORK_LOG: &str = "network.log";
+
 /// The hidden subcommand that runs [`shim_main`].
 pub const SHIM_COMMAND: &str = "__sandbox-shim";
 
@@ -82,6 +86,8 @@ pub struct Plan {
     pub disk_bytes: u64,
     /// The agent's pid: the shim's parent, which it checks is still alive.
     pub agent_pid: u32,
+    /// Outbound network, when granted; without it the job's namespace has only loopback.
+    pub network: Option<network::NetworkPlan>,
 }
 
 /// What runs inside the sandbox.
@@ -165,6 +171,11 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
         fs::write(dir.join("cgroup.procs"), &pid)
             .with_context(|| format!("joining cgroup {}", dir.display()))?;
     }
+    // Forked while the shim is still in the host's namespaces, where slirp4netns must run.
+    let network = match &plan.network {
+        Some(network) => Some(network::fork_helper(network, &plan.job_dir.join(NETWORK_LOG))?),
+        None => None,
+    };
     let (uid, gid) = (geteuid(), getegid());
     let namespaces = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWPID
@@ -180,6 +191,8 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
     fs::write("/proc/self/setgroups", "deny").context("writing /proc/self/setgroups")?;
     fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing /proc/self/uid_map")?;
     fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing /proc/self/gid_map")?;
+    // Kept until the shim returns, after init: dropping it stops and reaps slirp4netns.
+    let _link = network.map(network::Helper::connect).transpose()?;
 
     // Init is a fork of this process rather than a fresh exec of the binary: it already holds the
     // plan, and an exec would cost milliseconds of every job's start (benchmark B2).
@@ -235,7 +248,7 @@ fn init(plan: &Plan) -> anyhow::Result<i32> {
         Payload::Wasi { .. } => RootFs::Base,
     };
     close_inherited_fds()?;
-    rootfs::enter(&plan.job_dir, &root, &plan.devices)?;
+    rootfs::enter(&plan.job_dir, &root, &plan.devices, plan.network.as_ref())?;
     // A session of its own: no controlling terminal, so nothing inside can reach the owner's.
     nix::unistd::setsid().context("starting a new session")?;
     nix::unistd::sethostname(HOSTNAME).context("setting the host name")?;

@@ -256,6 +256,12 @@ impl RawSpec {
                         "is only for native jobs; pass a WASI job's arguments in `args`".into(),
                     );
                 }
+                if self.limits.network {
+                    problem(
+                        "limits.network",
+                        "is only for native jobs; WASI preview 1 modules have no sockets".into(),
+                    );
+                }
                 match &self.module {
                     Some(module) => {
                         existing("module", module, &mut problem).map(|module| JobKind::Wasi { module })
@@ -523,6 +529,7 @@ time = "0s"
             ("kind = \"native\"\ncommand = []\n", "command"),
             ("kind = \"native\"\nmodule = \"hello.wasm\"\ncommand = [\"/bin/true\"]\n", "module"),
             ("kind = \"wasi\"\nmodule = \"hello.wasm\"\nimage = \"base\"\n", "image"),
+            ("kind = \"wasi\"\nmodule = \"hello.wasm\"\n[limits]\nnetwork = true\n", "limits.network"),
             ("kind = \"native\"\nimage = \"gone.tar\"\ncommand = [\"/bin/true\"]\n", "image"),
         ];
         for (text, field) in table {

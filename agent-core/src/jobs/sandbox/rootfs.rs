@@ -14,6 +14,7 @@ use nix::sched::CloneFlags;
 use nix::sys::statvfs::{FsFlags, statvfs};
 
 use super::RootFs;
+use super::network::NetworkPlan;
 
 /// Top-level folders of the host that make up the `base` image, when they exist.
 const BASE_ENTRIES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -41,7 +42,12 @@ const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
 
 /// Builds the private root for `job_dir` and pivots into it. Runs in init, which must already be in
 /// the job's user and pid namespaces.
-pub(super) fn enter(job_dir: &Path, image: &RootFs, devices: &[PathBuf]) -> anyhow::Result<()> {
+pub(super) fn enter(
+    job_dir: &Path,
+    image: &RootFs,
+    devices: &[PathBuf],
+    network: Option<&NetworkPlan>,
+) -> anyhow::Result<()> {
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("creating the mount namespace")?;
     // Nothing mounted from here on propagates back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -62,7 +68,7 @@ pub(super) fn enter(job_dir: &Path, image: &RootFs, devices: &[PathBuf]) -> anyh
             for name in BASE_ENTRIES {
                 take_entry(Path::new("/"), name, &root)?;
             }
-            make_etc(&root, Some(Path::new("/etc")))?;
+            make_etc(&root, Some(Path::new("/etc")), network)?;
         }
         RootFs::Image(dir) => {
             for entry in fs::read_dir(dir).with_context(|| format!("reading image {}", dir.display()))? {
@@ -72,12 +78,22 @@ pub(super) fn enter(job_dir: &Path, image: &RootFs, devices: &[PathBuf]) -> anyh
                     take_entry(dir, name, &root)?;
                 }
             }
-            make_etc(&root, None)?;
+            make_etc(&root, None, network)?;
             // The image's own /etc replaces the synthesized one, but only a real folder: a
             // symlink would be followed by the bind mount, out of the image.
             let image_etc = dir.join("etc");
             if fs::symlink_metadata(&image_etc).is_ok_and(|meta| meta.is_dir()) {
                 bind(&image_etc, &root.join("etc"), Access::ReadOnly)?;
+                // Its resolv.conf (as in Docker, the image's is the host's business) names ours,
+                // when it has one to mount over.
+                let resolv = image_etc.join("resolv.conf");
+                if let Some(network) = network
+                    && fs::symlink_metadata(&resolv).is_ok_and(|meta| meta.is_file())
+                {
+                    let ours = job_dir.join("resolv.conf");
+                    fs::write(&ours, resolv_conf(network))?;
+                    bind(&ours, &root.join("etc/resolv.conf"), Access::ReadOnly)?;
+                }
             }
         }
     }
@@ -133,20 +149,33 @@ fn take_entry(source_dir: &Path, name: &str, root: &Path) -> anyhow::Result<()> 
 }
 
 /// A synthesized `/etc`: one user and group (root, who is the agent's user outside), localhost,
-/// and, for the base image, the few host files programs need to start.
-fn make_etc(root: &Path, host_etc: Option<&Path>) -> anyhow::Result<()> {
+/// and, for the base image, the few host files programs need to start. With network granted, the
+/// job's resolver and, for the base image, the host's CA certificates (public ones only:
+/// `/etc/ssl/private` stays out).
+fn make_etc(root: &Path, host_etc: Option<&Path>, network: Option<&NetworkPlan>) -> anyhow::Result<()> {
     let etc = root.join("etc");
     fs::create_dir(&etc)?;
     fs::write(etc.join("passwd"), PASSWD)?;
     fs::write(etc.join("group"), GROUP)?;
     fs::write(etc.join("hosts"), HOSTS)?;
     fs::write(etc.join("hostname"), format!("{}\n", super::HOSTNAME))?;
+    if let Some(network) = network {
+        fs::write(etc.join("resolv.conf"), resolv_conf(network))?;
+    }
     if let Some(host_etc) = host_etc {
         for name in BASE_ETC {
             take_entry(host_etc, name, &etc)?;
         }
+        if network.is_some() {
+            fs::create_dir(etc.join("ssl"))?;
+            take_entry(&host_etc.join("ssl"), "certs", &etc.join("ssl"))?;
+        }
     }
     Ok(())
+}
+
+fn resolv_conf(network: &NetworkPlan) -> String {
+    format!("nameserver {}\n", network.resolver())
 }
 
 fn make_dev(root: &Path, devices: &[PathBuf]) -> anyhow::Result<()> {
