@@ -398,3 +398,48 @@ pub(crate) fn native_job_runs_in_an_oci_image_with_whiteouts() -> Result<()> {
     ensure!(run.out("copy")? == b"input bytes");
     Ok(())
 }
+
+/// The UUID of each GPU `nvidia-smi -L` lists on the host, in its order.
+fn host_gpu_uuids() -> Result<Vec<String>> {
+    let out = std::process::Command::new("nvidia-smi").arg("-L").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|line| Some(line.split("(UUID: ").nth(1)?.trim_end_matches(')').to_owned()))
+        .collect())
+}
+
+pub(crate) fn a_granted_gpu_is_the_only_one_the_job_sees() -> Result<()> {
+    let host = host_gpu_uuids()?;
+    ensure!(!host.is_empty(), "nvidia-smi -L listed no GPU");
+    let job = JobDir::new()?;
+    // The driver's own nvidia-smi, bound from the host, through the PATH the grant sets.
+    let run = job.run(
+        "kind = \"native\"\nimage = \"base\"\ncommand = [\"/bin/sh\", \"-c\", \
+         \"nvidia-smi -L; echo PATH=$PATH; ls /dev | grep nvidia\"]\n\
+         [resources]\ngpus = 1\n[limits]\ntime = \"60s\"\n",
+    )?;
+    run.expect_code(0)?;
+    let out = run.stdout();
+    let seen: Vec<&str> = out.lines().filter(|line| line.starts_with("GPU ")).collect();
+    ensure!(seen.len() == 1, "the job saw {} GPUs:\n{out}", seen.len());
+    ensure!(host.iter().any(|uuid| seen[0].contains(uuid.as_str())), "not a host GPU:\n{out}");
+    ensure!(out.contains("PATH=/.hearth/nvidia/bin:"), "{out}");
+    let nodes: Vec<&str> = out.lines().filter(|line| line.starts_with("nvidia")).collect();
+    let gpu_nodes = nodes.iter().filter(|n| n.trim_start_matches("nvidia").parse::<u32>().is_ok()).count();
+    ensure!(gpu_nodes == 1, "the job has {gpu_nodes} GPU device nodes: {nodes:?}");
+
+    let job = JobDir::new()?;
+    let run = job.run(
+        "kind = \"native\"\nimage = \"base\"\ncommand = [\"/bin/sh\", \"-c\", \
+         \"ls /dev | grep nvidia; ls /.hearth 2>&1; nvidia-smi -L; exit 0\"]\n",
+    )?;
+    run.expect_code(0)?;
+    let out = run.stdout();
+    ensure!(
+        !out.lines().any(|line| line.starts_with("nvidia")),
+        "a job without a grant has NVIDIA nodes:\n{out}"
+    );
+    ensure!(!out.contains("GPU 0"), "a job without a grant sees a GPU:\n{out}");
+    Ok(())
+}

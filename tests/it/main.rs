@@ -172,6 +172,12 @@ fn main() {
         sandboxed("escape::ptrace_of_a_host_process_is_refused", escape::ptrace_of_a_host_process_is_refused),
         sandboxed("escape::mknod_mount_and_setuid_give_nothing", escape::mknod_mount_and_setuid_give_nothing),
         sandboxed("escape::only_stdio_fds_and_no_kernel_files", escape::only_stdio_fds_and_no_kernel_files),
+        trial_if(
+            "jobs::a_granted_gpu_is_the_only_one_the_job_sees",
+            jobs::a_granted_gpu_is_the_only_one_the_job_sees,
+            gpu && sandbox.is_ok(),
+            "no NVIDIA GPU with a working driver on this machine (`nvidia-smi -L` lists none), or no sandbox",
+        ),
         in_netns(
             "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",
             job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,

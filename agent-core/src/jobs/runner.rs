@@ -9,6 +9,7 @@
 //! so no process of the job outlives the run. Output is captured to bounded `stdout.log` and
 //! `stderr.log` files in the job folder and streamed as [`RunEvent::Output`].
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
@@ -28,6 +29,7 @@ mod scratch;
 
 use super::sandbox::cgroup::{self, JobCgroup};
 use super::sandbox::network::NetworkPlan;
+use super::sandbox::nvidia::DriverFiles;
 use super::sandbox::{self, Payload, Plan, RootFs};
 use super::{Image, JobKind, JobSpec, JobState, image, wasi};
 
@@ -209,7 +211,11 @@ impl Runner {
             pids: MAX_PROCESSES,
         };
         let cgroup = Arc::new(JobCgroup::create(&request.id, &limits)?);
-        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network);
+        let driver = match request.gpus.is_empty() {
+            true => DriverFiles::default(),
+            false => tokio::task::spawn_blocking(DriverFiles::find).await?,
+        };
+        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network, driver);
         let result = self.supervise(request, plan, &cgroup, &mut controls, events).await;
         let cleanup = {
             let cgroup = Arc::clone(&cgroup);
@@ -502,6 +508,7 @@ fn sandbox_plan(
     payload: Payload,
     cgroup: &JobCgroup,
     network: Option<NetworkPlan>,
+    driver: DriverFiles,
 ) -> Plan {
     let mut env = request.spec.env.clone();
     let mut devices = Vec::new();
@@ -510,6 +517,10 @@ fn sandbox_plan(
         env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
         env.insert("CUDA_VISIBLE_DEVICES".into(), uuids.join(","));
         devices = gpu_devices(&request.gpus);
+        // The driver's folders come first, so an image's stale copy of a driver library never
+        // shadows the one matching the kernel module.
+        prepend_path(&mut env, "LD_LIBRARY_PATH", &DriverFiles::library_dir(), "");
+        prepend_path(&mut env, "PATH", &DriverFiles::program_dir(), sandbox::DEFAULT_PATH);
     }
     Plan {
         job_dir: job_dir.to_owned(),
@@ -517,10 +528,18 @@ fn sandbox_plan(
         payload,
         env,
         devices,
+        driver,
         disk_bytes: request.spec.resources.disk_bytes,
         agent_pid: std::process::id(),
         network,
     }
+}
+
+/// Puts `dir` in front of the colon-separated list `key` (or of `default` when it is unset).
+fn prepend_path(env: &mut BTreeMap<String, String>, key: &str, dir: &str, default: &str) {
+    let rest = env.get(key).map_or(default, String::as_str);
+    let value = if rest.is_empty() { dir.to_owned() } else { format!("{dir}:{rest}") };
+    env.insert(key.to_owned(), value);
 }
 
 /// The device nodes for granted GPUs: each GPU's own node, plus the control and unified-memory

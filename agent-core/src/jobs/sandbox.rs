@@ -28,6 +28,7 @@
 
 pub mod cgroup;
 pub mod network;
+pub mod nvidia;
 mod rootfs;
 mod seccomp;
 
@@ -66,6 +67,9 @@ pub const SHIM_COMMAND: &str = "__sandbox-shim";
 /// Host name inside every sandbox.
 const HOSTNAME: &str = "hearth-job";
 
+/// A native job's `PATH` unless its spec sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+
 /// Open files a job may hold.
 const MAX_OPEN_FILES: u64 = 4096;
 
@@ -82,6 +86,8 @@ pub struct Plan {
     pub env: BTreeMap<String, String>,
     /// Device nodes passed through (granted GPUs and their control nodes).
     pub devices: Vec<PathBuf>,
+    /// The host's NVIDIA driver libraries and programs, for a job granted GPUs.
+    pub driver: nvidia::DriverFiles,
     /// The scratch disk limit; also the largest file the job may write.
     pub disk_bytes: u64,
     /// The agent's pid: the shim's parent, which it checks is still alive.
@@ -248,7 +254,7 @@ fn init(plan: &Plan) -> anyhow::Result<i32> {
         Payload::Wasi { .. } => RootFs::Base,
     };
     close_inherited_fds()?;
-    rootfs::enter(&plan.job_dir, &root, &plan.devices, plan.network.as_ref())?;
+    rootfs::enter(plan, &root)?;
     // A session of its own: no controlling terminal, so nothing inside can reach the owner's.
     nix::unistd::setsid().context("starting a new session")?;
     nix::unistd::sethostname(HOSTNAME).context("setting the host name")?;
@@ -324,7 +330,7 @@ fn run_native(command: &[String], env: &BTreeMap<String, String>) -> anyhow::Res
     let child = Command::new(program)
         .args(args)
         .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("PATH", DEFAULT_PATH)
         .env("HOME", "/work")
         .envs(env)
         .current_dir("/work")

@@ -13,8 +13,9 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::CloneFlags;
 use nix::sys::statvfs::{FsFlags, statvfs};
 
-use super::RootFs;
 use super::network::NetworkPlan;
+use super::nvidia::{self, DriverFiles};
+use super::{Plan, RootFs};
 
 /// Top-level folders of the host that make up the `base` image, when they exist.
 const BASE_ENTRIES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -24,7 +25,7 @@ const BASE_ENTRIES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "
 const BASE_ETC: &[&str] = &["ld.so.cache", "alternatives"];
 
 /// Entries of an image never taken from it: the sandbox supplies these itself.
-const RESERVED: &[&str] = &["in", "out", "work", "tmp", "proc", "dev", "sys", "etc"];
+const RESERVED: &[&str] = &["in", "out", "work", "tmp", "proc", "dev", "sys", "etc", ".hearth"];
 
 /// Devices every job gets.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
@@ -42,12 +43,8 @@ const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
 
 /// Builds the private root for `job_dir` and pivots into it. Runs in init, which must already be in
 /// the job's user and pid namespaces.
-pub(super) fn enter(
-    job_dir: &Path,
-    image: &RootFs,
-    devices: &[PathBuf],
-    network: Option<&NetworkPlan>,
-) -> anyhow::Result<()> {
+pub(super) fn enter(plan: &Plan, image: &RootFs) -> anyhow::Result<()> {
+    let (job_dir, network) = (plan.job_dir.as_path(), plan.network.as_ref());
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("creating the mount namespace")?;
     // Nothing mounted from here on propagates back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -97,7 +94,8 @@ pub(super) fn enter(
             }
         }
     }
-    make_dev(&root, devices)?;
+    make_dev(&root, &plan.devices)?;
+    add_driver(&root, &plan.driver)?;
     for (name, access) in [
         ("in", Access::ReadOnly),
         ("out", Access::ReadWrite),
@@ -176,6 +174,24 @@ fn make_etc(root: &Path, host_etc: Option<&Path>, network: Option<&NetworkPlan>)
 
 fn resolv_conf(network: &NetworkPlan) -> String {
     format!("nameserver {}\n", network.resolver())
+}
+
+/// The host's NVIDIA driver files, read-only under [`nvidia::DIR`], for a job granted GPUs.
+fn add_driver(root: &Path, driver: &DriverFiles) -> anyhow::Result<()> {
+    if driver.libraries.is_empty() && driver.programs.is_empty() {
+        return Ok(());
+    }
+    let inside = root.join(nvidia::DIR.trim_start_matches('/'));
+    for (folder, files) in [("lib", &driver.libraries), ("bin", &driver.programs)] {
+        let dir = inside.join(folder);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, source) in files {
+            let target = dir.join(name);
+            fs::write(&target, b"")?;
+            bind(source, &target, Access::ReadOnly)?;
+        }
+    }
+    Ok(())
 }
 
 fn make_dev(root: &Path, devices: &[PathBuf]) -> anyhow::Result<()> {
