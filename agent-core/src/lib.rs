@@ -6,6 +6,7 @@
 //! `docs/architecture.md` for the map.
 
 pub mod api;
+pub mod availability;
 pub mod config;
 pub mod daemon;
 pub mod events;
