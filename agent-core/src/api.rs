@@ -30,10 +30,26 @@ use utoipa_axum::routes;
 pub use discovery::{ApiInfo, ApiToken};
 pub use error::ErrorBody;
 
+use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reason};
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::resources::Resources;
+use crate::store::OwnerNotice;
+
+/// What the agent is doing, as `hearth status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Opening its files and starting its parts.
+    Starting,
+    /// Running, and the machine is shared.
+    Sharing,
+    /// Running, and sharing is paused (see the reasons).
+    Paused,
+    /// Shutting down.
+    Stopping,
+}
 
 /// What `GET /api/v1/status` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -41,7 +57,11 @@ pub struct Status {
     /// The agent's peer id: its network name and signing identity.
     pub peer_id: String,
     /// The agent's state.
-    pub state: AgentState,
+    pub state: AgentStatus,
+    /// Why sharing is paused; empty while sharing.
+    pub reasons: Vec<Reason>,
+    /// What the machine offers now, or why it offers nothing.
+    pub availability: Availability,
     /// The daemon's version.
     pub version: String,
     /// The daemon's process id.
@@ -104,13 +124,41 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// The jobs this agent runs.
     pub jobs: Supervisor,
+    /// Whether the machine shares now.
+    pub availability: watch::Receiver<Availability>,
+    /// The owner's policy, pause and activity reports.
+    pub owner: Arc<OwnerControls>,
+}
+
+impl std::fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Starting => "starting",
+            Self::Sharing => "sharing",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+        })
+    }
 }
 
 impl ApiState {
     fn status(&self) -> Status {
+        let availability = self.availability.borrow().clone();
+        let state = match (*self.state.borrow(), &availability) {
+            (AgentState::Starting, _) => AgentStatus::Starting,
+            (AgentState::Stopping, _) => AgentStatus::Stopping,
+            (AgentState::Ready, Availability::Sharing { .. }) => AgentStatus::Sharing,
+            (AgentState::Ready, Availability::Paused { .. }) => AgentStatus::Paused,
+        };
+        let reasons = match &availability {
+            Availability::Paused { reasons } => reasons.clone(),
+            Availability::Sharing { .. } => Vec::new(),
+        };
         Status {
             peer_id: self.run.peer_id.clone(),
-            state: *self.state.borrow(),
+            state,
+            reasons,
+            availability,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             data_dir: self.run.data_dir.clone(),
@@ -150,6 +198,12 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_job))
         .routes(routes!(act_on_job))
         .routes(routes!(job_log))
+        .routes(routes!(job_notices))
+        .routes(routes!(get_availability))
+        .routes(routes!(pause_sharing))
+        .routes(routes!(resume_sharing))
+        .routes(routes!(get_policy, set_policy))
+        .routes(routes!(report_activity))
         .routes(routes!(events))
         .routes(routes!(openapi_json))
         .split_for_parts();
@@ -290,6 +344,116 @@ async fn job_log(
     let bytes = read_log(&job.job_dir, stream, query.offset).unwrap_or_default();
     let next_offset = query.offset + bytes.len() as u64;
     Ok(Json(LogChunk { text: String::from_utf8_lossy(&bytes).into_owned(), next_offset, finished }))
+}
+
+/// What the owner did to a job (pause, resume, stop) and why, oldest first: the notices kept for
+/// the job's consumer.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/notices", params(("id" = String, Path, description = "The job's id")), responses(
+    (status = 200, body = Vec<OwnerNotice>),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn job_notices(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Vec<OwnerNotice>>, error::ApiError> {
+    state.jobs.get(&id).await?;
+    Ok(Json(state.jobs.notices(&id).await?))
+}
+
+/// Whether the machine shares now: its offered capacity, or why it is paused.
+#[utoipa::path(get, path = "/api/v1/availability", responses(
+    (status = 200, body = Availability),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_availability(State(state): State<ApiState>) -> Json<Availability> {
+    Json(state.availability.borrow().clone())
+}
+
+/// What `POST /api/v1/pause` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PauseRequest {
+    /// End the pause by itself after this many seconds; absent for a pause until resumed.
+    #[serde(default)]
+    pub for_seconds: Option<u64>,
+}
+
+/// Pauses sharing at once: every running job is frozen. The tray's "pause" button.
+#[utoipa::path(post, path = "/api/v1/pause", request_body = PauseRequest, responses(
+    (status = 200, body = OwnerPause),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn pause_sharing(
+    State(state): State<ApiState>,
+    Json(body): Json<PauseRequest>,
+) -> Result<Json<OwnerPause>, error::ApiError> {
+    let pause = state.owner.pause(body.for_seconds.map(std::time::Duration::from_secs))?;
+    Ok(Json(pause))
+}
+
+/// Ends the owner's pause; sharing resumes unless something else in the policy holds.
+#[utoipa::path(post, path = "/api/v1/resume", responses(
+    (status = 200, description = "The owner's pause is over (the body is `null`)"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn resume_sharing(State(state): State<ApiState>) -> Result<Json<()>, error::ApiError> {
+    state.owner.resume()?;
+    Ok(Json(()))
+}
+
+/// The policy in force and its file's text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyDocument {
+    /// The policy, every default filled in.
+    pub policy: Policy,
+}
+
+/// What `PUT /api/v1/policy` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyText {
+    /// The whole policy file, TOML.
+    pub toml: String,
+}
+
+/// The sharing policy in force.
+#[utoipa::path(get, path = "/api/v1/policy", responses(
+    (status = 200, body = PolicyDocument),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_policy(State(state): State<ApiState>) -> Json<PolicyDocument> {
+    Json(PolicyDocument { policy: state.owner.policy() })
+}
+
+/// Replaces the policy file and applies it at once; an invalid policy changes nothing.
+#[utoipa::path(put, path = "/api/v1/policy", request_body = PolicyText, responses(
+    (status = 200, body = PolicyDocument),
+    (status = 400, body = ErrorBody, description = "the policy is invalid; the field is named"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn set_policy(
+    State(state): State<ApiState>,
+    Json(body): Json<PolicyText>,
+) -> Result<Json<PolicyDocument>, error::ApiError> {
+    let policy = state.owner.set_policy(&body.toml)?;
+    Ok(Json(PolicyDocument { policy }))
+}
+
+/// What `POST /api/v1/activity` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ActivityReport {
+    /// Seconds since the owner last used keyboard, mouse or touch, as the desktop session knows it.
+    pub idle_seconds: u64,
+}
+
+/// The desktop app reports the owner's idle time (how Wayland desktops, which hide input devices
+/// from other programs, tell the agent).
+#[utoipa::path(post, path = "/api/v1/activity", request_body = ActivityReport, responses(
+    (status = 200, description = "Recorded (the body is `null`)"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn report_activity(State(state): State<ApiState>, Json(body): Json<ActivityReport>) -> Json<()> {
+    state.owner.report_idle(std::time::Duration::from_secs(body.idle_seconds));
+    Json(())
 }
 
 /// This document.

@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use hearth::api::client::Client;
+use hearth::availability::Policy;
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
 use hearth::jobs::{JobAction, Stream};
 use hearth::resources::{self, nvidia};
@@ -55,6 +56,35 @@ enum Command {
     /// Follow or control one job of the running agent.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Stop sharing now: every running job is frozen at once.
+    Pause(PauseArgs),
+    /// End `hearth pause`; sharing resumes unless the policy says otherwise.
+    Resume(ReadArgs),
+    /// Show or replace the sharing policy (windows, idle time, power, temperatures, reserves).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+struct PauseArgs {
+    /// End the pause by itself after this long, such as `30m` or `2h`.
+    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    length: Option<std::time::Duration>,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print the policy in force, every default filled in.
+    Show(ReadArgs),
+    /// Check FILE and make it the policy; a running agent applies it at once. An invalid file
+    /// changes nothing and the error names the field.
+    Set {
+        /// The new policy (TOML).
+        #[arg(value_name = "FILE.toml")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +106,8 @@ enum JobCommand {
     Pause(JobIdArgs),
     /// Let a paused job run again.
     Resume(JobIdArgs),
+    /// What the owner did to a job (paused, resumed, stopped) and why, as kept for its consumer.
+    Notices(JobIdArgs),
 }
 
 #[derive(Debug, Args)]
@@ -180,11 +212,71 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                     JobCommand::Resume(args) => {
                         jobs::act(&client, &args.id, JobAction::Resume, args.read.json).await
                     }
+                    JobCommand::Notices(args) => {
+                        let notices = client.notices(&args.id).await?;
+                        output::print(&notices, args.read.json, output::notices)
+                    }
                 }
             })?;
         }
+        Command::Pause(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let pause =
+                runtime(false)?.block_on(async { Client::discover(&paths)?.pause(args.length).await })?;
+            output::print(&pause, args.read.json, output::pause)?;
+        }
+        Command::Resume(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let status = runtime(false)?.block_on(async {
+                let client = Client::discover(&paths)?;
+                client.resume().await?;
+                client.status().await
+            })?;
+            output::print(&status, args.json, output::status)?;
+        }
+        Command::Policy(command) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            policy(&paths, command)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `hearth policy`: through the running agent where there is one, so it applies the change at
+/// once; on the file itself otherwise.
+fn policy(paths: &Paths, command: PolicyCommand) -> anyhow::Result<()> {
+    let client = Client::discover(paths).ok();
+    match command {
+        PolicyCommand::Show(args) => {
+            let policy = match &client {
+                Some(client) => match runtime(false)?.block_on(client.policy()) {
+                    Ok(document) => document.policy,
+                    Err(_) => Policy::load(&paths.policy_file())?,
+                },
+                None => Policy::load(&paths.policy_file())?,
+            };
+            output::print(&policy, args.json, output::policy)?;
+        }
+        PolicyCommand::Set { file } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            // Checked here first, so the error names the file the owner wrote.
+            Policy::parse(&text, &file.display().to_string())?;
+            let applied = match &client {
+                Some(client) => runtime(false)?.block_on(client.set_policy(&text)).is_ok(),
+                None => false,
+            };
+            if !applied {
+                Policy::store(&paths.policy_file(), &text)?;
+            }
+            println!(
+                "policy saved to {}{}",
+                paths.policy_file().display(),
+                if applied { " and applied" } else { "" }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Logs to stderr, coloured only on a terminal. `--log-level` wins over `RUST_LOG`, which wins over

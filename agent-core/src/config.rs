@@ -96,6 +96,12 @@ impl Paths {
         self.data_dir.join("api.json")
     }
 
+    /// The owner's sharing policy, beside the configuration file.
+    pub fn policy_file(&self) -> PathBuf {
+        let dir = self.config_file.parent().unwrap_or(&self.data_dir);
+        dir.join(crate::availability::policy::POLICY_FILE)
+    }
+
     /// The API's bearer token (mode 0600).
     pub fn api_token(&self) -> PathBuf {
         self.data_dir.join("api.token")

@@ -9,6 +9,7 @@
 //! removes `api.json`, cancels running jobs, stops the monitor, records the end of the run,
 //! checkpoints and closes the store, and releases the lock.
 
+mod availability;
 mod lock;
 mod monitor;
 
@@ -28,11 +29,13 @@ use tokio_util::sync::CancellationToken;
 pub use lock::LockError;
 
 use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo};
+use crate::availability::{OwnerControls, PolicyError};
 use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
 use crate::jobs::{Runner, Supervisor};
 use crate::store::{RunId, Store, StoreError};
+use availability::{AvailabilityTask, Wiring};
 use lock::DataDirLock;
 use monitor::Monitor;
 
@@ -78,6 +81,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    /// The sharing policy cannot be used.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -124,8 +130,19 @@ async fn serve(
         Monitor::spawn(paths.data_dir.clone(), config.resources.refresh_interval, events.clone(), &cancel)
             .await;
 
+    let owner = Arc::new(OwnerControls::load(&paths.policy_file(), &paths.data_dir)?);
     let runner = Runner::for_data_dir(&paths.data_dir);
-    let jobs = Supervisor::start(runner, store.clone(), events.clone()).await?;
+    // No job starts before the first evaluation says the machine shares.
+    let (sharing, sharing_rx) = watch::channel(false);
+    let jobs = Supervisor::start(runner, store.clone(), events.clone(), sharing_rx).await?;
+    let wiring = Wiring {
+        owner: Arc::clone(&owner),
+        resources: monitor.resources(),
+        sharing,
+        jobs: jobs.clone(),
+        events: events.clone(),
+    };
+    let availability = AvailabilityTask::spawn(wiring, &cancel).await;
     let token = ApiToken::load_or_create(&paths.api_token())?;
     let port = listener.local_addr().map_err(DaemonError::Serve)?.port();
     let url = format!("http://127.0.0.1:{port}");
@@ -139,6 +156,8 @@ async fn serve(
         port,
         shutdown: cancel.clone(),
         jobs: jobs.clone(),
+        availability: availability.availability(),
+        owner,
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -164,6 +183,8 @@ async fn serve(
         server.abort();
     }
     ApiInfo::remove_if_ours(&paths.api_info());
+    // Stopped before the jobs, so it does not freeze or thaw them while they are cancelled.
+    availability.shutdown().await;
     // Jobs cannot outlive the agent anyway (see jobs::sandbox); cancelling them records why.
     jobs.shutdown().await;
     monitor.shutdown().await;

@@ -7,8 +7,10 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::availability::Availability;
 use crate::jobs::{JobRecord, Stream};
 use crate::resources::Resources;
+use crate::store::OwnerNotice;
 
 /// How many events a slow subscriber may fall behind before it misses some.
 const BUS_CAPACITY: usize = 256;
@@ -53,6 +55,16 @@ pub enum Event {
     JobChanged {
         /// The job.
         job: Box<JobRecord>,
+    },
+    /// Whether the machine shares changed, or what it offers did.
+    AvailabilityChanged {
+        /// Sharing with its capacity, or paused with the reasons.
+        availability: Availability,
+    },
+    /// The owner paused, resumed or stopped a job; recorded for the job's consumer.
+    OwnerNotice {
+        /// What happened and why.
+        notice: OwnerNotice,
     },
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {

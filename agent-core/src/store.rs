@@ -92,7 +92,33 @@ pub fn migrations() -> Migrations<'static> {
          ) STRICT;
          CREATE INDEX jobs_by_creation ON jobs (created_at);",
         ),
+        // What the owner did to jobs (pause, resume, stop) and why: the outbox of notices for
+        // the consumers' agents, kept until the network delivers them.
+        M::up(
+            "CREATE TABLE owner_notices (
+             seq       INTEGER PRIMARY KEY,
+             job_id    TEXT NOT NULL REFERENCES jobs (id),
+             kind      TEXT NOT NULL,
+             reason    TEXT NOT NULL,
+             at        INTEGER NOT NULL,
+             delivered INTEGER NOT NULL DEFAULT 0
+         ) STRICT;
+         CREATE INDEX owner_notices_by_job ON owner_notices (job_id);",
+        ),
     ])
+}
+
+/// What the owner did to a job, for its consumer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OwnerNotice {
+    /// The job.
+    pub job_id: String,
+    /// `paused`, `resumed` or `stopped`.
+    pub kind: String,
+    /// Why, for people.
+    pub reason: String,
+    /// When, in Unix seconds.
+    pub at: i64,
 }
 
 /// What [`Store::begin_run`] learnt about the run before this one.
@@ -239,6 +265,40 @@ impl Store {
         .await
     }
 
+    /// Records a notice for a job's consumer.
+    pub async fn add_owner_notice(&self, notice: &OwnerNotice) -> Result<(), StoreError> {
+        let notice = notice.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO owner_notices (job_id, kind, reason, at) VALUES (?1, ?2, ?3, ?4)",
+                params![notice.job_id, notice.kind, notice.reason, notice.at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every notice about `job_id`, oldest first.
+    pub async fn owner_notices(&self, job_id: &str) -> Result<Vec<OwnerNotice>, StoreError> {
+        let job_id = job_id.to_owned();
+        self.call(move |conn| {
+            let mut statement = conn.prepare(
+                "SELECT job_id, kind, reason, at FROM owner_notices WHERE job_id = ?1 ORDER BY seq",
+            )?;
+            statement
+                .query_map([job_id], |row| {
+                    Ok(OwnerNotice {
+                        job_id: row.get(0)?,
+                        kind: row.get(1)?,
+                        reason: row.get(2)?,
+                        at: row.get(3)?,
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
     /// Every job, oldest first.
     pub async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.call(|conn| {
@@ -310,6 +370,7 @@ fn state_columns(state: &JobState) -> (&'static str, Option<i32>, Option<String>
     match state {
         JobState::Finished { exit_code } => (state.name(), Some(*exit_code), None),
         JobState::Failed { reason } => (state.name(), None, Some(reason.clone())),
+        JobState::Cancelled { reason } => (state.name(), None, reason.clone()),
         other => (other.name(), None, None),
     }
 }
@@ -324,7 +385,7 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         "running" => JobState::Running,
         "paused" => JobState::Paused,
         "finished" => JobState::Finished { exit_code: exit_code.unwrap_or_default() },
-        "cancelled" => JobState::Cancelled,
+        "cancelled" => JobState::Cancelled { reason },
         _ => JobState::Failed {
             reason: reason.unwrap_or_else(|| format!("unknown state {name:?} in the store")),
         },
@@ -430,7 +491,7 @@ mod tests {
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
     }
 
     #[tokio::test]

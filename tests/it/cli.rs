@@ -28,10 +28,10 @@ pub(crate) fn status_from_the_cli_uses_the_token() -> Result<()> {
     let mut agent = Agent::start()?;
     let status = json_of(&hearth(&agent.data_dir(), &["status", "--json"])?)?;
     ensure!(status["peer_id"] == agent.api_info()?["peer_id"]);
-    ensure!(status["state"] == "ready", "{status}");
+    ensure!(status["state"] == "sharing", "{status}");
     let human = hearth(&agent.data_dir(), &["status"])?;
     let text = String::from_utf8_lossy(&human.stdout);
-    ensure!(text.contains("ready") && text.contains(status["peer_id"].as_str().context("id")?), "{text}");
+    ensure!(text.contains("sharing") && text.contains(status["peer_id"].as_str().context("id")?), "{text}");
     ensure!(agent.terminate()?.success());
     Ok(())
 }

@@ -32,7 +32,10 @@ pub(crate) fn websocket_streams_snapshot_refreshes_and_stopping() -> Result<()> 
         };
         let snapshot = next().await?.context("closed before the snapshot")?;
         ensure!(snapshot["type"] == "snapshot", "{snapshot}");
-        ensure!(snapshot["status"]["peer_id"] == peer_id && snapshot["status"]["state"] == "ready");
+        ensure!(
+            snapshot["status"]["peer_id"] == peer_id && snapshot["status"]["state"] == "sharing",
+            "{snapshot}"
+        );
         ensure!(snapshot["resources"]["cpu"]["threads"].as_u64().is_some_and(|t| t > 0));
 
         let refreshed = next().await?.context("closed before a refresh")?;

@@ -254,7 +254,7 @@ time = "120s"
 
         controls.send(Control::Cancel).await?;
         let outcome = run.await?;
-        ensure!(outcome.state == JobState::Cancelled, "{:?}", outcome.state);
+        ensure!(matches!(outcome.state, JobState::Cancelled { reason: None }), "{:?}", outcome.state);
         let mut states = Vec::new();
         while let Ok(event) = event_rx.try_recv() {
             if let RunEvent::State(state) = event {

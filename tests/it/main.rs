@@ -5,6 +5,7 @@
 //! silently.
 
 mod api_security;
+mod availability;
 mod cli;
 mod daemon;
 mod daemon_jobs;
@@ -177,6 +178,22 @@ fn main() {
             jobs::a_granted_gpu_is_the_only_one_the_job_sees,
             gpu && sandbox.is_ok(),
             "no NVIDIA GPU with a working driver on this machine (`nvidia-smi -L` lists none), or no sandbox",
+        ),
+        sandboxed(
+            "availability::owner_pause_freezes_the_job_and_resume_runs_it_again",
+            availability::owner_pause_freezes_the_job_and_resume_runs_it_again,
+        ),
+        sandboxed(
+            "availability::a_closing_window_freezes_the_job_without_a_command",
+            availability::a_closing_window_freezes_the_job_without_a_command,
+        ),
+        sandboxed(
+            "availability::a_long_pause_stops_the_job_with_the_owners_reason",
+            availability::a_long_pause_stops_the_job_with_the_owners_reason,
+        ),
+        trial(
+            "availability::policy_is_shown_and_a_bad_one_is_refused_whole",
+            availability::policy_is_shown_and_a_bad_one_is_refused_whole,
         ),
         in_netns(
             "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",

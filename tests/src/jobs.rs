@@ -200,3 +200,38 @@ pub fn processes_with(marker: &str) -> usize {
         })
         .count()
 }
+
+/// The pids of live processes with `marker` in their command line.
+pub fn pids_with(marker: &str) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).replace('\0', " ").contains(marker))
+        })
+        .collect()
+}
+
+/// Whether process `pid` cannot run: its cgroup is frozen (v1 freezer or v2 `cgroup.freeze`) or
+/// it is stopped by a signal (state `T`).
+pub fn is_stopped(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("T") {
+        return true;
+    }
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    cgroups.lines().any(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if controllers.split(',').any(|c| c == "freezer") {
+            fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
+                .is_ok_and(|state| state.trim() == "FROZEN")
+        } else if controllers.is_empty() {
+            fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events"))
+                .is_ok_and(|events| events.lines().any(|l| l == "frozen 1"))
+        } else {
+            false
+        }
+    })
+}

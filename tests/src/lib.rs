@@ -28,9 +28,12 @@ pub const PROCESS_DEADLINE: Duration = Duration::from_secs(30);
 pub fn hearth_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // This test binary is target/<profile>/deps/it-<hash>; hearth sits in target/<profile>.
+        // A test binary is target/<profile>/deps/it-<hash>, a benchmark target/<profile>/bench-…;
+        // hearth sits in target/<profile>.
         let exe = std::env::current_exe().unwrap_or_default();
-        let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        let profile_dir =
+            if dir.ends_with("deps") { dir.parent().map(Path::to_path_buf).unwrap_or_default() } else { dir };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
         build.args(["build", "--quiet", "-p", "agent-core", "--bin", "hearth"]);
@@ -113,6 +116,11 @@ pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Result<ExitStatus
     }
 }
 
+/// A policy that shares at all times, whatever the machine and its owner do.
+pub const ALWAYS_SHARE: &str = "[owner]\nidle = \"0s\"\nbusy_cpu = 0\nonly_on_ac = false\n\
+                                [temperature]\ncpu_pause = 1000\ncpu_resume = 999\n\
+                                [hysteresis]\nmin_paused = \"0s\"\n";
+
 /// A running `hearth daemon` in its own temporary data dir.
 pub struct Agent {
     root: tempfile::TempDir,
@@ -136,6 +144,9 @@ impl Agent {
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let root = tempfile::tempdir()?;
         fs::create_dir(root.path().join("data"))?;
+        // Share whatever the test machine is doing: a busy CI machine or a console login must not
+        // pause the jobs a test runs. Tests of the policy itself replace this file.
+        fs::write(root.path().join("data").join("policy.toml"), ALWAYS_SHARE)?;
         if !config.is_empty() {
             fs::write(root.path().join("data").join("config.toml"), config)?;
         }

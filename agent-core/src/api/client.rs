@@ -10,10 +10,12 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
-use super::{ErrorBody, LogChunk, Status, SubmitJob};
+use super::{ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob};
+use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
 use crate::resources::Resources;
+use crate::store::OwnerNotice;
 
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -129,6 +131,37 @@ impl Client {
             Stream::Stderr => "stderr",
         };
         self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
+    }
+
+    /// `GET /api/v1/availability`.
+    pub async fn availability(&self) -> Result<Availability, ClientError> {
+        self.get("/api/v1/availability").await
+    }
+
+    /// `POST /api/v1/pause`.
+    pub async fn pause(&self, length: Option<Duration>) -> Result<OwnerPause, ClientError> {
+        let body = PauseRequest { for_seconds: length.map(|length| length.as_secs().max(1)) };
+        self.send(self.http.post(self.url("/api/v1/pause")).json(&body)).await
+    }
+
+    /// `POST /api/v1/resume`.
+    pub async fn resume(&self) -> Result<(), ClientError> {
+        self.send(self.http.post(self.url("/api/v1/resume"))).await
+    }
+
+    /// `GET /api/v1/policy`.
+    pub async fn policy(&self) -> Result<PolicyDocument, ClientError> {
+        self.get("/api/v1/policy").await
+    }
+
+    /// `PUT /api/v1/policy`.
+    pub async fn set_policy(&self, toml: &str) -> Result<PolicyDocument, ClientError> {
+        self.send(self.http.put(self.url("/api/v1/policy")).json(&PolicyText { toml: toml.to_owned() })).await
+    }
+
+    /// `GET /api/v1/jobs/{id}/notices`.
+    pub async fn notices(&self, id: &str) -> Result<Vec<OwnerNotice>, ClientError> {
+        self.get(&format!("/api/v1/jobs/{id}/notices")).await
     }
 
     fn url(&self, path: &str) -> String {

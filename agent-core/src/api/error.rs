@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
 
 /// An error as the API returns it, with its HTTP status.
@@ -67,6 +68,29 @@ impl From<SupervisorError> for ApiError {
             }
         };
         Self::new(status, code, &message)
+    }
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(error: PolicyError) -> Self {
+        match &error {
+            PolicyError::Invalid { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_policy", &error.to_string())
+            }
+            PolicyError::Io { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "policy_not_saved", &error.to_string())
+            }
+        }
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(error: std::io::Error) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not_saved",
+            &format!("cannot save the owner's pause: {error}"),
+        )
     }
 }
 

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Signals;
+use super::{Policy, Signals};
 
 /// One source of signals.
 pub trait Source: Send {
-    /// Reads the source and writes what it knows into `signals`.
-    fn sample(&mut self, signals: &mut Signals);
+    /// Reads the source and writes what it knows into `signals`; `policy` says what is wanted
+    /// (the process table is read only when it names programs).
+    fn sample(&mut self, policy: &Policy, signals: &mut Signals);
 }
 
 /// Mains power from `/sys/class/power_supply`.
@@ -32,7 +33,7 @@ impl PowerSupply {
 }
 
 impl Source for PowerSupply {
-    fn sample(&mut self, signals: &mut Signals) {
+    fn sample(&mut self, _policy: &Policy, signals: &mut Signals) {
         signals.on_ac = on_ac(&self.root);
     }
 }
@@ -79,7 +80,7 @@ impl Hwmon {
 }
 
 impl Source for Hwmon {
-    fn sample(&mut self, signals: &mut Signals) {
+    fn sample(&mut self, _policy: &Policy, signals: &mut Signals) {
         signals.cpu_celsius = cpu_celsius(&self.root);
     }
 }
@@ -126,7 +127,7 @@ impl CpuLoad {
 }
 
 impl Source for CpuLoad {
-    fn sample(&mut self, signals: &mut Signals) {
+    fn sample(&mut self, _policy: &Policy, signals: &mut Signals) {
         let (Some(now), Some(ours)) = (cpu_times(&self.proc_root), (self.hearth)()) else {
             signals.foreign_cpu = None;
             return;
@@ -180,7 +181,6 @@ pub fn own_cpu_time() -> Option<Duration> {
 /// Names of running processes, read from `/proc`, only when the policy names programs.
 pub struct ProcessTable {
     proc_root: PathBuf,
-    wanted: bool,
     every: Duration,
     last: Option<(Instant, Vec<String>)>,
 }
@@ -188,18 +188,13 @@ pub struct ProcessTable {
 impl ProcessTable {
     /// Reads `proc_root` (normally `/proc`) at most once per `every`.
     pub fn new(proc_root: impl Into<PathBuf>, every: Duration) -> Self {
-        Self { proc_root: proc_root.into(), wanted: false, every, last: None }
-    }
-
-    /// Whether any program is watched; without one the table is never read.
-    pub fn set_wanted(&mut self, wanted: bool) {
-        self.wanted = wanted;
+        Self { proc_root: proc_root.into(), every, last: None }
     }
 }
 
 impl Source for ProcessTable {
-    fn sample(&mut self, signals: &mut Signals) {
-        if !self.wanted {
+    fn sample(&mut self, policy: &Policy, signals: &mut Signals) {
+        if policy.owner.programs.is_empty() {
             signals.programs.clear();
             return;
         }
@@ -244,23 +239,24 @@ pub struct Activity {
 }
 
 impl Activity {
-    /// Starts watching `dev_input` (normally `/dev/input`) where its devices can be opened.
-    pub fn new(dev_input: impl Into<PathBuf>, sys_input: impl Into<PathBuf>) -> Self {
+    /// Starts watching `dev_input` (normally `/dev/input`, classified through `sys_input`,
+    /// normally `/sys/class/input`) where its devices can be opened; `reports` is where the API
+    /// records the desktop app's reports (the moment of the owner's last input).
+    pub fn new(
+        dev_input: impl Into<PathBuf>,
+        sys_input: impl Into<PathBuf>,
+        reports: Arc<Mutex<Option<Instant>>>,
+    ) -> Self {
         Self {
             input: InputWatcher::start(dev_input.into(), sys_input.into()),
             logind: Logind::default(),
-            reports: Arc::default(),
+            reports,
         }
-    }
-
-    /// Where the API records the desktop app's reports: the moment of the owner's last input.
-    pub fn reports(&self) -> Arc<Mutex<Option<Instant>>> {
-        Arc::clone(&self.reports)
     }
 }
 
 impl Source for Activity {
-    fn sample(&mut self, signals: &mut Signals) {
+    fn sample(&mut self, _policy: &Policy, signals: &mut Signals) {
         let reported = self.reports.lock().ok().and_then(|last| *last).map(|at| at.elapsed());
         let input = self.input.as_ref().and_then(InputWatcher::idle);
         let session = self.logind.idle();
@@ -493,6 +489,8 @@ pub fn session_idle(properties: &str, now_us: i64) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt;
+
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
@@ -520,6 +518,41 @@ mod tests {
     fn input_devices_are_keyboards_mice_and_touchpads() {
         // The lid switch, the power button and the accelerometer are left out.
         assert_eq!(human_input_devices(&fixture("laptop-on-ac/input")), ["event0", "event3", "event4"]);
+    }
+
+    #[test]
+    fn the_input_watcher_sees_events_and_nothing_else() {
+        // A FIFO stands in for /dev/input/event0, a keyboard by the fixture's capabilities.
+        let dev = tempfile::tempdir().unwrap();
+        let fifo = dev.path().join("event0");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let reports = Arc::default();
+        let mut activity = Activity::new(dev.path(), fixture("laptop-on-ac/input"), reports);
+        let policy = Policy::default();
+        let mut signals = Signals::default();
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut writer = loop {
+            // The watcher opens the device on its first scan; a writer can open once it has.
+            match fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&fifo) {
+                Ok(writer) => break writer,
+                Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+                Err(error) => panic!("the watcher never opened the device: {error}"),
+            }
+        };
+        std::thread::sleep(Duration::from_millis(400));
+        activity.sample(&policy, &mut signals);
+        let quiet = signals.idle.expect("the watcher sees the device");
+        assert!(quiet >= Duration::from_millis(300), "idle {quiet:?} without any event");
+        std::io::Write::write_all(&mut writer, &[0u8; 24]).unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            activity.sample(&policy, &mut signals);
+            if signals.idle.is_some_and(|idle| idle < Duration::from_millis(300)) {
+                break;
+            }
+            assert!(Instant::now() < until, "an input event did not count as activity: {:?}", signals.idle);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -553,12 +586,12 @@ mod tests {
         let mut load = CpuLoad::new(dir.path(), Box::new(move || Some(*read_ours.lock().unwrap())));
         let mut signals = Signals::default();
         write(0, 0);
-        load.sample(&mut signals);
+        load.sample(&Policy::default(), &mut signals);
         assert_eq!(signals.foreign_cpu, None, "one sample is no rate");
         // 100 ticks pass: 60 busy, of which Hearth used 0.4 s.
         write(60, 40);
         *ours.lock().unwrap() = Duration::from_millis(400);
-        load.sample(&mut signals);
+        load.sample(&Policy::default(), &mut signals);
         assert_eq!(signals.foreign_cpu, Some(20.0));
     }
 }

@@ -30,8 +30,11 @@ pub(super) fn exit_code(state: &JobState) -> ExitCode {
             eprintln!("hearth: job failed: {reason}");
             if reason.starts_with("time limit") { TIMED_OUT } else { FAILED }
         }
-        JobState::Cancelled => {
-            eprintln!("hearth: job cancelled");
+        JobState::Cancelled { reason } => {
+            match reason {
+                Some(reason) => eprintln!("hearth: job cancelled: {reason}"),
+                None => eprintln!("hearth: job cancelled"),
+            }
             CANCELLED
         }
         other => {

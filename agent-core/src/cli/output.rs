@@ -6,9 +6,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use hearth::api::Status;
+use hearth::api::{AgentStatus, Status};
+use hearth::availability::{Availability, OwnerPause, Policy};
 use hearth::jobs::{JobRecord, JobState};
 use hearth::resources::{Gpu, Resources};
+use hearth::store::OwnerNotice;
 
 /// Prints `value` as pretty JSON, or through `human` as text.
 pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String) -> anyhow::Result<()> {
@@ -23,9 +25,25 @@ pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String
 
 pub(super) fn status(s: &Status) -> String {
     let started = UNIX_EPOCH + Duration::from_secs(u64::try_from(s.started_at).unwrap_or(0));
+    let state = match &s.availability {
+        Availability::Paused { reasons } if s.state == AgentStatus::Paused => {
+            let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+            format!("paused: {}", reasons.join("; "))
+        }
+        Availability::Sharing { capacity, .. } if s.state == AgentStatus::Sharing => format!(
+            "sharing {:.1} cores, {} of memory{}",
+            capacity.cpu_millis as f64 / 1000.0,
+            bytes(capacity.memory_bytes),
+            match capacity.gpus.len() {
+                0 => String::new(),
+                n => format!(", {n} GPU{}", if n == 1 { "" } else { "s" }),
+            }
+        ),
+        _ => s.state.to_string(),
+    };
     table(&[
         ("Peer ID", s.peer_id.clone()),
-        ("State", s.state.to_string()),
+        ("State", state),
         ("Version", s.version.clone()),
         ("Data dir", s.data_dir.display().to_string()),
         ("Running since", format!("{} (pid {})", humantime::format_rfc3339_seconds(started), s.pid)),
@@ -150,6 +168,30 @@ fn state_text(state: &JobState) -> String {
         JobState::Failed { reason } => format!("failed: {reason}"),
         other => other.name().to_owned(),
     }
+}
+
+pub(super) fn pause(p: &OwnerPause) -> String {
+    match p.until {
+        Some(until) => format!("sharing paused until {until}\n"),
+        None => "sharing paused until `hearth resume`\n".to_owned(),
+    }
+}
+
+pub(super) fn policy(p: &Policy) -> String {
+    toml::to_string_pretty(p).unwrap_or_else(|error| format!("cannot show the policy: {error}\n"))
+}
+
+pub(super) fn notices(notices: &Vec<OwnerNotice>) -> String {
+    if notices.is_empty() {
+        return "no notices: the owner has not paused or stopped this job\n".to_owned();
+    }
+    let mut text = String::new();
+    for notice in notices {
+        let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(notice.at).unwrap_or(0));
+        let _ =
+            writeln!(text, "{}  {:<8} {}", humantime::format_rfc3339_seconds(at), notice.kind, notice.reason);
+    }
+    text
 }
 
 #[cfg(test)]

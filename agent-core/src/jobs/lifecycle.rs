@@ -38,7 +38,11 @@ pub enum JobState {
         reason: String,
     },
     /// Stopped on request.
-    Cancelled,
+    Cancelled {
+        /// Why, when it was not the consumer's own request (the owner needed the machine back).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 /// Something that happens to a job.
@@ -86,13 +90,13 @@ impl JobState {
             Self::Paused => "paused",
             Self::Finished { .. } => "finished",
             Self::Failed { .. } => "failed",
-            Self::Cancelled => "cancelled",
+            Self::Cancelled { .. } => "cancelled",
         }
     }
 
     /// True once nothing more can happen to the job.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Finished { .. } | Self::Failed { .. } | Self::Cancelled)
+        matches!(self, Self::Finished { .. } | Self::Failed { .. } | Self::Cancelled { .. })
     }
 
     /// The state after `transition`, or why it is not allowed.
@@ -106,7 +110,7 @@ impl JobState {
             (S::Paused, T::Resume) => Ok(S::Running),
             (S::Running, T::Exit { code }) => Ok(S::Finished { exit_code: code }),
             (state, T::Fail { reason }) if !state.is_terminal() => Ok(S::Failed { reason }),
-            (state, T::Cancel) if !state.is_terminal() => Ok(S::Cancelled),
+            (state, T::Cancel) if !state.is_terminal() => Ok(S::Cancelled { reason: None }),
             (state, transition) => {
                 Err(TransitionError { state: state.name(), transition: transition.verb() })
             }
@@ -140,7 +144,7 @@ mod tests {
             JobState::Paused,
             JobState::Finished { exit_code: 0 },
             JobState::Failed { reason: "deadline".into() },
-            JobState::Cancelled,
+            JobState::Cancelled { reason: None },
         ]
     }
 

@@ -89,6 +89,8 @@ pub enum Control {
     Resume(oneshot::Sender<anyhow::Result<Duration>>),
     /// Kill everything and end as `cancelled`.
     Cancel,
+    /// Kill everything and end as `cancelled`, with the reason (the owner took the machine back).
+    Stop(String),
 }
 
 /// A GPU granted to a job.
@@ -346,7 +348,8 @@ impl Runner {
                 over = &mut disk => break over?,
                 control = controls.recv(), if controls_open => match control {
                     None => controls_open = false,
-                    Some(Control::Cancel) => break Ending::Cancelled,
+                    Some(Control::Cancel) => break Ending::Cancelled(None),
+                    Some(Control::Stop(reason)) => break Ending::Cancelled(Some(reason)),
                     Some(Control::Pause(reply)) => {
                         let result = blocking(cgroup, JobCgroup::freeze).await;
                         if result.is_ok() && paused_since.is_none() {
@@ -384,7 +387,7 @@ impl Runner {
     fn verdict(&self, ending: Ending, spec: &JobSpec, job_dir: &Path, cgroup: &JobCgroup) -> JobState {
         let failed = |reason: String| JobState::Failed { reason };
         match ending {
-            Ending::Cancelled => JobState::Cancelled,
+            Ending::Cancelled(reason) => JobState::Cancelled { reason },
             Ending::TimedOut => {
                 let mut reason =
                     format!("time limit of {} exceeded", humantime::format_duration(spec.limits.time));
@@ -432,7 +435,7 @@ enum Ending {
     TimedOut,
     DiskFull(u64),
     Hidden(PathBuf),
-    Cancelled,
+    Cancelled(Option<String>),
 }
 
 /// Measures the scratch every [`DISK_CHECK`] on the blocking pool, apart from the watch loop so a

@@ -8,19 +8,19 @@
 //! running jobs are cancelled and their records say so; a job left unfinished by a crash is marked
 //! failed at the next start (its processes died with the agent).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use super::runner::{Control, JobRequest, RunEvent, Runner, Stream};
 use super::spec::{JobKind, JobSpec, SpecError};
 use super::{JobState, Transition};
 use crate::events::{Bus, Event};
-use crate::store::{Store, StoreError};
+use crate::store::{OwnerNotice, Store, StoreError};
 
 /// A job as the store keeps it and the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -123,16 +123,34 @@ struct Inner {
     /// Control channels of the jobs whose task is running.
     live: Mutex<HashMap<String, mpsc::Sender<Control>>>,
     tasks: TaskTracker,
+    /// Whether the owner lets jobs run now; a job waits for it before it starts.
+    sharing: watch::Receiver<bool>,
+    /// The jobs the owner's pause froze: thawed or stopped when it ends.
+    owner_paused: Mutex<HashSet<String>>,
 }
 
 impl Supervisor {
     /// Starts supervising with `runner`; jobs a previous run left unfinished are marked failed.
-    pub async fn start(runner: Runner, store: Store, events: Bus) -> Result<Self, StoreError> {
+    /// Jobs start only while `sharing` is true.
+    pub async fn start(
+        runner: Runner,
+        store: Store,
+        events: Bus,
+        sharing: watch::Receiver<bool>,
+    ) -> Result<Self, StoreError> {
         let orphaned = store.fail_unfinished_jobs("the agent stopped while the job ran", unix_now()).await?;
         if orphaned > 0 {
             tracing::warn!(jobs = orphaned, "jobs left unfinished by the previous run were marked failed");
         }
-        let inner = Inner { runner, store, events, live: Mutex::default(), tasks: TaskTracker::new() };
+        let inner = Inner {
+            runner,
+            store,
+            events,
+            live: Mutex::default(),
+            tasks: TaskTracker::new(),
+            sharing,
+            owner_paused: Mutex::default(),
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -228,6 +246,70 @@ impl Supervisor {
         self.get(id).await
     }
 
+    /// The owner needs the machine: freezes every running job, records a `paused` notice with
+    /// `reason` for each, and returns once all are frozen. Jobs that start later while the owner's
+    /// pause lasts are frozen as they start.
+    pub async fn owner_pause(&self, reason: &str) {
+        let running: Vec<String> = match self.list().await {
+            Ok(jobs) => {
+                jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect()
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot list the jobs to pause");
+                return;
+            }
+        };
+        // Every freeze is asked for before any answer is awaited, so they happen together.
+        let mut answers = Vec::new();
+        for id in running {
+            let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
+            let (reply, answer) = oneshot::channel();
+            if controls.send(Control::Pause(reply)).await.is_ok() {
+                answers.push((id, answer));
+            }
+        }
+        for (id, answer) in answers {
+            match answer.await {
+                Ok(Ok(_)) => {
+                    self.inner.lock_owner_paused().insert(id.clone());
+                    self.inner.notice(&id, "paused", reason).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(job = %id, error = %format!("{error:#}"), "cannot pause the job")
+                }
+                Err(_) => {} // It ended meanwhile.
+            }
+        }
+    }
+
+    /// Sharing is back: thaws the jobs the owner's pause froze.
+    pub async fn owner_resume(&self, reason: &str) {
+        let paused: Vec<String> = self.inner.lock_owner_paused().drain().collect();
+        for id in paused {
+            let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
+            let (reply, answer) = oneshot::channel();
+            if controls.send(Control::Resume(reply)).await.is_ok() && matches!(answer.await, Ok(Ok(_))) {
+                self.inner.notice(&id, "resumed", reason).await;
+            }
+        }
+    }
+
+    /// The owner's pause outlasted its grace: stops the jobs it froze, as cancelled with `reason`.
+    pub async fn owner_stop(&self, reason: &str) {
+        let paused: Vec<String> = self.inner.lock_owner_paused().drain().collect();
+        for id in paused {
+            let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
+            if controls.send(Control::Stop(reason.to_owned())).await.is_ok() {
+                self.inner.notice(&id, "stopped", reason).await;
+            }
+        }
+    }
+
+    /// Every notice recorded about a job for its consumer, oldest first.
+    pub async fn notices(&self, id: &str) -> Result<Vec<OwnerNotice>, SupervisorError> {
+        Ok(self.inner.store.owner_notices(id).await?)
+    }
+
     /// Cancels every running job and waits for their records to be final.
     pub async fn shutdown(&self) {
         let live: Vec<_> = self.lock_live().values().cloned().collect();
@@ -244,9 +326,57 @@ impl Supervisor {
 }
 
 impl Inner {
+    fn lock_owner_paused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.owner_paused.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a notice for the job's consumer and publishes it.
+    async fn notice(&self, id: &str, kind: &str, reason: &str) {
+        let notice = OwnerNotice {
+            job_id: id.to_owned(),
+            kind: kind.to_owned(),
+            reason: reason.to_owned(),
+            at: unix_now(),
+        };
+        if let Err(error) = self.store.add_owner_notice(&notice).await {
+            tracing::error!(job = %id, %error, "could not record the owner's notice");
+        }
+        self.events.publish(Event::OwnerNotice { notice });
+    }
+
+    /// Waits until the owner shares, unless the job is cancelled first; then returns the reason
+    /// for its `cancelled` state.
+    async fn wait_for_sharing(&self, controls: &mut mpsc::Receiver<Control>) -> Option<Option<String>> {
+        let mut sharing = self.sharing.clone();
+        loop {
+            tokio::select! {
+                shared = sharing.wait_for(|sharing| *sharing) => {
+                    // The sender is gone only at shutdown, which cancels every job anyway.
+                    return if shared.is_ok() { None } else { Some(None) };
+                }
+                control = controls.recv() => match control {
+                    Some(Control::Cancel) | None => return Some(None),
+                    Some(Control::Stop(reason)) => return Some(Some(reason)),
+                    // Not possible while queued: `act` refuses them, so nobody waits on a reply.
+                    Some(Control::Pause(_) | Control::Resume(_)) => {}
+                },
+            }
+        }
+    }
+
     /// Runs one job, recording and publishing every state it passes through.
-    async fn drive(&self, mut record: JobRecord, request: JobRequest, controls: mpsc::Receiver<Control>) {
+    async fn drive(&self, mut record: JobRecord, request: JobRequest, mut controls: mpsc::Receiver<Control>) {
         let id = request.id.clone();
+        if let Some(reason) = self.wait_for_sharing(&mut controls).await {
+            record.state = JobState::Cancelled { reason };
+            record.updated_at = unix_now();
+            if let Err(error) = self.store.set_job_state(&id, &record.state, record.updated_at).await {
+                tracing::error!(job = %id, %error, "could not record the job's state");
+            }
+            self.events.publish(Event::JobChanged { job: Box::new(record.clone()) });
+            self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            return;
+        }
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let run = self.runner.run(request, controls, events_tx);
         tokio::pin!(run);
@@ -265,6 +395,9 @@ impl Inner {
                             tracing::error!(job = %id, %error, "could not record the job's state");
                         }
                         self.events.publish(Event::JobChanged { job: Box::new(record.clone()) });
+                        if record.state == JobState::Running && !*self.sharing.borrow() {
+                            self.freeze_late_starter(&id);
+                        }
                     }
                     Some(RunEvent::Output { stream, data }) => {
                         let text = String::from_utf8_lossy(&data).into_owned();
@@ -279,6 +412,24 @@ impl Inner {
         if let Some(outcome) = outcome {
             tracing::info!(job = %id, state = outcome.state.name(), "job ended");
         }
+    }
+}
+
+impl Inner {
+    /// A job that reached `running` while the owner's pause lasts (it was still starting when the
+    /// pause came) is frozen like the others. Its own task must keep driving the runner meanwhile,
+    /// so the freeze is asked for from a task of its own.
+    fn freeze_late_starter(&self, id: &str) {
+        let Some(controls) = self.live.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned() else {
+            return;
+        };
+        self.lock_owner_paused().insert(id.to_owned());
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            if controls.send(Control::Pause(reply)).await.is_ok() {
+                let _ = answer.await;
+            }
+        });
     }
 }
 

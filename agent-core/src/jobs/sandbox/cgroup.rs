@@ -68,7 +68,7 @@ pub struct JobCgroup {
 #[derive(Debug)]
 enum Layout {
     V2 { dir: PathBuf },
-    V1 { cpu: PathBuf, memory: PathBuf, pids: PathBuf, freezer: Option<PathBuf> },
+    V1 { cpu: PathBuf, memory: PathBuf, pids: PathBuf, freezer: Option<PathBuf>, cpuacct: Option<PathBuf> },
 }
 
 impl JobCgroup {
@@ -109,6 +109,8 @@ impl JobCgroup {
                 memory: required("memory")?,
                 pids: required("pids")?,
                 freezer: dir("freezer")?,
+                // Where `cpuacct` is its own hierarchy, so the jobs' CPU time can be read.
+                cpuacct: dir("cpuacct")?.filter(|dir| !dir.join("cpu.cfs_quota_us").exists()),
             }
         };
         let cgroup = Self { layout };
@@ -151,8 +153,8 @@ impl JobCgroup {
     pub fn join_dirs(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { dir } => vec![dir.clone()],
-            Layout::V1 { cpu, memory, pids, freezer } => {
-                [Some(cpu), Some(memory), Some(pids), freezer.as_ref()]
+            Layout::V1 { cpu, memory, pids, freezer, cpuacct } => {
+                [Some(cpu), Some(memory), Some(pids), freezer.as_ref(), cpuacct.as_ref()]
                     .into_iter()
                     .flatten()
                     .cloned()
@@ -283,6 +285,35 @@ impl JobCgroup {
     }
 }
 
+/// The CPU time all of this machine's Hearth jobs have used, as the cgroups count it: the sum
+/// over every job cgroup, live or gone, of this agent's cgroup parent. `None` where it cannot be
+/// read (no cgroup accounting, or no job has run yet).
+pub fn jobs_cpu_time() -> Option<Duration> {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        // v2: the jobs and the agent's `hearth-agent` leaf share a parent.
+        let leaf = root.join(own_path(&own, "")?.trim_start_matches('/'));
+        if leaf.file_name()? != "hearth-agent" {
+            return None;
+        }
+        let usage = |dir: &Path| read_key(&dir.join("cpu.stat"), "usage_usec");
+        let jobs = usage(leaf.parent()?)?.saturating_sub(usage(&leaf)?);
+        return Some(Duration::from_micros(jobs));
+    }
+    // v1: every controller's `cpuacct.usage` in nanoseconds, with cpu and cpuacct mounted
+    // together or apart.
+    ["cpuacct", "cpu"].iter().find_map(|controller| {
+        let mount = root.join(controller);
+        let base = own_path(&own, controller)
+            .map(|path| mount.join(path.trim_start_matches('/')))
+            .filter(|path| path.is_dir())
+            .unwrap_or(mount);
+        let nanos = fs::read_to_string(base.join("hearth").join("cpuacct.usage")).ok()?;
+        Some(Duration::from_nanos(nanos.trim().parse().ok()?))
+    })
+}
+
 /// The v2 job folder below the agent's own cgroup, after making sure controllers are delegated.
 fn create_v2(root: &Path, own: &str, name: &str) -> Result<PathBuf, CgroupError> {
     let path = own_path(own, "")
@@ -331,7 +362,13 @@ fn sweep_orphans(parent: &Path) {
         let layout = if dir.join("cgroup.freeze").exists() || dir.join("cgroup.kill").exists() {
             Layout::V2 { dir: dir.clone() }
         } else {
-            Layout::V1 { cpu: dir.clone(), memory: dir.clone(), pids: dir.clone(), freezer: None }
+            Layout::V1 {
+                cpu: dir.clone(),
+                memory: dir.clone(),
+                pids: dir.clone(),
+                freezer: None,
+                cpuacct: None,
+            }
         };
         // Thaw first: a SIGKILL to a process frozen by the v1 freezer waits for the thaw.
         if let Some(freezer) = sibling(&dir, "freezer") {
