@@ -34,6 +34,7 @@ use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reaso
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
+use crate::net::{AdvertBody, Network, PeerInfo};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 
@@ -62,6 +63,9 @@ pub struct Status {
     pub reasons: Vec<Reason>,
     /// What the machine offers now, or why it offers nothing.
     pub availability: Availability,
+    /// Where peers reach this agent, each ending in `/p2p/PEER_ID`: ready for another agent's
+    /// `--bootstrap`.
+    pub listen_addrs: Vec<String>,
     /// The daemon's version.
     pub version: String,
     /// The daemon's process id.
@@ -128,6 +132,8 @@ pub struct ApiState {
     pub availability: watch::Receiver<Availability>,
     /// The owner's policy, pause and activity reports.
     pub owner: Arc<OwnerControls>,
+    /// The peer-to-peer network.
+    pub network: Network,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -142,7 +148,7 @@ impl std::fmt::Display for AgentStatus {
 }
 
 impl ApiState {
-    fn status(&self) -> Status {
+    async fn status(&self) -> Status {
         let availability = self.availability.borrow().clone();
         let state = match (*self.state.borrow(), &availability) {
             (AgentState::Starting, _) => AgentStatus::Starting,
@@ -159,6 +165,7 @@ impl ApiState {
             state,
             reasons,
             availability,
+            listen_addrs: self.network.listen_addrs().await,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             data_dir: self.run.data_dir.clone(),
@@ -194,6 +201,8 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(get_status))
         .routes(routes!(get_resources))
+        .routes(routes!(get_peers))
+        .routes(routes!(get_offers))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
         .routes(routes!(act_on_job))
@@ -231,7 +240,25 @@ pub async fn serve(
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn get_status(State(state): State<ApiState>) -> Json<Status> {
-    Json(state.status())
+    Json(state.status().await)
+}
+
+/// The connected peers, with their addresses and the last ping's round trip.
+#[utoipa::path(get, path = "/api/v1/peers", responses(
+    (status = 200, body = Vec<PeerInfo>),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
+    Json(state.network.peers().await)
+}
+
+/// The valid, unexpired capacity adverts this agent knows, its own included.
+#[utoipa::path(get, path = "/api/v1/offers", responses(
+    (status = 200, body = Vec<AdvertBody>),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_offers(State(state): State<ApiState>) -> Json<Vec<AdvertBody>> {
+    Json(state.network.offers().await)
 }
 
 /// The machine's CPU, memory, disk and GPUs, as last refreshed.
@@ -478,7 +505,7 @@ async fn events(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Res
 
 async fn stream_events(mut socket: WebSocket, state: ApiState, mut rx: broadcast::Receiver<Event>) {
     let snapshot = StreamMessage::Snapshot {
-        status: state.status(),
+        status: state.status().await,
         resources: Box::new(state.resources.borrow().clone()),
     };
     if send_json(&mut socket, &snapshot).await.is_err() {

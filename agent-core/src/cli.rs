@@ -56,6 +56,10 @@ enum Command {
     /// Follow or control one job of the running agent.
     #[command(subcommand)]
     Job(JobCommand),
+    /// List the peers this agent is connected to, with their addresses and latency.
+    Peers(ReadArgs),
+    /// List the capacity adverts this agent knows: what each agent offers and until when.
+    Offers(ReadArgs),
     /// Stop sharing now: every running job is frozen at once.
     Pause(PauseArgs),
     /// End `hearth pause`; sharing resumes unless the policy says otherwise.
@@ -134,6 +138,16 @@ struct DaemonArgs {
     /// Port of the control API on 127.0.0.1; 0 picks any free port.
     #[arg(long, env = "HEARTH_API_PORT", value_name = "N")]
     api_port: Option<u16>,
+    /// Accept peers on this multiaddr (repeatable; replaces `network.listen`).
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Meet this agent first, a multiaddr ending in /p2p/PEER_ID (repeatable; adds to
+    /// `network.bootstrap`). `hearth status` prints an agent's own.
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Also relay for agents behind NAT and serve as a bootstrap node.
+    #[arg(long)]
+    relay: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,7 +172,13 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let paths = Paths::resolve(cli.data_dir.clone(), cli.config.clone())?;
     match cli.command {
         Command::Daemon(args) => {
-            let overrides = Overrides { api_port: args.api_port, log_level: cli.log_level };
+            let overrides = Overrides {
+                api_port: args.api_port,
+                log_level: cli.log_level,
+                listen: args.listen,
+                bootstrap: args.bootstrap,
+                relay: args.relay,
+            };
             let config = HearthConfig::load(&paths.config_file, &overrides)?;
             init_logging(Some(&config.log.level), overrides.log_level.is_some());
             runtime(true)?.block_on(hearth::daemon::run(&paths, &config))?;
@@ -218,6 +238,16 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                     }
                 }
             })?;
+        }
+        Command::Peers(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let peers = runtime(false)?.block_on(async { Client::discover(&paths)?.peers().await })?;
+            output::print(&peers, args.json, output::peers)?;
+        }
+        Command::Offers(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let offers = runtime(false)?.block_on(async { Client::discover(&paths)?.offers().await })?;
+            output::print(&offers, args.json, output::offers)?;
         }
         Command::Pause(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());

@@ -118,6 +118,33 @@ pub struct HearthConfig {
     pub resources: ResourcesConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The peer-to-peer network.
+    pub network: NetworkConfig,
+}
+
+/// The peer-to-peer network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Agents to meet first, as multiaddrs ending in `/p2p/PEER_ID`.
+    pub bootstrap: Vec<String>,
+    /// Find agents on the LAN by mDNS.
+    pub mdns: bool,
+    /// Also serve as a relay and bootstrap node for agents behind NAT.
+    pub relay: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/0".into(), "/ip4/0.0.0.0/udp/0/quic-v1".into()],
+            bootstrap: Vec::new(),
+            mdns: true,
+            relay: false,
+        }
+    }
 }
 
 /// The local control API.
@@ -170,6 +197,12 @@ pub struct Overrides {
     pub api_port: Option<u16>,
     /// `--log-level`.
     pub log_level: Option<String>,
+    /// `--listen`, repeatable; replaces `network.listen`.
+    pub listen: Vec<String>,
+    /// `--bootstrap`, repeatable; added to `network.bootstrap`.
+    pub bootstrap: Vec<String>,
+    /// `--relay`.
+    pub relay: bool,
 }
 
 /// The levels `log.level` accepts.
@@ -191,6 +224,17 @@ refresh_interval = "10s"
 [log]
 # error, warn, info, debug or trace. RUST_LOG and --log-level override it.
 level = "info"
+
+[network]
+# Where to accept peers (TCP and QUIC on every interface, any free port). --listen replaces it.
+listen = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+# Agents to meet first, each as a multiaddr ending in /p2p/PEER_ID (`hearth status` prints this
+# agent's). --bootstrap adds to the list.
+bootstrap = []
+# Find other agents on this LAN with no configuration.
+mdns = true
+# Also relay for agents behind NAT, as a bootstrap node does (--relay).
+relay = false
 "#;
 
 impl HearthConfig {
@@ -208,9 +252,16 @@ impl HearthConfig {
         if let Some(level) = &overrides.log_level {
             config.log.level = level.clone();
         }
+        if !overrides.listen.is_empty() {
+            config.network.listen = overrides.listen.clone();
+        }
+        config.network.bootstrap.extend(overrides.bootstrap.iter().cloned());
+        config.network.relay |= overrides.relay;
         let file = path.display().to_string();
         config.validate(|field| match field {
             "log.level" if overrides.log_level.is_some() => "--log-level".to_owned(),
+            "network.listen" if !overrides.listen.is_empty() => "--listen".to_owned(),
+            "network.bootstrap" if !overrides.bootstrap.is_empty() => "--bootstrap or the file".to_owned(),
             _ => file.clone(),
         })
     }
@@ -246,6 +297,24 @@ impl HearthConfig {
             return Err(invalid(
                 "log.level",
                 format!("is {:?}; expected one of {}", self.log.level, LOG_LEVELS.join(", ")),
+            ));
+        }
+        for (field, addresses) in
+            [("network.listen", &self.network.listen), ("network.bootstrap", &self.network.bootstrap)]
+        {
+            for address in addresses {
+                if let Err(error) = address.parse::<libp2p::Multiaddr>() {
+                    return Err(invalid(
+                        field,
+                        format!("has {address:?}, which is not a multiaddr: {error}"),
+                    ));
+                }
+            }
+        }
+        if let Some(address) = self.network.bootstrap.iter().find(|a| !a.contains("/p2p/")) {
+            return Err(invalid(
+                "network.bootstrap",
+                format!("has {address:?}; expected it to end in /p2p/PEER_ID"),
             ));
         }
         let interval = self.resources.refresh_interval;
@@ -285,7 +354,8 @@ mod tests {
 
     #[test]
     fn flags_and_environment_win_over_the_file() {
-        let overrides = Overrides { api_port: Some(0), log_level: Some("debug".into()) };
+        let overrides =
+            Overrides { api_port: Some(0), log_level: Some("debug".into()), ..Overrides::default() };
         let config = load_text("[api]\nport = 9000\n[log]\nlevel = \"warn\"\n", &overrides).unwrap();
         assert_eq!(config.api.port, 0);
         assert_eq!(config.log.level, "debug");

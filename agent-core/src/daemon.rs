@@ -9,6 +9,7 @@
 //! removes `api.json`, cancels running jobs, stops the monitor, records the end of the run,
 //! checkpoints and closes the store, and releases the lock.
 
+mod adverts;
 mod availability;
 mod lock;
 mod monitor;
@@ -34,7 +35,9 @@ use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
 use crate::jobs::{Runner, Supervisor};
+use crate::net::{NetError, Network};
 use crate::store::{RunId, Store, StoreError};
+use adverts::AdvertTask;
 use availability::{AvailabilityTask, Wiring};
 use lock::DataDirLock;
 use monitor::Monitor;
@@ -84,6 +87,9 @@ pub enum DaemonError {
     /// The sharing policy cannot be used.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The peer-to-peer network could not start.
+    #[error(transparent)]
+    Network(#[from] NetError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -143,6 +149,18 @@ async fn serve(
         events: events.clone(),
     };
     let availability = AvailabilityTask::spawn(wiring, &cancel).await;
+    let (network, network_task) = Network::spawn(identity, &config.network, events.clone(), &cancel).await?;
+    let adverts = AdvertTask::spawn(
+        adverts::Sources {
+            identity: identity.clone(),
+            network: network.clone(),
+            availability: availability.availability(),
+            resources: monitor.resources(),
+            owner: Arc::clone(&owner),
+            jobs: jobs.clone(),
+        },
+        &cancel,
+    );
     let token = ApiToken::load_or_create(&paths.api_token())?;
     let port = listener.local_addr().map_err(DaemonError::Serve)?.port();
     let url = format!("http://127.0.0.1:{port}");
@@ -158,6 +176,7 @@ async fn serve(
         jobs: jobs.clone(),
         availability: availability.availability(),
         owner,
+        network,
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -183,6 +202,8 @@ async fn serve(
         server.abort();
     }
     ApiInfo::remove_if_ours(&paths.api_info());
+    adverts.shutdown().await;
+    network_task.shutdown().await;
     // Stopped before the jobs, so it does not freeze or thaw them while they are cancelled.
     availability.shutdown().await;
     // Jobs cannot outlive the agent anyway (see jobs::sandbox); cancelling them records why.

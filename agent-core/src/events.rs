@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::availability::Availability;
 use crate::jobs::{JobRecord, Stream};
+use crate::net::AdvertBody;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 
@@ -65,6 +66,13 @@ pub enum Event {
     OwnerNotice {
         /// What happened and why.
         notice: OwnerNotice,
+    },
+    /// A peer connected or disconnected; `GET /api/v1/peers` has the list.
+    PeersChanged,
+    /// A valid advert arrived (a new offer, or a newer one from the same agent).
+    OfferChanged {
+        /// What it offers.
+        offer: Box<AdvertBody>,
     },
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {

@@ -13,6 +13,7 @@ mod escape;
 mod events;
 mod job_network;
 mod jobs;
+mod network;
 mod resources;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -195,6 +196,11 @@ fn main() {
             "availability::policy_is_shown_and_a_bad_one_is_refused_whole",
             availability::policy_is_shown_and_a_bad_one_is_refused_whole,
         ),
+        trial(
+            "network::three_agents_meet_through_one_bootstrap_and_find_a_restarted_one",
+            network::three_agents_meet_through_one_bootstrap_and_find_a_restarted_one,
+        ),
+        trial("network::a_paused_agent_says_so_in_its_advert", network::a_paused_agent_says_so_in_its_advert),
         in_netns(
             "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",
             job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,

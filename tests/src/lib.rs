@@ -121,6 +121,9 @@ pub const ALWAYS_SHARE: &str = "[owner]\nidle = \"0s\"\nbusy_cpu = 0\nonly_on_ac
                                 [temperature]\ncpu_pause = 1000\ncpu_resume = 999\n\
                                 [hysteresis]\nmin_paused = \"0s\"\n";
 
+/// The network section every test agent gets unless its config has its own.
+pub const LOOPBACK_NETWORK: &str = "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n";
+
 /// A running `hearth daemon` in its own temporary data dir.
 pub struct Agent {
     root: tempfile::TempDir,
@@ -147,9 +150,13 @@ impl Agent {
         // Share whatever the test machine is doing: a busy CI machine or a console login must not
         // pause the jobs a test runs. Tests of the policy itself replace this file.
         fs::write(root.path().join("data").join("policy.toml"), ALWAYS_SHARE)?;
-        if !config.is_empty() {
-            fs::write(root.path().join("data").join("config.toml"), config)?;
-        }
+        // Peers on loopback only, and no mDNS: a test's traffic never leaves the machine.
+        let config = if config.contains("[network]") {
+            config.to_owned()
+        } else {
+            format!("{config}\n{LOOPBACK_NETWORK}")
+        };
+        fs::write(root.path().join("data").join("config.toml"), config)?;
         let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut agent = Self { root, child: None, generation: 0, env };
         agent.restart()?;

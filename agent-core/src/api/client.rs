@@ -14,6 +14,7 @@ use super::{ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Statu
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
+use crate::net::{AdvertBody, PeerInfo};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 
@@ -131,6 +132,16 @@ impl Client {
             Stream::Stderr => "stderr",
         };
         self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
+    }
+
+    /// `GET /api/v1/peers`.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        self.get("/api/v1/peers").await
+    }
+
+    /// `GET /api/v1/offers`.
+    pub async fn offers(&self) -> Result<Vec<AdvertBody>, ClientError> {
+        self.get("/api/v1/offers").await
     }
 
     /// `GET /api/v1/availability`.

@@ -362,6 +362,52 @@ fn in_window(policy: &Policy, tz: &TimeZone, now: Timestamp) -> bool {
     })
 }
 
+/// The spans `[from, to)` in which the policy's windows let the machine share, from `now` for
+/// `horizon`, merged and in order (what an advert tells consumers). Without windows, the whole
+/// horizon. Other conditions (the owner's activity, temperatures) cannot be foreseen and are
+/// left out.
+pub fn upcoming_windows(
+    policy: &Policy,
+    tz: &TimeZone,
+    now: Timestamp,
+    horizon: Duration,
+) -> Vec<(Timestamp, Timestamp)> {
+    let end = now.checked_add(horizon).unwrap_or(now);
+    if policy.windows.is_empty() {
+        return vec![(now, end)];
+    }
+    let today = now.to_zoned(tz.clone()).date();
+    let days = i64::try_from(horizon.as_secs() / 86_400).unwrap_or(0) + 1;
+    let mut spans = Vec::new();
+    for offset in -1..=days {
+        let Ok(date) = today.checked_add(jiff::Span::new().days(offset)) else { continue };
+        for window in policy.windows.iter().filter_map(|window| window.parsed().ok()) {
+            if window.days & day_bit(date.weekday()) == 0 {
+                continue;
+            }
+            let last_day = if window.from < window.to { Ok(date) } else { date.tomorrow() };
+            let (Ok(from), Ok(last_day)) = (date.to_datetime(window.from).to_zoned(tz.clone()), last_day)
+            else {
+                continue;
+            };
+            let Ok(to) = last_day.to_datetime(window.to).to_zoned(tz.clone()) else { continue };
+            let (from, to) = (from.timestamp().max(now), to.timestamp().min(end));
+            if from < to {
+                spans.push((from, to));
+            }
+        }
+    }
+    spans.sort();
+    let mut merged: Vec<(Timestamp, Timestamp)> = Vec::new();
+    for (from, to) in spans {
+        match merged.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
+}
+
 fn capacity(policy: &Policy, signals: &Signals, memory: &mut Memory) -> (Capacity, Vec<GpuPause>) {
     let keep = |total: u64, percent: f32| (total as f64 * (1.0 - f64::from(percent) / 100.0)) as u64;
     let machine = &signals.machine;
@@ -497,6 +543,38 @@ mod tests {
         assert_eq!(sharing_minutes("2026-03-29"), 60);
         assert_eq!(sharing_minutes("2026-10-25"), 180);
         assert_eq!(sharing_minutes("2026-06-07"), 120);
+    }
+
+    #[test]
+    fn upcoming_windows_follow_the_wall_clock() {
+        let nights = policy(
+            "timezone = \"Europe/Berlin\"\n[[window]]\ndays = [\"all\"]\nfrom = \"22:00\"\nto = \"06:00\"\n",
+        );
+        let tz = nights.time_zone();
+        // Friday 27 March 2026, 23:00 in Berlin: inside tonight's window; DST starts on Sunday.
+        let now = berlin("2026-03-27T23:00");
+        let spans = upcoming_windows(&nights, &tz, now, Duration::from_secs(3 * 86_400));
+        let shown: Vec<(String, String)> = spans
+            .iter()
+            .map(|(from, to)| {
+                let local = |t: &Timestamp| t.to_zoned(tz.clone()).strftime("%a %H:%M %Z").to_string();
+                (local(from), local(to))
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("Fri 23:00 CET".to_owned(), "Sat 06:00 CET".to_owned()),
+                ("Sat 22:00 CET".to_owned(), "Sun 06:00 CEST".to_owned()),
+                ("Sun 22:00 CEST".to_owned(), "Mon 06:00 CEST".to_owned()),
+                // Three days of real time end at midnight on the wall clock: one hour was skipped.
+                ("Mon 22:00 CEST".to_owned(), "Tue 00:00 CEST".to_owned()),
+            ]
+        );
+        // The spring-forward night is an hour shorter in real time.
+        assert_eq!(spans[1].1.duration_since(spans[1].0).as_hours(), 7);
+        let always = upcoming_windows(&Policy::default(), &tz, now, Duration::from_secs(86_400));
+        assert_eq!(always, [(now, now + jiff::SignedDuration::from_hours(24))]);
     }
 
     #[test]

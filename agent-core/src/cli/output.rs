@@ -9,6 +9,7 @@ use serde::Serialize;
 use hearth::api::{AgentStatus, Status};
 use hearth::availability::{Availability, OwnerPause, Policy};
 use hearth::jobs::{JobRecord, JobState};
+use hearth::net::{AdvertBody, PeerInfo};
 use hearth::resources::{Gpu, Resources};
 use hearth::store::OwnerNotice;
 
@@ -190,6 +191,45 @@ pub(super) fn notices(notices: &Vec<OwnerNotice>) -> String {
         let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(notice.at).unwrap_or(0));
         let _ =
             writeln!(text, "{}  {:<8} {}", humantime::format_rfc3339_seconds(at), notice.kind, notice.reason);
+    }
+    text
+}
+
+pub(super) fn peers(peers: &Vec<PeerInfo>) -> String {
+    if peers.is_empty() {
+        return "no peers connected\n".to_owned();
+    }
+    let mut text = String::new();
+    for peer in peers {
+        let rtt = peer.rtt_us.map_or("-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0));
+        let _ = writeln!(text, "{}  {:>9}  {}", peer.peer_id, rtt, peer.addresses.join(" "));
+    }
+    text
+}
+
+pub(super) fn offers(offers: &Vec<AdvertBody>) -> String {
+    if offers.is_empty() {
+        return "no offers known\n".to_owned();
+    }
+    let mut text = String::new();
+    for offer in offers {
+        let until = UNIX_EPOCH + Duration::from_secs(u64::try_from(offer.expires_at).unwrap_or(0));
+        let what = if offer.state == "sharing" {
+            let gpus: Vec<String> =
+                offer.free.gpus.iter().map(|g| format!("{} ({})", g.model, bytes(g.memory_bytes))).collect();
+            format!(
+                "{:.1} cores, {} memory, {} disk{}{}",
+                offer.free.cpu_millis as f64 / 1000.0,
+                bytes(offer.free.memory_bytes),
+                bytes(offer.free.disk_bytes),
+                if gpus.is_empty() { "" } else { ", " },
+                gpus.join(", ")
+            )
+        } else {
+            format!("paused: {}", offer.paused_because.join("; "))
+        };
+        let _ =
+            writeln!(text, "{}  {}  until {}", offer.peer_id, what, humantime::format_rfc3339_seconds(until));
     }
     text
 }

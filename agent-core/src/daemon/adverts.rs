@@ -1,0 +1,164 @@
+//! This agent's capacity advert: built from the availability, the machine's figures and the
+//! policy's windows, signed, and handed to the network when what it says changes (sharing or
+//! paused, the capacity, the windows) and again well before it expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::availability::evaluate::upcoming_windows;
+use crate::availability::{Availability, OwnerControls};
+use crate::identity::Identity;
+use crate::jobs::{JobState, Supervisor};
+use crate::net::advert::{ADVERT_VERSION, AdvertBody, AdvertGpu, Free, Prices, Reputation};
+use crate::net::{Network, unix_now};
+use crate::resources::Resources;
+
+/// How long an advert stays valid.
+const LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// How often an unchanged advert is signed and published again.
+const REFRESH: Duration = Duration::from_secs(5 * 60);
+
+/// How far ahead the windows reach.
+const HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often the inputs are compared with the last advert.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Prices until the market sets them, in thousandths of a credit per hour: one credit per core,
+/// a tenth per GiB of memory, ten per GPU.
+const DEFAULT_PRICES: Prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
+
+/// Everything the advert is made of.
+pub(crate) struct Sources {
+    pub identity: Identity,
+    pub network: Network,
+    pub availability: watch::Receiver<Availability>,
+    pub resources: watch::Receiver<Resources>,
+    pub owner: Arc<OwnerControls>,
+    pub jobs: Supervisor,
+}
+
+/// Handle to the advertising task.
+#[must_use = "dropping the handle leaves the task running until the daemon's token is cancelled"]
+pub(crate) struct AdvertTask {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl AdvertTask {
+    pub(crate) fn spawn(sources: Sources, cancel: &CancellationToken) -> Self {
+        let stop = cancel.child_token();
+        let task_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut last: Option<(AdvertBody, tokio::time::Instant)> = None;
+            let mut availability = sources.availability.clone();
+            let mut tick = tokio::time::interval(CHECK_EVERY);
+            loop {
+                let fresh = body(&sources).await;
+                let due = match &last {
+                    None => true,
+                    Some((previous, at)) => !same_offer(previous, &fresh) || at.elapsed() >= REFRESH,
+                };
+                if due {
+                    // The network signs it, with the next sequence number.
+                    sources.network.publish(fresh.clone()).await;
+                    last = Some((fresh, tokio::time::Instant::now()));
+                }
+                tokio::select! {
+                    () = task_stop.cancelled() => break,
+                    _ = availability.changed() => {}
+                    _ = tick.tick() => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    pub(crate) async fn shutdown(self) {
+        self.stop.cancel();
+        if let Err(error) = self.task.await {
+            tracing::error!(%error, "the advert task panicked");
+        }
+    }
+}
+
+/// Whether two adverts offer the same: everything but the sequence, the times, the ends of the
+/// window list that move with the clock, and free disk below a GiB.
+fn same_offer(a: &AdvertBody, b: &AdvertBody) -> bool {
+    let strip = |body: &AdvertBody| {
+        let mut windows = body.windows.clone();
+        if let Some(first) = windows.first_mut() {
+            first[0] = 0;
+        }
+        if let Some(last) = windows.last_mut() {
+            last[1] = 0;
+        }
+        let free = Free { disk_bytes: body.free.disk_bytes >> 30, ..body.free.clone() };
+        AdvertBody { seq: 0, issued_at: 0, expires_at: 0, windows, free, ..body.clone() }
+    };
+    strip(a) == strip(b)
+}
+
+async fn body(sources: &Sources) -> AdvertBody {
+    let now = unix_now();
+    let availability = sources.availability.borrow().clone();
+    let resources = sources.resources.borrow().clone();
+    let policy = sources.owner.policy();
+    let (state, paused_because, free) = match &availability {
+        Availability::Sharing { capacity, .. } => {
+            let gpus = capacity
+                .gpus
+                .iter()
+                .filter_map(|offered| {
+                    let gpu = resources.gpus.iter().find(|gpu| gpu.uuid == offered.uuid)?;
+                    Some(AdvertGpu {
+                        model: gpu.name.clone(),
+                        memory_bytes: offered.memory_bytes,
+                        compute_capability: gpu
+                            .compute_capability
+                            .as_ref()
+                            .map(|cc| format!("{}.{}", cc.major, cc.minor))
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect();
+            let free = Free {
+                cpu_millis: capacity.cpu_millis,
+                memory_bytes: capacity.memory_bytes,
+                disk_bytes: resources.disk.free_bytes,
+                gpus,
+            };
+            ("sharing", Vec::new(), free)
+        }
+        Availability::Paused { reasons } => {
+            ("paused", reasons.iter().map(ToString::to_string).collect(), Free::default())
+        }
+    };
+    let windows = upcoming_windows(&policy, &policy.time_zone(), jiff::Timestamp::now(), HORIZON)
+        .into_iter()
+        .map(|(from, to)| [from.as_second(), to.as_second()])
+        .collect();
+    let jobs = sources.jobs.list().await.unwrap_or_default();
+    let reputation = Reputation {
+        completed: jobs.iter().filter(|job| matches!(job.state, JobState::Finished { .. })).count() as u64,
+        failed: jobs.iter().filter(|job| matches!(job.state, JobState::Failed { .. })).count() as u64,
+    };
+    AdvertBody {
+        version: ADVERT_VERSION,
+        peer_id: sources.identity.peer_id().to_string(),
+        seq: 0,
+        issued_at: now,
+        expires_at: now + LIFETIME.as_secs() as i64,
+        state: state.to_owned(),
+        paused_because,
+        free,
+        windows,
+        prices: DEFAULT_PRICES,
+        reputation,
+    }
+}
