@@ -243,10 +243,7 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossipsub_config,
             )?;
-            gossipsub.with_peer_score(
-                gossipsub::PeerScoreParams::default(),
-                gossipsub::PeerScoreThresholds::default(),
-            )?;
+            gossipsub.with_peer_score(score_params(), gossipsub::PeerScoreThresholds::default())?;
             gossipsub.subscribe(&IdentTopic::new(ADVERT_TOPIC)).map_err(|e| e.to_string())?;
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
@@ -284,6 +281,23 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
         .with_swarm_config(|config| config.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// Peer scoring for the advert topic: every rejected advert costs its sender (a handful puts it
+/// below the graylist threshold, where its messages are ignored), while the rarity of adverts is
+/// never held against honest peers (no penalty for delivering few messages in the mesh).
+fn score_params() -> gossipsub::PeerScoreParams {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.9,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        ..gossipsub::TopicScoreParams::default()
+    };
+    let mut params = gossipsub::PeerScoreParams::default();
+    params.topics.insert(IdentTopic::new(ADVERT_TOPIC).hash(), topic);
+    params
 }
 
 struct PeerState {

@@ -201,6 +201,10 @@ fn main() {
             network::three_agents_meet_through_one_bootstrap_and_find_a_restarted_one,
         ),
         trial("network::a_paused_agent_says_so_in_its_advert", network::a_paused_agent_says_so_in_its_advert),
+        trial(
+            "network::bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent",
+            network::bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent,
+        ),
         in_netns(
             "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",
             job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,

@@ -132,3 +132,166 @@ pub(crate) fn a_paused_agent_says_so_in_its_advert() -> Result<()> {
     }
     Ok(())
 }
+
+/// A peer that speaks only gossipsub (no Kademlia, so nobody else learns of it): it connects to
+/// one agent, waits until that agent subscribes it to the advert topic, publishes `data` as
+/// `identity`, and goes away.
+fn publish_from(identity: &hearth::identity::Identity, agent: &str, data: Vec<u8>) -> Result<()> {
+    use libp2p::futures::StreamExt;
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let config = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .heartbeat_interval(Duration::from_millis(200))
+            .max_transmit_size(64 * 1024)
+            .build()?;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
+            .with_tokio()
+            .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)?
+            .with_behaviour(|key| {
+                let behaviour: gossipsub::Behaviour =
+                    gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(behaviour)
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .build();
+        let topic = gossipsub::IdentTopic::new(hearth::net::ADVERT_TOPIC);
+        swarm.behaviour_mut().subscribe(&topic)?;
+        swarm.dial(agent.parse::<libp2p::Multiaddr>()?)?;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let event = tokio::time::timeout_at(until, swarm.select_next_some())
+                .await
+                .context("the agent never subscribed")?;
+            if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { .. }) = event {
+                break;
+            }
+        }
+        swarm.behaviour_mut().publish(topic, data)?;
+        // Let the message go out before the connection closes.
+        let flush = tokio::time::Instant::now() + Duration::from_millis(500);
+        while tokio::time::timeout_at(flush, swarm.select_next_some()).await.is_ok() {}
+        Ok(())
+    })
+}
+
+fn hostile_identity() -> Result<(hearth::identity::Identity, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let (identity, _) = hearth::identity::Identity::load_or_create(dir.path())?;
+    Ok((identity, dir))
+}
+
+fn advert_body(
+    identity: &hearth::identity::Identity,
+    seq: u64,
+    issued_at: i64,
+    marker: u64,
+) -> hearth::net::AdvertBody {
+    use hearth::net::advert::*;
+    AdvertBody {
+        version: ADVERT_VERSION,
+        peer_id: identity.peer_id().to_string(),
+        seq,
+        issued_at,
+        expires_at: issued_at + 600,
+        state: "sharing".into(),
+        paused_because: Vec::new(),
+        free: Free { cpu_millis: 1000, memory_bytes: 1 << 30, disk_bytes: 1 << 30, gpus: Vec::new() },
+        windows: Vec::new(),
+        prices: Prices { core_hour: marker, memory_gib_hour: 1, gpu_hour: 1 },
+        reputation: Reputation::default(),
+    }
+}
+
+pub(crate) fn bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent() -> Result<()> {
+    use hearth::net::advert::sign;
+    // A logs each rejection (at debug), which shows each bad advert did reach it.
+    let mut a = Agent::start_with("", &[("RUST_LOG", "info,hearth::net=debug")])?;
+    let (a_addr, a_id) = address(&a)?;
+    let mut c = joining(&a_addr)?;
+    wait_to_know(&c, &[&a_id], Duration::from_secs(30))?;
+    let now = hearth::net::unix_now();
+
+    // The control: a good advert from an outsider reaches C through A.
+    let (honest, _dir) = hostile_identity()?;
+    let honest_id = honest.peer_id().to_string();
+    publish_from(&honest, &a_addr, sign(&honest, advert_body(&honest, 10, now, 1000))?.wire)?;
+    wait_to_know_offer(&c, &honest_id)?;
+
+    // Each bad advert comes from an identity of its own, except the replay, which must be the
+    // honest outsider's: A lowers the score of a peer whose adverts it rejects, and ignores it
+    // altogether after a few, which would hide the later cases.
+    let (other, _other_dir) = hostile_identity()?;
+    let fresh: Vec<(hearth::identity::Identity, tempfile::TempDir)> =
+        (0..5).map(|_| hostile_identity()).collect::<Result<_>>()?;
+    let tampered = String::from_utf8(sign(&fresh[0].0, advert_body(&fresh[0].0, 20, now, 1001))?.wire)?
+        .replace("\"cpu_millis\":1000", "\"cpu_millis\":64000");
+    let cases: Vec<(&str, &hearth::identity::Identity, Vec<u8>)> = vec![
+        ("is not newer", &honest, sign(&honest, advert_body(&honest, 10, now, 1004))?.wire),
+        ("bad signature", &fresh[0].0, tampered.into_bytes()),
+        ("expired", &fresh[1].0, sign(&fresh[1].0, advert_body(&fresh[1].0, 21, now - 3600, 1002))?.wire),
+        (
+            "issued in the future",
+            &fresh[2].0,
+            sign(&fresh[2].0, advert_body(&fresh[2].0, 22, now + 7200, 1003))?.wire,
+        ),
+        ("published by", &fresh[3].0, sign(&other, advert_body(&other, 1, now, 1005))?.wire),
+        ("malformed", &fresh[4].0, b"{\"advert\": \"no\"}".to_vec()),
+    ];
+    for (expected, identity, data) in cases {
+        let before = rejections(&a);
+        publish_from(identity, &a_addr, data)?;
+        let until = Instant::now() + Duration::from_secs(10);
+        while rejections(&a) == before {
+            ensure!(Instant::now() < until, "A never judged the {expected:?} advert:\n{}", a.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let last = a.log().lines().rfind(|l| l.contains("advert rejected")).unwrap_or_default().to_owned();
+        ensure!(last.contains(expected), "the {expected:?} advert was rejected as: {last}");
+    }
+    let oversized = {
+        let mut body = advert_body(&fresh[1].0, 30, now, 1007);
+        body.paused_because = vec!["x".repeat(20_000)];
+        body
+    };
+    // Too large for the wire: A's gossipsub refuses the frame before validation.
+    publish_from(&fresh[1].0, &a_addr, sign(&fresh[1].0, oversized)?.wire).ok();
+
+    // Nothing of it reached C: the honest outsider's offer is still the control, and the other
+    // identity has no offer at all.
+    std::thread::sleep(Duration::from_secs(2));
+    for agent in [&a, &c] {
+        let offers = json(agent, &["offers", "--json"])?;
+        let list = offers.as_array().context("list")?;
+        let from_honest: Vec<&Value> = list.iter().filter(|o| o["peer_id"] == honest_id.as_str()).collect();
+        ensure!(from_honest.len() == 1 && from_honest[0]["prices"]["core_hour"] == 1000, "{offers}");
+        let strangers = [&other]
+            .into_iter()
+            .chain(fresh.iter().map(|(identity, _)| identity))
+            .map(|identity| identity.peer_id().to_string())
+            .collect::<Vec<_>>();
+        ensure!(!list.iter().any(|o| strangers.iter().any(|s| o["peer_id"] == s.as_str())), "{offers}");
+    }
+    for agent in [&mut a, &mut c] {
+        ensure!(agent.terminate()?.success(), "an agent did not stop cleanly");
+    }
+    Ok(())
+}
+
+fn rejections(agent: &Agent) -> usize {
+    agent.log().lines().filter(|line| line.contains("advert rejected")).count()
+}
+
+fn wait_to_know_offer(agent: &Agent, peer: &str) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let offers = json(agent, &["offers", "--json"])?;
+        if offers.as_array().is_some_and(|o| o.iter().any(|o| o["peer_id"] == peer)) {
+            return Ok(());
+        }
+        ensure!(Instant::now() < until, "{peer}'s advert never arrived: {offers}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
