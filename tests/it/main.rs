@@ -206,6 +206,10 @@ fn main() {
             network::bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent,
         ),
         in_netns(
+            "network::two_agents_on_one_lan_find_each_other_by_mdns",
+            network::two_agents_on_one_lan_find_each_other_by_mdns,
+        ),
+        in_netns(
             "job_network::granted_network_reaches_the_internet_and_nothing_of_the_host",
             job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,
         ),

@@ -295,3 +295,44 @@ fn wait_to_know_offer(agent: &Agent, peer: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+pub(crate) fn two_agents_on_one_lan_find_each_other_by_mdns() -> Result<()> {
+    use hearth_tests::netns::{Netns, veth};
+    let left = Netns::create("ml")?;
+    let right = Netns::create("mr")?;
+    let pid = std::process::id();
+    let (left_if, right_if) = (format!("vl{pid}"), format!("vr{pid}"));
+    veth(&left, &left_if, &right, &right_if)?;
+    left.ip(&["addr", "add", "192.168.50.1/24", "dev", &left_if])?;
+    right.ip(&["addr", "add", "192.168.50.2/24", "dev", &right_if])?;
+    // The defaults a home user has: every interface, mDNS on, no bootstrap.
+    let config = "[network]\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\nmdns = true\n";
+    let mut a = Agent::start_in(&left, config)?;
+    let mut b = Agent::start_in(&right, config)?;
+    let id = |agent: &Agent| -> Result<String> {
+        let status = json_of(&agent.cli(&["status", "--json"])?)?;
+        Ok(status["peer_id"].as_str().context("peer_id")?.to_owned())
+    };
+    let (a_id, b_id) = (id(&a)?, id(&b)?);
+    let until = Instant::now() + Duration::from_secs(30);
+    for (agent, other) in [(&a, &b_id), (&b, &a_id)] {
+        loop {
+            let peers = json_of(&agent.cli(&["peers", "--json"])?)?;
+            let found =
+                peers.as_array().and_then(|p| p.iter().find(|p| p["peer_id"] == other.as_str()).cloned());
+            if let Some(peer) = found {
+                ensure!(
+                    peer["addresses"][0].as_str().is_some_and(|a| a.contains("/ip4/192.168.50.")),
+                    "{peer}"
+                );
+                break;
+            }
+            ensure!(Instant::now() < until, "no mDNS discovery after 30 s: {peers}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    for agent in [&mut a, &mut b] {
+        ensure!(agent.terminate()?.success(), "an agent did not stop cleanly");
+    }
+    Ok(())
+}

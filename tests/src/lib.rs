@@ -130,6 +130,8 @@ pub struct Agent {
     child: Option<Child>,
     generation: u32,
     env: Vec<(String, String)>,
+    /// The network namespace the daemon and its commands run in, if not the test's own.
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -158,9 +160,36 @@ impl Agent {
         };
         fs::write(root.path().join("data").join("config.toml"), config)?;
         let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        let mut agent = Self { root, child: None, generation: 0, env };
+        let mut agent = Self { root, child: None, generation: 0, env, netns: None };
         agent.restart()?;
         Ok(agent)
+    }
+
+    /// Starts a daemon in network namespace `netns` (its API is then on that namespace's
+    /// loopback: talk to it with [`Agent::cli`]). `config` must have its own `[network]`.
+    pub fn start_in(netns: &netns::Netns, config: &str) -> Result<Self> {
+        let root = tempfile::tempdir()?;
+        fs::create_dir(root.path().join("data"))?;
+        fs::write(root.path().join("data").join("policy.toml"), ALWAYS_SHARE)?;
+        fs::write(root.path().join("data").join("config.toml"), config)?;
+        let mut agent =
+            Self { root, child: None, generation: 0, env: Vec::new(), netns: Some(netns.name().to_owned()) };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// Runs `hearth --data-dir DIR ARGS…` against this agent, in its network namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut cli = command(&self.data_dir());
+        cli.args(args);
+        run_to_end(self.in_netns(cli))
+    }
+
+    fn in_netns(&self, command: Command) -> Command {
+        match &self.netns {
+            Some(name) => netns::wrap(name, &command),
+            None => command,
+        }
     }
 
     /// The agent's data dir.
@@ -187,9 +216,10 @@ impl Agent {
         ensure!(self.child.is_none(), "the daemon is still running");
         self.generation += 1;
         let log = fs::File::create(self.log_path())?;
-        let child = command(&self.data_dir())
-            .args(["daemon", "--api-port", "0"])
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        let mut daemon = command(&self.data_dir());
+        daemon.args(["daemon", "--api-port", "0"]).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let child = self
+            .in_netns(daemon)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

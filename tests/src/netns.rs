@@ -66,19 +66,7 @@ impl Netns {
     /// `command` run inside this namespace: its network only, with the host's filesystem, cgroups
     /// and everything else (unlike `ip netns exec`, which remounts `/sys` and hides the cgroups).
     pub fn wrap(&self, command: &Command) -> Command {
-        let mut wrapped = Command::new("nsenter");
-        wrapped.arg(format!("--net={}", self.path())).arg("--").arg(command.get_program());
-        wrapped.args(command.get_args());
-        for (key, value) in command.get_envs() {
-            match value {
-                Some(value) => wrapped.env(key, value),
-                None => wrapped.env_remove(key),
-            };
-        }
-        if let Some(dir) = command.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        wrapped
+        wrap(&self.name, command)
     }
 
     /// A TCP listener bound inside this namespace. Only the thread that binds it enters the
@@ -116,4 +104,22 @@ pub fn installed(program: impl AsRef<OsStr>) -> bool {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .chain(["/usr/bin", "/usr/sbin", "/bin", "/sbin"].map(Into::into))
         .any(|dir| dir.join(program).is_file())
+}
+
+/// `command` run in the network namespace `name` through `nsenter --net`, which joins it and then
+/// execs the program (so the child's pid is the program's).
+pub fn wrap(name: &str, command: &Command) -> Command {
+    let mut wrapped = Command::new("nsenter");
+    wrapped.arg(format!("--net=/run/netns/{name}")).arg("--").arg(command.get_program());
+    wrapped.args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
 }
