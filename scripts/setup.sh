@@ -37,6 +37,10 @@ if command -v apt-get >/dev/null 2>&1; then
     # slirp4netns gives jobs granted network their outbound-only link; iproute2 and util-linux
     # (nsenter) build the test networks in namespaces.
     hearth_apt_install slirp4netns iproute2 util-linux
+    # The tests check docs/protocol.md with a verifier written in Python from it alone.
+    if [ "${HEARTH_SETUP_WASM:-0}" = 1 ] && ! command -v python3 >/dev/null 2>&1; then
+        hearth_apt_install python3
+    fi
 fi
 
 if [ -f "$HOME/.cargo/env" ]; then

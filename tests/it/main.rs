@@ -14,6 +14,7 @@ mod events;
 mod job_network;
 mod jobs;
 mod network;
+mod protocol;
 mod resources;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -49,6 +50,8 @@ fn main() {
     let in_netns = |name: &str, test: TestFn| {
         trial_if(name, test, networked.is_ok(), networked.as_ref().err().map_or("", String::as_str))
     };
+    let python =
+        std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
         trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
@@ -204,6 +207,12 @@ fn main() {
         trial(
             "network::bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent",
             network::bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent,
+        ),
+        trial_if(
+            "protocol::a_verifier_written_from_the_protocol_doc_checks_adverts",
+            protocol::a_verifier_written_from_the_protocol_doc_checks_adverts,
+            python,
+            "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),
         in_netns(
             "network::two_agents_on_one_lan_find_each_other_by_mdns",

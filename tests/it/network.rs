@@ -177,13 +177,13 @@ fn publish_from(identity: &hearth::identity::Identity, agent: &str, data: Vec<u8
     })
 }
 
-fn hostile_identity() -> Result<(hearth::identity::Identity, tempfile::TempDir)> {
+pub(crate) fn hostile_identity() -> Result<(hearth::identity::Identity, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let (identity, _) = hearth::identity::Identity::load_or_create(dir.path())?;
     Ok((identity, dir))
 }
 
-fn advert_body(
+pub(crate) fn advert_body(
     identity: &hearth::identity::Identity,
     seq: u64,
     issued_at: i64,
