@@ -112,6 +112,9 @@ pub(crate) fn granted_network_reaches_the_internet_and_nothing_of_the_host() -> 
     ensure!(host_server.accepted() == 0, "a job's connection reached the host:\n{out}");
     ensure!(wan_server.accepted() == 1, "the router took {} connections:\n{out}", wan_server.accepted());
     ensure!(processes_with("slirp4netns") == 0, "slirp4netns outlived the job");
+    // The job's network stack must leave the host's mounts alone (as root, slirp4netns's own
+    // sandbox would otherwise unmount shared mounts such as /run/netns/* on the host).
+    ensure!(host.is_mounted() && wan.is_mounted(), "a job's network unmounted the host's namespaces");
     Ok(())
 }
 

@@ -84,6 +84,16 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Whether the namespace's file is still mounted (something that unmounts it, such as a
+    /// careless pivot with shared mount propagation, leaves a plain file that no tool can enter).
+    pub fn is_mounted(&self) -> bool {
+        let wanted = format!(" {} ", self.path());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|info| info.lines().any(|l| l.contains(&wanted)))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes its end of every veth pair, and so the other end.

@@ -209,6 +209,18 @@ fn become_slirp4netns(
         if read_retrying(go, &mut byte)? != 1 {
             bail!("the sandbox gave up before its network started");
         }
+        // slirp4netns's sandbox makes a mount namespace, pivots and unmounts the old root. As
+        // root it stays in the host's user namespace, where shared mounts (such as the bind
+        // mounts under /run/netns) stay shared, so those unmounts would reach the host. In a
+        // mount namespace of its own where every mount is private, they cannot. (Without root it
+        // enters the job's user namespace first, where shared mounts are demoted to slaves.)
+        if nix::unistd::geteuid().is_root() {
+            use nix::mount::{MsFlags, mount};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .context("isolating the network's mounts")?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+                .context("making the network's mounts private")?;
+        }
         // The two descriptors slirp4netns is told about must survive the exec.
         for fd in [ready, exit] {
             fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).context("passing a descriptor on")?;
