@@ -86,7 +86,7 @@ impl OwnerControls {
             None => None,
         };
         let pause = OwnerPause { until };
-        write_atomically(&self.pause_file, &serde_json::to_vec(&pause).map_err(std::io::Error::other)?)?;
+        policy::replace_file(&self.pause_file, &serde_json::to_vec(&pause).map_err(std::io::Error::other)?)?;
         *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = Some(pause);
         self.wake.notify_one();
         Ok(pause)
@@ -120,13 +120,4 @@ impl OwnerControls {
     pub async fn changed(&self) {
         self.wake.notified().await;
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut temporary = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut temporary, bytes)?;
-    temporary.as_file().sync_all()?;
-    temporary.persist(path).map_err(|error| error.error)?;
-    Ok(())
 }

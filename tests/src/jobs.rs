@@ -188,17 +188,7 @@ impl JobRun {
 
 /// How many live processes have `marker` in their command line.
 pub fn processes_with(marker: &str) -> usize {
-    let Ok(entries) = fs::read_dir("/proc") else { return 0 };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| {
-            fs::read(e.path().join("cmdline")).is_ok_and(|cmd| {
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                cmd.contains(marker)
-            })
-        })
-        .count()
+    pids_with(marker).len()
 }
 
 /// The pids of live processes with `marker` in their command line.
@@ -220,18 +210,26 @@ pub fn is_stopped(pid: i32) -> bool {
     if stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("T") {
         return true;
     }
+    if let Some(state) = freezer_state_file(pid) {
+        return fs::read_to_string(state).is_ok_and(|state| state.trim() == "FROZEN");
+    }
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    cgroups.lines().any(|line| {
+    let v2 = cgroups.lines().find_map(|line| line.strip_prefix("0::"));
+    v2.is_some_and(|path| {
+        fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events"))
+            .is_ok_and(|events| events.lines().any(|l| l == "frozen 1"))
+    })
+}
+
+/// The v1 `freezer.state` file of the cgroup process `pid` is in, where there is a v1 freezer.
+pub fn freezer_state_file(pid: i32) -> Option<String> {
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    cgroups.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if controllers.split(',').any(|c| c == "freezer") {
-            fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
-                .is_ok_and(|state| state.trim() == "FROZEN")
-        } else if controllers.is_empty() {
-            fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events"))
-                .is_ok_and(|events| events.lines().any(|l| l == "frozen 1"))
-        } else {
-            false
-        }
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "freezer")
+            .then(|| format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
     })
 }

@@ -270,14 +270,8 @@ impl Policy {
     /// Writes `text` (already validated by [`Policy::parse`]) as the policy file, atomically: a
     /// crash leaves the old file or the new one, never a mix.
     pub fn store(path: &Path, text: &str) -> Result<(), PolicyError> {
-        let io_error = |source| PolicyError::Io { path: path.display().to_string(), source };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io_error)?;
-        let mut temporary = tempfile::NamedTempFile::new_in(dir).map_err(io_error)?;
-        io::Write::write_all(&mut temporary, text.as_bytes()).map_err(io_error)?;
-        temporary.as_file().sync_all().map_err(io_error)?;
-        temporary.persist(path).map_err(|e| io_error(e.error))?;
-        Ok(())
+        replace_file(path, text.as_bytes())
+            .map_err(|source| PolicyError::Io { path: path.display().to_string(), source })
     }
 
     /// The windows' time zone.
@@ -328,6 +322,18 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Replaces `path` with `bytes` through a synced temporary file renamed into place (creating the
+/// folder if needed), so a crash leaves the old file or the new one, never a mix.
+pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut temporary = tempfile::NamedTempFile::new_in(dir)?;
+    io::Write::write_all(&mut temporary, bytes)?;
+    temporary.as_file().sync_all()?;
+    temporary.persist(path).map_err(|error| error.error)?;
+    Ok(())
 }
 
 /// A window with its days and times parsed.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::StreamExt;
-use hearth_tests::jobs::{JobDir, pids_with, probe_bin};
+use hearth_tests::jobs::{JobDir, freezer_state_file, pids_with, probe_bin};
 use hearth_tests::{Agent, command};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -126,7 +126,7 @@ fn hearth(trials: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
         let pids = pids_with("/in/job-probe");
         let freezers: Vec<String> = pids
             .iter()
-            .filter_map(|pid| freezer_of(*pid))
+            .filter_map(|pid| freezer_state_file(*pid))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -186,19 +186,6 @@ fn hearth(trials: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     }
     ensure!(agent.terminate()?.success(), "the agent did not stop cleanly");
     Ok((frozen, told))
-}
-
-/// The freezer state file of the cgroup `pid` is in.
-fn freezer_of(pid: i32) -> Option<String> {
-    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    cgroups.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == "freezer")
-            .then(|| format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
-    })
 }
 
 fn post(port: u16, token: &str, path: &str, body: &str) -> Result<()> {
