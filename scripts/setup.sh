@@ -35,8 +35,8 @@ if command -v apt-get >/dev/null 2>&1; then
     # and certificates only to fetch rustup.
     hearth_apt_install gcc libc6-dev pkg-config libseccomp-dev ca-certificates curl
     # slirp4netns gives jobs granted network their outbound-only link; iproute2 and util-linux
-    # (nsenter) build the test networks in namespaces.
-    hearth_apt_install slirp4netns iproute2 util-linux
+    # (nsenter) build the test networks in namespaces, and nftables their home routers' NAT.
+    hearth_apt_install slirp4netns iproute2 util-linux nftables
     # The tests check docs/protocol.md with a verifier written in Python from it alone.
     if [ "${HEARTH_SETUP_WASM:-0}" = 1 ] && ! command -v python3 >/dev/null 2>&1; then
         hearth_apt_install python3

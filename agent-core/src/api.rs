@@ -34,7 +34,7 @@ use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reaso
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
-use crate::net::{AdvertBody, Network, PeerInfo};
+use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 
@@ -64,8 +64,10 @@ pub struct Status {
     /// What the machine offers now, or why it offers nothing.
     pub availability: Availability,
     /// Where peers reach this agent, each ending in `/p2p/PEER_ID`: ready for another agent's
-    /// `--bootstrap`.
+    /// `--bootstrap`. An address through a relay contains `/p2p-circuit`.
     pub listen_addrs: Vec<String>,
+    /// Whether other agents can dial this one directly, as AutoNAT last found.
+    pub reachability: Reachability,
     /// The daemon's version.
     pub version: String,
     /// The daemon's process id.
@@ -166,6 +168,7 @@ impl ApiState {
             reasons,
             availability,
             listen_addrs: self.network.listen_addrs().await,
+            reachability: self.network.reachability().await,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             data_dir: self.run.data_dir.clone(),
@@ -201,7 +204,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(get_status))
         .routes(routes!(get_resources))
-        .routes(routes!(get_peers))
+        .routes(routes!(get_peers, connect_peer))
         .routes(routes!(get_offers))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
@@ -250,6 +253,28 @@ async fn get_status(State(state): State<ApiState>) -> Json<Status> {
 ))]
 async fn get_peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
     Json(state.network.peers().await)
+}
+
+/// What `POST /api/v1/peers` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConnectRequest {
+    /// A peer id, found through the DHT, or a multiaddr ending in `/p2p/PEER_ID`.
+    pub target: String,
+}
+
+/// Connects to a peer (reusing a connection there is), directly or through its relay; answers
+/// when connected, or within about ten seconds with why not.
+#[utoipa::path(post, path = "/api/v1/peers", request_body = ConnectRequest, responses(
+    (status = 200, body = PeerInfo),
+    (status = 400, description = "Not a peer id or a /p2p/ multiaddr, or this agent's own id", body = ErrorBody),
+    (status = 504, description = "The peer could not be reached", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn connect_peer(
+    State(state): State<ApiState>,
+    Json(body): Json<ConnectRequest>,
+) -> Result<Json<PeerInfo>, error::ApiError> {
+    Ok(Json(state.network.connect(&body.target).await.map_err(error::ApiError::from)?))
 }
 
 /// The valid, unexpired capacity adverts this agent knows, its own included.

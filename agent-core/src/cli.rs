@@ -58,6 +58,9 @@ enum Command {
     Job(JobCommand),
     /// List the peers this agent is connected to, with their addresses and latency.
     Peers(ReadArgs),
+    /// Connect to a peer by its id (found through the network, through its relay if it is behind
+    /// a NAT) or by a multiaddr ending in /p2p/PEER_ID; shows whether the path is direct.
+    Connect(ConnectArgs),
     /// List the capacity adverts this agent knows: what each agent offers and until when.
     Offers(ReadArgs),
     /// Stop sharing now: every running job is frozen at once.
@@ -67,6 +70,15 @@ enum Command {
     /// Show or replace the sharing policy (windows, idle time, power, temperatures, reserves).
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// A peer id, or a multiaddr ending in /p2p/PEER_ID.
+    #[arg(value_name = "PEER")]
+    target: String,
+    #[command(flatten)]
+    read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -243,6 +255,12 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             let peers = runtime(false)?.block_on(async { Client::discover(&paths)?.peers().await })?;
             output::print(&peers, args.json, output::peers)?;
+        }
+        Command::Connect(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let peer =
+                runtime(false)?.block_on(async { Client::discover(&paths)?.connect(&args.target).await })?;
+            output::print(&peer, args.read.json, output::peer)?;
         }
         Command::Offers(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());

@@ -5,6 +5,9 @@
 //! Kademlia under Hearth's own protocol name (seeded from the bootstrap list) and through mDNS on
 //! the LAN; reaches peers behind NAT through relays, DCUtR hole punching and AutoNAT; and can be a
 //! relay itself (`hearth daemon --relay`). Connection counts and the process's memory are limited.
+//! An agent that AutoNAT has not found publicly reachable listens through up to [`MAX_RELAYS`]
+//! relays it dialled (a reservation each), so others reach it by a `/p2p-circuit` address found
+//! through Kademlia; DCUtR then tries to turn each relayed connection into a direct one.
 //! Capacity adverts travel on one gossipsub topic; each message is checked by
 //! [`advert::verify`] before gossipsub forwards it, and a rejected one lowers its sender's score.
 //!
@@ -13,15 +16,18 @@
 
 pub mod advert;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, mdns,
     memory_connection_limits, noise, ping, relay, tcp, yamux,
@@ -56,6 +62,15 @@ const MAX_PENDING_INCOMING: u32 = 64;
 /// New connections are refused above this share of the machine's memory in use.
 const MAX_MEMORY_PERCENT: f64 = 0.9;
 
+/// The most relays this agent listens through while it is not known to be publicly reachable.
+pub const MAX_RELAYS: usize = 2;
+
+/// How long a relay that refused a reservation is left alone.
+const RELAY_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long [`Network::connect`] looks for a peer before it gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the network could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -79,10 +94,72 @@ pub enum NetError {
 pub struct PeerInfo {
     /// Its peer id.
     pub peer_id: String,
-    /// The addresses of its connections.
+    /// The addresses of its connections; a relayed one contains `/p2p-circuit`.
     pub addresses: Vec<String>,
+    /// Whether any connection to it is direct, or every one goes through a relay.
+    pub path: Path,
     /// The last ping's round trip, in microseconds.
     pub rtt_us: Option<u64>,
+    /// How the last hole punch (DCUtR) with this peer ended, when one was tried.
+    pub hole_punch: Option<HolePunch>,
+}
+
+/// How this agent's traffic reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Path {
+    /// At least one connection goes straight to the peer.
+    Direct,
+    /// Every connection goes through a relay.
+    Relayed,
+}
+
+/// The outcome of a hole punch: a relayed connection upgraded to a direct one, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum HolePunch {
+    /// A direct connection was made.
+    Succeeded,
+    /// Every attempt failed; the relayed connection stays.
+    Failed {
+        /// libp2p's reason.
+        reason: String,
+    },
+}
+
+/// Whether other agents can dial this one directly, as AutoNAT last found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reachability {
+    /// Not tested yet, or no peer could test it (AutoNAT only dials back public addresses).
+    #[default]
+    Unknown,
+    /// Peers dialled this agent back on a public address.
+    Public,
+    /// Peers could not dial this agent: it is behind a NAT or firewall, reachable through relays.
+    Private,
+}
+
+/// Why [`Network::connect`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The text names neither a peer id nor a multiaddr ending in `/p2p/PEER_ID`.
+    #[error("{0:?} is neither a peer id nor a multiaddr ending in /p2p/PEER_ID")]
+    BadTarget(String),
+    /// That is this agent's own id.
+    #[error("{0} is this agent")]
+    Itself(PeerId),
+    /// Nobody reachable knew an address that worked within the time allowed.
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: PeerId,
+        /// The last dial error, or that no address was found.
+        reason: String,
+    },
+    /// The network task has stopped.
+    #[error("the network is shutting down")]
+    Stopped,
 }
 
 #[derive(NetworkBehaviour)]
@@ -102,7 +179,9 @@ struct Behaviour {
 
 enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Reachability(oneshot::Sender<Reachability>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Connect(PeerId, Option<Multiaddr>, oneshot::Sender<Result<PeerInfo, ConnectError>>),
     Offers(oneshot::Sender<Vec<AdvertBody>>),
     Publish(Box<AdvertBody>),
 }
@@ -152,8 +231,14 @@ impl Network {
             swarm,
             commands: receiver,
             events,
+            is_relay: config.relay,
+            reachability: Reachability::Unknown,
             listen_addrs: Vec::new(),
             peers: HashMap::new(),
+            relays: HashSet::new(),
+            reservations: HashMap::new(),
+            relay_backoff: HashMap::new(),
+            connecting: HashMap::new(),
             offers: BTreeMap::new(),
             own: None,
             republish_at: None,
@@ -171,7 +256,31 @@ impl Network {
     /// The addresses the swarm listens on, each ending in `/p2p/PEER_ID`.
     pub async fn listen_addrs(&self) -> Vec<String> {
         let addrs = self.ask(Command::ListenAddrs).await.unwrap_or_default();
-        addrs.into_iter().map(|a| a.with(Protocol::P2p(self.peer_id)).to_string()).collect()
+        let own = Protocol::P2p(self.peer_id);
+        // A relayed address already ends in this agent's id.
+        addrs
+            .into_iter()
+            .map(|a| {
+                if a.ends_with(&Multiaddr::empty().with(own.clone())) { a } else { a.with(own.clone()) }
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Whether peers can dial this agent directly, as AutoNAT last found.
+    pub async fn reachability(&self) -> Reachability {
+        self.ask(Command::Reachability).await.unwrap_or_default()
+    }
+
+    /// Connects to a peer named by its id (its addresses found through Kademlia, a relayed one
+    /// included) or by a multiaddr ending in `/p2p/PEER_ID`, and returns it as `peers` shows it.
+    /// An existing connection is reused.
+    pub async fn connect(&self, target: &str) -> Result<PeerInfo, ConnectError> {
+        let (peer, address) = parse_target(target)?;
+        if peer == self.peer_id {
+            return Err(ConnectError::Itself(peer));
+        }
+        self.ask(|reply| Command::Connect(peer, address, reply)).await.unwrap_or(Err(ConnectError::Stopped))
     }
 
     /// The connected peers.
@@ -220,6 +329,19 @@ fn parse_all(field: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, N
         .collect()
 }
 
+/// A peer id alone, or a multiaddr whose last part is `/p2p/PEER_ID`.
+fn parse_target(target: &str) -> Result<(PeerId, Option<Multiaddr>), ConnectError> {
+    let bad = || ConnectError::BadTarget(target.to_owned());
+    if let Ok(peer) = target.parse::<PeerId>() {
+        return Ok((peer, None));
+    }
+    let address = target.parse::<Multiaddr>().map_err(|_| bad())?;
+    match address.iter().last() {
+        Some(Protocol::P2p(peer)) => Ok((peer, Some(address))),
+        _ => Err(bad()),
+    }
+}
+
 fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Behaviour>, NetError> {
     let start = |error: &dyn std::fmt::Display| NetError::Start(error.to_string());
     let keypair = identity.keypair().clone();
@@ -255,7 +377,13 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
             } else {
                 None
             };
-            let relay = config.relay.then(|| relay::Behaviour::new(peer_id, relay::Config::default()));
+            let relay = config.relay.then(|| {
+                let mut relay = relay::Behaviour::new(peer_id, relay_config());
+                // The owner said this agent is a relay: offer it now, not only once AutoNAT has
+                // confirmed a public address (which it cannot do on a LAN or in a test network).
+                relay.set_status(Some(relay::Status::Enable));
+                relay
+            });
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(MAX_CONNECTIONS))
                 .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
@@ -267,7 +395,9 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
                 relay: relay.into(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
-                        .with_agent_version(format!("hearth/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("hearth/{}", env!("CARGO_PKG_VERSION")))
+                        // A new relayed address reaches peers (and so the DHT) at once.
+                        .with_push_listen_addr_updates(true),
                 ),
                 ping: ping::Behaviour::default(),
                 kad,
@@ -281,6 +411,18 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
         .with_swarm_config(|config| config.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// A relay's limits. Circuits carry negotiation and the hole punch that replaces them, and
+/// transfers only when no direct connection can be made, so each may last 15 minutes and carry
+/// 32 MiB; libp2p's per-peer and per-IP rate limits on reservations and circuits stay.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuits: 64,
+        max_circuit_duration: Duration::from_secs(15 * 60),
+        max_circuit_bytes: 32 << 20,
+        ..relay::Config::default()
+    }
 }
 
 /// Peer scoring for the advert topic: every rejected advert costs its sender (a handful puts it
@@ -300,9 +442,52 @@ fn score_params() -> gossipsub::PeerScoreParams {
     params
 }
 
+#[derive(Default)]
 struct PeerState {
-    addresses: Vec<Multiaddr>,
+    connections: Vec<(ConnectionId, Multiaddr)>,
     rtt: Option<Duration>,
+    hole_punch: Option<HolePunch>,
+    /// Where this agent dialled it directly, for listening through it if it is a relay.
+    dialled: Option<Multiaddr>,
+}
+
+impl PeerState {
+    fn info(&self, peer: &PeerId) -> PeerInfo {
+        let mut addresses: Vec<String> = Vec::new();
+        for (_, address) in &self.connections {
+            let address = address.to_string();
+            if !addresses.contains(&address) {
+                addresses.push(address);
+            }
+        }
+        let direct = self.connections.iter().any(|(_, address)| !is_relayed(address));
+        PeerInfo {
+            peer_id: peer.to_string(),
+            addresses,
+            path: if direct { Path::Direct } else { Path::Relayed },
+            rtt_us: self.rtt.map(|rtt| rtt.as_micros() as u64),
+            hole_punch: self.hole_punch.clone(),
+        }
+    }
+}
+
+/// A `hearth connect` waiting for its connection.
+struct Connecting {
+    deadline: Instant,
+    replies: Vec<oneshot::Sender<Result<PeerInfo, ConnectError>>>,
+    last_error: Option<String>,
+}
+
+fn is_loopback(address: &Multiaddr) -> bool {
+    address.iter().any(|part| match part {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_relayed(address: &Multiaddr) -> bool {
+    address.iter().any(|part| part == Protocol::P2pCircuit)
 }
 
 struct EventLoop {
@@ -310,8 +495,18 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     events: Bus,
+    /// This agent is a relay itself (and so needs none).
+    is_relay: bool,
+    reachability: Reachability,
     listen_addrs: Vec<Multiaddr>,
     peers: HashMap<PeerId, PeerState>,
+    /// Connected peers that offer to relay.
+    relays: HashSet<PeerId>,
+    /// The relay listeners, each a reservation on one relay.
+    reservations: HashMap<ListenerId, PeerId>,
+    /// Relays that refused or lost a reservation, and when to ask them again.
+    relay_backoff: HashMap<PeerId, Instant>,
+    connecting: HashMap<PeerId, Connecting>,
     offers: BTreeMap<PeerId, AdvertBody>,
     /// This agent's latest advert, signed afresh and published again when peers join.
     own: Option<AdvertBody>,
@@ -335,6 +530,13 @@ impl EventLoop {
                         self.republish_at = None;
                         self.publish_own();
                     }
+                    self.expire_connecting();
+                    let now = Instant::now();
+                    let before = self.relay_backoff.len();
+                    self.relay_backoff.retain(|_, until| *until > now);
+                    if self.relay_backoff.len() < before {
+                        self.reserve_relays();
+                    }
                 }
             }
         }
@@ -345,18 +547,14 @@ impl EventLoop {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.listen_addrs.clone());
             }
+            Command::Reachability(reply) => {
+                let _ = reply.send(self.reachability);
+            }
             Command::Peers(reply) => {
-                let peers = self
-                    .peers
-                    .iter()
-                    .map(|(peer, state)| PeerInfo {
-                        peer_id: peer.to_string(),
-                        addresses: state.addresses.iter().map(ToString::to_string).collect(),
-                        rtt_us: state.rtt.map(|rtt| rtt.as_micros() as u64),
-                    })
-                    .collect();
+                let peers = self.peers.iter().map(|(peer, state)| state.info(peer)).collect();
                 let _ = reply.send(peers);
             }
+            Command::Connect(peer, address, reply) => self.connect(peer, address, reply),
             Command::Offers(reply) => {
                 let now = unix_now();
                 self.offers.retain(|_, body| body.expires_at > now);
@@ -400,27 +598,64 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                if self.is_relay && !is_loopback(&address) {
+                    // A relay's owner says it is reachable where it listens; a relay's answer to a
+                    // reservation must name such an address, and AutoNAT cannot confirm one on a
+                    // LAN. AutoNAT still adds the public addresses it confirms.
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen_addrs.push(address);
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-                let state =
-                    self.peers.entry(peer_id).or_insert(PeerState { addresses: Vec::new(), rtt: None });
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if self.is_relay {
+                    self.swarm.remove_external_address(&address);
+                }
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                let state = self.peers.entry(peer_id).or_default();
                 let address = endpoint.get_remote_address().clone();
-                if !state.addresses.contains(&address) {
-                    state.addresses.push(address);
+                if let ConnectedPoint::Dialer { .. } = endpoint
+                    && !is_relayed(&address)
+                {
+                    state.dialled = Some(address.clone());
+                }
+                state.connections.push((connection_id, address));
+                if let Some(connecting) = self.connecting.remove(&peer_id) {
+                    let info = state.info(&peer_id);
+                    for reply in connecting.replies {
+                        let _ = reply.send(Ok(info.clone()));
+                    }
                 }
                 // Subscriptions are exchanged first; then the newcomer should hear our advert.
                 self.republish_at = Some(Instant::now() + Duration::from_secs(2));
                 self.events.publish(Event::PeersChanged);
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, endpoint, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.relays.remove(&peer_id);
                 } else if let Some(state) = self.peers.get_mut(&peer_id) {
-                    state.addresses.retain(|a| a != endpoint.get_remote_address());
+                    state.connections.retain(|(id, _)| *id != connection_id);
                 }
                 self.events.publish(Event::PeersChanged);
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                if let Some(connecting) = self.connecting.get_mut(&peer) {
+                    connecting.last_error = Some(error.to_string());
+                }
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                if let Some(relay) = self.reservations.remove(&listener_id) {
+                    match reason {
+                        Ok(()) => tracing::info!(%relay, "no longer listening through the relay"),
+                        Err(error) => {
+                            tracing::warn!(%relay, %error, "the relay reservation failed or ended");
+                            self.relay_backoff.insert(relay, Instant::now() + RELAY_BACKOFF);
+                        }
+                    }
+                    self.reserve_relays();
+                }
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour(event),
             _ => {}
@@ -429,11 +664,74 @@ impl EventLoop {
 
     fn handle_behaviour(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
-                if info.protocols.contains(&KAD_PROTOCOL) =>
-            {
-                for address in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for address in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                    }
+                }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) && self.relays.insert(peer_id) {
+                    self.reserve_relays();
+                }
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => tracing::info!(relay = %relay_peer_id, "reachable through a relay"),
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                self.reachability = match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+                tracing::info!(reachability = ?self.reachability, "reachability changed");
+                if self.reachability == Reachability::Public {
+                    // Dialable directly: the relays' capacity is for those who are not.
+                    for listener in self.reservations.keys().copied().collect::<Vec<_>>() {
+                        self.swarm.remove_listener(listener);
+                    }
+                } else {
+                    self.reserve_relays();
+                }
+            }
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => {
+                let outcome = match result {
+                    Ok(_) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection");
+                        HolePunch::Succeeded
+                    }
+                    Err(error) => {
+                        tracing::info!(peer = %remote_peer_id, %error, "hole punch failed: staying relayed");
+                        HolePunch::Failed { reason: error.to_string() }
+                    }
+                };
+                if let Some(state) = self.peers.get_mut(&remote_peer_id) {
+                    state.hole_punch = Some(outcome);
+                }
+                self.events.publish(Event::PeersChanged);
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            }) => {
+                let found = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                for peer in found {
+                    if self.connecting.contains_key(&peer.peer_id) && !peer.addrs.is_empty() {
+                        let dial = DialOpts::peer_id(peer.peer_id)
+                            .condition(PeerCondition::Disconnected)
+                            .addresses(peer.addrs)
+                            .extend_addresses_through_behaviour()
+                            .build();
+                        if let Err(error) = self.swarm.dial(dial)
+                            && let Some(connecting) = self.connecting.get_mut(&peer.peer_id)
+                        {
+                            connecting.last_error = Some(error.to_string());
+                        }
+                    }
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -481,6 +779,82 @@ impl EventLoop {
         }
     }
 
+    /// Listens through connected relays, up to [`MAX_RELAYS`], unless this agent is a relay or is
+    /// publicly reachable. Only relays this agent dialled qualify: the address it dialled is one
+    /// that works, and it becomes the front of this agent's `/p2p-circuit` address.
+    fn reserve_relays(&mut self) {
+        if self.is_relay || self.reachability == Reachability::Public {
+            return;
+        }
+        let reserved: HashSet<PeerId> = self.reservations.values().copied().collect();
+        let candidates: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|relay| !reserved.contains(relay) && !self.relay_backoff.contains_key(relay))
+            .filter_map(|relay| Some((*relay, self.peers.get(relay)?.dialled.clone()?)))
+            .collect();
+        for (relay, address) in candidates {
+            if self.reservations.len() >= MAX_RELAYS {
+                break;
+            }
+            let mut circuit = address;
+            if let Some(Protocol::P2p(_)) = circuit.iter().last() {
+                circuit.pop();
+            }
+            let circuit = circuit.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    self.reservations.insert(listener, relay);
+                }
+                Err(error) => tracing::warn!(%circuit, %error, "cannot listen through the relay"),
+            }
+        }
+    }
+
+    /// Starts connecting to `peer`: at `address` when given, else wherever the routing table and a
+    /// Kademlia lookup say it is. The reply comes when a connection is up or the time is over.
+    fn connect(
+        &mut self,
+        peer: PeerId,
+        address: Option<Multiaddr>,
+        reply: oneshot::Sender<Result<PeerInfo, ConnectError>>,
+    ) {
+        if let Some(state) = self.peers.get(&peer) {
+            let _ = reply.send(Ok(state.info(&peer)));
+            return;
+        }
+        let connecting = self.connecting.entry(peer).or_insert_with(|| Connecting {
+            deadline: Instant::now() + CONNECT_TIMEOUT,
+            replies: Vec::new(),
+            last_error: None,
+        });
+        connecting.replies.push(reply);
+        let dial = match address {
+            Some(address) => DialOpts::peer_id(peer).addresses(vec![address]).build(),
+            None => DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build(),
+        };
+        if let Err(error) = self.swarm.dial(dial) {
+            connecting.last_error = Some(error.to_string());
+        }
+        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+    }
+
+    /// Answers the `connect` calls whose time is over.
+    fn expire_connecting(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> =
+            self.connecting.iter().filter(|(_, c)| c.deadline <= now).map(|(peer, _)| *peer).collect();
+        for peer in expired {
+            let Some(connecting) = self.connecting.remove(&peer) else { continue };
+            let reason = connecting
+                .last_error
+                .unwrap_or_else(|| "no agent this one knows has an address for it".to_owned());
+            for reply in connecting.replies {
+                let _ = reply.send(Err(ConnectError::Unreachable { peer, reason: reason.clone() }));
+            }
+        }
+    }
+
     /// Keeps `body` as `source`'s offer; when full, the advert that expires first makes room.
     fn remember(&mut self, source: PeerId, body: AdvertBody) {
         if self.offers.len() >= MAX_OFFERS && !self.offers.contains_key(&source) {
@@ -500,4 +874,38 @@ impl EventLoop {
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     jiff::Timestamp::now().as_second()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_target_is_a_peer_id_or_a_p2p_multiaddr() {
+        let peer = PeerId::random();
+        assert_eq!(parse_target(&peer.to_string()), Ok((peer, None)));
+        let address: Multiaddr = format!("/ip4/192.0.2.1/tcp/4001/p2p/{peer}").parse().unwrap();
+        assert_eq!(parse_target(&address.to_string()), Ok((peer, Some(address))));
+        for bad in ["", "hello", "/ip4/192.0.2.1/tcp/4001", "/p2p/notapeer"] {
+            assert_eq!(parse_target(bad), Err(ConnectError::BadTarget(bad.to_owned())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_peer_reached_only_through_relays_is_relayed() {
+        let peer = PeerId::random();
+        let relayed: Multiaddr =
+            format!("/ip4/192.0.2.1/tcp/4001/p2p/{}/p2p-circuit/p2p/{peer}", PeerId::random())
+                .parse()
+                .unwrap();
+        let direct: Multiaddr = "/ip4/192.0.2.2/udp/4001/quic-v1".parse().unwrap();
+        let mut state = PeerState::default();
+        state.connections.push((ConnectionId::new_unchecked(1), relayed.clone()));
+        assert_eq!(state.info(&peer).path, Path::Relayed);
+        state.connections.push((ConnectionId::new_unchecked(2), direct.clone()));
+        state.connections.push((ConnectionId::new_unchecked(3), direct.clone()));
+        let info = state.info(&peer);
+        assert_eq!(info.path, Path::Direct);
+        assert_eq!(info.addresses, vec![relayed.to_string(), direct.to_string()], "each address once");
+    }
 }

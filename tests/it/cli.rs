@@ -18,7 +18,20 @@ pub(crate) fn help_lists_every_command() -> Result<()> {
     let out = hearth(dir.path(), &["--help"])?;
     ensure!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for command in ["daemon", "status", "resources", "run", "jobs", "job"] {
+    for command in [
+        "daemon",
+        "status",
+        "resources",
+        "run",
+        "jobs",
+        "job",
+        "peers",
+        "connect",
+        "offers",
+        "pause",
+        "resume",
+        "policy",
+    ] {
         ensure!(help.lines().any(|l| l.trim_start().starts_with(command)), "{command} missing: {help}");
     }
     Ok(())

@@ -50,6 +50,11 @@ fn main() {
     let in_netns = |name: &str, test: TestFn| {
         trial_if(name, test, networked.is_ok(), networked.as_ref().err().map_or("", String::as_str))
     };
+    // Homes behind NAT: namespaces, and nftables for the routers' masquerade.
+    let natted = hearth_tests::netns::support().and_then(|()| match hearth_tests::netns::installed("nft") {
+        true => Ok(()),
+        false => Err("nft is not installed (`apt install nftables`)".to_owned()),
+    });
     let python =
         std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
     let trials = vec![
@@ -213,6 +218,12 @@ fn main() {
             protocol::a_verifier_written_from_the_protocol_doc_checks_adverts,
             python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
+        trial_if(
+            "network::agents_behind_nats_reach_each_other_through_a_relay",
+            network::agents_behind_nats_reach_each_other_through_a_relay,
+            natted.is_ok(),
+            natted.as_ref().err().map_or("", String::as_str),
         ),
         in_netns(
             "network::two_agents_on_one_lan_find_each_other_by_mdns",

@@ -336,3 +336,133 @@ pub(crate) fn two_agents_on_one_lan_find_each_other_by_mdns() -> Result<()> {
     }
     Ok(())
 }
+
+/// Two homes, each behind its own router's NAT (nftables masquerade, inbound only for answers),
+/// and a relay agent on the "internet" between them. Each home agent is told only the relay's
+/// address. The agent in one home lists a `/p2p-circuit` address through the relay; the agent in
+/// the other connects to it by peer id alone (its address found through the relay's DHT), over
+/// the relay; then DCUtR tries a direct connection and both report how it went.
+pub(crate) fn agents_behind_nats_reach_each_other_through_a_relay() -> Result<()> {
+    use hearth_tests::netns::{Netns, veth};
+    let pid = std::process::id();
+    let wan = Netns::create("nw")?;
+    wan.forward()?;
+    let mut homes = Vec::new();
+    for home in 1..=2 {
+        let router = Netns::create(&format!("nr{home}"))?;
+        let host = Netns::create(&format!("nh{home}"))?;
+        let (wan_if, uplink, lan_if, host_if) = (
+            format!("w{home}{pid}"),
+            format!("u{home}{pid}"),
+            format!("l{home}{pid}"),
+            format!("h{home}{pid}"),
+        );
+        veth(&wan, &wan_if, &router, &uplink)?;
+        veth(&router, &lan_if, &host, &host_if)?;
+        wan.ip(&["addr", "add", &format!("10.77.{home}.1/24"), "dev", &wan_if])?;
+        router.ip(&["addr", "add", &format!("10.77.{home}.2/24"), "dev", &uplink])?;
+        router.ip(&["route", "add", "default", "via", &format!("10.77.{home}.1")])?;
+        router.ip(&["addr", "add", &format!("10.78.{home}.1/24"), "dev", &lan_if])?;
+        router.masquerade(&uplink)?;
+        host.ip(&["addr", "add", &format!("10.78.{home}.2/24"), "dev", &host_if])?;
+        host.ip(&["route", "add", "default", "via", &format!("10.78.{home}.1")])?;
+        homes.push((router, host));
+    }
+    let listen = "listen = [\"/ip4/0.0.0.0/tcp/0\", \"/ip4/0.0.0.0/udp/0/quic-v1\"]\nmdns = false";
+    let mut relay = Agent::start_in(&wan, &format!("[network]\n{listen}\nrelay = true\n"))?;
+    let relay_status = json_of(&relay.cli(&["status", "--json"])?)?;
+    let relay_id = relay_status["peer_id"].as_str().context("peer_id")?.to_owned();
+    let relay_addr = |home: u8| -> Result<String> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = json_of(&relay.cli(&["status", "--json"])?)?;
+            let prefix = format!("/ip4/10.77.{home}.1/tcp/");
+            let found = status["listen_addrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .find(|a| a.starts_with(&prefix));
+            if let Some(address) = found {
+                return Ok(address.to_owned());
+            }
+            ensure!(Instant::now() < until, "the relay has no address on home {home}'s side: {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut agents = Vec::new();
+    for (home, (_, host)) in (1..=2).zip(&homes) {
+        let config = format!("[network]\n{listen}\nbootstrap = [\"{}\"]\n", relay_addr(home)?);
+        agents.push(Agent::start_in(host, &config)?);
+    }
+    let ids: Vec<String> = agents
+        .iter()
+        .map(|agent| {
+            Ok(json_of(&agent.cli(&["status", "--json"])?)?["peer_id"].as_str().context("id")?.to_owned())
+        })
+        .collect::<Result<_>>()?;
+
+    // The first home's agent becomes reachable through the relay.
+    let circuit = format!("/p2p/{relay_id}/p2p-circuit/p2p/{}", ids[0]);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = json_of(&agents[0].cli(&["status", "--json"])?)?;
+        let addrs = status["listen_addrs"].as_array().cloned().unwrap_or_default();
+        if addrs.iter().filter_map(Value::as_str).any(|a| a.ends_with(&circuit)) {
+            ensure!(status["reachability"] != "public", "{status}");
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "no relayed address after 30 s: {status}\npeers: {}\nagent log:\n{}\nrelay log:\n{}",
+            String::from_utf8_lossy(&agents[0].cli(&["peers", "--json"])?.stdout),
+            agents[0].log(),
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // Nothing in the second home can reach the first directly; by its id alone, it connects
+    // through the relay (the DHT may already have led it there, and a hole punch may already have
+    // made a direct connection beside the relayed one).
+    let connect = agents[1].cli(&["connect", &ids[0], "--json"])?;
+    let peer = json_of(&connect)
+        .with_context(|| format!("hearth connect failed\nagent log:\n{}", agents[1].log()))?;
+    ensure!(peer["peer_id"] == ids[0].as_str(), "{peer}");
+    let addresses: Vec<&str> =
+        peer["addresses"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    ensure!(
+        addresses.iter().any(|a| a.contains(&format!("/p2p/{relay_id}/p2p-circuit"))),
+        "no connection through the relay: {peer}"
+    );
+
+    // DCUtR tries a direct connection; the side that led the attempt reports how it went, and
+    // the path shown agrees with it.
+    let until = Instant::now() + Duration::from_secs(30);
+    let outcome = 'outcome: loop {
+        for (agent, other) in [(&agents[0], &ids[1]), (&agents[1], &ids[0])] {
+            let peers = json_of(&agent.cli(&["peers", "--json"])?)?;
+            let entry =
+                peers.as_array().and_then(|p| p.iter().find(|p| p["peer_id"] == other.as_str()).cloned());
+            if let Some(entry) = entry.filter(|e| !e["hole_punch"].is_null()) {
+                break 'outcome entry;
+            }
+        }
+        ensure!(
+            Instant::now() < until,
+            "no hole punch attempted within 30 s\nfirst agent:\n{}\nsecond agent:\n{}",
+            agents[0].log(),
+            agents[1].log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    if outcome["hole_punch"]["outcome"] == "succeeded" {
+        ensure!(outcome["path"] == "direct", "{outcome}");
+    }
+    eprintln!("hole punch between two masquerading NATs: {}", outcome["hole_punch"]);
+
+    for agent in agents.iter_mut().chain([&mut relay]) {
+        ensure!(agent.terminate()?.success(), "an agent did not stop cleanly");
+    }
+    Ok(())
+}

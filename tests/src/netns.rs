@@ -85,6 +85,50 @@ impl Netns {
 }
 
 impl Netns {
+    /// Runs `program ARGS…` inside this namespace, failing with what it printed.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        let mut command = Command::new(program);
+        command.args(args);
+        let out = self.wrap(&command).output().with_context(|| format!("running {program}"))?;
+        ensure!(
+            out.status.success(),
+            "{program} {} in {}: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Lets this namespace forward packets between its links, like a router.
+    pub fn forward(&self) -> Result<()> {
+        self.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+    }
+
+    /// Makes this namespace a home router: what leaves by `uplink` takes the uplink's address
+    /// (nftables masquerade, as a home router's NAT does), and only answers come back in:
+    /// anything else arriving on the uplink is dropped unanswered, as a home router does.
+    pub fn masquerade(&self, uplink: &str) -> Result<()> {
+        self.forward()?;
+        let rules = format!(
+            "table ip hearth_nat {{\n\
+             \tchain masq {{ type nat hook postrouting priority srcnat; oifname \"{uplink}\" masquerade; }}\n\
+             \tchain only_answers {{ type filter hook forward priority filter; policy drop;\n\
+             \t\tct state established,related accept\n\
+             \t\toifname \"{uplink}\" accept\n\
+             \t}}\n\
+             \tchain unsolicited {{ type filter hook input priority filter;\n\
+             \t\tiifname \"{uplink}\" ct state new drop\n\
+             \t}}\n\
+             }}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{}.nft", self.name));
+        std::fs::write(&path, rules).context("writing the nftables rules")?;
+        let loaded = self.run("nft", &["-f", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
     /// Whether the namespace's file is still mounted (something that unmounts it, such as a
     /// careless pivot with shared mount propagation, leaves a plain file that no tool can enter).
     pub fn is_mounted(&self) -> bool {

@@ -10,7 +10,9 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
-use super::{ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob};
+use super::{
+    ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob,
+};
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
@@ -137,6 +139,12 @@ impl Client {
     /// `GET /api/v1/peers`.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
         self.get("/api/v1/peers").await
+    }
+
+    /// `POST /api/v1/peers`: connect to a peer id or a `/p2p/` multiaddr.
+    pub async fn connect(&self, target: &str) -> Result<PeerInfo, ClientError> {
+        let body = ConnectRequest { target: target.to_owned() };
+        self.send(self.http.post(self.url("/api/v1/peers")).json(&body)).await
     }
 
     /// `GET /api/v1/offers`.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
+use crate::net::ConnectError;
 
 /// An error as the API returns it, with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -81,6 +82,17 @@ impl From<PolicyError> for ApiError {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "policy_not_saved", &error.to_string())
             }
         }
+    }
+}
+
+impl From<ConnectError> for ApiError {
+    fn from(error: ConnectError) -> Self {
+        let (status, code) = match &error {
+            ConnectError::BadTarget(_) | ConnectError::Itself(_) => (StatusCode::BAD_REQUEST, "invalid_peer"),
+            ConnectError::Unreachable { .. } => (StatusCode::GATEWAY_TIMEOUT, "peer_unreachable"),
+            ConnectError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        };
+        Self::new(status, code, &error.to_string())
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use hearth::api::{AgentStatus, Status};
 use hearth::availability::{Availability, OwnerPause, Policy};
 use hearth::jobs::{JobRecord, JobState};
-use hearth::net::{AdvertBody, PeerInfo};
+use hearth::net::{AdvertBody, HolePunch, Path, PeerInfo, Reachability};
 use hearth::resources::{Gpu, Resources};
 use hearth::store::OwnerNotice;
 
@@ -45,10 +45,26 @@ pub(super) fn status(s: &Status) -> String {
     table(&[
         ("Peer ID", s.peer_id.clone()),
         ("State", state),
+        ("Reachable", reachable(s)),
         ("Version", s.version.clone()),
         ("Data dir", s.data_dir.display().to_string()),
         ("Running since", format!("{} (pid {})", humantime::format_rfc3339_seconds(started), s.pid)),
     ])
+}
+
+/// How other agents reach this one: directly, through relays, or not yet known.
+fn reachable(s: &Status) -> String {
+    let relays = s.listen_addrs.iter().filter(|a| a.contains("/p2p-circuit")).count();
+    let through = match relays {
+        0 => String::new(),
+        1 => ", through 1 relay".to_owned(),
+        n => format!(", through {n} relays"),
+    };
+    match s.reachability {
+        Reachability::Public => "directly (public address)".to_owned(),
+        Reachability::Private => format!("behind a NAT{through}"),
+        Reachability::Unknown => format!("not tested yet{through}"),
+    }
 }
 
 pub(super) fn resources(r: &Resources) -> String {
@@ -195,16 +211,26 @@ pub(super) fn notices(notices: &Vec<OwnerNotice>) -> String {
     text
 }
 
+#[expect(clippy::ptr_arg, reason = "`print` hands every formatter a `&T`; here T is the Vec it prints")]
 pub(super) fn peers(peers: &Vec<PeerInfo>) -> String {
     if peers.is_empty() {
         return "no peers connected\n".to_owned();
     }
-    let mut text = String::new();
-    for peer in peers {
-        let rtt = peer.rtt_us.map_or("-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0));
-        let _ = writeln!(text, "{}  {:>9}  {}", peer.peer_id, rtt, peer.addresses.join(" "));
-    }
-    text
+    peers.iter().map(peer).collect()
+}
+
+/// One line: id, round trip, path (and how a hole punch went), addresses.
+pub(super) fn peer(peer: &PeerInfo) -> String {
+    let rtt = peer.rtt_us.map_or("-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0));
+    let path = match (&peer.path, &peer.hole_punch) {
+        (Path::Direct, Some(HolePunch::Succeeded)) => "direct (hole punched)".to_owned(),
+        (Path::Direct, _) => "direct".to_owned(),
+        (Path::Relayed, Some(HolePunch::Failed { reason })) => {
+            format!("relayed (hole punch failed: {reason})")
+        }
+        (Path::Relayed, _) => "relayed".to_owned(),
+    };
+    format!("{}  {:>9}  {}  {}\n", peer.peer_id, rtt, path, peer.addresses.join(" "))
 }
 
 pub(super) fn offers(offers: &Vec<AdvertBody>) -> String {
