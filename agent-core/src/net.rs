@@ -17,6 +17,7 @@
 pub mod advert;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
@@ -439,6 +440,11 @@ fn score_params() -> gossipsub::PeerScoreParams {
     };
     let mut params = gossipsub::PeerScoreParams::default();
     params.topics.insert(IdentTopic::new(ADVERT_TOPIC).hash(), topic);
+    // Many identities behind one address cost each of them (Sybil defence), except on loopback,
+    // where every agent of this machine (and of a test or benchmark) lives: a flood of identities
+    // from there would otherwise sink the honest agents beside it.
+    params.ip_colocation_factor_whitelist =
+        [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)].into_iter().collect();
     params
 }
 

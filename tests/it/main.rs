@@ -11,6 +11,7 @@ mod daemon;
 mod daemon_jobs;
 mod escape;
 mod events;
+mod flood;
 mod job_network;
 mod jobs;
 mod network;
@@ -218,6 +219,10 @@ fn main() {
             protocol::a_verifier_written_from_the_protocol_doc_checks_adverts,
             python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
+        trial(
+            "flood::a_flood_is_refused_memory_stays_bounded_and_an_honest_peer_gets_through",
+            flood::a_flood_is_refused_memory_stays_bounded_and_an_honest_peer_gets_through,
         ),
         trial_if(
             "network::agents_behind_nats_reach_each_other_through_a_relay",

@@ -7,12 +7,12 @@ use anyhow::{Context, Result, ensure};
 use hearth_tests::{Agent, hearth, json_of};
 use serde_json::Value;
 
-fn json(agent: &Agent, args: &[&str]) -> Result<Value> {
+pub(crate) fn json(agent: &Agent, args: &[&str]) -> Result<Value> {
     json_of(&hearth(&agent.data_dir(), args)?)
 }
 
 /// The agent's first listen address, ending in /p2p/PEER_ID, once it has one.
-fn address(agent: &Agent) -> Result<(String, String)> {
+pub(crate) fn address(agent: &Agent) -> Result<(String, String)> {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let status = json(agent, &["status", "--json"])?;
@@ -28,14 +28,14 @@ fn address(agent: &Agent) -> Result<(String, String)> {
     }
 }
 
-fn joining(bootstrap: &str) -> Result<Agent> {
+pub(crate) fn joining(bootstrap: &str) -> Result<Agent> {
     Agent::start_with_config(&format!(
         "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nbootstrap = [\"{bootstrap}\"]\n"
     ))
 }
 
 /// Waits until `agent`'s peers and offers both name every one of `others`; returns its offers.
-fn wait_to_know(agent: &Agent, others: &[&str], within: Duration) -> Result<Vec<Value>> {
+pub(crate) fn wait_to_know(agent: &Agent, others: &[&str], within: Duration) -> Result<Vec<Value>> {
     let until = Instant::now() + within;
     loop {
         let peers = json(agent, &["peers", "--json"])?;
@@ -136,7 +136,7 @@ pub(crate) fn a_paused_agent_says_so_in_its_advert() -> Result<()> {
 /// A peer that speaks only gossipsub (no Kademlia, so nobody else learns of it): it connects to
 /// one agent, waits until that agent subscribes it to the advert topic, publishes `data` as
 /// `identity`, and goes away.
-fn publish_from(identity: &hearth::identity::Identity, agent: &str, data: Vec<u8>) -> Result<()> {
+pub(crate) fn publish_from(identity: &hearth::identity::Identity, agent: &str, data: Vec<u8>) -> Result<()> {
     use libp2p::futures::StreamExt;
     use libp2p::gossipsub;
     use libp2p::swarm::SwarmEvent;
@@ -284,7 +284,7 @@ fn rejections(agent: &Agent) -> usize {
     agent.log().lines().filter(|line| line.contains("advert rejected")).count()
 }
 
-fn wait_to_know_offer(agent: &Agent, peer: &str) -> Result<()> {
+pub(crate) fn wait_to_know_offer(agent: &Agent, peer: &str) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         let offers = json(agent, &["offers", "--json"])?;
