@@ -11,21 +11,9 @@ pub(crate) fn json(agent: &Agent, args: &[&str]) -> Result<Value> {
     json_of(&hearth(&agent.data_dir(), args)?)
 }
 
-/// The agent's first listen address, ending in /p2p/PEER_ID, once it has one.
+/// The agent's first listen address, ending in /p2p/PEER_ID, and its peer id.
 pub(crate) fn address(agent: &Agent) -> Result<(String, String)> {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = json(agent, &["status", "--json"])?;
-        let peer = status["peer_id"].as_str().context("peer_id")?.to_owned();
-        if let Some(address) =
-            status["listen_addrs"].as_array().and_then(|a| a.first()).and_then(Value::as_str)
-        {
-            ensure!(address.ends_with(&format!("/p2p/{peer}")), "{address}");
-            return Ok((address.to_owned(), peer));
-        }
-        ensure!(Instant::now() < until, "no listen address: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.address()
 }
 
 pub(crate) fn joining(bootstrap: &str) -> Result<Agent> {

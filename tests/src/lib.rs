@@ -192,6 +192,23 @@ impl Agent {
         }
     }
 
+    /// The agent's first listen address, ending in /p2p/PEER_ID, and its peer id, once it has one.
+    pub fn address(&self) -> Result<(String, String)> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = json_of(&self.cli(&["status", "--json"])?)?;
+            let peer = status["peer_id"].as_str().context("peer_id")?.to_owned();
+            if let Some(address) =
+                status["listen_addrs"].as_array().and_then(|a| a.first()).and_then(Value::as_str)
+            {
+                ensure!(address.ends_with(&format!("/p2p/{peer}")), "{address}");
+                return Ok((address.to_owned(), peer));
+            }
+            ensure!(Instant::now() < until, "no listen address: {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The agent's data dir.
     pub fn data_dir(&self) -> PathBuf {
         self.root.path().join("data")
@@ -351,4 +368,29 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// `POST path` with a JSON `body` (none when empty) to an agent's API on `port`; fails unless the
+/// answer is 200, with its status line.
+pub fn api_post(port: u16, token: &str, path: &str, body: &str) -> Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    let content_type = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n{content_type}\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{path}: {}", answer.lines().next().unwrap_or(""));
+    Ok(())
+}
+
+/// The `p`th percentile of `samples`, in milliseconds (nearest rank); NaN when there are none.
+pub fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (ms.len() as f64 - 1.0)).round() as usize;
+    ms.get(rank).copied().unwrap_or(f64::NAN)
 }

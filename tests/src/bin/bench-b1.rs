@@ -10,17 +10,15 @@
 //! `kill(-pgid, SIGSTOP)` until every thread is in state `T`. Prints p50 and p99 of each.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use futures_util::StreamExt;
 use hearth_tests::jobs::{JobDir, freezer_state_file, pids_with, probe_bin};
-use hearth_tests::{Agent, command};
+use hearth_tests::{Agent, api_post, command, percentile_ms};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -39,18 +37,10 @@ fn main() -> Result<()> {
         ("hearth: pause request -> every job frozen", &frozen),
         ("hearth: pause request -> 4 owner notices delivered", &told),
     ] {
-        println!("{name:<52} {:>9.2} {:>9.2}", percentile(samples, 50.0), percentile(samples, 99.0));
+        println!("{name:<52} {:>9.2} {:>9.2}", percentile_ms(samples, 50.0), percentile_ms(samples, 99.0));
     }
     Ok(())
 }
-
-fn percentile(samples: &[Duration], p: f64) -> f64 {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * (ms.len() as f64 - 1.0)).round() as usize;
-    ms.get(rank).copied().unwrap_or(f64::NAN)
-}
-
 /// The floor: SIGSTOP to each group, until every thread of every process is stopped.
 fn anchor(trials: usize) -> Result<Vec<Duration>> {
     let probe = probe_bin()?;
@@ -162,7 +152,7 @@ fn hearth(trials: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     for _ in 0..trials {
         while notices.try_recv().is_ok() {}
         let start = Instant::now();
-        post(port, &token, "/api/v1/pause", "{}")?;
+        api_post(port, &token, "/api/v1/pause", "{}")?;
         while !all("FROZEN") {
             std::hint::spin_loop();
         }
@@ -172,7 +162,7 @@ fn hearth(trials: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
             last = notices.recv_timeout(Duration::from_secs(10)).context("a notice did not arrive")?;
         }
         told.push(last.duration_since(start));
-        post(port, &token, "/api/v1/resume", "")?;
+        api_post(port, &token, "/api/v1/resume", "")?;
         let until = Instant::now() + Duration::from_secs(10);
         while !all("THAWED") {
             ensure!(Instant::now() < until, "the jobs did not thaw");
@@ -186,21 +176,4 @@ fn hearth(trials: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     }
     ensure!(agent.terminate()?.success(), "the agent did not stop cleanly");
     Ok((frozen, told))
-}
-
-fn post(port: u16, token: &str, path: &str, body: &str) -> Result<()> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    let content_type = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n{content_type}\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    if !answer.starts_with("HTTP/1.1 200") {
-        bail!("{path}: {}", answer.lines().next().unwrap_or(""));
-    }
-    Ok(())
 }
