@@ -444,12 +444,16 @@ impl Logind {
     }
 }
 
+/// Where logind keeps one file per session, named by its id (what sd-login's `sd_get_sessions`
+/// lists): reading it costs nothing, where starting `loginctl` costs a process.
+const LOGIND_SESSIONS: &str = "/run/systemd/sessions";
+
 fn read_logind() -> Option<Duration> {
-    let list = Command::new("loginctl").args(["list-sessions", "--no-legend"]).output().ok()?;
-    let ids: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
-        .collect();
+    let ids = session_ids(Path::new(LOGIND_SESSIONS));
+    if ids.is_empty() {
+        // No session (a server, a container) or no logind: nothing to ask `loginctl`.
+        return None;
+    }
     let now_us = jiff::Timestamp::now().as_microsecond();
     ids.iter()
         .filter_map(|id| {
@@ -471,6 +475,15 @@ fn read_logind() -> Option<Duration> {
             session_idle(&String::from_utf8_lossy(&out.stdout), now_us)
         })
         .min()
+}
+
+/// The session ids in logind's sessions folder (its `*.ref` files are FIFOs, not sessions).
+fn session_ids(folder: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(folder) else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.is_empty() && !name.contains('.'))
+        .collect()
 }
 
 /// One session's idle time from `loginctl show-session` properties; `None` for a session that
@@ -573,6 +586,18 @@ mod tests {
         assert_eq!(session_idle("IdleHint=no\nType=x11\nActive=yes\n", now), Some(Duration::ZERO));
         assert_eq!(session_idle("IdleHint=no\nType=unspecified\nActive=yes\n", now), None);
         assert_eq!(session_idle("IdleHint=no\nType=x11\nActive=no\n", now), None);
+    }
+
+    #[test]
+    fn logind_session_ids_are_the_session_files() {
+        let folder = tempfile::tempdir().unwrap();
+        for name in ["2", "c1", "2.ref", "c1.ref"] {
+            fs::write(folder.path().join(name), "").unwrap();
+        }
+        let mut ids = session_ids(folder.path());
+        ids.sort();
+        assert_eq!(ids, ["2", "c1"]);
+        assert!(session_ids(&folder.path().join("absent")).is_empty(), "no logind, no sessions");
     }
 
     #[test]
