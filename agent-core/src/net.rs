@@ -676,7 +676,10 @@ impl EventLoop {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
                     }
                 }
-                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) && self.relays.insert(peer_id) {
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    // Identify runs on every connection: a relay that dialled this agent first
+                    // qualifies once this agent has dialled it too.
+                    self.relays.insert(peer_id);
                     self.reserve_relays();
                 }
             }
