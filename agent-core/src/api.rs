@@ -37,6 +37,7 @@ use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
+use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
 
 /// What the agent is doing, as `hearth status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -136,6 +137,8 @@ pub struct ApiState {
     pub owner: Arc<OwnerControls>,
     /// The peer-to-peer network.
     pub network: Network,
+    /// The blob store and the transfers.
+    pub transfers: Transfers,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -206,6 +209,9 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_resources))
         .routes(routes!(get_peers, connect_peer))
         .routes(routes!(get_offers))
+        .routes(routes!(add_blob))
+        .routes(routes!(list_transfers, start_transfer))
+        .routes(routes!(get_transfer, cancel_transfer))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
         .routes(routes!(act_on_job))
@@ -284,6 +290,82 @@ async fn connect_peer(
 ))]
 async fn get_offers(State(state): State<ApiState>) -> Json<Vec<AdvertBody>> {
     Json(state.network.offers().await)
+}
+
+/// What `POST /api/v1/blobs` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AddBlob {
+    /// A file or folder on this machine, read by the agent.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Peers allowed to fetch it.
+    #[serde(default)]
+    pub share_with: Vec<String>,
+}
+
+/// Puts a file or folder into the blob store (kept until removed) and lets the named peers
+/// fetch it; answers with its hash.
+#[utoipa::path(post, path = "/api/v1/blobs", request_body = AddBlob, responses(
+    (status = 200, body = Imported),
+    (status = 400, description = "No such path, or a peer id that is not one", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn add_blob(
+    State(state): State<ApiState>,
+    Json(body): Json<AddBlob>,
+) -> Result<Json<Imported>, error::ApiError> {
+    Ok(Json(state.transfers.add(body.path, &body.share_with).await?))
+}
+
+/// Every fetch this agent knows, oldest first.
+#[utoipa::path(get, path = "/api/v1/transfers", responses(
+    (status = 200, body = Vec<Fetch>),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn list_transfers(State(state): State<ApiState>) -> Json<Vec<Fetch>> {
+    Json(state.transfers.fetches())
+}
+
+/// Starts fetching a blob or folder from a peer; answers at once with the fetch, which runs on
+/// (and resumes after a restart) until it ends. Progress is pushed as `transfer_changed` events.
+#[utoipa::path(post, path = "/api/v1/transfers", request_body = FetchRequest, responses(
+    (status = 202, body = Fetch),
+    (status = 400, description = "A peer id that is not one, or this agent's own", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn start_transfer(
+    State(state): State<ApiState>,
+    Json(body): Json<FetchRequest>,
+) -> Result<(axum::http::StatusCode, Json<Fetch>), error::ApiError> {
+    Ok((axum::http::StatusCode::ACCEPTED, Json(state.transfers.fetch(body).await?)))
+}
+
+/// One fetch.
+#[utoipa::path(get, path = "/api/v1/transfers/{id}", params(("id" = String, Path, description = "The fetch's id")), responses(
+    (status = 200, body = Fetch),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn get_transfer(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Fetch>, error::ApiError> {
+    Ok(Json(state.transfers.get(&id)?))
+}
+
+/// Cancels a fetch that has not ended; what it downloaded is dropped.
+#[utoipa::path(delete, path = "/api/v1/transfers/{id}", params(("id" = String, Path, description = "The fetch's id")), responses(
+    (status = 200, description = "Cancelled (the body is `null`); a `transfer_changed` event follows"),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "It has already ended", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn cancel_transfer(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<()>, error::ApiError> {
+    state.transfers.cancel(&id)?;
+    Ok(Json(()))
 }
 
 /// The machine's CPU, memory, disk and GPUs, as last refreshed.

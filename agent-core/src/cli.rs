@@ -8,6 +8,7 @@
 mod jobs;
 mod output;
 mod run_local;
+mod transfers;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -70,6 +71,57 @@ enum Command {
     /// Show or replace the sharing policy (windows, idle time, power, temperatures, reserves).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Put files in this agent's blob store for peers, and fetch blobs from peers.
+    #[command(subcommand)]
+    Blob(BlobCommand),
+    /// List this agent's fetches: progress, rate, and how each ended.
+    Transfers(ReadArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BlobCommand {
+    /// Put a file or a folder in the blob store and print its hash; --share lets a peer fetch it.
+    Add {
+        /// The file or folder.
+        path: PathBuf,
+        /// A peer id allowed to fetch it (repeatable).
+        #[arg(long, value_name = "PEER")]
+        share: Vec<String>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Fetch a blob (or with --folder a folder) from a peer, verified as it arrives; an
+    /// interrupted fetch resumes where it stopped. Prints the transfer id first.
+    Get {
+        /// The blob's hash, as `hearth blob add` printed it.
+        hash: String,
+        /// The hash names a folder.
+        #[arg(long)]
+        folder: bool,
+        /// The peer that holds it.
+        #[arg(long = "from", value_name = "PEER")]
+        peer: String,
+        /// Write the file (or folder, which must not exist or be empty) here when it is complete.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Refuse a blob larger than this, such as `2GiB`.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Start the fetch and return; `hearth transfers` follows it.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Cancel a fetch; what it downloaded is dropped.
+    Cancel {
+        /// The transfer id.
+        id: String,
+    },
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<bytesize::ByteSize>().map(|size| size.as_u64()).map_err(|e| format!("{text:?}: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +337,36 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Policy(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             policy(&paths, command)?;
+        }
+        Command::Blob(command) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            return runtime(false)?.block_on(async {
+                let client = Client::discover(&paths)?;
+                match command {
+                    BlobCommand::Add { path, share, read } => {
+                        transfers::add(&client, &path, &share, read.json).await?;
+                    }
+                    BlobCommand::Get { hash, folder, peer, out, max_size, detach, read } => {
+                        let get = transfers::Get {
+                            hash: &hash,
+                            folder,
+                            peer: &peer,
+                            out: out.as_deref(),
+                            max_bytes: max_size,
+                            detach,
+                            json: read.json,
+                        };
+                        return transfers::get(&client, get).await;
+                    }
+                    BlobCommand::Cancel { id } => transfers::cancel(&client, &id).await?,
+                }
+                Ok(ExitCode::SUCCESS)
+            });
+        }
+        Command::Transfers(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?
+                .block_on(async { transfers::list(&Client::discover(&paths)?, args.json).await })?;
         }
     }
     Ok(ExitCode::SUCCESS)

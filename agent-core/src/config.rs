@@ -106,6 +106,11 @@ impl Paths {
     pub fn api_token(&self) -> PathBuf {
         self.data_dir.join("api.token")
     }
+
+    /// The blob store's folder.
+    pub fn blobs(&self) -> PathBuf {
+        self.data_dir.join("blobs")
+    }
 }
 
 /// The whole configuration of an agent.

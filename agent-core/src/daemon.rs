@@ -37,6 +37,7 @@ use crate::identity::{Created, Identity, IdentityError};
 use crate::jobs::{Runner, Supervisor};
 use crate::net::{NetError, Network};
 use crate::store::{RunId, Store, StoreError};
+use crate::transfer::{BlobStore, TransferError, Transfers};
 use adverts::AdvertTask;
 use availability::{AvailabilityTask, Wiring};
 use lock::DataDirLock;
@@ -90,6 +91,9 @@ pub enum DaemonError {
     /// The peer-to-peer network could not start.
     #[error(transparent)]
     Network(#[from] NetError),
+    /// The blob store or the transfer service could not start.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -150,6 +154,9 @@ async fn serve(
     };
     let availability = AvailabilityTask::spawn(wiring, &cancel).await;
     let (network, network_task) = Network::spawn(identity, &config.network, events.clone(), &cancel).await?;
+    let blobs = BlobStore::open(&paths.blobs()).map_err(TransferError::from)?;
+    let (transfers, transfers_task) =
+        Transfers::spawn(blobs, store.clone(), network.clone(), events.clone(), &cancel).await?;
     let adverts = AdvertTask::spawn(
         adverts::Sources {
             identity: identity.clone(),
@@ -177,6 +184,7 @@ async fn serve(
         availability: availability.availability(),
         owner,
         network,
+        transfers,
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -203,6 +211,7 @@ async fn serve(
     }
     ApiInfo::remove_if_ours(&paths.api_info());
     adverts.shutdown().await;
+    transfers_task.shutdown().await;
     network_task.shutdown().await;
     // Stopped before the jobs, so it does not freeze or thaw them while they are cancelled.
     availability.shutdown().await;

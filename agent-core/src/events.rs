@@ -12,6 +12,7 @@ use crate::jobs::{JobRecord, Stream};
 use crate::net::AdvertBody;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
+use crate::transfer::Fetch;
 
 /// How many events a slow subscriber may fall behind before it misses some.
 const BUS_CAPACITY: usize = 256;
@@ -73,6 +74,11 @@ pub enum Event {
     OfferChanged {
         /// What it offers.
         offer: Box<AdvertBody>,
+    },
+    /// A fetch started, progressed (a few times a second: bytes, rate, ETA) or ended.
+    TransferChanged {
+        /// The fetch as it now stands.
+        transfer: Box<Fetch>,
     },
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {

@@ -17,3 +17,4 @@ pub mod resources;
 mod secret_file;
 pub mod store;
 mod toml_file;
+pub mod transfer;

@@ -176,6 +176,8 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     autonat: autonat::Behaviour,
     dcutr: dcutr::Behaviour,
+    /// Raw streams for protocols served outside the event loop (blob transfer).
+    streams: libp2p_stream::Behaviour,
 }
 
 enum Command {
@@ -188,10 +190,17 @@ enum Command {
 }
 
 /// Handle to the network task. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Network {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
 }
 
 /// The task itself, for the daemon to stop.
@@ -212,6 +221,7 @@ impl Network {
         let listen = parse_all("network.listen", &config.listen)?;
         let bootstrap = parse_all("network.bootstrap", &config.bootstrap)?;
         let mut swarm = build_swarm(identity, config)?;
+        let streams = swarm.behaviour().streams.new_control();
         for address in listen {
             swarm
                 .listen_on(address.clone())
@@ -246,12 +256,18 @@ impl Network {
         };
         let task_stop = stop.clone();
         let task = tokio::spawn(async move { event_loop.run(task_stop).await });
-        Ok((Self { commands, peer_id: identity.peer_id() }, NetworkTask { stop, task }))
+        Ok((Self { commands, peer_id: identity.peer_id(), streams }, NetworkTask { stop, task }))
     }
 
     /// This agent's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Opens and accepts raw streams of protocols served outside the event loop (blob transfer).
+    /// Opening a stream to a peer dials it when no connection exists.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
     }
 
     /// The addresses the swarm listens on, each ending in `/p2p/PEER_ID`.
@@ -406,6 +422,7 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
                 gossipsub,
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
                 dcutr: dcutr::Behaviour::new(peer_id),
+                streams: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| start(&e))?

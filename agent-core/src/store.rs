@@ -105,6 +105,21 @@ pub fn migrations() -> Migrations<'static> {
          ) STRICT;
          CREATE INDEX owner_notices_by_job ON owner_notices (job_id);",
         ),
+        // Blob transfer: which peer may fetch which blob from this agent, and this agent's own
+        // fetches, so a restart resumes them.
+        M::up(
+            "CREATE TABLE blob_grants (
+             peer       TEXT NOT NULL,
+             hash       TEXT NOT NULL,
+             created_at INTEGER NOT NULL,
+             PRIMARY KEY (peer, hash)
+         ) STRICT, WITHOUT ROWID;
+         CREATE TABLE fetches (
+             id         TEXT PRIMARY KEY NOT NULL,
+             record     TEXT NOT NULL,
+             created_at INTEGER NOT NULL
+         ) STRICT;",
+        ),
     ])
 }
 
@@ -295,6 +310,60 @@ impl Store {
                     })
                 })?
                 .collect()
+        })
+        .await
+    }
+
+    /// Lets `peer` fetch each of `hashes` (hex) from this agent.
+    pub async fn grant_blobs(&self, peer: &str, hashes: Vec<String>, now: i64) -> Result<(), StoreError> {
+        let peer = peer.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            for hash in hashes {
+                tx.execute(
+                    "INSERT OR IGNORE INTO blob_grants (peer, hash, created_at) VALUES (?1, ?2, ?3)",
+                    params![peer, hash, now],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Whether `peer` may fetch the blob `hash` (hex).
+    pub async fn blob_granted(&self, peer: &str, hash: &str) -> Result<bool, StoreError> {
+        let (peer, hash) = (peer.to_owned(), hash.to_owned());
+        self.call(move |conn| {
+            conn.query_row(
+                "SELECT 1 FROM blob_grants WHERE peer = ?1 AND hash = ?2",
+                params![peer, hash],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|row| row.is_some())
+        })
+        .await
+    }
+
+    /// Inserts or replaces a fetch's record (JSON, owned by the transfer module).
+    pub async fn put_fetch(&self, id: &str, record: String, created_at: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO fetches (id, record, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                params![id, record, created_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every fetch's record, oldest first.
+    pub async fn fetches(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|conn| {
+            let mut statement = conn.prepare("SELECT record FROM fetches ORDER BY created_at, id")?;
+            statement.query_map([], |row| row.get(0))?.collect()
         })
         .await
     }

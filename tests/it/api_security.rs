@@ -126,9 +126,13 @@ pub(crate) fn openapi_document_lists_every_route() -> Result<()> {
     for path in ["/api/v1/status", "/api/v1/resources", "/api/v1/events", "/api/v1/openapi.json"] {
         ensure!(doc["paths"][path]["get"].is_object(), "{path} missing from the OpenAPI document");
     }
-    for path in ["/api/v1/peers", "/api/v1/pause", "/api/v1/jobs"] {
+    for path in ["/api/v1/peers", "/api/v1/pause", "/api/v1/jobs", "/api/v1/blobs", "/api/v1/transfers"] {
         ensure!(doc["paths"][path]["post"].is_object(), "POST {path} missing from the OpenAPI document");
     }
+    ensure!(
+        doc["paths"]["/api/v1/transfers/{id}"]["delete"].is_object(),
+        "DELETE /api/v1/transfers/{{id}} missing"
+    );
     ensure!(doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer", "bearer scheme");
     ensure!(doc["components"]["schemas"]["Resources"].is_object(), "Resources schema");
     ensure!(agent.terminate()?.success());

@@ -31,6 +31,8 @@ pub(crate) fn help_lists_every_command() -> Result<()> {
         "pause",
         "resume",
         "policy",
+        "blob",
+        "transfers",
     ] {
         ensure!(help.lines().any(|l| l.trim_start().starts_with(command)), "{command} missing: {help}");
     }

@@ -17,6 +17,7 @@ mod jobs;
 mod network;
 mod protocol;
 mod resources;
+mod transfer;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -219,6 +220,22 @@ fn main() {
             protocol::a_verifier_written_from_the_protocol_doc_checks_adverts,
             python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
+        trial(
+            "transfer::a_blob_and_a_folder_of_many_files_arrive_byte_identical_once",
+            transfer::a_blob_and_a_folder_of_many_files_arrive_byte_identical_once,
+        ),
+        trial(
+            "transfer::a_receiver_killed_half_way_resumes_and_refetches_at_most_two_chunks",
+            transfer::a_receiver_killed_half_way_resumes_and_refetches_at_most_two_chunks,
+        ),
+        trial(
+            "transfer::a_chunk_corrupted_on_the_senders_disk_never_lands",
+            transfer::a_chunk_corrupted_on_the_senders_disk_never_lands,
+        ),
+        trial(
+            "transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean",
+            transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
         ),
         trial(
             "flood::a_flood_is_refused_memory_stays_bounded_and_an_honest_peer_gets_through",

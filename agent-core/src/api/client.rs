@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
 use super::{
-    ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob,
+    AddBlob, ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob,
 };
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
@@ -19,6 +19,7 @@ use crate::jobs::{JobAction, JobRecord, Stream};
 use crate::net::{AdvertBody, PeerInfo};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
+use crate::transfer::{Fetch, FetchRequest, Imported};
 
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -181,6 +182,32 @@ impl Client {
     /// `GET /api/v1/jobs/{id}/notices`.
     pub async fn notices(&self, id: &str) -> Result<Vec<OwnerNotice>, ClientError> {
         self.get(&format!("/api/v1/jobs/{id}/notices")).await
+    }
+
+    /// `POST /api/v1/blobs`: put a file or folder in the store, shared with `peers`.
+    pub async fn add_blob(&self, path: &Path, peers: &[String]) -> Result<Imported, ClientError> {
+        let body = AddBlob { path: path.to_owned(), share_with: peers.to_vec() };
+        self.send(self.http.post(self.url("/api/v1/blobs")).json(&body)).await
+    }
+
+    /// `POST /api/v1/transfers`: start fetching.
+    pub async fn fetch(&self, request: &FetchRequest) -> Result<Fetch, ClientError> {
+        self.send(self.http.post(self.url("/api/v1/transfers")).json(request)).await
+    }
+
+    /// `GET /api/v1/transfers`.
+    pub async fn transfers(&self) -> Result<Vec<Fetch>, ClientError> {
+        self.get("/api/v1/transfers").await
+    }
+
+    /// `GET /api/v1/transfers/{id}`.
+    pub async fn transfer(&self, id: &str) -> Result<Fetch, ClientError> {
+        self.get(&format!("/api/v1/transfers/{id}")).await
+    }
+
+    /// `DELETE /api/v1/transfers/{id}`.
+    pub async fn cancel_transfer(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/api/v1/transfers/{id}")))).await
     }
 
     fn url(&self, path: &str) -> String {

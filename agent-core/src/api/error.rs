@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
 use crate::net::ConnectError;
+use crate::transfer::{StoreError, TransferError};
 
 /// An error as the API returns it, with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -91,6 +92,29 @@ impl From<ConnectError> for ApiError {
             ConnectError::BadTarget(_) | ConnectError::Itself(_) => (StatusCode::BAD_REQUEST, "invalid_peer"),
             ConnectError::Unreachable { .. } => (StatusCode::GATEWAY_TIMEOUT, "peer_unreachable"),
             ConnectError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        };
+        Self::new(status, code, &error.to_string())
+    }
+}
+
+impl From<TransferError> for ApiError {
+    fn from(error: TransferError) -> Self {
+        let (status, code) = match &error {
+            TransferError::BadPeer(_) | TransferError::Itself => (StatusCode::BAD_REQUEST, "invalid_peer"),
+            TransferError::NoSuchFetch(_) => (StatusCode::NOT_FOUND, "transfer_not_found"),
+            TransferError::Ended(_) => (StatusCode::CONFLICT, "transfer_ended"),
+            TransferError::Blobs(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                (StatusCode::BAD_REQUEST, "path_not_found")
+            }
+            TransferError::Blobs(StoreError::Missing(_)) => (StatusCode::NOT_FOUND, "blob_not_found"),
+            TransferError::Blobs(StoreError::BadManifest(_) | StoreError::Occupied(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_blob")
+            }
+            TransferError::Blobs(_) | TransferError::Db(_) | TransferError::Registered => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "transfer_failed")
+            }
         };
         Self::new(status, code, &error.to_string())
     }

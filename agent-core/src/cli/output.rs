@@ -12,6 +12,7 @@ use hearth::jobs::{JobRecord, JobState};
 use hearth::net::{AdvertBody, HolePunch, Path, PeerInfo, Reachability};
 use hearth::resources::{Gpu, Resources};
 use hearth::store::OwnerNotice;
+use hearth::transfer::{Fetch, FetchState, Format, Imported};
 
 /// Prints `value` as pretty JSON, or through `human` as text.
 pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String) -> anyhow::Result<()> {
@@ -143,7 +144,7 @@ fn table(rows: &[(&str, String)]) -> String {
 }
 
 /// Bytes in binary units with one decimal, as `free -h` shows them.
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -258,6 +259,48 @@ pub(super) fn offers(offers: &Vec<AdvertBody>) -> String {
             writeln!(text, "{}  {}  until {}", offer.peer_id, what, humantime::format_rfc3339_seconds(until));
     }
     text
+}
+
+pub(super) fn imported(i: &Imported) -> String {
+    let what = match i.blob.format {
+        Format::Raw => format!("{} file", bytes(i.size)),
+        Format::Folder => format!("folder: {} files, {}", i.files, bytes(i.size)),
+    };
+    format!("{}  {what}\n", i.blob.hash)
+}
+
+#[expect(clippy::ptr_arg, reason = "`print` hands every formatter a `&T`; here T is the Vec it prints")]
+pub(super) fn fetches(fetches: &Vec<Fetch>) -> String {
+    if fetches.is_empty() {
+        return "no transfers\n".to_owned();
+    }
+    fetches.iter().map(fetch).collect()
+}
+
+/// One line: id, state, progress, what, from whom, and why it failed.
+pub(super) fn fetch(f: &Fetch) -> String {
+    let progress = match (f.state, f.bytes_total) {
+        (FetchState::Running, Some(total)) if total > 0 => format!(
+            "{} of {} ({:.0}%), {}/s",
+            bytes(f.bytes_done),
+            bytes(total),
+            f.bytes_done as f64 * 100.0 / total as f64,
+            bytes(f.rate_bytes_per_s)
+        ),
+        (_, Some(total)) => bytes(total),
+        (_, None) => bytes(f.bytes_done),
+    };
+    let what = match f.blob.format {
+        Format::Raw => f.blob.hash.to_string(),
+        Format::Folder => format!("folder {}", f.blob.hash),
+    };
+    let state = match (&f.state, &f.error) {
+        (FetchState::Failed, Some(error)) => format!("failed: {error}"),
+        (state, _) => {
+            serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        }
+    };
+    format!("{}  {}  {what}  from {}  {state}\n", f.id, progress, f.peer)
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ impl Supervisor {
                     .into(),
             ));
         }
-        let id = new_job_id();
+        let id = random_id();
         let now = unix_now();
         let record = JobRecord {
             kind: match spec.kind {
@@ -443,8 +443,8 @@ pub fn read_log(job_dir: &Path, stream: Stream, offset: u64) -> std::io::Result<
     Ok(bytes)
 }
 
-/// A fresh random job id: 12 hex digits, short enough to type.
-fn new_job_id() -> String {
+/// A fresh random id (of a job, of a transfer): 12 hex digits, short enough to type.
+pub(crate) fn random_id() -> String {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 6];
     // SystemRandom only fails if the OS has no randomness at all; the time is unique enough then.
