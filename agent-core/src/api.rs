@@ -214,6 +214,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_transfer, cancel_transfer))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
+        .routes(routes!(job_results))
         .routes(routes!(act_on_job))
         .routes(routes!(job_log))
         .routes(routes!(job_notices))
@@ -315,6 +316,40 @@ async fn add_blob(
     Json(body): Json<AddBlob>,
 ) -> Result<Json<Imported>, error::ApiError> {
     Ok(Json(state.transfers.add(body.path, &body.share_with).await?))
+}
+
+/// What `POST /api/v1/jobs/{id}/results` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ResultsRequest {
+    /// A folder on this machine (absent or empty) to write the outputs into.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub out: Option<PathBuf>,
+}
+
+/// Keeps an ended job's outputs in the blob store (a folder blob, tag `results-ID`) and, with
+/// `out`, writes them into that folder; answers the folder's hash, files and size.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/results", params(("id" = String, Path, description = "The job's id")),
+    request_body = ResultsRequest, responses(
+    (status = 200, body = Imported),
+    (status = 400, description = "`out` is not an empty folder", body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "The job has not ended", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+async fn job_results(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Json(body): Json<ResultsRequest>,
+) -> Result<Json<Imported>, error::ApiError> {
+    let job = state.jobs.get(&id).await?;
+    if !job.state.is_terminal() {
+        return Err(error::ApiError::conflict(
+            "job_state_conflict",
+            &format!("job {id} is {}; its results are complete once it has ended", job.state.name()),
+        ));
+    }
+    Ok(Json(state.transfers.results(&id, job.job_dir.join("out"), body.out).await?))
 }
 
 /// Every fetch this agent knows, oldest first.

@@ -76,6 +76,16 @@ enum Command {
     Blob(BlobCommand),
     /// List this agent's fetches: progress, rate, and how each ended.
     Transfers(ReadArgs),
+    /// Put an ended job's outputs in a folder (by default ./results-ID).
+    Results {
+        /// The job's id, as `hearth jobs` shows it.
+        id: String,
+        /// The folder to fill; it must not exist or be empty.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,6 +372,23 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             });
+        }
+        Command::Results { id, out, read } => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let out = std::path::absolute(out.unwrap_or_else(|| PathBuf::from(format!("results-{id}"))))?;
+            let imported =
+                runtime(false)?.block_on(async { Client::discover(&paths)?.results(&id, &out).await })?;
+            if read.json {
+                output::print(&imported, true, output::imported)?;
+            } else {
+                println!("{}", out.display());
+                eprintln!(
+                    "hearth: {} files, {} (folder {})",
+                    imported.files,
+                    output::bytes(imported.size),
+                    imported.blob.hash
+                );
+            }
         }
         Command::Transfers(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());

@@ -305,6 +305,35 @@ impl Transfers {
         Ok(imported)
     }
 
+    /// Keeps a finished job's outputs (the folder `outputs`) in the store under the tag
+    /// `results-JOB`, and writes them to `dest` when given. The same outputs imported twice are
+    /// stored once.
+    pub async fn results(
+        &self,
+        job: &str,
+        outputs: PathBuf,
+        dest: Option<PathBuf>,
+    ) -> Result<Imported, TransferError> {
+        let blobs = self.inner.blobs.clone();
+        let tag = format!("results-{job}");
+        Ok(blocking(move || {
+            if !outputs.is_dir() {
+                std::fs::create_dir_all(&outputs).map_err(|source| StoreError::Io {
+                    what: "cannot create",
+                    path: outputs.clone(),
+                    source,
+                })?;
+            }
+            let imported = blobs.import_folder(&outputs)?;
+            blobs.tag(&tag, imported.blob)?;
+            if let Some(dest) = dest {
+                blobs.export(imported.blob, &dest)?;
+            }
+            Ok::<_, StoreError>(imported)
+        })
+        .await?)
+    }
+
     /// Lets `peer` fetch `blob` (a folder: its manifest and every file in it).
     pub async fn grant(&self, peer: PeerId, blob: BlobRef) -> Result<(), TransferError> {
         let mut hashes = vec![blob.hash.to_hex()];

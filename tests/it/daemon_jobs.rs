@@ -76,8 +76,23 @@ pub(crate) fn daemon_runs_a_job_records_it_and_streams_its_life() -> Result<()> 
     ensure!(jobs.len() == 1 && jobs[0]["state"] == "finished" && jobs[0]["exit_code"] == 3, "{jobs:?}");
     let dir = jobs[0]["job_dir"].as_str().context("job_dir")?;
     ensure!(std::fs::read(format!("{dir}/out/result"))? == b"out");
-    let logs = hearth(&agent.data_dir(), &["job", "logs", jobs[0]["id"].as_str().context("id")?])?;
+    let id = jobs[0]["id"].as_str().context("id")?;
+    let logs = hearth(&agent.data_dir(), &["job", "logs", id])?;
     ensure!(String::from_utf8_lossy(&logs.stdout) == "made by the daemon\n");
+
+    // `hearth results` puts the outputs in a folder, through the blob store.
+    let results = tempfile::tempdir()?;
+    let out = results.path().join("results");
+    let got = hearth(&agent.data_dir(), &["results", id, "--out", out.to_str().context("out")?])?;
+    ensure!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    ensure!(String::from_utf8_lossy(&got.stdout).trim() == out.to_str().context("out")?);
+    ensure!(std::fs::read(out.join("result"))? == b"out", "results differ");
+    let again = hearth(&agent.data_dir(), &["results", id, "--out", out.to_str().context("out")?])?;
+    ensure!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not an empty folder"),
+        "a second export over the first: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // The record survives a restart.
     ensure!(agent.terminate()?.success());

@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
 use super::{
-    AddBlob, ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, Status, SubmitJob,
+    AddBlob, ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, ResultsRequest,
+    Status, SubmitJob,
 };
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
@@ -188,6 +189,12 @@ impl Client {
     pub async fn add_blob(&self, path: &Path, peers: &[String]) -> Result<Imported, ClientError> {
         let body = AddBlob { path: path.to_owned(), share_with: peers.to_vec() };
         self.send(self.http.post(self.url("/api/v1/blobs")).json(&body)).await
+    }
+
+    /// `POST /api/v1/jobs/{id}/results`: keep an ended job's outputs and write them to `out`.
+    pub async fn results(&self, id: &str, out: &Path) -> Result<Imported, ClientError> {
+        let body = ResultsRequest { out: Some(out.to_owned()) };
+        self.send(self.http.post(self.url(&format!("/api/v1/jobs/{id}/results"))).json(&body)).await
     }
 
     /// `POST /api/v1/transfers`: start fetching.

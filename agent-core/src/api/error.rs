@@ -51,6 +51,10 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden_origin", "requests from other origins are refused")
     }
 
+    pub(crate) fn conflict(code: &str, message: &str) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
     pub(crate) fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     }
