@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Bus, Event};
-use crate::net::Network;
+use crate::net::{Network, unix_now};
 use crate::store::Store;
 pub use store::{BlobHash, BlobRef, BlobStore, Format, Imported, Manifest, StoreError};
 use wire::{Answer, BLOB_PROTOCOL, Request, Status};
@@ -85,6 +85,17 @@ pub enum FetchState {
 }
 
 impl FetchState {
+    /// The state's word, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether the fetch has ended.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Finished | Self::Failed | Self::Cancelled)
@@ -283,11 +294,6 @@ impl Transfers {
         Ok((transfers, TransfersTask { inner }))
     }
 
-    /// The blob store.
-    pub fn blobs(&self) -> &BlobStore {
-        &self.inner.blobs
-    }
-
     /// Imports a file or folder into the store, keeps it (tag `added-HASH`), and lets each of
     /// `peers` fetch it.
     pub async fn add(&self, path: PathBuf, peers: &[String]) -> Result<Imported, TransferError> {
@@ -447,12 +453,6 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
             source: io::Error::other(e),
         }))
     })
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 async fn save(inner: &Inner, record: &Fetch) {
@@ -871,9 +871,7 @@ async fn attempt(
 
 /// Refuses a download the disk cannot hold, before it starts.
 fn check_space(blobs: &BlobStore, needed: u64) -> Result<(), String> {
-    let path = blobs.partial_path(BlobHash([0; 32]));
-    let dir = path.parent().unwrap_or(&path);
-    match nix::sys::statvfs::statvfs(dir) {
+    match nix::sys::statvfs::statvfs(blobs.root()) {
         Ok(stat) => {
             let free = stat.blocks_available().saturating_mul(stat.fragment_size());
             if needed > free {

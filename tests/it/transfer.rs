@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hearth_tests::{Agent, json_of};
+use hearth_tests::{Agent, json_of, pseudo_random};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -15,20 +15,6 @@ use crate::network::{address, joining};
 
 /// A chunk group: what one verification covers.
 const GROUP: u64 = 16 * 1024;
-
-/// Deterministic bytes that never hold a whole zero group.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Two agents, the second bootstrapped from the first; returns them and the first's peer id.
 fn pair() -> Result<(Agent, Agent, String, String)> {

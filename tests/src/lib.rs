@@ -394,3 +394,18 @@ pub fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
     let rank = ((p / 100.0) * (ms.len() as f64 - 1.0)).round() as usize;
     ms.get(rank).copied().unwrap_or(f64::NAN)
 }
+
+/// Deterministic pseudo-random bytes (xorshift64): incompressible test data that never holds a
+/// whole zero 16 KiB group, so written and unwritten parts of a file can be told apart.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

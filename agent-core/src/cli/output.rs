@@ -296,9 +296,7 @@ pub(super) fn fetch(f: &Fetch) -> String {
     };
     let state = match (&f.state, &f.error) {
         (FetchState::Failed, Some(error)) => format!("failed: {error}"),
-        (state, _) => {
-            serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-        }
+        (state, _) => state.name().to_owned(),
     };
     format!("{}  {}  {what}  from {}  {state}\n", f.id, progress, f.peer)
 }

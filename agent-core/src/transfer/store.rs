@@ -31,7 +31,7 @@ use std::str::FromStr;
 
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::valid_ranges;
-use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use bao_tree::{BaoTree, BlockSize, ChunkRanges};
 use serde::{Deserialize, Serialize};
 
 /// The chunk group: 16 chunks of 1 KiB. Each is verified on its own, so it is also the most a
@@ -316,6 +316,11 @@ impl BlobStore {
         Ok(Self { root: root.to_owned() })
     }
 
+    /// The store's folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn complete_path(&self, hash: BlobHash) -> PathBuf {
         self.root.join("complete").join(hash.to_hex())
     }
@@ -335,11 +340,6 @@ impl BlobStore {
 
     fn partial_size(&self, hash: BlobHash) -> PathBuf {
         self.root.join("partial").join(format!("{hash}.size"))
-    }
-
-    /// The file holding a complete blob's bytes.
-    pub fn data_path(&self, hash: BlobHash) -> PathBuf {
-        self.complete_path(hash)
     }
 
     /// The size of a complete blob, or `None` when it is not complete here.
@@ -759,11 +759,6 @@ impl BlobStore {
         }
         Ok((blobs, bytes))
     }
-}
-
-/// A chunk number's byte offset, for messages.
-pub fn chunk_offset(chunk: ChunkNum) -> u64 {
-    chunk.to_bytes()
 }
 
 #[cfg(test)]

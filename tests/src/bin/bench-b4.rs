@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hearth_tests::{Agent, LOOPBACK_NETWORK, json_of};
+use hearth_tests::{Agent, LOOPBACK_NETWORK, json_of, pseudo_random};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     let size = mib << 20;
     let work = tempfile::tempdir()?;
     let blob = work.path().join("blob.bin");
-    write_pseudo_random(&blob, size)?;
+    fs::write(&blob, pseudo_random(usize::try_from(size)?, 1))?;
 
     let mut raw = Vec::new();
     for _ in 0..trials {
@@ -135,26 +135,6 @@ fn wait(agent: &Agent, id: &str, done: impl Fn(&Value) -> bool) -> Result<Value>
         ensure!(Instant::now() < until, "{t}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn write_pseudo_random(path: &Path, size: u64) -> Result<()> {
-    let mut file = BufWriter::with_capacity(1 << 20, fs::File::create(path)?);
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for word in block.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes());
-        }
-        let n = left.min(block.len() as u64) as usize;
-        file.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    file.flush()?;
-    Ok(())
 }
 
 /// Sends the file over a loopback TCP connection and writes what arrives to `dest`; returns the
