@@ -10,6 +10,7 @@
 pub mod client;
 pub mod discovery;
 mod error;
+mod requests;
 mod security;
 
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reaso
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
+use crate::market::Market;
 use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
@@ -139,6 +141,8 @@ pub struct ApiState {
     pub network: Network,
     /// The blob store and the transfers.
     pub transfers: Transfers,
+    /// Jobs asked of other agents, and the ones this agent runs for them.
+    pub market: Market,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -218,6 +222,11 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(act_on_job))
         .routes(routes!(job_log))
         .routes(routes!(job_notices))
+        .routes(routes!(requests::list, requests::submit))
+        .routes(routes!(requests::get))
+        .routes(routes!(requests::cancel))
+        .routes(routes!(requests::logs))
+        .routes(routes!(requests::results))
         .routes(routes!(get_availability))
         .routes(routes!(pause_sharing))
         .routes(routes!(resume_sharing))

@@ -7,6 +7,7 @@
 
 mod jobs;
 mod output;
+mod remote;
 mod run_local;
 mod transfers;
 
@@ -52,7 +53,10 @@ enum Command {
     /// Run a job spec on this machine in the sandbox; the job's output goes to the terminal and
     /// the exit code is the job's.
     Run(RunArgs),
-    /// List the jobs the running agent has run or is running.
+    /// Find the agent whose idle capacity fits a job spec best and run the job there; prints the
+    /// request id at once (alone on stdout's first line).
+    Submit(SubmitArgs),
+    /// List the jobs the running agent has run or is running, and the ones it asked others to run.
     Jobs(ReadArgs),
     /// Follow or control one job of the running agent.
     #[command(subcommand)]
@@ -197,6 +201,18 @@ struct JobIdArgs {
 }
 
 #[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The job spec (TOML).
+    #[arg(value_name = "JOB.toml")]
+    spec: PathBuf,
+    /// Follow the job to its end (states on stderr) and exit with its exit code.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Debug, Args)]
 struct RunArgs {
     /// The job spec (TOML).
     #[arg(value_name = "JOB.toml")]
@@ -280,9 +296,15 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             return runtime(false)?
                 .block_on(async { jobs::run(&Client::discover(&paths)?, &args.spec).await });
         }
+        Command::Submit(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            return runtime(false)?.block_on(async {
+                remote::submit(&Client::discover(&paths)?, &args.spec, args.wait, args.read.json).await
+            });
+        }
         Command::Jobs(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            runtime(false)?.block_on(async { jobs::list(&Client::discover(&paths)?, args.json).await })?;
+            runtime(false)?.block_on(async { remote::list(&Client::discover(&paths)?, args.json).await })?;
         }
         Command::Job(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
@@ -295,11 +317,19 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                             Some(_) => vec![Stream::Stderr],
                             None => vec![Stream::Stdout, Stream::Stderr],
                         };
-                        jobs::follow(&client, &id, &streams, follow).await.map(drop)
+                        match remote::locate(&client, &id).await? {
+                            remote::Where::Here => {
+                                jobs::follow(&client, &id, &streams, follow).await.map(drop)
+                            }
+                            remote::Where::Remote => remote::logs(&client, &id, &streams, follow).await,
+                        }
                     }
-                    JobCommand::Cancel(args) => {
-                        jobs::act(&client, &args.id, JobAction::Cancel, args.read.json).await
-                    }
+                    JobCommand::Cancel(args) => match remote::locate(&client, &args.id).await? {
+                        remote::Where::Here => {
+                            jobs::act(&client, &args.id, JobAction::Cancel, args.read.json).await
+                        }
+                        remote::Where::Remote => remote::cancel(&client, &args.id, args.read.json).await,
+                    },
                     JobCommand::Pause(args) => {
                         jobs::act(&client, &args.id, JobAction::Pause, args.read.json).await
                     }
@@ -376,8 +406,13 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Results { id, out, read } => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             let out = std::path::absolute(out.unwrap_or_else(|| PathBuf::from(format!("results-{id}"))))?;
-            let imported =
-                runtime(false)?.block_on(async { Client::discover(&paths)?.results(&id, &out).await })?;
+            let imported = runtime(false)?.block_on(async {
+                let client = Client::discover(&paths)?;
+                match remote::locate(&client, &id).await? {
+                    remote::Where::Here => Ok::<_, anyhow::Error>(client.results(&id, &out).await?),
+                    remote::Where::Remote => Ok(client.remote_results(&id, &out).await?),
+                }
+            })?;
             if read.json {
                 output::print(&imported, true, output::imported)?;
             } else {

@@ -111,6 +111,11 @@ impl Paths {
     pub fn blobs(&self) -> PathBuf {
         self.data_dir.join("blobs")
     }
+
+    /// The market's folder: the files of the jobs this agent runs for others.
+    pub fn market(&self) -> PathBuf {
+        self.data_dir.join("market")
+    }
 }
 
 /// The whole configuration of an agent.

@@ -35,6 +35,7 @@ use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
 use crate::jobs::{Runner, Supervisor};
+use crate::market::{self, Market, MarketError};
 use crate::net::{NetError, Network};
 use crate::store::{RunId, Store, StoreError};
 use crate::transfer::{BlobStore, TransferError, Transfers};
@@ -94,6 +95,9 @@ pub enum DaemonError {
     /// The blob store or the transfer service could not start.
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    /// The market could not start.
+    #[error(transparent)]
+    Market(#[from] MarketError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -153,10 +157,26 @@ async fn serve(
         events: events.clone(),
     };
     let availability = AvailabilityTask::spawn(wiring, &cancel).await;
-    let (network, network_task) = Network::spawn(identity, &config.network, events.clone(), &cancel).await?;
+    let (network, network_task, inbound) =
+        Network::spawn(identity, &config.network, events.clone(), &cancel).await?;
     let blobs = BlobStore::open(&paths.blobs()).map_err(TransferError::from)?;
     let (transfers, transfers_task) =
         Transfers::spawn(blobs, store.clone(), network.clone(), events.clone(), &cancel).await?;
+    let (market, market_task) = Market::spawn(
+        market::Parts {
+            identity: identity.clone(),
+            network: network.clone(),
+            transfers: transfers.clone(),
+            jobs: jobs.clone(),
+            store: store.clone(),
+            events: events.clone(),
+            availability: availability.availability(),
+            dir: paths.market(),
+        },
+        inbound,
+        &cancel,
+    )
+    .await?;
     let adverts = AdvertTask::spawn(
         adverts::Sources {
             identity: identity.clone(),
@@ -185,6 +205,7 @@ async fn serve(
         owner,
         network,
         transfers,
+        market,
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -211,6 +232,7 @@ async fn serve(
     }
     ApiInfo::remove_if_ours(&paths.api_info());
     adverts.shutdown().await;
+    market_task.shutdown().await;
     transfers_task.shutdown().await;
     network_task.shutdown().await;
     // Stopped before the jobs, so it does not freeze or thaw them while they are cancelled.

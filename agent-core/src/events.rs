@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::availability::Availability;
 use crate::jobs::{JobRecord, Stream};
+use crate::market::RemoteJob;
 use crate::net::AdvertBody;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
@@ -79,6 +80,12 @@ pub enum Event {
     TransferChanged {
         /// The fetch as it now stands.
         transfer: Box<Fetch>,
+    },
+    /// A job this agent asked another agent to run changed: looking, agreed, its provider's
+    /// notices, its outputs fetched.
+    RemoteJobChanged {
+        /// The job as it now stands.
+        job: Box<RemoteJob>,
     },
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod events;
 pub mod identity;
 pub mod jobs;
+pub mod market;
 pub mod net;
 pub mod resources;
 mod secret_file;

@@ -15,6 +15,7 @@
 //! each with a oneshot reply. It ends on [`Network::shutdown`] or when the daemon's token fires.
 
 pub mod advert;
+pub mod negotiate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -23,9 +24,12 @@ use std::time::{Duration, Instant};
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
 use libp2p::futures::StreamExt;
+use libp2p::futures::future::BoxFuture;
+use libp2p::futures::stream::FuturesUnordered;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
@@ -178,6 +182,7 @@ struct Behaviour {
     dcutr: dcutr::Behaviour,
     /// Raw streams for protocols served outside the event loop (blob transfer).
     streams: libp2p_stream::Behaviour,
+    negotiate: request_response::json::Behaviour<negotiate::Message, negotiate::Reply>,
 }
 
 enum Command {
@@ -187,7 +192,26 @@ enum Command {
     Connect(PeerId, Option<Multiaddr>, oneshot::Sender<Result<PeerInfo, ConnectError>>),
     Offers(oneshot::Sender<Vec<AdvertBody>>),
     Publish(Box<AdvertBody>),
+    Negotiate(PeerId, Box<negotiate::Message>, oneshot::Sender<Result<negotiate::Reply, String>>),
 }
+
+/// A negotiation message from a peer, for the market to answer on `reply`. Dropping `reply`
+/// without an answer closes the peer's request with an error.
+#[derive(Debug)]
+pub struct Inbound {
+    /// Who sent it (authenticated by the connection).
+    pub peer: PeerId,
+    /// What it says.
+    pub message: negotiate::Message,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<negotiate::Reply>,
+}
+
+/// Negotiation messages waiting for the market; beyond this the network answers that it is busy.
+const MAX_INBOUND: usize = 256;
+
+/// How long a negotiation message waits for its answer.
+const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Handle to the network task. Cheap to clone.
 #[derive(Clone)]
@@ -217,7 +241,7 @@ impl Network {
         config: &NetworkConfig,
         events: Bus,
         cancel: &CancellationToken,
-    ) -> Result<(Self, NetworkTask), NetError> {
+    ) -> Result<(Self, NetworkTask, mpsc::Receiver<Inbound>), NetError> {
         let listen = parse_all("network.listen", &config.listen)?;
         let bootstrap = parse_all("network.bootstrap", &config.bootstrap)?;
         let mut swarm = build_swarm(identity, config)?;
@@ -236,6 +260,7 @@ impl Network {
             }
         }
         let (commands, receiver) = mpsc::channel(64);
+        let (inbound, inbound_rx) = mpsc::channel(MAX_INBOUND);
         let stop = cancel.child_token();
         let mut event_loop = EventLoop {
             identity: identity.clone(),
@@ -253,10 +278,13 @@ impl Network {
             offers: BTreeMap::new(),
             own: None,
             republish_at: None,
+            inbound,
+            outbound: HashMap::new(),
+            answers: FuturesUnordered::new(),
         };
         let task_stop = stop.clone();
         let task = tokio::spawn(async move { event_loop.run(task_stop).await });
-        Ok((Self { commands, peer_id: identity.peer_id(), streams }, NetworkTask { stop, task }))
+        Ok((Self { commands, peer_id: identity.peer_id(), streams }, NetworkTask { stop, task }, inbound_rx))
     }
 
     /// This agent's peer id.
@@ -314,6 +342,18 @@ impl Network {
     /// receiver takes it for a replay) whenever a peer joins.
     pub async fn publish(&self, body: AdvertBody) {
         let _ = self.commands.send(Command::Publish(Box::new(body))).await;
+    }
+
+    /// Sends a negotiation message to `peer` (dialling it when needed) and waits for its reply;
+    /// the error says why none came (unreachable, timed out, refused the protocol).
+    pub async fn negotiate(
+        &self,
+        peer: PeerId,
+        message: negotiate::Message,
+    ) -> Result<negotiate::Reply, String> {
+        self.ask(|reply| Command::Negotiate(peer, Box::new(message), reply))
+            .await
+            .unwrap_or_else(|| Err("the network is shutting down".to_owned()))
     }
 
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
@@ -423,6 +463,10 @@ fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result<Swarm<Beha
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 streams: libp2p_stream::Behaviour::new(),
+                negotiate: request_response::json::Behaviour::new(
+                    [(negotiate::PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(NEGOTIATE_TIMEOUT),
+                ),
             })
         })
         .map_err(|e| start(&e))?
@@ -535,7 +579,15 @@ struct EventLoop {
     own: Option<AdvertBody>,
     /// When to publish `own` again (a peer joined, or the last publish found nobody).
     republish_at: Option<Instant>,
+    /// Negotiation messages from peers go to the market here.
+    inbound: mpsc::Sender<Inbound>,
+    /// This agent's negotiation messages waiting for their reply.
+    outbound: HashMap<OutboundRequestId, oneshot::Sender<Result<negotiate::Reply, String>>>,
+    /// The market's answers to peers' messages, each with the channel it goes back on.
+    answers: FuturesUnordered<BoxFuture<'static, (PeerAnswer, Option<negotiate::Reply>)>>,
 }
+
+type PeerAnswer = request_response::ResponseChannel<negotiate::Reply>;
 
 impl EventLoop {
     async fn run(&mut self, stop: CancellationToken) {
@@ -548,6 +600,13 @@ impl EventLoop {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.handle_event(event),
+                Some((channel, answer)) = self.answers.next(), if !self.answers.is_empty() => {
+                    let answer = answer.unwrap_or_else(|| negotiate::Reply::Refused {
+                        reason: "the agent is shutting down".to_owned(),
+                    });
+                    // The peer may have gone meanwhile; nothing to do then.
+                    let _ = self.swarm.behaviour_mut().negotiate.send_response(channel, answer);
+                }
                 _ = tick.tick() => {
                     if self.republish_at.is_some_and(|at| Instant::now() >= at) {
                         self.republish_at = None;
@@ -586,6 +645,10 @@ impl EventLoop {
             Command::Publish(body) => {
                 self.own = Some(*body);
                 self.publish_own();
+            }
+            Command::Negotiate(peer, message, reply) => {
+                let id = self.swarm.behaviour_mut().negotiate.send_request(&peer, *message);
+                self.outbound.insert(id, reply);
             }
         }
     }
@@ -685,8 +748,40 @@ impl EventLoop {
         }
     }
 
+    fn handle_negotiate(&mut self, event: request_response::Event<negotiate::Message, negotiate::Reply>) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
+                let (reply, answer) = oneshot::channel();
+                match self.inbound.try_send(Inbound { peer, message: request, reply }) {
+                    Ok(()) => self.answers.push(Box::pin(async move { (channel, answer.await.ok()) })),
+                    Err(_) => {
+                        let busy =
+                            negotiate::Reply::Refused { reason: "the agent is busy; try again".into() };
+                        let _ = self.swarm.behaviour_mut().negotiate.send_response(channel, busy);
+                    }
+                }
+            }
+            E::Message { message: M::Response { request_id, response }, .. } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(format!("{peer}: {error}")));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "a negotiation message from a peer failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+
     fn handle_behaviour(&mut self, event: BehaviourEvent) {
         match event {
+            BehaviourEvent::Negotiate(event) => self.handle_negotiate(event),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     for address in info.listen_addrs {

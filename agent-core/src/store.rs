@@ -120,6 +120,24 @@ pub fn migrations() -> Migrations<'static> {
              created_at INTEGER NOT NULL
          ) STRICT;",
         ),
+        // The market: agreements this agent signed (as provider or consumer), with how each
+        // ended, and the jobs this agent asked other agents to run.
+        M::up(
+            "CREATE TABLE agreements (
+             id         TEXT PRIMARY KEY NOT NULL,
+             role       TEXT NOT NULL CHECK (role IN ('provider', 'consumer')),
+             peer       TEXT NOT NULL,
+             document   TEXT NOT NULL,
+             outcome    TEXT,
+             created_at INTEGER NOT NULL
+         ) STRICT;
+         CREATE INDEX agreements_by_peer ON agreements (peer, role);
+         CREATE TABLE remote_jobs (
+             id         TEXT PRIMARY KEY NOT NULL,
+             record     TEXT NOT NULL,
+             created_at INTEGER NOT NULL
+         ) STRICT;",
+        ),
     ])
 }
 
@@ -368,6 +386,87 @@ impl Store {
         .await
     }
 
+    /// Records an agreement both sides signed (`document`: its JSON); `role` is this agent's,
+    /// `provider` or `consumer`, and `peer` the other side.
+    pub async fn put_agreement(
+        &self,
+        id: &str,
+        role: &'static str,
+        peer: &str,
+        document: String,
+        created_at: i64,
+    ) -> Result<(), StoreError> {
+        let (id, peer) = (id.to_owned(), peer.to_owned());
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO agreements (id, role, peer, document, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, role, peer, document, created_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records how the job under an agreement ended (a job state's name).
+    pub async fn end_agreement(&self, id: &str, outcome: &'static str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.execute("UPDATE agreements SET outcome = ?2 WHERE id = ?1", params![id, outcome])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One agreement's document and outcome.
+    pub async fn agreement(&self, id: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.query_row("SELECT document, outcome FROM agreements WHERE id = ?1", params![id], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()
+        })
+        .await
+    }
+
+    /// Of the agreements with `peer` in which this agent had `role`: how many ended, and how many
+    /// of those finished.
+    pub async fn agreement_history(&self, peer: &str, role: &'static str) -> Result<(u64, u64), StoreError> {
+        let peer = peer.to_owned();
+        self.call(move |conn| {
+            conn.query_row(
+                "SELECT count(outcome), count(CASE outcome WHEN 'finished' THEN 1 END)
+                 FROM agreements WHERE peer = ?1 AND role = ?2",
+                params![peer, role],
+                |row| Ok((row.get::<_, i64>(0)?.unsigned_abs(), row.get::<_, i64>(1)?.unsigned_abs())),
+            )
+        })
+        .await
+    }
+
+    /// Inserts or replaces a remote job's record (JSON, owned by the market).
+    pub async fn put_remote_job(&self, id: &str, record: String, created_at: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO remote_jobs (id, record, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                params![id, record, created_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every remote job's record, oldest first.
+    pub async fn remote_jobs(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|conn| {
+            let mut statement = conn.prepare("SELECT record FROM remote_jobs ORDER BY created_at, id")?;
+            statement.query_map([], |row| row.get(0))?.collect()
+        })
+        .await
+    }
+
     /// Every job, oldest first.
     pub async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.call(|conn| {
@@ -560,7 +659,7 @@ mod tests {
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
     }
 
     #[tokio::test]

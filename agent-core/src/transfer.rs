@@ -340,6 +340,24 @@ impl Transfers {
         .await?)
     }
 
+    /// Writes a folder blob held in the store (such as a remote job's fetched outputs) to `dest`,
+    /// which must not exist or be an empty folder; answers its hash, files and size.
+    pub async fn export(&self, blob: BlobRef, dest: PathBuf) -> Result<Imported, TransferError> {
+        let blobs = self.inner.blobs.clone();
+        Ok(blocking(move || {
+            let manifest = blobs.manifest(blob.hash)?;
+            blobs.export(blob, &dest)?;
+            let size = manifest.files.iter().map(|file| file.size).sum();
+            Ok::<_, StoreError>(Imported {
+                blob,
+                size,
+                files: manifest.files.len() as u64,
+                skipped: Vec::new(),
+            })
+        })
+        .await?)
+    }
+
     /// Lets `peer` fetch `blob` (a folder: its manifest and every file in it).
     pub async fn grant(&self, peer: PeerId, blob: BlobRef) -> Result<(), TransferError> {
         let mut hashes = vec![blob.hash.to_hex()];

@@ -14,6 +14,7 @@ mod events;
 mod flood;
 mod job_network;
 mod jobs;
+mod market;
 mod network;
 mod protocol;
 mod resources;
@@ -236,6 +237,14 @@ fn main() {
         trial(
             "transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean",
             transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
+        ),
+        sandboxed(
+            "market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home",
+            market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home,
+        ),
+        sandboxed(
+            "market::cancel_pause_and_a_vanished_provider_reach_the_consumer",
+            market::cancel_pause_and_a_vanished_provider_reach_the_consumer,
         ),
         trial(
             "flood::a_flood_is_refused_memory_stays_bounded_and_an_honest_peer_gets_through",

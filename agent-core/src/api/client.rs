@@ -17,6 +17,7 @@ use super::{
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
+use crate::market::RemoteJob;
 use crate::net::{AdvertBody, PeerInfo};
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
@@ -63,6 +64,13 @@ pub enum ClientError {
         /// What went wrong.
         source: reqwest::Error,
     },
+}
+
+impl ClientError {
+    /// Whether the daemon answered that what was asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Api { status: 404, .. })
+    }
 }
 
 /// A connection to one agent's control API.
@@ -136,6 +144,42 @@ impl Client {
             Stream::Stderr => "stderr",
         };
         self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
+    }
+
+    /// `POST /api/v1/requests`: finds a provider for the spec at `spec` (made absolute here).
+    pub async fn submit_remote(&self, spec: &Path) -> Result<RemoteJob, ClientError> {
+        let spec = std::path::absolute(spec).unwrap_or_else(|_| spec.to_owned());
+        self.send(self.http.post(self.url("/api/v1/requests")).json(&SubmitJob { spec })).await
+    }
+
+    /// `GET /api/v1/requests`.
+    pub async fn remote_jobs(&self) -> Result<Vec<RemoteJob>, ClientError> {
+        self.get("/api/v1/requests").await
+    }
+
+    /// `GET /api/v1/requests/{id}`.
+    pub async fn remote_job(&self, id: &str) -> Result<RemoteJob, ClientError> {
+        self.get(&format!("/api/v1/requests/{id}")).await
+    }
+
+    /// `POST /api/v1/requests/{id}/cancel`.
+    pub async fn cancel_remote(&self, id: &str) -> Result<RemoteJob, ClientError> {
+        self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/cancel")))).await
+    }
+
+    /// `GET /api/v1/requests/{id}/logs/{stream}?offset=N`.
+    pub async fn remote_log(&self, id: &str, stream: Stream, offset: u64) -> Result<LogChunk, ClientError> {
+        let stream = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        self.get(&format!("/api/v1/requests/{id}/logs/{stream}?offset={offset}")).await
+    }
+
+    /// `POST /api/v1/requests/{id}/results`: write a remote job's fetched outputs to `out`.
+    pub async fn remote_results(&self, id: &str, out: &Path) -> Result<Imported, ClientError> {
+        let body = ResultsRequest { out: Some(out.to_owned()) };
+        self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/results"))).json(&body)).await
     }
 
     /// `GET /api/v1/peers`.

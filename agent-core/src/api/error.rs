@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
+use crate::market::MarketError;
 use crate::net::ConnectError;
 use crate::transfer::{StoreError, TransferError};
 
@@ -53,6 +54,10 @@ impl ApiError {
 
     pub(crate) fn conflict(code: &str, message: &str) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub(crate) fn bad_request(code: &str, message: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     pub(crate) fn not_found() -> Self {
@@ -121,6 +126,21 @@ impl From<TransferError> for ApiError {
             }
         };
         Self::new(status, code, &error.to_string())
+    }
+}
+
+impl From<MarketError> for ApiError {
+    fn from(error: MarketError) -> Self {
+        let message = error.to_string();
+        let (status, code) = match error {
+            MarketError::Transfer(error) => return Self::from(error),
+            MarketError::Spec(_) => (StatusCode::BAD_REQUEST, "invalid_spec"),
+            MarketError::NotFound(_) => (StatusCode::NOT_FOUND, "job_not_found"),
+            MarketError::Conflict(_) => (StatusCode::CONFLICT, "job_state_conflict"),
+            MarketError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_failed"),
+            MarketError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "not_saved"),
+        };
+        Self::new(status, code, &message)
     }
 }
 

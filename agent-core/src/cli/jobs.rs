@@ -85,9 +85,3 @@ pub(super) async fn act(client: &Client, id: &str, action: JobAction, json: bool
     let job = client.act(id, action).await?;
     output::print(&job, json, output::job)
 }
-
-/// `hearth jobs`.
-pub(super) async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
-    let jobs = client.jobs().await?;
-    output::print(&jobs, json, output::jobs)
-}

@@ -13,7 +13,8 @@ use crate::availability::evaluate::upcoming_windows;
 use crate::availability::{Availability, OwnerControls};
 use crate::identity::Identity;
 use crate::jobs::{JobState, Supervisor};
-use crate::net::advert::{ADVERT_VERSION, AdvertBody, AdvertGpu, Free, Prices, Reputation};
+use crate::market::PRICES;
+use crate::net::advert::{ADVERT_VERSION, AdvertBody, AdvertGpu, Free, Reputation};
 use crate::net::{Network, unix_now};
 use crate::resources::Resources;
 
@@ -28,10 +29,6 @@ const HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How often the inputs are compared with the last advert.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
-
-/// Prices until the market sets them, in thousandths of a credit per hour: one credit per core,
-/// a tenth per GiB of memory, ten per GPU.
-const DEFAULT_PRICES: Prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
 
 /// Everything the advert is made of.
 pub(crate) struct Sources {
@@ -158,7 +155,7 @@ async fn body(sources: &Sources) -> AdvertBody {
         paused_because,
         free,
         windows,
-        prices: DEFAULT_PRICES,
+        prices: PRICES,
         reputation,
     }
 }

@@ -19,6 +19,9 @@ use crate::toml_file;
 /// The most wall-clock time a job may ask for.
 const MAX_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The highest price ceiling a spec may name, in credits per hour.
+const MAX_PRICE: f64 = 1_000_000.0;
+
 /// The least memory or disk a job may ask for: less cannot start a process.
 const MIN_BYTES: u64 = 1 << 20;
 
@@ -107,6 +110,8 @@ pub struct RawSpec {
     /// How long it may run and what it may reach.
     #[serde(default)]
     pub limits: RawLimits,
+    /// The most the job may cost on another agent, in credits per hour for its resources.
+    pub max_price: Option<f64>,
 }
 
 /// `[resources]` as written.
@@ -160,6 +165,9 @@ pub struct JobSpec {
     pub resources: Demand,
     /// How long it may run and what it may reach.
     pub limits: Limits,
+    /// The most it may cost on another agent, in thousandths of a credit per hour; any price
+    /// when absent.
+    pub max_price_per_hour: Option<u64>,
 }
 
 /// What runs, by kind.
@@ -378,6 +386,17 @@ impl RawSpec {
             }
         };
 
+        let max_price_per_hour = match self.max_price {
+            Some(price) if price.is_finite() && (0.0..=MAX_PRICE).contains(&price) => {
+                Some((price * 1000.0).round() as u64)
+            }
+            Some(price) => {
+                problem("max_price", format!("is {price}; expected credits per hour from 0 to {MAX_PRICE}"));
+                None
+            }
+            None => None,
+        };
+
         match (kind, cpu_millis, memory_bytes, disk_bytes, time) {
             (Some(kind), Some(cpu_millis), Some(memory_bytes), Some(disk_bytes), Some(time))
                 if problems.is_empty() =>
@@ -389,6 +408,7 @@ impl RawSpec {
                     inputs,
                     resources: Demand { cpu_millis, memory_bytes, disk_bytes, gpus: self.resources.gpus },
                     limits: Limits { time, network: self.limits.network },
+                    max_price_per_hour,
                 })
             }
             _ => Err(problems),

@@ -214,7 +214,7 @@ pub fn verify(
 }
 
 /// The Ed25519 public key inside an Ed25519 peer id (which embeds it whole).
-fn public_key(peer: &PeerId) -> Option<PublicKey> {
+pub(crate) fn public_key(peer: &PeerId) -> Option<PublicKey> {
     let multihash = peer.as_ref();
     if multihash.code() != 0 {
         return None; // Not an identity multihash: the key is not in the id.

@@ -1,0 +1,106 @@
+//! Routes of remote jobs: jobs this agent asks other agents to run (`hearth submit`). They live
+//! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+
+use super::error::{ApiError, ErrorBody};
+use super::{ApiState, LogChunk, LogQuery, ResultsRequest, SubmitJob};
+use crate::jobs::Stream;
+use crate::market::RemoteJob;
+use crate::transfer::Imported;
+
+/// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
+/// id is the request's.
+#[utoipa::path(post, path = "/api/v1/requests", request_body = SubmitJob, responses(
+    (status = 201, body = RemoteJob),
+    (status = 400, body = ErrorBody, description = "the spec is invalid; nothing was sent"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn submit(
+    State(state): State<ApiState>,
+    Json(body): Json<SubmitJob>,
+) -> Result<(StatusCode, Json<RemoteJob>), ApiError> {
+    Ok((StatusCode::CREATED, Json(state.market.submit(&body.spec).await?)))
+}
+
+/// Every remote job, oldest first.
+#[utoipa::path(get, path = "/api/v1/requests", responses(
+    (status = 200, body = Vec<RemoteJob>),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn list(State(state): State<ApiState>) -> Json<Vec<RemoteJob>> {
+    Json(state.market.remote_jobs())
+}
+
+/// One remote job.
+#[utoipa::path(get, path = "/api/v1/requests/{id}", params(("id" = String, Path, description = "The request's id")), responses(
+    (status = 200, body = RemoteJob),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn get(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<RemoteJob>, ApiError> {
+    Ok(Json(state.market.remote_job(&id)?))
+}
+
+/// Stops a remote job: withdraws its requests, or has its provider cancel it.
+#[utoipa::path(post, path = "/api/v1/requests/{id}/cancel", params(("id" = String, Path, description = "The request's id")), responses(
+    (status = 200, body = RemoteJob),
+    (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "it has ended"),
+    (status = 502, body = ErrorBody, description = "the provider refused"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<RemoteJob>, ApiError> {
+    Ok(Json(state.market.cancel(&id).await?))
+}
+
+/// A remote job's stdout or stderr from a byte offset on, read from its provider.
+#[utoipa::path(get, path = "/api/v1/requests/{id}/logs/{stream}", params(
+    ("id" = String, Path, description = "The request's id"),
+    ("stream" = Stream, Path, description = "stdout or stderr"),
+    LogQuery
+), responses(
+    (status = 200, body = LogChunk),
+    (status = 404, body = ErrorBody),
+    (status = 502, body = ErrorBody, description = "the provider could not be asked"),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn logs(
+    State(state): State<ApiState>,
+    Path((id, stream)): Path<(String, Stream)>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<LogChunk>, ApiError> {
+    let (text, next_offset, finished) = state.market.logs(&id, stream, query.offset).await?;
+    Ok(Json(LogChunk { text, next_offset, finished }))
+}
+
+/// Writes an ended remote job's outputs, fetched from its provider, into `out`.
+#[utoipa::path(post, path = "/api/v1/requests/{id}/results", params(("id" = String, Path, description = "The request's id")),
+    request_body = ResultsRequest, responses(
+    (status = 200, body = Imported),
+    (status = 400, description = "`out` is missing or not an empty folder", body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "the job has not ended or its outputs are not here", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn results(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(body): Json<ResultsRequest>,
+) -> Result<Json<Imported>, ApiError> {
+    let Some(out) = body.out else {
+        return Err(ApiError::bad_request(
+            "missing_out",
+            "name the folder to write the outputs into (`out`)",
+        ));
+    };
+    Ok(Json(state.market.results(&id, out).await?))
+}

@@ -1,0 +1,297 @@
+//! The market: who runs which job. A consumer picks providers from their adverts and sends each a
+//! signed request ([`consumer`]); a provider checks and queues requests and, whenever idle capacity
+//! appears, chooses among them with [`matching::choose`] and offers signed terms ([`provider`]);
+//! the consumer countersigns the best offer, and the two signatures make the agreement. Then the
+//! provider fetches the job's files from the consumer, runs the job under its [`Supervisor`], and
+//! sends signed notices of its states; the outputs come back as a folder blob.
+//!
+//! [`Market::spawn`] starts one task that answers the negotiation messages peers send (each
+//! answered in a task of its own, so a slow answer holds up no other) and one that matches pending
+//! requests against idle capacity; every job under an agreement, on either side, has a task that
+//! follows it. All of them are tracked and end on [`MarketTask::shutdown`]. The market owns the
+//! pending requests and the agreements in progress; the store keeps signed agreements and the
+//! consumer's remote jobs, so `hearth jobs` still lists them after a restart.
+
+pub mod matching;
+
+mod consumer;
+mod provider;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use consumer::RemoteJob;
+
+use crate::availability::Availability;
+use crate::events::Bus;
+use crate::identity::Identity;
+use crate::jobs::{SpecError, Stream, Supervisor};
+use crate::net::advert::{Prices, Rejection};
+use crate::net::negotiate::{Message, Reply, Resources};
+use crate::net::{Inbound, Network};
+use crate::store::{Store, StoreError};
+use crate::transfer::{Imported, TransferError, Transfers};
+
+/// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
+/// tenth per GiB of memory, ten per GPU. Adverts show these; offers use them.
+pub const PRICES: Prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
+
+/// Why a market request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MarketError {
+    /// The spec is not acceptable; nothing was sent.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// No remote job has this id.
+    #[error("no remote job {0} on this agent")]
+    NotFound(String),
+    /// Not possible in the job's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The provider could not be reached or refused.
+    #[error("{0}")]
+    Provider(String),
+    /// A file could not be imported or the outputs written.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Everything the market works with.
+pub struct Parts {
+    /// This agent's key, which signs requests, terms and notices.
+    pub identity: Identity,
+    /// The swarm, for negotiation messages and adverts.
+    pub network: Network,
+    /// Blobs: the job's files go out, its outputs come back.
+    pub transfers: Transfers,
+    /// Runs the jobs this agent agreed to run.
+    pub jobs: Supervisor,
+    /// Keeps agreements and remote jobs.
+    pub store: Store,
+    /// Where job changes are published.
+    pub events: Bus,
+    /// Whether the machine shares, and what.
+    pub availability: watch::Receiver<Availability>,
+    /// A folder of its own, under the data dir: the files of the jobs run for others.
+    pub dir: PathBuf,
+}
+
+/// The market. Cheap to clone.
+#[derive(Clone)]
+pub struct Market {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Market {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Market").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    parts: Parts,
+    provider: Mutex<provider::State>,
+    consumer: Mutex<consumer::State>,
+    /// Wakes the matcher: a request arrived or capacity was freed.
+    wake: Notify,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Inner {
+    fn provider(&self) -> MutexGuard<'_, provider::State> {
+        self.provider.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn consumer(&self) -> MutexGuard<'_, consumer::State> {
+        self.consumer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The market's tasks, for the daemon to stop.
+#[must_use = "dropping the task handle leaves the market running until the daemon's token fires"]
+pub struct MarketTask {
+    inner: Arc<Inner>,
+}
+
+impl Market {
+    /// Starts answering negotiation messages from `inbound` and matching requests against idle
+    /// capacity; remote jobs a previous run left following are followed again.
+    pub async fn spawn(
+        parts: Parts,
+        mut inbound: mpsc::Receiver<Inbound>,
+        cancel: &CancellationToken,
+    ) -> Result<(Self, MarketTask), MarketError> {
+        let remote = consumer::load(&parts.store).await?;
+        let inner = Arc::new(Inner {
+            parts,
+            provider: Mutex::default(),
+            consumer: Mutex::new(consumer::State::new(remote)),
+            wake: Notify::new(),
+            tasks: TaskTracker::new(),
+            stop: cancel.child_token(),
+        });
+        consumer::resume(&inner).await;
+
+        let answering = Arc::clone(&inner);
+        inner.tasks.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    () = answering.stop.cancelled() => break,
+                    message = inbound.recv() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                };
+                let inner = Arc::clone(&answering);
+                answering.tasks.spawn(async move {
+                    let Inbound { peer, message, reply } = message;
+                    let answer = answer(&inner, peer, message).await;
+                    let _ = reply.send(answer);
+                });
+            }
+        });
+        let matcher = Arc::clone(&inner);
+        inner.tasks.spawn(async move { provider::match_forever(matcher).await });
+        Ok((Self { inner: Arc::clone(&inner) }, MarketTask { inner }))
+    }
+
+    /// Validates the spec at `spec_path`, imports its files, records the remote job and starts
+    /// looking for a provider; returns at once.
+    pub async fn submit(&self, spec_path: &Path) -> Result<RemoteJob, MarketError> {
+        consumer::submit(&self.inner, spec_path).await
+    }
+
+    /// Every remote job, oldest first.
+    pub fn remote_jobs(&self) -> Vec<RemoteJob> {
+        self.inner.consumer().list()
+    }
+
+    /// One remote job.
+    pub fn remote_job(&self, id: &str) -> Result<RemoteJob, MarketError> {
+        self.inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))
+    }
+
+    /// Stops a remote job: withdraws its requests, or asks its provider to cancel it.
+    pub async fn cancel(&self, id: &str) -> Result<RemoteJob, MarketError> {
+        consumer::cancel(&self.inner, id).await
+    }
+
+    /// A remote job's output from `offset` on, read from its provider: the text, where the next
+    /// read starts, and whether the job has ended.
+    pub async fn logs(
+        &self,
+        id: &str,
+        stream: Stream,
+        offset: u64,
+    ) -> Result<(String, u64, bool), MarketError> {
+        consumer::logs(&self.inner, id, stream, offset).await
+    }
+
+    /// Writes a finished remote job's outputs (already fetched from its provider) to `dest`.
+    pub async fn results(&self, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
+        consumer::results(&self.inner, id, dest).await
+    }
+}
+
+impl MarketTask {
+    /// Stops answering and matching, and waits for every task. Jobs run for others are stopped by
+    /// the supervisor's own shutdown; remote jobs are followed again at the next start.
+    pub async fn shutdown(self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// Answers one negotiation message from `peer`.
+async fn answer(inner: &Arc<Inner>, peer: libp2p::PeerId, message: Message) -> Reply {
+    match message {
+        Message::Request { request } => provider::on_request(inner, peer, request).await,
+        Message::Withdraw { request_id } => provider::on_withdraw(inner, peer, &request_id),
+        Message::Cancel { agreement_id } => provider::on_cancel(inner, peer, &agreement_id).await,
+        Message::Status { agreement_id } => provider::on_status(inner, peer, &agreement_id).await,
+        Message::Logs { agreement_id, stream, offset } => {
+            provider::on_logs(inner, peer, &agreement_id, stream, offset).await
+        }
+        Message::Offer { terms } => consumer::on_offer(inner, peer, terms).await,
+        Message::Notice { notice } => consumer::on_notice(inner, peer, notice).await,
+    }
+}
+
+/// The price of `resources` for an hour at `prices`, in thousandths of a credit, rounded up.
+pub fn price_per_hour(prices: &Prices, resources: &Resources) -> u64 {
+    const GIB: u128 = 1 << 30;
+    let cores = (u128::from(prices.core_hour) * u128::from(resources.cpu_millis)).div_ceil(1000);
+    let memory = (u128::from(prices.memory_gib_hour) * u128::from(resources.memory_bytes)).div_ceil(GIB);
+    let gpus = u128::from(prices.gpu_hour) * u128::from(resources.gpus);
+    u64::try_from(cores + memory + gpus).unwrap_or(u64::MAX)
+}
+
+/// Thousandths of a credit as people read them: `1.025 credits/h`.
+pub fn credits(millis: u64) -> String {
+    format!("{}.{:03}", millis / 1000, millis % 1000)
+}
+
+/// A new random id (16 bytes, hex) for requests, agreements and access keys.
+fn random_hex(len: usize) -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = vec![0u8; len];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        // Without randomness nothing here is safe; the time at least keeps ids apart.
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        for (byte, source) in bytes.iter_mut().zip(nanos.to_le_bytes().iter().cycle()) {
+            *byte = *source;
+        }
+    }
+    hex::encode(bytes)
+}
+
+/// A rejected document, as the peer is told.
+fn rejected(what: &str, rejection: &Rejection) -> Reply {
+    Reply::Refused { reason: format!("{what} rejected: {rejection}") }
+}
+
+/// The reputation of a peer from the agreements with it: finished ÷ ended, with one success and
+/// one failure assumed (so a newcomer is at 0.5).
+fn reputation((ended, finished): (u64, u64)) -> f64 {
+    (finished as f64 + 1.0) / (ended as f64 + 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_add_up_per_resource_and_round_up() {
+        let one_core = Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ..Resources::default() };
+        assert_eq!(price_per_hour(&PRICES, &one_core), 1100);
+        let tiny = Resources { cpu_millis: 1, memory_bytes: 1, ..Resources::default() };
+        assert_eq!(price_per_hour(&PRICES, &tiny), 2);
+        let gpu = Resources { gpus: 2, ..Resources::default() };
+        assert_eq!(price_per_hour(&PRICES, &gpu), 20_000);
+        assert_eq!(credits(1025), "1.025");
+        assert_eq!(credits(20_000), "20.000");
+    }
+
+    #[test]
+    fn reputation_starts_neutral_and_follows_the_outcomes() {
+        assert_eq!(reputation((0, 0)), 0.5);
+        assert!(reputation((10, 10)) > 0.9);
+        assert!(reputation((10, 0)) < 0.1);
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        assert_ne!(random_hex(16), random_hex(16));
+        assert_eq!(random_hex(16).len(), 32);
+    }
+}

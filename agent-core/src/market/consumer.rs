@@ -1,0 +1,837 @@
+//! The consumer's side of the market: a submitted spec becomes a remote job. Its files go into the
+//! blob store; the providers whose adverts fit are ranked with [`matching::rank`] and the best few
+//! get a signed request each. The first offer from the best-ranked provider still in play is
+//! countersigned at once; an offer from a lesser one waits [`BETTER_OFFER_GRACE`] for a better one.
+//! Once agreed, the files are granted to the provider, its signed notices move the job's state,
+//! and it is asked for the latest every [`STATUS_EVERY`]: after [`MISSED_STATUS`] unanswered
+//! asks the job fails with the reason. The outputs are fetched when the job ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use super::matching::{self, Amount, Candidate};
+use super::{Inner, MarketError, credits, price_per_hour, random_hex, rejected};
+use crate::events::Event;
+use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
+use crate::net::advert::AdvertBody;
+use crate::net::negotiate::{
+    AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
+    Terms, VERSION, sign_detached,
+};
+use crate::net::unix_now;
+use crate::store::Store;
+use crate::transfer::{BlobRef, FetchRequest, Format, Imported};
+
+/// How many providers are asked at once.
+const ASK_AT_ONCE: usize = 3;
+
+/// How long a consumer looks for a provider that fits and accepts before the job fails.
+const SEARCH_FOR: Duration = Duration::from_secs(60);
+
+/// How long a request stays valid at a provider.
+const REQUEST_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// How long an offer from a provider ranked lower waits for one ranked higher.
+pub(super) const BETTER_OFFER_GRACE: Duration = Duration::from_secs(2);
+
+/// How often the provider of a running job is asked for its latest notice.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// Unanswered asks in a row after which the provider is taken for gone.
+const MISSED_STATUS: u32 = 3;
+
+/// The least the outputs may add up to, whatever scratch disk the job asked for.
+const MIN_OUTPUTS_CAP: u64 = 1 << 30;
+
+/// A job this agent asked another agent to run, as `hearth jobs` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RemoteJob {
+    /// Its id here (also the request's id).
+    pub id: String,
+    /// `wasi` or `native`.
+    pub kind: String,
+    /// The spec file it came from.
+    #[schema(value_type = String)]
+    pub spec_path: PathBuf,
+    /// Where it is in its life, as its provider last said (or `queued` while no one agreed yet).
+    #[serde(flatten)]
+    pub state: JobState,
+    /// What is going on, for people: the search, the agreement, the provider owner's reason.
+    pub note: Option<String>,
+    /// The provider running it, once agreed.
+    pub provider: Option<String>,
+    /// The agreement's id.
+    pub agreement_id: Option<String>,
+    /// The agreed price, in thousandths of a credit per hour.
+    pub price_per_hour: Option<u64>,
+    /// The agreement both sides signed.
+    pub agreement: Option<Agreement>,
+    /// Providers that refused the request, with their reasons.
+    pub refusals: Vec<String>,
+    /// The job's outputs (a folder blob), once fetched.
+    pub outputs: Option<BlobRef>,
+    /// When it was submitted, in Unix seconds.
+    pub created_at: i64,
+    /// When it last changed, in Unix seconds.
+    pub updated_at: i64,
+}
+
+/// The remote jobs of this run.
+pub(super) struct State {
+    jobs: HashMap<String, Entry>,
+}
+
+struct Entry {
+    job: RemoteJob,
+    negotiation: Option<Negotiation>,
+    notice_seq: u64,
+    /// The provider said the job ended; its outputs are being fetched.
+    ended_there: bool,
+}
+
+/// What only a job still looking for its provider needs.
+struct Negotiation {
+    /// The request without its provider, which each copy names.
+    template: JobRequest,
+    asked: Vec<Asked>,
+    decided: bool,
+}
+
+struct Asked {
+    peer: PeerId,
+    /// 0 for the best-fitting provider.
+    rank: usize,
+    request_hash: String,
+    refused: bool,
+}
+
+impl State {
+    pub(super) fn new(jobs: Vec<RemoteJob>) -> Self {
+        let jobs = jobs
+            .into_iter()
+            .map(|job| (job.id.clone(), Entry { job, negotiation: None, notice_seq: 0, ended_there: false }))
+            .collect();
+        Self { jobs }
+    }
+
+    pub(super) fn list(&self) -> Vec<RemoteJob> {
+        let mut all: Vec<RemoteJob> = self.jobs.values().map(|entry| entry.job.clone()).collect();
+        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        all
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<RemoteJob> {
+        self.jobs.get(id).map(|entry| entry.job.clone())
+    }
+
+    fn by_agreement(&mut self, agreement_id: &str) -> Option<&mut Entry> {
+        self.jobs.values_mut().find(|entry| entry.job.agreement_id.as_deref() == Some(agreement_id))
+    }
+}
+
+/// The remote jobs recorded by earlier runs.
+pub(super) async fn load(store: &Store) -> Result<Vec<RemoteJob>, MarketError> {
+    let records = store.remote_jobs().await?;
+    Ok(records
+        .iter()
+        .filter_map(|record| match serde_json::from_str(record) {
+            Ok(job) => Some(job),
+            Err(error) => {
+                tracing::error!(%error, "a remote job's record cannot be read; it is left out");
+                None
+            }
+        })
+        .collect())
+}
+
+/// After a restart: jobs that had a provider are followed again; one still looking had lost its
+/// request state with the process, so it fails and can be submitted again.
+pub(super) async fn resume(inner: &Arc<Inner>) {
+    let jobs = inner.consumer().list();
+    for job in jobs.into_iter().filter(|job| !job.state.is_terminal()) {
+        match job.agreement_id.clone() {
+            Some(agreement_id) => spawn_follow(inner, job.id, agreement_id),
+            None => {
+                let reason = "the agent stopped while it looked for a provider; submit the job again";
+                update(inner, &job.id, |job| job.state = JobState::Failed { reason: reason.into() }).await;
+            }
+        }
+    }
+}
+
+/// Records the job and starts looking for a provider.
+pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<RemoteJob, MarketError> {
+    let path = spec_path.to_owned();
+    let (spec, text) = tokio::task::spawn_blocking(move || {
+        let spec = JobSpec::load(&path)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
+        Ok::<_, SpecError>((spec, text))
+    })
+    .await
+    .map_err(|error| MarketError::Conflict(error.to_string()))??;
+    let (spec_text, files) = package(inner, &spec, &text, spec_path).await?;
+    let id = random_hex(6);
+    let now = unix_now();
+    let resources = Resources {
+        cpu_millis: u64::from(spec.resources.cpu_millis),
+        memory_bytes: spec.resources.memory_bytes,
+        disk_bytes: spec.resources.disk_bytes,
+        gpus: spec.resources.gpus,
+        vram_bytes: 0,
+    };
+    let template = JobRequest {
+        version: VERSION,
+        request_id: id.clone(),
+        consumer: inner.parts.identity.peer_id().to_string(),
+        provider: String::new(),
+        issued_at: now,
+        expires_at: now + REQUEST_LIFETIME.as_secs() as i64,
+        spec: spec_text,
+        files,
+        resources,
+        time_limit_s: spec.limits.time.as_secs(),
+        network: spec.limits.network,
+        hosted: false,
+        max_price_per_hour: spec.max_price_per_hour,
+    };
+    let job = RemoteJob {
+        id: id.clone(),
+        kind: match spec.kind {
+            JobKind::Wasi { .. } => "wasi",
+            JobKind::Native { .. } => "native",
+        }
+        .to_owned(),
+        spec_path: spec_path.to_owned(),
+        state: JobState::Queued,
+        note: Some("looking for a provider".into()),
+        provider: None,
+        agreement_id: None,
+        price_per_hour: None,
+        agreement: None,
+        refusals: Vec::new(),
+        outputs: None,
+        created_at: now,
+        updated_at: now,
+    };
+    save(inner, &job).await;
+    let negotiation = Negotiation { template, asked: Vec::new(), decided: false };
+    inner.consumer().jobs.insert(
+        id.clone(),
+        Entry { job: job.clone(), negotiation: Some(negotiation), notice_seq: 0, ended_there: false },
+    );
+    inner.parts.events.publish(Event::RemoteJobChanged { job: Box::new(job.clone()) });
+    let task_inner = Arc::clone(inner);
+    inner.tasks.spawn(async move { search(task_inner, id).await });
+    Ok(job)
+}
+
+/// Imports the files the spec names and rewrites the spec to name them where the provider will
+/// put them: `files/module/NAME`, `files/image/NAME`, `files/in/N/NAME` (an input keeps its name,
+/// which is how the job sees it under `/in`).
+async fn package(
+    inner: &Arc<Inner>,
+    spec: &JobSpec,
+    text: &str,
+    spec_path: &Path,
+) -> Result<(String, BTreeMap<String, BlobRef>), MarketError> {
+    let bad = |message: String| MarketError::Spec(SpecError::Parse { path: spec_path.to_owned(), message });
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let mut files = BTreeMap::new();
+    let name = |path: &Path| path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut add = async |path: &Path, at: String| -> Result<String, MarketError> {
+        let imported = inner.parts.transfers.add(path.to_owned(), &[]).await?;
+        files.insert(at.clone(), imported.blob);
+        Ok(at)
+    };
+    match &spec.kind {
+        JobKind::Wasi { module } => {
+            let at = add(module, format!("files/module/{}", name(module))).await?;
+            table.insert("module".into(), toml::Value::String(at));
+        }
+        JobKind::Native { image: Image::Archive(archive), .. } => {
+            let at = add(archive, format!("files/image/{}", name(archive))).await?;
+            table.insert("image".into(), toml::Value::String(at));
+        }
+        JobKind::Native { image: Image::Base, .. } => {}
+    }
+    let mut inputs = Vec::new();
+    for (i, input) in spec.inputs.iter().enumerate() {
+        inputs.push(toml::Value::String(add(input, format!("files/in/{i}/{}", name(input))).await?));
+    }
+    if !inputs.is_empty() {
+        table.insert("inputs".into(), toml::Value::Array(inputs));
+    }
+    let text = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
+    Ok((text, files))
+}
+
+/// Looks for providers and asks the best ones, until one is asked that queues the request, or
+/// [`SEARCH_FOR`] has passed.
+async fn search(inner: Arc<Inner>, id: String) {
+    let deadline = Instant::now() + SEARCH_FOR;
+    let me = inner.parts.identity.peer_id();
+    let mut refused: BTreeMap<PeerId, String> = BTreeMap::new();
+    let mut seen_any = false;
+    loop {
+        let Some(template) = template_of(&inner, &id) else { return };
+        let adverts: Vec<(PeerId, AdvertBody)> = inner
+            .parts
+            .network
+            .offers()
+            .await
+            .into_iter()
+            .filter_map(|advert| Some((advert.peer_id.parse::<PeerId>().ok()?, advert)))
+            .filter(|(peer, advert)| *peer != me && advert.state == "sharing" && !refused.contains_key(peer))
+            .collect();
+        seen_any |= !adverts.is_empty();
+        let ranked = rank(&template, &adverts, unix_now());
+        if ranked.is_empty() {
+            if Instant::now() >= deadline || inner.stop.is_cancelled() {
+                let reason = if !refused.is_empty() {
+                    let reasons: Vec<String> =
+                        refused.iter().map(|(peer, why)| format!("{peer}: {why}")).collect();
+                    format!("no provider took the job: {}", reasons.join("; "))
+                } else if seen_any {
+                    "no provider's advert fits the job (resources, price ceiling)".to_owned()
+                } else {
+                    "no provider is sharing on the network".to_owned()
+                };
+                update(&inner, &id, |job| job.state = JobState::Failed { reason }).await;
+                return;
+            }
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        let chosen: Vec<PeerId> = ranked.iter().take(ASK_AT_ONCE).map(|&i| adverts[i].0).collect();
+        let mut sends = Vec::new();
+        for peer in &chosen {
+            let request = JobRequest { provider: peer.to_string(), ..template.clone() };
+            let signed = match Signed::sign(&inner.parts.identity, REQUEST_TAG, &request) {
+                Ok(signed) => signed,
+                Err(error) => {
+                    tracing::error!(%error, "cannot sign a request");
+                    return;
+                }
+            };
+            let hash = signed.hash().unwrap_or_default();
+            {
+                let mut state = inner.consumer();
+                let Some(negotiation) = state.jobs.get_mut(&id).and_then(|e| e.negotiation.as_mut()) else {
+                    return;
+                };
+                let rank = negotiation.asked.len();
+                negotiation.asked.push(Asked { peer: *peer, rank, request_hash: hash, refused: false });
+            }
+            let network = inner.parts.network.clone();
+            let peer = *peer;
+            sends.push(
+                async move { (peer, network.negotiate(peer, Message::Request { request: signed }).await) },
+            );
+        }
+        let mut queued = 0;
+        for (peer, reply) in libp2p::futures::future::join_all(sends).await {
+            let why = match reply {
+                Ok(Reply::Queued { .. }) => {
+                    queued += 1;
+                    continue;
+                }
+                Ok(Reply::Refused { reason }) => reason,
+                Ok(other) => format!("answered {other:?}"),
+                Err(error) => error,
+            };
+            refused.insert(peer, why.clone());
+            let mut state = inner.consumer();
+            if let Some(entry) = state.jobs.get_mut(&id) {
+                entry.job.refusals.push(format!("{peer}: {why}"));
+                if let Some(asked) =
+                    entry.negotiation.as_mut().and_then(|n| n.asked.iter_mut().find(|a| a.peer == peer))
+                {
+                    asked.refused = true;
+                }
+            }
+        }
+        if queued > 0 {
+            let note = format!("waiting for an offer from {queued} provider(s)");
+            update(&inner, &id, |job| {
+                if job.provider.is_none() {
+                    job.note = Some(note);
+                }
+            })
+            .await;
+            return;
+        }
+    }
+}
+
+fn template_of(inner: &Arc<Inner>, id: &str) -> Option<JobRequest> {
+    let state = inner.consumer();
+    let entry = state.jobs.get(id)?;
+    if entry.job.state.is_terminal() {
+        return None;
+    }
+    entry.negotiation.as_ref().map(|n| n.template.clone())
+}
+
+/// The adverts that fit the request, best first (see [`matching::rank`]).
+fn rank(template: &JobRequest, adverts: &[(PeerId, AdvertBody)], now: i64) -> Vec<usize> {
+    let demand = Amount {
+        cpu_millis: template.resources.cpu_millis,
+        memory_bytes: template.resources.memory_bytes,
+        gpus: template.resources.gpus,
+        vram_bytes: template.resources.vram_bytes,
+    };
+    let until = now.saturating_add(i64::try_from(template.time_limit_s).unwrap_or(i64::MAX));
+    let candidates: Vec<Candidate> = adverts
+        .iter()
+        .map(|(_, advert)| {
+            let free = Amount {
+                cpu_millis: advert.free.cpu_millis,
+                memory_bytes: advert.free.memory_bytes,
+                gpus: advert.free.gpus.len() as u32,
+                vram_bytes: advert.free.gpus.iter().map(|gpu| gpu.memory_bytes).sum(),
+            };
+            let (completed, failed) = (advert.reputation.completed, advert.reputation.failed);
+            Candidate {
+                free,
+                price_per_hour: price_per_hour(&advert.prices, &template.resources),
+                reputation: super::reputation((completed + failed, completed)),
+                window_covers: advert.windows.iter().any(|[from, to]| *from <= now && *to >= until),
+            }
+        })
+        .collect();
+    matching::rank(&demand, template.max_price_per_hour, &candidates)
+}
+
+/// A provider offers terms: checked against what was asked, then accepted (the best offer, or the
+/// best one after [`BETTER_OFFER_GRACE`]) or declined.
+pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    let terms: Terms = match signed.open(AGREEMENT_TAG, &peer) {
+        Ok(terms) => terms,
+        Err(rejection) => return Reply::Declined { reason: format!("offer rejected: {rejection}") },
+    };
+    let declined = |reason: String| Reply::Declined { reason };
+    let rank = {
+        let state = inner.consumer();
+        let Some(negotiation) = state.jobs.get(&terms.request_id).and_then(|e| e.negotiation.as_ref()) else {
+            return declined(format!("no request {} is looking for a provider", terms.request_id));
+        };
+        if let Err(reason) =
+            check_offer(&terms, &peer, &inner.parts.identity.peer_id(), negotiation, unix_now())
+        {
+            return declined(reason);
+        }
+        negotiation.asked.iter().find(|a| a.peer == peer).map_or(usize::MAX, |a| a.rank)
+    };
+    // Wait while a better-ranked provider may still offer, then take this offer unless one was
+    // taken meanwhile.
+    let waiting_since = Instant::now();
+    loop {
+        {
+            let mut state = inner.consumer();
+            let Some(negotiation) =
+                state.jobs.get_mut(&terms.request_id).and_then(|e| e.negotiation.as_mut())
+            else {
+                return declined("the job no longer looks for a provider".into());
+            };
+            if negotiation.decided {
+                return declined("the consumer took another offer".into());
+            }
+            let better = negotiation.asked.iter().any(|a| a.rank < rank && !a.refused);
+            if !better || waiting_since.elapsed() >= BETTER_OFFER_GRACE {
+                negotiation.decided = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match accept(inner, peer, &terms, signed).await {
+        Ok(signature) => Reply::Accepted { signature },
+        Err(reason) => {
+            if let Some(negotiation) =
+                inner.consumer().jobs.get_mut(&terms.request_id).and_then(|e| e.negotiation.as_mut())
+            {
+                negotiation.decided = false;
+            }
+            declined(reason)
+        }
+    }
+}
+
+/// Whether the terms answer the request this agent sent to `peer`.
+fn check_offer(
+    terms: &Terms,
+    peer: &PeerId,
+    me: &PeerId,
+    negotiation: &Negotiation,
+    now: i64,
+) -> Result<(), String> {
+    let asked =
+        negotiation.asked.iter().find(|a| a.peer == *peer).ok_or("the request was not sent to you")?;
+    let wanted = &negotiation.template;
+    if terms.provider != peer.to_string() || terms.consumer != me.to_string() {
+        return Err("the terms name other parties".into());
+    }
+    if terms.request_hash != asked.request_hash {
+        return Err("the terms cite another request".into());
+    }
+    if terms.expires_at <= now {
+        return Err("the offer has expired".into());
+    }
+    let (got, asked_for) = (&terms.resources, &wanted.resources);
+    if got.cpu_millis < asked_for.cpu_millis
+        || got.memory_bytes < asked_for.memory_bytes
+        || got.disk_bytes < asked_for.disk_bytes
+        || got.gpus < asked_for.gpus
+    {
+        return Err("the terms grant less than the request asks".into());
+    }
+    if terms.network != wanted.network || terms.hosted != wanted.hosted {
+        return Err("the terms grant other network or hosting than asked".into());
+    }
+    if terms.price_per_hour != price_per_hour(&terms.prices, &terms.resources) {
+        return Err("the price does not follow from the terms' own prices".into());
+    }
+    if let Some(ceiling) = wanted.max_price_per_hour
+        && terms.price_per_hour > ceiling
+    {
+        return Err(format!(
+            "{} credits/h is above the ceiling of {}",
+            credits(terms.price_per_hour),
+            credits(ceiling)
+        ));
+    }
+    Ok(())
+}
+
+/// Grants the files, countersigns, records the agreement and starts following the job.
+async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) -> Result<String, String> {
+    let files: Vec<BlobRef> = {
+        let state = inner.consumer();
+        let entry = state.jobs.get(&terms.request_id).ok_or("the job is gone")?;
+        entry.negotiation.as_ref().map(|n| n.template.files.values().copied().collect()).unwrap_or_default()
+    };
+    for blob in files {
+        inner.parts.transfers.grant(peer, blob).await.map_err(|e| e.to_string())?;
+    }
+    let signature =
+        sign_detached(&inner.parts.identity, AGREEMENT_TAG, &offer.body).map_err(|e| e.to_string())?;
+    let agreement = Agreement {
+        terms: offer.body,
+        provider_signature: offer.signature,
+        consumer_signature: signature.clone(),
+    };
+    let document = serde_json::to_string(&agreement).map_err(|e| e.to_string())?;
+    inner
+        .parts
+        .store
+        .put_agreement(&terms.agreement_id, "consumer", &peer.to_string(), document, unix_now())
+        .await
+        .map_err(|e| e.to_string())?;
+    let others: Vec<PeerId> = {
+        let mut state = inner.consumer();
+        let entry = state.jobs.get_mut(&terms.request_id).ok_or("the job is gone")?;
+        let others = entry
+            .negotiation
+            .take()
+            .map(|n| n.asked.into_iter().filter(|a| a.peer != peer && !a.refused).map(|a| a.peer).collect())
+            .unwrap_or_default();
+        entry.job.provider = Some(peer.to_string());
+        entry.job.agreement_id = Some(terms.agreement_id.clone());
+        entry.job.price_per_hour = Some(terms.price_per_hour);
+        entry.job.agreement = Some(agreement);
+        entry.job.note = Some(format!("agreed with {peer} at {} credits/h", credits(terms.price_per_hour)));
+        others
+    };
+    update(inner, &terms.request_id, |_| {}).await;
+    for other in others {
+        let network = inner.parts.network.clone();
+        let request_id = terms.request_id.clone();
+        inner.tasks.spawn(async move {
+            let _ = network.negotiate(other, Message::Withdraw { request_id }).await;
+        });
+    }
+    spawn_follow(inner, terms.request_id.clone(), terms.agreement_id.clone());
+    Ok(signature)
+}
+
+/// A notice from the provider of one of this agent's jobs.
+pub(super) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    match signed.open::<Notice>(NOTICE_TAG, &peer) {
+        Ok(notice) => match apply(inner, &peer, notice).await {
+            Ok(()) => Reply::Done,
+            Err(reason) => Reply::Refused { reason },
+        },
+        Err(rejection) => rejected("notice", &rejection),
+    }
+}
+
+/// Moves the job to the notice's state; when the job ended there, fetches its outputs first.
+async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), String> {
+    let fetch = {
+        let mut state = inner.consumer();
+        let entry = state.by_agreement(&notice.agreement_id).ok_or("no such agreement here")?;
+        if entry.job.provider.as_deref() != Some(&peer.to_string()) {
+            return Err("the agreement is not with you".into());
+        }
+        if notice.seq <= entry.notice_seq || entry.ended_there || entry.job.state.is_terminal() {
+            return Ok(());
+        }
+        entry.notice_seq = notice.seq;
+        if notice.job.is_terminal() {
+            entry.ended_there = true;
+            entry.job.note = Some("the job ended; fetching its outputs".into());
+            entry.job.state = JobState::Transferring;
+            Some((entry.job.id.clone(), notice.outputs, notice.job.clone(), notice.reason.clone()))
+        } else {
+            entry.job.state = notice.job.clone();
+            entry.job.note = Some(notice.reason.clone().unwrap_or_else(|| format!("at {peer}")));
+            None
+        }
+    };
+    let id = match &fetch {
+        Some((id, ..)) => id.clone(),
+        None => {
+            inner.consumer().by_agreement(&notice.agreement_id).map(|e| e.job.id.clone()).unwrap_or_default()
+        }
+    };
+    update(inner, &id, |_| {}).await;
+    if let Some((id, outputs, ended, reason)) = fetch {
+        let task_inner = Arc::clone(inner);
+        let provider = *peer;
+        inner
+            .tasks
+            .spawn(async move { fetch_outputs(task_inner, id, provider, outputs, ended, reason).await });
+    }
+    Ok(())
+}
+
+async fn fetch_outputs(
+    inner: Arc<Inner>,
+    id: String,
+    provider: PeerId,
+    outputs: Option<BlobRef>,
+    ended: JobState,
+    reason: Option<String>,
+) {
+    let disk = inner
+        .consumer()
+        .get(&id)
+        .and_then(|job| job.agreement)
+        .and_then(|agreement| agreement.terms.get("resources")?.get("disk_bytes")?.as_u64());
+    let cap = disk.unwrap_or(0).max(MIN_OUTPUTS_CAP);
+    let fetched = match outputs.filter(|blob| blob.format == Format::Folder) {
+        Some(blob) => {
+            let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
+            wait_fetch(&inner, request).await.map(|()| Some(blob))
+        }
+        None => Ok(None),
+    };
+    update(&inner, &id, |job| match fetched {
+        Ok(blob) => {
+            job.outputs = blob;
+            job.state = ended;
+            job.note = reason;
+        }
+        Err(error) => {
+            job.state = JobState::Failed {
+                reason: format!(
+                    "the job ended ({}) but its outputs could not be fetched: {error}",
+                    ended.name()
+                ),
+            };
+        }
+    })
+    .await;
+}
+
+async fn wait_fetch(inner: &Arc<Inner>, request: FetchRequest) -> Result<(), String> {
+    let transfers = &inner.parts.transfers;
+    let fetch = transfers.fetch(request).await.map_err(|e| e.to_string())?;
+    loop {
+        let now = transfers.get(&fetch.id).map_err(|e| e.to_string())?;
+        if now.state.is_terminal() {
+            return now.error.map_or(Ok(()), Err);
+        }
+        tokio::select! {
+            () = inner.stop.cancelled() => return Err("the agent is stopping".into()),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+fn spawn_follow(inner: &Arc<Inner>, id: String, agreement_id: String) {
+    let task_inner = Arc::clone(inner);
+    inner.tasks.spawn(async move { follow(task_inner, id, agreement_id).await });
+}
+
+/// Asks the provider for the latest notice every [`STATUS_EVERY`] until the job ended there; a
+/// provider that stops answering fails the job.
+async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(STATUS_EVERY) => {}
+        }
+        let provider = {
+            let state = inner.consumer();
+            let Some(entry) = state.jobs.get(&id) else { return };
+            if entry.ended_there || entry.job.state.is_terminal() {
+                return;
+            }
+            entry.job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok())
+        };
+        let Some(provider) = provider else { return };
+        let message = Message::Status { agreement_id: agreement_id.clone() };
+        let failure = match inner.parts.network.negotiate(provider, message).await {
+            Ok(Reply::Notice { notice }) => {
+                missed = 0;
+                match notice.open::<Notice>(NOTICE_TAG, &provider) {
+                    Ok(notice) => {
+                        let _ = apply(&inner, &provider, notice).await;
+                    }
+                    Err(rejection) => tracing::warn!(%provider, %rejection, "a status notice did not verify"),
+                }
+                continue;
+            }
+            Ok(Reply::Refused { reason }) => Some(reason),
+            Ok(_) => {
+                missed = 0;
+                continue;
+            }
+            Err(error) => {
+                missed += 1;
+                (missed >= MISSED_STATUS)
+                    .then(|| format!("the provider {provider} stopped answering: {error}"))
+            }
+        };
+        if let Some(reason) = failure {
+            update(&inner, &id, |job| {
+                if !job.state.is_terminal() {
+                    job.state = JobState::Failed { reason };
+                }
+            })
+            .await;
+            return;
+        }
+    }
+}
+
+/// Cancels a remote job: withdraws its requests, or asks its provider to stop it and waits a
+/// little for the provider's notice.
+pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, MarketError> {
+    let (job, asked) = {
+        let mut state = inner.consumer();
+        let entry = state.jobs.get_mut(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))?;
+        if entry.job.state.is_terminal() {
+            return Err(MarketError::Conflict(format!(
+                "job {id} is {}; it cannot be cancelled",
+                entry.job.state.name()
+            )));
+        }
+        let asked: Vec<PeerId> = entry
+            .negotiation
+            .take()
+            .map(|n| n.asked.into_iter().map(|a| a.peer).collect())
+            .unwrap_or_default();
+        (entry.job.clone(), asked)
+    };
+    let (Some(provider), Some(agreement_id)) = (job.provider.as_deref(), job.agreement_id.clone()) else {
+        for peer in asked {
+            let _ =
+                inner.parts.network.negotiate(peer, Message::Withdraw { request_id: id.to_owned() }).await;
+        }
+        update(inner, id, |job| job.state = JobState::Cancelled { reason: None }).await;
+        return super::Market { inner: Arc::clone(inner) }.remote_job(id);
+    };
+    let provider: PeerId = provider.parse().map_err(|_| MarketError::Provider("bad provider id".into()))?;
+    match inner.parts.network.negotiate(provider, Message::Cancel { agreement_id }).await {
+        Ok(Reply::Done) => {
+            // The provider's `cancelled` notice follows; wait for it a little.
+            for _ in 0..100 {
+                let job = inner.consumer().get(id);
+                if job.as_ref().is_some_and(|job| job.state.is_terminal()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(Reply::Refused { reason }) => {
+            return Err(MarketError::Provider(format!("the provider refused: {reason}")));
+        }
+        Ok(other) => return Err(MarketError::Provider(format!("the provider answered {other:?}"))),
+        Err(error) => {
+            let reason = format!("the provider could not be told: {error}");
+            update(inner, id, |job| job.state = JobState::Cancelled { reason: Some(reason) }).await;
+        }
+    }
+    inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))
+}
+
+/// The job's output from its provider.
+pub(super) async fn logs(
+    inner: &Arc<Inner>,
+    id: &str,
+    stream: Stream,
+    offset: u64,
+) -> Result<(String, u64, bool), MarketError> {
+    let job = inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))?;
+    let (Some(provider), Some(agreement_id)) = (job.provider, job.agreement_id) else {
+        return Ok((String::new(), offset, job.state.is_terminal()));
+    };
+    let provider: PeerId = provider.parse().map_err(|_| MarketError::Provider("bad provider id".into()))?;
+    match inner.parts.network.negotiate(provider, Message::Logs { agreement_id, stream, offset }).await {
+        Ok(Reply::Logs { text, next_offset, finished }) => Ok((text, next_offset, finished)),
+        Ok(Reply::Refused { reason }) if job.state.is_terminal() => {
+            tracing::debug!(%reason, "the provider no longer has the job's logs");
+            Ok((String::new(), offset, true))
+        }
+        Ok(Reply::Refused { reason }) => Err(MarketError::Provider(reason)),
+        Ok(other) => Err(MarketError::Provider(format!("the provider answered {other:?}"))),
+        // A provider gone after the end has nothing more to say.
+        Err(_) if job.state.is_terminal() => Ok((String::new(), offset, true)),
+        Err(error) => Err(MarketError::Provider(error)),
+    }
+}
+
+/// Writes the fetched outputs to `dest`.
+pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
+    let job = inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))?;
+    let Some(outputs) = job.outputs.filter(|_| job.state.is_terminal()) else {
+        return Err(MarketError::Conflict(format!(
+            "job {id} is {}; its outputs are here once it has ended and they were fetched",
+            job.state.name()
+        )));
+    };
+    Ok(inner.parts.transfers.export(outputs, dest).await?)
+}
+
+/// Changes a job, records it and tells watchers.
+async fn update(inner: &Arc<Inner>, id: &str, change: impl FnOnce(&mut RemoteJob)) {
+    let job = {
+        let mut state = inner.consumer();
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        change(&mut entry.job);
+        entry.job.updated_at = unix_now();
+        entry.job.clone()
+    };
+    save(inner, &job).await;
+    inner.parts.events.publish(Event::RemoteJobChanged { job: Box::new(job) });
+}
+
+async fn save(inner: &Arc<Inner>, job: &RemoteJob) {
+    let record = match serde_json::to_string(job) {
+        Ok(record) => record,
+        Err(error) => return tracing::error!(%error, "cannot encode a remote job"),
+    };
+    if let Err(error) = inner.parts.store.put_remote_job(&job.id, record, job.created_at).await {
+        tracing::error!(job = %job.id, %error, "cannot record a remote job");
+    }
+}

@@ -1,0 +1,699 @@
+//! The provider's side of the market: requests are checked (signature, address, policy state,
+//! fit, price) and queued; the matcher offers signed terms to the requests [`matching::choose`]
+//! picks whenever idle capacity appears; an accepted offer becomes an agreement whose job this
+//! agent runs: its files are fetched from the consumer, the job runs under the supervisor, every
+//! state change goes to the consumer as a signed notice, and the outputs are kept and granted to
+//! the consumer when it ends.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::matching::{self, Amount, Class, Pending, Weights};
+use super::{Inner, PRICES, credits, price_per_hour, random_hex, rejected, reputation};
+use crate::availability::{Availability, Capacity};
+use crate::events::Event;
+use crate::jobs::supervisor::read_log;
+use crate::jobs::{JobAction, JobSpec, JobState, Stream};
+use crate::net::advert::MAX_CLOCK_SKEW;
+use crate::net::negotiate::{
+    AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
+    Terms, VERSION, verify_detached,
+};
+use crate::net::unix_now;
+use crate::transfer::{BlobRef, FetchRequest};
+
+/// The most requests waiting at once; more are refused.
+const MAX_PENDING: usize = 10_000;
+
+/// How long a consumer has to accept an offer.
+const OFFER_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How often the matcher looks again even when nothing woke it (waiting times grow).
+const MATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// The least a job's files may add up to, whatever scratch disk it asked for.
+const MIN_FILES_CAP: u64 = 1 << 30;
+
+/// How a notice that did not reach the consumer is retried (it also asks for the latest).
+const NOTICE_TRIES: u32 = 3;
+
+/// Requests, offers and agreements in progress.
+#[derive(Default)]
+pub(super) struct State {
+    /// In arrival order.
+    pending: Vec<Waiting>,
+    /// Capacity set aside for offers not answered yet, by request id.
+    offering: HashMap<String, Resources>,
+    /// Agreements of this run, by id; ended ones stay for their last notice and logs.
+    agreements: HashMap<String, Running>,
+}
+
+struct Waiting {
+    request: JobRequest,
+    /// [`Signed::hash`] of the request, which the terms cite.
+    hash: String,
+    consumer: PeerId,
+    arrived: Instant,
+    reputation: f64,
+}
+
+struct Running {
+    consumer: PeerId,
+    resources: Resources,
+    job: Option<(String, PathBuf)>,
+    seq: u64,
+    latest: Option<Signed>,
+    cancel: CancellationToken,
+    ended: bool,
+}
+
+/// Checks a request and queues it.
+pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    let request: JobRequest = match signed.open(REQUEST_TAG, &peer) {
+        Ok(request) => request,
+        Err(rejection) => return rejected("request", &rejection),
+    };
+    let capacity = match &*inner.parts.availability.borrow() {
+        Availability::Sharing { capacity, .. } => capacity.clone(),
+        Availability::Paused { reasons } => {
+            let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+            return refused(format!("this agent is paused: {}", reasons.join("; ")));
+        }
+    };
+    if let Err(reason) = check(&request, &peer, &inner.parts.identity.peer_id(), &capacity, unix_now()) {
+        return refused(reason);
+    }
+    let hash = match signed.hash() {
+        Ok(hash) => hash,
+        Err(rejection) => return rejected("request", &rejection),
+    };
+    let history = inner.parts.store.agreement_history(&peer.to_string(), "provider").await.unwrap_or((0, 0));
+    let mut state = inner.provider();
+    let known =
+        state.pending.iter().position(|w| w.consumer == peer && w.request.request_id == request.request_id);
+    let position = match known {
+        Some(position) => position,
+        None if state.pending.len() >= MAX_PENDING => {
+            return refused(format!("{MAX_PENDING} requests already wait here; try later"));
+        }
+        None => {
+            let waiting = Waiting {
+                request,
+                hash,
+                consumer: peer,
+                arrived: Instant::now(),
+                reputation: reputation(history),
+            };
+            state.pending.push(waiting);
+            state.pending.len() - 1
+        }
+    };
+    drop(state);
+    inner.wake.notify_one();
+    Reply::Queued { position: position as u64 }
+}
+
+fn refused(reason: String) -> Reply {
+    Reply::Refused { reason }
+}
+
+/// Whether this agent can take `request` at all (now or once busy capacity frees up).
+fn check(
+    request: &JobRequest,
+    from: &PeerId,
+    me: &PeerId,
+    capacity: &Capacity,
+    now: i64,
+) -> Result<(), String> {
+    if request.consumer != from.to_string() {
+        return Err(format!("the request names {} but came from {from}", request.consumer));
+    }
+    if request.provider != me.to_string() {
+        return Err(format!("the request is addressed to {}, not to this agent", request.provider));
+    }
+    if request.expires_at <= now {
+        return Err("the request has expired".into());
+    }
+    if request.issued_at > now + MAX_CLOCK_SKEW.as_secs() as i64 {
+        return Err("the request was issued in the future; check the clocks".into());
+    }
+    for path in request.files.keys() {
+        let path = Path::new(path);
+        if path.as_os_str().is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(format!("the file path {path:?} leaves the job's folder"));
+        }
+    }
+    let wanted = &request.resources;
+    if wanted.gpus > 0 {
+        return Err("this agent does not run other agents' GPU jobs yet".into());
+    }
+    let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+    if wanted.cpu_millis > capacity.cpu_millis {
+        return Err(format!(
+            "the job needs {} cores; this agent offers at most {}",
+            wanted.cpu_millis as f64 / 1000.0,
+            capacity.cpu_millis as f64 / 1000.0
+        ));
+    }
+    if wanted.memory_bytes > capacity.memory_bytes {
+        return Err(format!(
+            "the job needs {:.2} GiB of memory; this agent offers at most {:.2} GiB",
+            gib(wanted.memory_bytes),
+            gib(capacity.memory_bytes)
+        ));
+    }
+    let price = price_per_hour(&PRICES, wanted);
+    if let Some(ceiling) = request.max_price_per_hour
+        && price > ceiling
+    {
+        return Err(format!(
+            "the job costs {} credits/h here, above its ceiling of {}",
+            credits(price),
+            credits(ceiling)
+        ));
+    }
+    Ok(())
+}
+
+/// The consumer no longer wants the request.
+pub(super) fn on_withdraw(inner: &Arc<Inner>, peer: PeerId, request_id: &str) -> Reply {
+    inner.provider().pending.retain(|w| !(w.consumer == peer && w.request.request_id == request_id));
+    Reply::Done
+}
+
+/// The consumer asks to stop the job under an agreement.
+pub(super) async fn on_cancel(inner: &Arc<Inner>, peer: PeerId, agreement_id: &str) -> Reply {
+    let state = inner.provider();
+    match state.agreements.get(agreement_id) {
+        Some(running) if running.consumer == peer && !running.ended => {
+            running.cancel.cancel();
+            Reply::Done
+        }
+        Some(running) if running.consumer == peer => {
+            refused(format!("the job of agreement {agreement_id} has ended"))
+        }
+        _ => refused(format!("no agreement {agreement_id} with you here")),
+    }
+}
+
+/// The latest notice of an agreement.
+pub(super) async fn on_status(inner: &Arc<Inner>, peer: PeerId, agreement_id: &str) -> Reply {
+    let latest = inner
+        .provider()
+        .agreements
+        .get(agreement_id)
+        .filter(|running| running.consumer == peer)
+        .map(|running| running.latest.clone());
+    match latest {
+        Some(Some(notice)) => Reply::Notice { notice },
+        Some(None) => Reply::Queued { position: 0 },
+        None => match inner.parts.store.agreement(agreement_id).await {
+            Ok(Some(_)) => refused(format!(
+                "agreement {agreement_id} is not running here any more: this agent restarted and its job was stopped"
+            )),
+            _ => refused(format!("no agreement {agreement_id} with you here")),
+        },
+    }
+}
+
+/// The job's output from `offset` on.
+pub(super) async fn on_logs(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    agreement_id: &str,
+    stream: Stream,
+    offset: u64,
+) -> Reply {
+    let found = inner
+        .provider()
+        .agreements
+        .get(agreement_id)
+        .filter(|running| running.consumer == peer)
+        .map(|running| (running.job.clone(), running.ended));
+    let Some((job, ended)) = found else {
+        return refused(format!("no agreement {agreement_id} with you here"));
+    };
+    let Some((_, job_dir)) = job else {
+        return Reply::Logs { text: String::new(), next_offset: offset, finished: ended };
+    };
+    // Ended is read before the log, so a read after the end is complete.
+    let bytes = tokio::task::spawn_blocking(move || read_log(&job_dir, stream, offset).unwrap_or_default())
+        .await
+        .unwrap_or_default();
+    Reply::Logs {
+        next_offset: offset + bytes.len() as u64,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+        finished: ended,
+    }
+}
+
+/// Matches whenever woken (a request arrived, capacity was freed), when the availability changes
+/// (a window opened, the owner left) and every [`MATCH_EVERY`], until the market stops.
+pub(super) async fn match_forever(inner: Arc<Inner>) {
+    let mut availability = inner.parts.availability.clone();
+    let mut tick = tokio::time::interval(MATCH_EVERY);
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => break,
+            () = inner.wake.notified() => {}
+            changed = availability.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        match_once(&inner);
+    }
+}
+
+fn match_once(inner: &Arc<Inner>) {
+    let Availability::Sharing { capacity, .. } = inner.parts.availability.borrow().clone() else { return };
+    let now = unix_now();
+    let mut state = inner.provider();
+    state.pending.retain(|w| w.request.expires_at > now);
+    if state.pending.is_empty() {
+        return;
+    }
+    let busy = state
+        .agreements
+        .values()
+        .filter(|running| !running.ended)
+        .map(|running| running.resources)
+        .chain(state.offering.values().copied())
+        .fold(Amount::default(), |sum, r| sum.saturating_add(&amount(&r)));
+    let idle = capacity_amount(&capacity).saturating_sub(&busy);
+    let pending: Vec<Pending> = state
+        .pending
+        .iter()
+        .map(|w| Pending {
+            demand: amount(&w.request.resources),
+            // Family sharing will tell family members' requests apart.
+            class: Class::Other,
+            reputation: w.reputation,
+            waited: w.arrived.elapsed(),
+        })
+        .collect();
+    let mut chosen = matching::choose(&idle, &pending, &Weights::default());
+    if chosen.is_empty() {
+        return;
+    }
+    // Taken out from the back first, so the other indices stay valid.
+    let mut order = chosen.clone();
+    order.sort_unstable_by(|a, b| b.cmp(a));
+    let mut taken: HashMap<usize, Waiting> =
+        order.into_iter().map(|i| (i, state.pending.remove(i))).collect();
+    for i in chosen.drain(..) {
+        let Some(waiting) = taken.remove(&i) else { continue };
+        state.offering.insert(waiting.request.request_id.clone(), waiting.request.resources);
+        let task_inner = Arc::clone(inner);
+        inner.tasks.spawn(async move { offer(task_inner, waiting).await });
+    }
+}
+
+fn amount(resources: &Resources) -> Amount {
+    Amount {
+        cpu_millis: resources.cpu_millis,
+        memory_bytes: resources.memory_bytes,
+        gpus: resources.gpus,
+        vram_bytes: resources.vram_bytes,
+    }
+}
+
+fn capacity_amount(capacity: &Capacity) -> Amount {
+    Amount {
+        cpu_millis: capacity.cpu_millis,
+        memory_bytes: capacity.memory_bytes,
+        gpus: capacity.gpus.len() as u32,
+        vram_bytes: capacity.gpus.iter().map(|gpu| gpu.memory_bytes).sum(),
+    }
+}
+
+/// Offers signed terms for a chosen request; on acceptance, records the agreement and runs it.
+async fn offer(inner: Arc<Inner>, waiting: Waiting) {
+    let request = waiting.request;
+    let now = unix_now();
+    let terms = Terms {
+        version: VERSION,
+        agreement_id: random_hex(16),
+        request_id: request.request_id.clone(),
+        request_hash: waiting.hash,
+        provider: inner.parts.identity.peer_id().to_string(),
+        consumer: request.consumer.clone(),
+        resources: request.resources,
+        prices: PRICES,
+        price_per_hour: price_per_hour(&PRICES, &request.resources),
+        window: [now, now.saturating_add(i64::try_from(request.time_limit_s).unwrap_or(i64::MAX))],
+        access_key: random_hex(32),
+        hosted: request.hosted,
+        network: request.network,
+        gpus: Vec::new(),
+        issued_at: now,
+        expires_at: now + OFFER_LIFETIME.as_secs() as i64,
+    };
+    let agreement = match Signed::sign(&inner.parts.identity, AGREEMENT_TAG, &terms) {
+        Ok(offer) => {
+            let message = Message::Offer { terms: offer.clone() };
+            match inner.parts.network.negotiate(waiting.consumer, message).await {
+                Ok(Reply::Accepted { signature }) => {
+                    match verify_detached(AGREEMENT_TAG, &offer.body, &signature, &waiting.consumer) {
+                        Ok(()) => Some(Agreement {
+                            terms: offer.body,
+                            provider_signature: offer.signature,
+                            consumer_signature: signature,
+                        }),
+                        Err(rejection) => {
+                            tracing::warn!(consumer = %waiting.consumer, %rejection, "an acceptance did not verify");
+                            None
+                        }
+                    }
+                }
+                Ok(reply) => {
+                    tracing::info!(consumer = %waiting.consumer, ?reply, "the offer was not taken");
+                    None
+                }
+                Err(error) => {
+                    tracing::info!(consumer = %waiting.consumer, %error, "the offer did not reach the consumer");
+                    None
+                }
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot sign an offer");
+            None
+        }
+    };
+    let cancel = inner.stop.child_token();
+    {
+        let mut state = inner.provider();
+        state.offering.remove(&request.request_id);
+        if agreement.is_some() {
+            let running = Running {
+                consumer: waiting.consumer,
+                resources: request.resources,
+                job: None,
+                seq: 0,
+                latest: None,
+                cancel: cancel.clone(),
+                ended: false,
+            };
+            state.agreements.insert(terms.agreement_id.clone(), running);
+        }
+    }
+    let Some(agreement) = agreement else {
+        inner.wake.notify_one();
+        return;
+    };
+    let id = terms.agreement_id.clone();
+    let document = serde_json::to_string(&agreement).unwrap_or_default();
+    if let Err(error) =
+        inner.parts.store.put_agreement(&id, "provider", &request.consumer, document, now).await
+    {
+        tracing::error!(agreement = %id, %error, "cannot record the agreement");
+    }
+    tracing::info!(agreement = %id, consumer = %waiting.consumer, "agreed to run a job");
+    let (state, reason, outputs) = execute(&inner, &id, &request, waiting.consumer, &cancel).await;
+    let outcome = state.name();
+    notify(&inner, &id, state, reason, outputs).await;
+    if let Some(running) = inner.provider().agreements.get_mut(&id) {
+        running.ended = true;
+    }
+    if let Err(error) = inner.parts.store.end_agreement(&id, outcome).await {
+        tracing::error!(agreement = %id, %error, "cannot record how the agreement ended");
+    }
+    inner.wake.notify_one();
+}
+
+/// Runs the job of an agreement to its end: its final state, why, and its outputs.
+async fn execute(
+    inner: &Arc<Inner>,
+    agreement_id: &str,
+    request: &JobRequest,
+    consumer: PeerId,
+    cancel: &CancellationToken,
+) -> (JobState, Option<String>, Option<BlobRef>) {
+    let failed = |reason: String| (JobState::Failed { reason }, None, None);
+    notify(inner, agreement_id, JobState::Transferring, None, None).await;
+    let dir = inner.parts.dir.join(agreement_id);
+    if let Err(error) = tokio::fs::create_dir_all(&dir).await {
+        return failed(format!("cannot create the job's folder: {error}"));
+    }
+    let cap = request.resources.disk_bytes.max(MIN_FILES_CAP);
+    for (path, blob) in &request.files {
+        let out = dir.join(path);
+        if let Some(parent) = out.parent()
+            && let Err(error) = tokio::fs::create_dir_all(parent).await
+        {
+            return failed(format!("cannot create the folder of {path}: {error}"));
+        }
+        let fetch =
+            FetchRequest { peer: consumer.to_string(), blob: *blob, max_bytes: Some(cap), out: Some(out) };
+        match fetch_file(inner, fetch, cancel).await {
+            Ok(()) => {}
+            Err(None) => return (JobState::Cancelled { reason: None }, None, None),
+            Err(Some(error)) => return failed(format!("cannot get the job's file {path}: {error}")),
+        }
+    }
+    let spec_path = dir.join("job.toml");
+    if let Err(error) = tokio::fs::write(&spec_path, &request.spec).await {
+        return failed(format!("cannot write the job's spec: {error}"));
+    }
+    let loaded = spec_path.clone();
+    let spec = match tokio::task::spawn_blocking(move || JobSpec::load(&loaded)).await {
+        Ok(Ok(spec)) => spec,
+        Ok(Err(error)) => return failed(format!("the spec is not acceptable: {error}")),
+        Err(error) => return failed(error.to_string()),
+    };
+    if let Err(reason) = within(&spec, request) {
+        return failed(reason);
+    }
+    // Subscribed before the job exists, so none of its changes is missed.
+    let mut events = inner.parts.events.subscribe();
+    let job = match inner.parts.jobs.submit(&spec_path).await {
+        Ok(job) => job,
+        Err(error) => return failed(format!("the job could not start: {error}")),
+    };
+    if let Some(running) = inner.provider().agreements.get_mut(agreement_id) {
+        running.job = Some((job.id.clone(), job.job_dir.clone()));
+    }
+    let mut state = job.state.clone();
+    let mut reason = None;
+    let mut cancelled = false;
+    while !state.is_terminal() {
+        let event = tokio::select! {
+            () = cancel.cancelled(), if !cancelled => {
+                cancelled = true;
+                if let Err(error) = inner.parts.jobs.act(&job.id, JobAction::Cancel).await {
+                    tracing::info!(job = %job.id, %error, "cannot cancel the job");
+                }
+                continue;
+            }
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(Event::JobChanged { job: changed }) if changed.id == job.id => {
+                state = changed.state.clone();
+                if !state.is_terminal() {
+                    notify(inner, agreement_id, state.clone(), reason.clone(), None).await;
+                }
+            }
+            Ok(Event::OwnerNotice { notice }) if notice.job_id == job.id => {
+                reason = Some(format!("the provider's owner {} the job: {}", notice.kind, notice.reason));
+                if !state.is_terminal() {
+                    notify(inner, agreement_id, state.clone(), reason.clone(), None).await;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => {
+                if let Ok(now) = inner.parts.jobs.get(&job.id).await {
+                    state = now.state;
+                }
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+    if let JobState::Cancelled { reason: Some(why) } = &state {
+        reason = Some(why.clone());
+    }
+    let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out"), None).await {
+        Ok(imported) => match inner.parts.transfers.grant(consumer, imported.blob).await {
+            Ok(()) => Some(imported.blob),
+            Err(error) => {
+                tracing::error!(job = %job.id, %error, "cannot grant the outputs");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::error!(job = %job.id, %error, "cannot keep the outputs");
+            None
+        }
+    };
+    (state, reason, outputs)
+}
+
+/// Fetches one file of the job; `Err(None)` when cancelled.
+async fn fetch_file(
+    inner: &Arc<Inner>,
+    request: FetchRequest,
+    cancel: &CancellationToken,
+) -> Result<(), Option<String>> {
+    let transfers = &inner.parts.transfers;
+    let fetch = transfers.fetch(request).await.map_err(|e| Some(e.to_string()))?;
+    loop {
+        let now = transfers.get(&fetch.id).map_err(|e| Some(e.to_string()))?;
+        if now.state.is_terminal() {
+            return match now.error {
+                None => Ok(()),
+                Some(error) => Err(Some(error)),
+            };
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = transfers.cancel(&fetch.id);
+                return Err(None);
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Whether the spec the consumer sent stays within what the request (and so the agreement) said.
+fn within(spec: &JobSpec, request: &JobRequest) -> Result<(), String> {
+    let agreed = &request.resources;
+    let asked = &spec.resources;
+    let over = u64::from(asked.cpu_millis) > agreed.cpu_millis
+        || asked.memory_bytes > agreed.memory_bytes
+        || asked.disk_bytes > agreed.disk_bytes
+        || asked.gpus > agreed.gpus
+        || spec.limits.time.as_secs() > request.time_limit_s
+        || (spec.limits.network && !request.network);
+    if over { Err("the job's spec asks for more than the agreement grants".into()) } else { Ok(()) }
+}
+
+/// Signs a notice of the job's state and sends it to the consumer (which also asks for the
+/// latest one, so a notice that cannot be delivered is not lost).
+async fn notify(
+    inner: &Arc<Inner>,
+    agreement_id: &str,
+    job: JobState,
+    reason: Option<String>,
+    outputs: Option<BlobRef>,
+) {
+    let signed = {
+        let mut state = inner.provider();
+        let Some(running) = state.agreements.get_mut(agreement_id) else { return };
+        running.seq += 1;
+        let notice = Notice {
+            version: VERSION,
+            agreement_id: agreement_id.to_owned(),
+            provider: inner.parts.identity.peer_id().to_string(),
+            consumer: running.consumer.to_string(),
+            seq: running.seq,
+            at: unix_now(),
+            job,
+            reason,
+            outputs,
+        };
+        match Signed::sign(&inner.parts.identity, NOTICE_TAG, &notice) {
+            Ok(signed) => {
+                running.latest = Some(signed.clone());
+                (running.consumer, signed)
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot sign a notice");
+                return;
+            }
+        }
+    };
+    let (consumer, notice) = signed;
+    for attempt in 1..=NOTICE_TRIES {
+        let message = Message::Notice { notice: notice.clone() };
+        match inner.parts.network.negotiate(consumer, message).await {
+            Ok(_) => return,
+            Err(error) if attempt == NOTICE_TRIES => {
+                tracing::info!(%consumer, %error, "a notice did not reach the consumer");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn request(consumer: &PeerId, provider: &PeerId) -> JobRequest {
+        JobRequest {
+            version: VERSION,
+            request_id: "r".into(),
+            consumer: consumer.to_string(),
+            provider: provider.to_string(),
+            issued_at: 1000,
+            expires_at: 2000,
+            spec: String::new(),
+            files: BTreeMap::new(),
+            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ..Resources::default() },
+            time_limit_s: 60,
+            network: false,
+            hosted: false,
+            max_price_per_hour: None,
+        }
+    }
+
+    #[test]
+    fn requests_that_cannot_be_taken_are_refused_with_the_reason() {
+        let (consumer, me, other) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let capacity = Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, gpus: Vec::new() };
+        let ok = request(&consumer, &me);
+        assert_eq!(check(&ok, &consumer, &me, &capacity, 1500), Ok(()));
+
+        let cases: Vec<(JobRequest, PeerId, i64, &str)> = vec![
+            (ok.clone(), other, 1500, "but came from"),
+            (request(&consumer, &other), consumer, 1500, "addressed to"),
+            (ok.clone(), consumer, 2000, "expired"),
+            (JobRequest { issued_at: 1700, ..ok.clone() }, consumer, 1500, "future"),
+            (
+                JobRequest { files: [("../x".to_owned(), blob())].into(), ..ok.clone() },
+                consumer,
+                1500,
+                "leaves the job's folder",
+            ),
+            (
+                JobRequest { resources: Resources { cpu_millis: 3000, ..ok.resources }, ..ok.clone() },
+                consumer,
+                1500,
+                "needs 3 cores; this agent offers at most 2",
+            ),
+            (
+                JobRequest { resources: Resources { memory_bytes: 3 << 30, ..ok.resources }, ..ok.clone() },
+                consumer,
+                1500,
+                "3.00 GiB of memory",
+            ),
+            (
+                JobRequest { resources: Resources { gpus: 1, ..ok.resources }, ..ok.clone() },
+                consumer,
+                1500,
+                "GPU",
+            ),
+            (
+                JobRequest { max_price_per_hour: Some(1000), ..ok.clone() },
+                consumer,
+                1500,
+                "costs 1.100 credits/h here, above its ceiling of 1.000",
+            ),
+        ];
+        for (request, from, now, expected) in cases {
+            let reason = check(&request, &from, &me, &capacity, now).unwrap_err();
+            assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+        }
+    }
+
+    fn blob() -> BlobRef {
+        BlobRef { hash: "00".repeat(32).parse().unwrap(), format: crate::transfer::Format::Raw }
+    }
+}
