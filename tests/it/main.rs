@@ -12,6 +12,7 @@ mod daemon_jobs;
 mod escape;
 mod events;
 mod flood;
+mod hostile_market;
 mod job_network;
 mod jobs;
 mod market;
@@ -237,6 +238,10 @@ fn main() {
         trial(
             "transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean",
             transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
+        ),
+        trial(
+            "hostile_market::tampered_and_unsigned_documents_are_rejected",
+            hostile_market::tampered_and_unsigned_documents_are_rejected,
         ),
         sandboxed(
             "market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home",

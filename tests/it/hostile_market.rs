@@ -1,0 +1,182 @@
+//! A hostile peer against a real agent on loopback: tampered, unsigned and wrongly signed
+//! requests, offers and notices are refused with the reason, and an acceptance whose signature
+//! does not verify never becomes an agreement (nothing is stored, nothing runs).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hearth::identity::Identity;
+use hearth::jobs::JobState;
+use hearth::net::advert::Prices;
+use hearth::net::negotiate::{
+    self, AGREEMENT_TAG, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
+    Terms, VERSION,
+};
+use hearth_tests::{Agent, json_of};
+use libp2p::futures::StreamExt;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+
+type Behaviour = request_response::json::Behaviour<Message, Reply>;
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Sends `message` to `peer` and waits for the reply, answering nothing else meanwhile.
+async fn ask(swarm: &mut Swarm<Behaviour>, peer: PeerId, message: Message) -> Result<Reply> {
+    let id = swarm.behaviour_mut().send_request(&peer, message);
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let event = tokio::time::timeout_at(until, swarm.select_next_some()).await.context("no reply")?;
+        match event {
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            }) if request_id == id => return Ok(response),
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                if request_id == id =>
+            {
+                bail!("the message failed: {error}")
+            }
+            _ => {}
+        }
+    }
+}
+
+fn refused_for_signature(reply: &Reply) -> bool {
+    match reply {
+        Reply::Refused { reason } | Reply::Declined { reason } => reason.contains("bad signature"),
+        _ => false,
+    }
+}
+
+pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
+    let agent = Agent::start()?;
+    let (address, provider) = agent.address()?;
+    let provider: PeerId = provider.parse()?;
+    let address: Multiaddr = address.parse()?;
+    let keys = tempfile::tempdir()?;
+    let (me, _) = Identity::load_or_create(keys.path())?;
+    let (stranger, _) = Identity::load_or_create(tempfile::tempdir()?.path())?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(me.keypair().clone())
+            .with_tokio()
+            .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)?
+            .with_behaviour(|_| {
+                Behaviour::new([(negotiate::PROTOCOL, ProtocolSupport::Full)], request_response::Config::default())
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.dial(address)?;
+
+        let request = JobRequest {
+            version: VERSION,
+            request_id: "hostile-1".into(),
+            consumer: me.peer_id().to_string(),
+            provider: provider.to_string(),
+            issued_at: now(),
+            expires_at: now() + 600,
+            spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
+            files: BTreeMap::new(),
+            resources: Resources { cpu_millis: 100, memory_bytes: 64 << 20, disk_bytes: 16 << 20, ..Resources::default() },
+            time_limit_s: 60,
+            network: false,
+            hosted: false,
+            max_price_per_hour: None,
+        };
+        let signed = Signed::sign(&me, REQUEST_TAG, &request)?;
+
+        // A request changed after signing, one without a signature, one signed by someone else.
+        let mut tampered = signed.clone();
+        tampered.body["resources"]["cpu_millis"] = 1.into();
+        let unsigned = Signed { signature: String::new(), ..signed.clone() };
+        let foreign = Signed::sign(&stranger, REQUEST_TAG, &request)?;
+        for (what, bad) in [("tampered", tampered), ("unsigned", unsigned), ("foreign", foreign)] {
+            let reply = ask(&mut swarm, provider, Message::Request { request: bad }).await?;
+            ensure!(refused_for_signature(&reply), "a {what} request was not refused for its signature: {reply:?}");
+        }
+        // Offers and notices the agent never asked for, tampered or unsigned.
+        let terms = Terms {
+            version: VERSION,
+            agreement_id: "hostile-a".into(),
+            request_id: "nothing".into(),
+            request_hash: "00".repeat(32),
+            provider: me.peer_id().to_string(),
+            consumer: provider.to_string(),
+            resources: request.resources,
+            prices: Prices::default(),
+            price_per_hour: 0,
+            window: [now(), now() + 60],
+            access_key: "00".repeat(32),
+            hosted: false,
+            network: false,
+            gpus: Vec::new(),
+            issued_at: now(),
+            expires_at: now() + 60,
+        };
+        let mut offer = Signed::sign(&me, AGREEMENT_TAG, &terms)?;
+        offer.body["price_per_hour"] = 5.into();
+        let reply = ask(&mut swarm, provider, Message::Offer { terms: offer }).await?;
+        ensure!(refused_for_signature(&reply), "a tampered offer was not declined for its signature: {reply:?}");
+        let notice = Notice {
+            version: VERSION,
+            agreement_id: "hostile-a".into(),
+            provider: me.peer_id().to_string(),
+            consumer: provider.to_string(),
+            seq: 1,
+            at: now(),
+            job: JobState::Running,
+            reason: None,
+            outputs: None,
+        };
+        let unsigned = Signed { signature: "zz".into(), ..Signed::sign(&me, NOTICE_TAG, &notice)? };
+        let reply = ask(&mut swarm, provider, Message::Notice { notice: unsigned }).await?;
+        ensure!(refused_for_signature(&reply), "an unsigned notice was not refused: {reply:?}");
+
+        // A genuine request: the agent queues it and offers terms it really signed; a forged
+        // acceptance must not make an agreement.
+        let reply = ask(&mut swarm, provider, Message::Request { request: signed }).await?;
+        ensure!(matches!(reply, Reply::Queued { .. }), "a valid request was not queued: {reply:?}");
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let event = tokio::time::timeout_at(until, swarm.select_next_some()).await.context("no offer came")?;
+            if let SwarmEvent::Behaviour(request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request: Message::Offer { terms }, channel, .. },
+                ..
+            }) = event
+            {
+                ensure!(peer == provider, "an offer from {peer}");
+                let opened: Terms = terms.open(AGREEMENT_TAG, &provider).context("the agent's own offer does not verify")?;
+                ensure!(opened.request_id == "hostile-1" && opened.consumer == me.peer_id().to_string());
+                let forged = Reply::Accepted { signature: "ab".repeat(64) };
+                let _ = swarm.behaviour_mut().send_response(channel, forged);
+                break;
+            }
+        }
+        // Let the answer reach the agent.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(_event) = tokio::time::timeout_at(settle, swarm.select_next_some()).await {}
+        Ok::<_, anyhow::Error>(())
+    })?;
+
+    let until = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("an acceptance did not verify") {
+        ensure!(Instant::now() < until, "the agent did not notice the forged acceptance:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let jobs = json_of(&agent.cli(&["jobs", "--json"])?)?;
+    ensure!(jobs.as_array().is_some_and(Vec::is_empty), "a job ran without an agreement: {jobs}");
+    let db = rusqlite::Connection::open_with_flags(
+        agent.data_dir().join("hearth.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let agreements: i64 = db.query_row("SELECT count(*) FROM agreements", [], |row| row.get(0))?;
+    ensure!(agreements == 0, "{agreements} agreement(s) stored from a forged acceptance");
+    Ok(())
+}
