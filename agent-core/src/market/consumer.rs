@@ -365,7 +365,32 @@ async fn search(inner: Arc<Inner>, id: String) {
                 }
             })
             .await;
+            await_offer(&inner, &id, template.expires_at).await;
             return;
+        }
+    }
+}
+
+/// Waits until an offer is taken or the request expires at the providers, which then fails the
+/// job (the providers drop expired requests themselves).
+async fn await_offer(inner: &Arc<Inner>, id: &str, expires_at: i64) {
+    loop {
+        if template_of(inner, id).is_none() {
+            return; // Agreed, cancelled or failed.
+        }
+        if unix_now() >= expires_at {
+            let reason = "no provider that queued the request offered terms before it expired; submit it again";
+            update(inner, id, |job| {
+                if job.provider.is_none() && !job.state.is_terminal() {
+                    job.state = JobState::Failed { reason: reason.into() };
+                }
+            })
+            .await;
+            return;
+        }
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -833,5 +858,88 @@ async fn save(inner: &Arc<Inner>, job: &RemoteJob) {
     };
     if let Err(error) = inner.parts.store.put_remote_job(&job.id, record, job.created_at).await {
         tracing::error!(job = %job.id, %error, "cannot record a remote job");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::market::{PRICES, price_per_hour};
+    use crate::net::advert::Prices;
+
+    fn negotiation(provider: &PeerId, consumer: &PeerId) -> Negotiation {
+        let template = JobRequest {
+            version: VERSION,
+            request_id: "r".into(),
+            consumer: consumer.to_string(),
+            provider: String::new(),
+            issued_at: 0,
+            expires_at: 1000,
+            spec: String::new(),
+            files: BTreeMap::new(),
+            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 28, disk_bytes: 1 << 30, ..Resources::default() },
+            time_limit_s: 60,
+            network: false,
+            hosted: false,
+            max_price_per_hour: Some(2000),
+        };
+        let asked = Asked { peer: *provider, rank: 0, request_hash: "h".into(), refused: false };
+        Negotiation { template, asked: vec![asked], decided: false }
+    }
+
+    fn terms(provider: &PeerId, consumer: &PeerId) -> Terms {
+        let resources = Resources { cpu_millis: 1000, memory_bytes: 1 << 28, disk_bytes: 1 << 30, ..Resources::default() };
+        Terms {
+            version: VERSION,
+            agreement_id: "a".into(),
+            request_id: "r".into(),
+            request_hash: "h".into(),
+            provider: provider.to_string(),
+            consumer: consumer.to_string(),
+            resources,
+            prices: PRICES,
+            price_per_hour: price_per_hour(&PRICES, &resources),
+            window: [0, 60],
+            access_key: "00".repeat(32),
+            hosted: false,
+            network: false,
+            gpus: Vec::new(),
+            issued_at: 0,
+            expires_at: 100,
+        }
+    }
+
+    #[test]
+    fn offers_that_do_not_answer_the_request_are_declined_with_the_reason() {
+        let (provider, me, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let n = negotiation(&provider, &me);
+        let good = terms(&provider, &me);
+        assert_eq!(check_offer(&good, &provider, &me, &n, 50), Ok(()));
+
+        let less = Resources { cpu_millis: 500, ..good.resources };
+        let cases: Vec<(Terms, PeerId, i64, &str)> = vec![
+            (good.clone(), stranger, 50, "not sent to you"),
+            (Terms { consumer: stranger.to_string(), ..good.clone() }, provider, 50, "other parties"),
+            (Terms { request_hash: "other".into(), ..good.clone() }, provider, 50, "another request"),
+            (good.clone(), provider, 100, "expired"),
+            (
+                Terms { resources: less, price_per_hour: price_per_hour(&PRICES, &less), ..good.clone() },
+                provider,
+                50,
+                "less than the request",
+            ),
+            (Terms { network: true, ..good.clone() }, provider, 50, "network"),
+            (Terms { price_per_hour: good.price_per_hour - 1, ..good.clone() }, provider, 50, "does not follow"),
+            (
+                Terms { prices: Prices { core_hour: 5000, ..PRICES }, price_per_hour: 5025, ..good.clone() },
+                provider,
+                50,
+                "above the ceiling of 2.000",
+            ),
+        ];
+        for (terms, from, now, expected) in cases {
+            let reason = check_offer(&terms, &from, &me, &n, now).unwrap_err();
+            assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+        }
     }
 }
