@@ -370,9 +370,9 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// `POST path` with a JSON `body` (none when empty) to an agent's API on `port`; fails unless the
-/// answer is 200, with its status line.
-pub fn api_post(port: u16, token: &str, path: &str, body: &str) -> Result<()> {
+/// `POST path` with a JSON `body` (none when empty) to an agent's API on `port`; answers the
+/// response body, or fails unless the answer is a success, with its status line.
+pub fn api_post(port: u16, token: &str, path: &str, body: &str) -> Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     let content_type = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
     write!(
@@ -383,8 +383,8 @@ pub fn api_post(port: u16, token: &str, path: &str, body: &str) -> Result<()> {
     )?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
-    ensure!(answer.starts_with("HTTP/1.1 200"), "{path}: {}", answer.lines().next().unwrap_or(""));
-    Ok(())
+    ensure!(answer.starts_with("HTTP/1.1 20"), "{path}: {}", answer.lines().next().unwrap_or(""));
+    Ok(answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
 }
 
 /// The `p`th percentile of `samples`, in milliseconds (nearest rank); NaN when there are none.

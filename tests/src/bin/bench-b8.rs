@@ -6,6 +6,8 @@
 //! agent lists every advert, each trial pauses or resumes one agent (a different one each time)
 //! and times, from the request, the `offer_changed` events on the WebSocket of every other agent
 //! that carry its new state: the time until 95% of them have it, and how many had it after 5 s.
+//! Then agent 0 submits a small native job once per trial and times, from the API's answer, the
+//! `remote_job_changed` event that shows the job with its provider: request to signed agreement.
 //! Memory per connection: each agent's RSS against its number of connected peers (a least-squares
 //! slope), and the mean RSS above a lone agent's divided by the mean number of peers.
 
@@ -125,6 +127,63 @@ fn main() -> Result<()> {
         }
     }
 
+    // Request to signed agreement: agent 0 submits a small job; the clock runs from the API's
+    // answer (the search starts then) to the event that shows the job with its agreement.
+    for agent in &agents {
+        api_post(agent.port()?, &agent.token()?, "/api/v1/resume", "")?;
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while get(&agents[0], "/api/v1/offers")?
+        .as_array()
+        .is_none_or(|offers| offers.iter().any(|o| o["state"] != "sharing"))
+    {
+        ensure!(Instant::now() < until, "the agents did not all share again within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let spec_dir = tempfile::tempdir()?;
+    let spec = spec_dir.path().join("true.toml");
+    std::fs::write(
+        &spec,
+        "kind = \"native\"\ncommand = [\"/bin/true\"]\n[resources]\ncpu = 0.1\nmemory = \"16MiB\"\n\
+         disk = \"1MiB\"\n[limits]\ntime = \"60s\"\n",
+    )?;
+    let (agreed_tx, agreed) = mpsc::channel::<(String, String, Instant)>();
+    let consumer = &agents[0];
+    let mut request = format!("ws://127.0.0.1:{}/api/v1/events", consumer.port()?).into_client_request()?;
+    request.headers_mut().insert("Authorization", format!("Bearer {}", consumer.token()?).parse()?);
+    let (mut socket, _) = runtime.block_on(tokio_tungstenite::connect_async(request))?;
+    runtime.spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else { continue };
+            let Ok(event) = serde_json::from_str::<Value>(&text) else { continue };
+            let job = &event["job"];
+            if event["type"] == "remote_job_changed"
+                && let (Some(id), Some(provider)) = (job["id"].as_str(), job["provider"].as_str())
+                && agreed_tx.send((id.to_owned(), provider.to_owned(), Instant::now())).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let body = serde_json::json!({ "spec": spec }).to_string();
+    let mut agreements = Vec::new();
+    let mut providers = HashSet::new();
+    for _ in 0..trials {
+        while agreed.try_recv().is_ok() {}
+        let answer = api_post(consumer.port()?, &consumer.token()?, "/api/v1/requests", &body)?;
+        let start = Instant::now();
+        let id = serde_json::from_str::<Value>(&answer)?["id"].as_str().context("no id")?.to_owned();
+        let deadline = start + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok((job, provider, at)) = agreed.recv_timeout(left) else { break };
+            if job == id {
+                agreements.push(at.duration_since(start));
+                providers.insert(provider);
+                break;
+            }
+        }
+    }
+
     // Memory against connections.
     let mut points = Vec::new();
     for agent in &agents {
@@ -164,6 +223,15 @@ fn main() -> Result<()> {
         mean_rss / 1048576.0,
         slope / 1024.0,
         above_lone / 1024.0
+    );
+    println!(
+        "request to signed agreement: {} of {trials} agreed within 10 s, on {} provider(s); \
+         p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+        agreements.len(),
+        providers.len(),
+        percentile_ms(&agreements, 50.0),
+        percentile_ms(&agreements, 90.0),
+        percentile_ms(&agreements, 100.0)
     );
     for agent in &mut agents {
         let _ = agent.terminate();
