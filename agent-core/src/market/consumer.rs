@@ -15,17 +15,22 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::matching::{self, Amount, Candidate};
-use super::{Inner, MarketError, credits, price_per_hour, random_hex, rejected};
+use super::{Inner, MarketError, credits, price_per_hour, random_hex};
 use crate::events::Event;
 use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
 use crate::net::advert::AdvertBody;
 use crate::net::negotiate::{
-    AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
-    Terms, VERSION, sign_detached,
+    AGREEMENT_TAG, Agreement, JobRequest, Message, REQUEST_TAG, Reply, Resources, Signed, Terms, VERSION,
+    sign_detached,
 };
 use crate::net::unix_now;
 use crate::store::Store;
-use crate::transfer::{BlobRef, FetchRequest, Format, Imported};
+use crate::transfer::{BlobRef, Imported};
+
+mod follow;
+
+pub(super) use follow::on_notice;
+use follow::spawn_follow;
 
 /// How many providers are asked at once.
 const ASK_AT_ONCE: usize = 3;
@@ -379,7 +384,8 @@ async fn await_offer(inner: &Arc<Inner>, id: &str, expires_at: i64) {
             return; // Agreed, cancelled or failed.
         }
         if unix_now() >= expires_at {
-            let reason = "no provider that queued the request offered terms before it expired; submit it again";
+            let reason =
+                "no provider that queued the request offered terms before it expired; submit it again";
             update(inner, id, |job| {
                 if job.provider.is_none() && !job.state.is_terminal() {
                     job.state = JobState::Failed { reason: reason.into() };
@@ -586,169 +592,6 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
     Ok(signature)
 }
 
-/// A notice from the provider of one of this agent's jobs.
-pub(super) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
-    match signed.open::<Notice>(NOTICE_TAG, &peer) {
-        Ok(notice) => match apply(inner, &peer, notice).await {
-            Ok(()) => Reply::Done,
-            Err(reason) => Reply::Refused { reason },
-        },
-        Err(rejection) => rejected("notice", &rejection),
-    }
-}
-
-/// Moves the job to the notice's state; when the job ended there, fetches its outputs first.
-async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), String> {
-    let fetch = {
-        let mut state = inner.consumer();
-        let entry = state.by_agreement(&notice.agreement_id).ok_or("no such agreement here")?;
-        if entry.job.provider.as_deref() != Some(&peer.to_string()) {
-            return Err("the agreement is not with you".into());
-        }
-        if notice.seq <= entry.notice_seq || entry.ended_there || entry.job.state.is_terminal() {
-            return Ok(());
-        }
-        entry.notice_seq = notice.seq;
-        if notice.job.is_terminal() {
-            entry.ended_there = true;
-            entry.job.note = Some("the job ended; fetching its outputs".into());
-            entry.job.state = JobState::Transferring;
-            Some((entry.job.id.clone(), notice.outputs, notice.job.clone(), notice.reason.clone()))
-        } else {
-            entry.job.state = notice.job.clone();
-            entry.job.note = Some(notice.reason.clone().unwrap_or_else(|| format!("at {peer}")));
-            None
-        }
-    };
-    let id = match &fetch {
-        Some((id, ..)) => id.clone(),
-        None => {
-            inner.consumer().by_agreement(&notice.agreement_id).map(|e| e.job.id.clone()).unwrap_or_default()
-        }
-    };
-    update(inner, &id, |_| {}).await;
-    if let Some((id, outputs, ended, reason)) = fetch {
-        let task_inner = Arc::clone(inner);
-        let provider = *peer;
-        inner
-            .tasks
-            .spawn(async move { fetch_outputs(task_inner, id, provider, outputs, ended, reason).await });
-    }
-    Ok(())
-}
-
-async fn fetch_outputs(
-    inner: Arc<Inner>,
-    id: String,
-    provider: PeerId,
-    outputs: Option<BlobRef>,
-    ended: JobState,
-    reason: Option<String>,
-) {
-    let disk = inner
-        .consumer()
-        .get(&id)
-        .and_then(|job| job.agreement)
-        .and_then(|agreement| agreement.terms.get("resources")?.get("disk_bytes")?.as_u64());
-    let cap = disk.unwrap_or(0).max(MIN_OUTPUTS_CAP);
-    let fetched = match outputs.filter(|blob| blob.format == Format::Folder) {
-        Some(blob) => {
-            let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
-            wait_fetch(&inner, request).await.map(|()| Some(blob))
-        }
-        None => Ok(None),
-    };
-    update(&inner, &id, |job| match fetched {
-        Ok(blob) => {
-            job.outputs = blob;
-            job.state = ended;
-            job.note = reason;
-        }
-        Err(error) => {
-            job.state = JobState::Failed {
-                reason: format!(
-                    "the job ended ({}) but its outputs could not be fetched: {error}",
-                    ended.name()
-                ),
-            };
-        }
-    })
-    .await;
-}
-
-async fn wait_fetch(inner: &Arc<Inner>, request: FetchRequest) -> Result<(), String> {
-    let transfers = &inner.parts.transfers;
-    let fetch = transfers.fetch(request).await.map_err(|e| e.to_string())?;
-    loop {
-        let now = transfers.get(&fetch.id).map_err(|e| e.to_string())?;
-        if now.state.is_terminal() {
-            return now.error.map_or(Ok(()), Err);
-        }
-        tokio::select! {
-            () = inner.stop.cancelled() => return Err("the agent is stopping".into()),
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
-}
-
-fn spawn_follow(inner: &Arc<Inner>, id: String, agreement_id: String) {
-    let task_inner = Arc::clone(inner);
-    inner.tasks.spawn(async move { follow(task_inner, id, agreement_id).await });
-}
-
-/// Asks the provider for the latest notice every [`STATUS_EVERY`] until the job ended there; a
-/// provider that stops answering fails the job.
-async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
-    let mut missed = 0;
-    loop {
-        tokio::select! {
-            () = inner.stop.cancelled() => return,
-            () = tokio::time::sleep(STATUS_EVERY) => {}
-        }
-        let provider = {
-            let state = inner.consumer();
-            let Some(entry) = state.jobs.get(&id) else { return };
-            if entry.ended_there || entry.job.state.is_terminal() {
-                return;
-            }
-            entry.job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok())
-        };
-        let Some(provider) = provider else { return };
-        let message = Message::Status { agreement_id: agreement_id.clone() };
-        let failure = match inner.parts.network.negotiate(provider, message).await {
-            Ok(Reply::Notice { notice }) => {
-                missed = 0;
-                match notice.open::<Notice>(NOTICE_TAG, &provider) {
-                    Ok(notice) => {
-                        let _ = apply(&inner, &provider, notice).await;
-                    }
-                    Err(rejection) => tracing::warn!(%provider, %rejection, "a status notice did not verify"),
-                }
-                continue;
-            }
-            Ok(Reply::Refused { reason }) => Some(reason),
-            Ok(_) => {
-                missed = 0;
-                continue;
-            }
-            Err(error) => {
-                missed += 1;
-                (missed >= MISSED_STATUS)
-                    .then(|| format!("the provider {provider} stopped answering: {error}"))
-            }
-        };
-        if let Some(reason) = failure {
-            update(&inner, &id, |job| {
-                if !job.state.is_terminal() {
-                    job.state = JobState::Failed { reason };
-                }
-            })
-            .await;
-            return;
-        }
-    }
-}
-
 /// Cancels a remote job: withdraws its requests, or asks its provider to stop it and waits a
 /// little for the provider's notice.
 pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, MarketError> {
@@ -877,7 +720,12 @@ mod tests {
             expires_at: 1000,
             spec: String::new(),
             files: BTreeMap::new(),
-            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 28, disk_bytes: 1 << 30, ..Resources::default() },
+            resources: Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 28,
+                disk_bytes: 1 << 30,
+                ..Resources::default()
+            },
             time_limit_s: 60,
             network: false,
             hosted: false,
@@ -888,7 +736,12 @@ mod tests {
     }
 
     fn terms(provider: &PeerId, consumer: &PeerId) -> Terms {
-        let resources = Resources { cpu_millis: 1000, memory_bytes: 1 << 28, disk_bytes: 1 << 30, ..Resources::default() };
+        let resources = Resources {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 28,
+            disk_bytes: 1 << 30,
+            ..Resources::default()
+        };
         Terms {
             version: VERSION,
             agreement_id: "a".into(),
@@ -929,7 +782,12 @@ mod tests {
                 "less than the request",
             ),
             (Terms { network: true, ..good.clone() }, provider, 50, "network"),
-            (Terms { price_per_hour: good.price_per_hour - 1, ..good.clone() }, provider, 50, "does not follow"),
+            (
+                Terms { price_per_hour: good.price_per_hour - 1, ..good.clone() },
+                provider,
+                50,
+                "does not follow",
+            ),
             (
                 Terms { prices: Prices { core_hour: 5000, ..PRICES }, price_per_hour: 5025, ..good.clone() },
                 provider,

@@ -1,0 +1,177 @@
+//! Following a remote job once agreed: the provider's signed notices move its state (in `seq`
+//! order), the provider is asked for the latest every [`STATUS_EVERY`] and the job fails when it
+//! stops answering, and the outputs are fetched when the job ended there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+
+use super::{MIN_OUTPUTS_CAP, MISSED_STATUS, STATUS_EVERY, update};
+use crate::jobs::JobState;
+use crate::market::{Inner, rejected};
+use crate::net::negotiate::{Message, NOTICE_TAG, Notice, Reply, Signed};
+use crate::transfer::{BlobRef, FetchRequest, Format};
+
+/// A notice from the provider of one of this agent's jobs.
+pub(in crate::market) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    match signed.open::<Notice>(NOTICE_TAG, &peer) {
+        Ok(notice) => match apply(inner, &peer, notice).await {
+            Ok(()) => Reply::Done,
+            Err(reason) => Reply::Refused { reason },
+        },
+        Err(rejection) => rejected("notice", &rejection),
+    }
+}
+
+/// Moves the job to the notice's state; when the job ended there, fetches its outputs first.
+async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), String> {
+    let fetch = {
+        let mut state = inner.consumer();
+        let entry = state.by_agreement(&notice.agreement_id).ok_or("no such agreement here")?;
+        if entry.job.provider.as_deref() != Some(&peer.to_string()) {
+            return Err("the agreement is not with you".into());
+        }
+        if notice.seq <= entry.notice_seq || entry.ended_there || entry.job.state.is_terminal() {
+            return Ok(());
+        }
+        entry.notice_seq = notice.seq;
+        if notice.job.is_terminal() {
+            entry.ended_there = true;
+            entry.job.note = Some("the job ended; fetching its outputs".into());
+            entry.job.state = JobState::Transferring;
+            Some((entry.job.id.clone(), notice.outputs, notice.job.clone(), notice.reason.clone()))
+        } else {
+            entry.job.state = notice.job.clone();
+            entry.job.note = Some(notice.reason.clone().unwrap_or_else(|| format!("at {peer}")));
+            None
+        }
+    };
+    let id = match &fetch {
+        Some((id, ..)) => id.clone(),
+        None => {
+            inner.consumer().by_agreement(&notice.agreement_id).map(|e| e.job.id.clone()).unwrap_or_default()
+        }
+    };
+    update(inner, &id, |_| {}).await;
+    if let Some((id, outputs, ended, reason)) = fetch {
+        let task_inner = Arc::clone(inner);
+        let provider = *peer;
+        inner
+            .tasks
+            .spawn(async move { fetch_outputs(task_inner, id, provider, outputs, ended, reason).await });
+    }
+    Ok(())
+}
+
+async fn fetch_outputs(
+    inner: Arc<Inner>,
+    id: String,
+    provider: PeerId,
+    outputs: Option<BlobRef>,
+    ended: JobState,
+    reason: Option<String>,
+) {
+    let disk = inner
+        .consumer()
+        .get(&id)
+        .and_then(|job| job.agreement)
+        .and_then(|agreement| agreement.terms.get("resources")?.get("disk_bytes")?.as_u64());
+    let cap = disk.unwrap_or(0).max(MIN_OUTPUTS_CAP);
+    let fetched = match outputs.filter(|blob| blob.format == Format::Folder) {
+        Some(blob) => {
+            let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
+            wait_fetch(&inner, request).await.map(|()| Some(blob))
+        }
+        None => Ok(None),
+    };
+    update(&inner, &id, |job| match fetched {
+        Ok(blob) => {
+            job.outputs = blob;
+            job.state = ended;
+            job.note = reason;
+        }
+        Err(error) => {
+            job.state = JobState::Failed {
+                reason: format!(
+                    "the job ended ({}) but its outputs could not be fetched: {error}",
+                    ended.name()
+                ),
+            };
+        }
+    })
+    .await;
+}
+
+async fn wait_fetch(inner: &Arc<Inner>, request: FetchRequest) -> Result<(), String> {
+    let transfers = &inner.parts.transfers;
+    let fetch = transfers.fetch(request).await.map_err(|e| e.to_string())?;
+    loop {
+        let now = transfers.get(&fetch.id).map_err(|e| e.to_string())?;
+        if now.state.is_terminal() {
+            return now.error.map_or(Ok(()), Err);
+        }
+        tokio::select! {
+            () = inner.stop.cancelled() => return Err("the agent is stopping".into()),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+pub(super) fn spawn_follow(inner: &Arc<Inner>, id: String, agreement_id: String) {
+    let task_inner = Arc::clone(inner);
+    inner.tasks.spawn(async move { follow(task_inner, id, agreement_id).await });
+}
+
+/// Asks the provider for the latest notice every [`STATUS_EVERY`] until the job ended there; a
+/// provider that stops answering fails the job.
+async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = tokio::time::sleep(STATUS_EVERY) => {}
+        }
+        let provider = {
+            let state = inner.consumer();
+            let Some(entry) = state.jobs.get(&id) else { return };
+            if entry.ended_there || entry.job.state.is_terminal() {
+                return;
+            }
+            entry.job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok())
+        };
+        let Some(provider) = provider else { return };
+        let message = Message::Status { agreement_id: agreement_id.clone() };
+        let failure = match inner.parts.network.negotiate(provider, message).await {
+            Ok(Reply::Notice { notice }) => {
+                missed = 0;
+                match notice.open::<Notice>(NOTICE_TAG, &provider) {
+                    Ok(notice) => {
+                        let _ = apply(&inner, &provider, notice).await;
+                    }
+                    Err(rejection) => tracing::warn!(%provider, %rejection, "a status notice did not verify"),
+                }
+                continue;
+            }
+            Ok(Reply::Refused { reason }) => Some(reason),
+            Ok(_) => {
+                missed = 0;
+                continue;
+            }
+            Err(error) => {
+                missed += 1;
+                (missed >= MISSED_STATUS)
+                    .then(|| format!("the provider {provider} stopped answering: {error}"))
+            }
+        };
+        if let Some(reason) = failure {
+            update(&inner, &id, |job| {
+                if !job.state.is_terminal() {
+                    job.state = JobState::Failed { reason };
+                }
+            })
+            .await;
+            return;
+        }
+    }
+}
