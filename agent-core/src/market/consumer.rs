@@ -18,7 +18,7 @@ use super::matching::{self, Amount, Candidate};
 use super::{Inner, MarketError, credits, price_per_hour, random_hex};
 use crate::events::Event;
 use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
-use crate::net::advert::AdvertBody;
+use crate::net::advert::{AdvertBody, Prices};
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, REQUEST_TAG, Reply, Resources, Signed, Terms, VERSION,
     sign_detached,
@@ -113,6 +113,8 @@ struct Asked {
     rank: usize,
     request_hash: String,
     refused: bool,
+    /// The prices its advert showed: its terms may not ask more.
+    prices: Prices,
 }
 
 impl State {
@@ -314,9 +316,11 @@ async fn search(inner: Arc<Inner>, id: String) {
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         }
-        let chosen: Vec<PeerId> = ranked.iter().take(ASK_AT_ONCE).map(|&i| adverts[i].0).collect();
+        let chosen: Vec<(PeerId, Prices)> =
+            ranked.iter().take(ASK_AT_ONCE).map(|&i| (adverts[i].0, adverts[i].1.prices.clone())).collect();
         let mut sends = Vec::new();
-        for peer in &chosen {
+        for (peer, prices) in chosen {
+            let peer = &peer;
             let request = JobRequest { provider: peer.to_string(), ..template.clone() };
             let signed = match Signed::sign(&inner.parts.identity, REQUEST_TAG, &request) {
                 Ok(signed) => signed,
@@ -332,7 +336,13 @@ async fn search(inner: Arc<Inner>, id: String) {
                     return;
                 };
                 let rank = negotiation.asked.len();
-                negotiation.asked.push(Asked { peer: *peer, rank, request_hash: hash, refused: false });
+                negotiation.asked.push(Asked {
+                    peer: *peer,
+                    rank,
+                    request_hash: hash,
+                    refused: false,
+                    prices,
+                });
             }
             let network = inner.parts.network.clone();
             let peer = *peer;
@@ -515,13 +525,15 @@ fn check_offer(
     if terms.expires_at <= now {
         return Err("the offer has expired".into());
     }
-    let (got, asked_for) = (&terms.resources, &wanted.resources);
-    if got.cpu_millis < asked_for.cpu_millis
-        || got.memory_bytes < asked_for.memory_bytes
-        || got.disk_bytes < asked_for.disk_bytes
-        || got.gpus < asked_for.gpus
+    if terms.resources != wanted.resources {
+        return Err("the terms grant other resources than the request asks".into());
+    }
+    let (offered, advertised) = (&terms.prices, &asked.prices);
+    if offered.core_hour > advertised.core_hour
+        || offered.memory_gib_hour > advertised.memory_gib_hour
+        || offered.gpu_hour > advertised.gpu_hour
     {
-        return Err("the terms grant less than the request asks".into());
+        return Err("the terms' prices are above the provider's advert".into());
     }
     if terms.network != wanted.network || terms.hosted != wanted.hosted {
         return Err("the terms grant other network or hosting than asked".into());
@@ -568,11 +580,9 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
     let others: Vec<PeerId> = {
         let mut state = inner.consumer();
         let entry = state.jobs.get_mut(&terms.request_id).ok_or("the job is gone")?;
-        let others = entry
-            .negotiation
-            .take()
-            .map(|n| n.asked.into_iter().filter(|a| a.peer != peer && !a.refused).map(|a| a.peer).collect())
-            .unwrap_or_default();
+        let negotiation = entry.negotiation.take().ok_or("the job no longer looks for a provider")?;
+        let others =
+            negotiation.asked.into_iter().filter(|a| a.peer != peer && !a.refused).map(|a| a.peer).collect();
         entry.job.provider = Some(peer.to_string());
         entry.job.agreement_id = Some(terms.agreement_id.clone());
         entry.job.price_per_hour = Some(terms.price_per_hour);
@@ -602,6 +612,11 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
             return Err(MarketError::Conflict(format!(
                 "job {id} is {}; it cannot be cancelled",
                 entry.job.state.name()
+            )));
+        }
+        if entry.negotiation.as_ref().is_some_and(|n| n.decided) {
+            return Err(MarketError::Conflict(format!(
+                "job {id} is being agreed with a provider; cancel it again in a moment"
             )));
         }
         let asked: Vec<PeerId> = entry
@@ -708,7 +723,6 @@ async fn save(inner: &Arc<Inner>, job: &RemoteJob) {
 mod tests {
     use super::*;
     use crate::market::{PRICES, price_per_hour};
-    use crate::net::advert::Prices;
 
     fn negotiation(provider: &PeerId, consumer: &PeerId) -> Negotiation {
         let template = JobRequest {
@@ -731,7 +745,8 @@ mod tests {
             hosted: false,
             max_price_per_hour: Some(2000),
         };
-        let asked = Asked { peer: *provider, rank: 0, request_hash: "h".into(), refused: false };
+        let asked =
+            Asked { peer: *provider, rank: 0, request_hash: "h".into(), refused: false, prices: PRICES };
         Negotiation { template, asked: vec![asked], decided: false }
     }
 
@@ -779,9 +794,15 @@ mod tests {
                 Terms { resources: less, price_per_hour: price_per_hour(&PRICES, &less), ..good.clone() },
                 provider,
                 50,
-                "less than the request",
+                "other resources than the request",
             ),
             (Terms { network: true, ..good.clone() }, provider, 50, "network"),
+            (
+                Terms { resources: Resources { disk_bytes: u64::MAX, ..good.resources }, ..good.clone() },
+                provider,
+                50,
+                "other resources than the request",
+            ),
             (
                 Terms { price_per_hour: good.price_per_hour - 1, ..good.clone() },
                 provider,
@@ -792,12 +813,19 @@ mod tests {
                 Terms { prices: Prices { core_hour: 5000, ..PRICES }, price_per_hour: 5025, ..good.clone() },
                 provider,
                 50,
-                "above the ceiling of 2.000",
+                "above the provider's advert",
             ),
         ];
         for (terms, from, now, expected) in cases {
             let reason = check_offer(&terms, &from, &me, &n, now).unwrap_err();
             assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
         }
+
+        // Dear prices the advert showed are still held to the request's ceiling.
+        let mut dear = negotiation(&provider, &me);
+        dear.asked[0].prices = Prices { core_hour: 5000, ..PRICES };
+        let terms = Terms { prices: dear.asked[0].prices.clone(), price_per_hour: 5025, ..good };
+        let reason = check_offer(&terms, &provider, &me, &dear, 50).unwrap_err();
+        assert!(reason.contains("above the ceiling of 2.000"), "{reason:?}");
     }
 }

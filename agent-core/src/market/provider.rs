@@ -19,7 +19,7 @@ use super::{Inner, PRICES, credits, price_per_hour, random_hex, rejected, reputa
 use crate::availability::{Availability, Capacity};
 use crate::events::Event;
 use crate::jobs::supervisor::read_log;
-use crate::jobs::{JobAction, JobSpec, JobState, Stream};
+use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState, Stream};
 use crate::net::advert::MAX_CLOCK_SKEW;
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
@@ -30,6 +30,20 @@ use crate::transfer::{BlobRef, FetchRequest};
 
 /// The most requests waiting at once; more are refused.
 const MAX_PENDING: usize = 10_000;
+
+/// The most requests of one consumer waiting at once.
+const MAX_PENDING_PER_PEER: usize = 16;
+
+/// The longest a request may ask to stay queued.
+const MAX_REQUEST_LIFETIME: i64 = 60 * 60;
+
+/// The largest job spec a request may carry, and the most files it may name.
+const MAX_SPEC_BYTES: usize = 64 * 1024;
+const MAX_FILES: usize = 64;
+
+/// The most log text one reply carries (well under the protocol's reply limit even when every
+/// byte needs escaping).
+const LOG_CHUNK: usize = 1 << 20;
 
 /// How long a consumer has to accept an offer.
 const OFFER_LIFETIME: Duration = Duration::from_secs(60);
@@ -48,8 +62,8 @@ const NOTICE_TRIES: u32 = 3;
 pub(super) struct State {
     /// In arrival order.
     pending: Vec<Waiting>,
-    /// Capacity set aside for offers not answered yet, by request id.
-    offering: HashMap<String, Resources>,
+    /// Capacity set aside for offers not answered yet, by consumer and request id.
+    offering: HashMap<(PeerId, String), Resources>,
     /// Agreements of this run, by id; ended ones stay for their last notice and logs.
     agreements: HashMap<String, Running>,
 }
@@ -97,8 +111,14 @@ pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
     let mut state = inner.provider();
     let known =
         state.pending.iter().position(|w| w.consumer == peer && w.request.request_id == request.request_id);
+    let offered = state.offering.contains_key(&(peer, request.request_id.clone()));
+    let mine = state.pending.iter().filter(|w| w.consumer == peer).count();
     let position = match known {
         Some(position) => position,
+        None if offered => return refused("terms for this request are on their way to you".into()),
+        None if mine >= MAX_PENDING_PER_PEER => {
+            return refused(format!("{MAX_PENDING_PER_PEER} of your requests already wait here"));
+        }
         None if state.pending.len() >= MAX_PENDING => {
             return refused(format!("{MAX_PENDING} requests already wait here; try later"));
         }
@@ -143,6 +163,12 @@ fn check(
     if request.issued_at > now + MAX_CLOCK_SKEW.as_secs() as i64 {
         return Err("the request was issued in the future; check the clocks".into());
     }
+    if request.expires_at - request.issued_at > MAX_REQUEST_LIFETIME {
+        return Err(format!("a request may wait at most {MAX_REQUEST_LIFETIME} s"));
+    }
+    if request.spec.len() > MAX_SPEC_BYTES || request.files.len() > MAX_FILES {
+        return Err(format!("the spec is over {MAX_SPEC_BYTES} bytes or names over {MAX_FILES} files"));
+    }
     for path in request.files.keys() {
         let path = Path::new(path);
         if path.as_os_str().is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -150,8 +176,11 @@ fn check(
         }
     }
     let wanted = &request.resources;
-    if wanted.gpus > 0 {
+    if wanted.gpus > 0 || wanted.vram_bytes > 0 {
         return Err("this agent does not run other agents' GPU jobs yet".into());
+    }
+    if wanted.cpu_millis == 0 || wanted.memory_bytes == 0 {
+        return Err("the request asks for no cores or no memory".into());
     }
     let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
     if wanted.cpu_millis > capacity.cpu_millis {
@@ -243,13 +272,23 @@ pub(super) async fn on_logs(
         return Reply::Logs { text: String::new(), next_offset: offset, finished: ended };
     };
     // Ended is read before the log, so a read after the end is complete.
-    let bytes = tokio::task::spawn_blocking(move || read_log(&job_dir, stream, offset).unwrap_or_default())
-        .await
-        .unwrap_or_default();
+    let mut bytes =
+        tokio::task::spawn_blocking(move || read_log(&job_dir, stream, offset).unwrap_or_default())
+            .await
+            .unwrap_or_default();
+    let whole = bytes.len() <= LOG_CHUNK;
+    bytes.truncate(LOG_CHUNK);
+    // A character cut at the end of the chunk comes whole in the next one.
+    if let Err(error) = std::str::from_utf8(&bytes)
+        && error.error_len().is_none()
+        && !whole
+    {
+        bytes.truncate(error.valid_up_to());
+    }
     Reply::Logs {
         next_offset: offset + bytes.len() as u64,
         text: String::from_utf8_lossy(&bytes).into_owned(),
-        finished: ended,
+        finished: ended && whole,
     }
 }
 
@@ -272,8 +311,11 @@ pub(super) async fn match_forever(inner: Arc<Inner>) {
 fn match_once(inner: &Arc<Inner>) {
     let Availability::Sharing { capacity, .. } = inner.parts.availability.borrow().clone() else { return };
     let now = unix_now();
+    let whole = capacity_amount(&capacity);
     let mut state = inner.provider();
-    state.pending.retain(|w| w.request.expires_at > now);
+    // Expired requests go, and so do ones the machine no longer offers room for at all (the
+    // owner raised a reserve): held for, they would block the matcher for ever.
+    state.pending.retain(|w| w.request.expires_at > now && amount(&w.request.resources).fits_in(&whole));
     if state.pending.is_empty() {
         return;
     }
@@ -284,7 +326,7 @@ fn match_once(inner: &Arc<Inner>) {
         .map(|running| running.resources)
         .chain(state.offering.values().copied())
         .fold(Amount::default(), |sum, r| sum.saturating_add(&amount(&r)));
-    let idle = capacity_amount(&capacity).saturating_sub(&busy);
+    let idle = whole.saturating_sub(&busy);
     let pending: Vec<Pending> = state
         .pending
         .iter()
@@ -307,7 +349,9 @@ fn match_once(inner: &Arc<Inner>) {
         order.into_iter().map(|i| (i, state.pending.remove(i))).collect();
     for i in chosen.drain(..) {
         let Some(waiting) = taken.remove(&i) else { continue };
-        state.offering.insert(waiting.request.request_id.clone(), waiting.request.resources);
+        state
+            .offering
+            .insert((waiting.consumer, waiting.request.request_id.clone()), waiting.request.resources);
         let task_inner = Arc::clone(inner);
         inner.tasks.spawn(async move { offer(task_inner, waiting).await });
     }
@@ -388,7 +432,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     let cancel = inner.stop.child_token();
     {
         let mut state = inner.provider();
-        state.offering.remove(&request.request_id);
+        state.offering.remove(&(waiting.consumer, request.request_id.clone()));
         if agreement.is_some() {
             let running = Running {
                 consumer: waiting.consumer,
@@ -414,7 +458,18 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         tracing::error!(agreement = %id, %error, "cannot record the agreement");
     }
     tracing::info!(agreement = %id, consumer = %waiting.consumer, "agreed to run a job");
-    let (state, reason, outputs) = execute(&inner, &id, &request, waiting.consumer, &cancel).await;
+    let (mut state, mut reason, outputs) = execute(&inner, &id, &request, waiting.consumer, &cancel).await;
+    if inner.stop.is_cancelled() {
+        // The agent is stopping: its jobs were stopped with it, not by the consumer.
+        state = JobState::Failed { reason: "the provider's agent stopped".into() };
+        reason = None;
+    }
+    let folder = inner.parts.dir.join(&id);
+    if let Err(error) = tokio::fs::remove_dir_all(&folder).await
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(agreement = %id, %error, "cannot remove the job's files");
+    }
     let outcome = state.name();
     notify(&inner, &id, state, reason, outputs).await;
     if let Some(running) = inner.provider().agreements.get_mut(&id) {
@@ -440,7 +495,8 @@ async fn execute(
     if let Err(error) = tokio::fs::create_dir_all(&dir).await {
         return failed(format!("cannot create the job's folder: {error}"));
     }
-    let cap = request.resources.disk_bytes.max(MIN_FILES_CAP);
+    // The files together may take the job's scratch disk (at least MIN_FILES_CAP), no more.
+    let mut left = request.resources.disk_bytes.max(MIN_FILES_CAP);
     for (path, blob) in &request.files {
         let out = dir.join(path);
         if let Some(parent) = out.parent()
@@ -449,9 +505,9 @@ async fn execute(
             return failed(format!("cannot create the folder of {path}: {error}"));
         }
         let fetch =
-            FetchRequest { peer: consumer.to_string(), blob: *blob, max_bytes: Some(cap), out: Some(out) };
+            FetchRequest { peer: consumer.to_string(), blob: *blob, max_bytes: Some(left), out: Some(out) };
         match fetch_file(inner, fetch, cancel).await {
-            Ok(()) => {}
+            Ok(size) => left = left.saturating_sub(size),
             Err(None) => return (JobState::Cancelled { reason: None }, None, None),
             Err(Some(error)) => return failed(format!("cannot get the job's file {path}: {error}")),
         }
@@ -467,6 +523,9 @@ async fn execute(
         Err(error) => return failed(error.to_string()),
     };
     if let Err(reason) = within(&spec, request) {
+        return failed(reason);
+    }
+    if let Err(reason) = confined(&spec, &dir, request) {
         return failed(reason);
     }
     // Subscribed before the job exists, so none of its changes is missed.
@@ -533,19 +592,19 @@ async fn execute(
     (state, reason, outputs)
 }
 
-/// Fetches one file of the job; `Err(None)` when cancelled.
+/// Fetches one file of the job, answering its size; `Err(None)` when cancelled.
 async fn fetch_file(
     inner: &Arc<Inner>,
     request: FetchRequest,
     cancel: &CancellationToken,
-) -> Result<(), Option<String>> {
+) -> Result<u64, Option<String>> {
     let transfers = &inner.parts.transfers;
     let fetch = transfers.fetch(request).await.map_err(|e| Some(e.to_string()))?;
     loop {
         let now = transfers.get(&fetch.id).map_err(|e| Some(e.to_string()))?;
         if now.state.is_terminal() {
             return match now.error {
-                None => Ok(()),
+                None => Ok(now.bytes_total.unwrap_or(0)),
                 Some(error) => Err(Some(error)),
             };
         }
@@ -570,6 +629,26 @@ fn within(spec: &JobSpec, request: &JobRequest) -> Result<(), String> {
         || spec.limits.time.as_secs() > request.time_limit_s
         || (spec.limits.network && !request.network);
     if over { Err("the job's spec asks for more than the agreement grants".into()) } else { Ok(()) }
+}
+
+/// Whether every file the spec names (module, image, inputs) is one of the request's files in the
+/// job's folder: a spec naming anything else of this machine (`/home/…`, `../identity.key`) would
+/// copy the owner's files into the job.
+fn confined(spec: &JobSpec, dir: &Path, request: &JobRequest) -> Result<(), String> {
+    let dir = dir.canonicalize().map_err(|e| format!("cannot resolve the job's folder: {e}"))?;
+    let mut named: Vec<&Path> = spec.inputs.iter().map(PathBuf::as_path).collect();
+    match &spec.kind {
+        JobKind::Wasi { module } => named.push(module),
+        JobKind::Native { image: Image::Archive(archive), .. } => named.push(archive),
+        JobKind::Native { image: Image::Base, .. } => {}
+    }
+    for path in named {
+        let inside = path.strip_prefix(&dir).ok().and_then(Path::to_str);
+        if !inside.is_some_and(|relative| request.files.contains_key(relative)) {
+            return Err(format!("the spec names {}, which is not one of the job's files", path.display()));
+        }
+    }
+    Ok(())
 }
 
 /// Signs a notice of the job's state and sends it to the consumer (which also asks for the
@@ -608,11 +687,12 @@ async fn notify(
         }
     };
     let (consumer, notice) = signed;
-    for attempt in 1..=NOTICE_TRIES {
+    let tries = if inner.stop.is_cancelled() { 1 } else { NOTICE_TRIES };
+    for attempt in 1..=tries {
         let message = Message::Notice { notice: notice.clone() };
         match inner.parts.network.negotiate(consumer, message).await {
             Ok(_) => return,
-            Err(error) if attempt == NOTICE_TRIES => {
+            Err(error) if attempt == tries => {
                 tracing::info!(%consumer, %error, "a notice did not reach the consumer");
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -690,6 +770,45 @@ mod tests {
         for (request, from, now, expected) in cases {
             let reason = check(&request, &from, &me, &capacity, now).unwrap_err();
             assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_spec_may_name_only_the_files_that_came_with_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("files/in/0")).unwrap();
+        std::fs::write(dir.path().join("files/in/0/data.txt"), b"x").unwrap();
+        std::fs::write(dir.path().join("files/m.wasm"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let consumer = PeerId::random();
+        let mut request = request(&consumer, &PeerId::random());
+        request.files =
+            [("files/in/0/data.txt".to_owned(), blob()), ("files/m.wasm".to_owned(), blob())].into();
+        let spec = |module: PathBuf, inputs: Vec<PathBuf>| JobSpec {
+            kind: JobKind::Wasi { module },
+            args: Vec::new(),
+            env: Default::default(),
+            inputs,
+            resources: crate::jobs::Demand {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 20,
+                disk_bytes: 1 << 20,
+                gpus: 0,
+            },
+            limits: crate::jobs::Limits { time: Duration::from_secs(60), network: false },
+            max_price_per_hour: None,
+        };
+        let good = spec(root.join("files/m.wasm"), vec![root.join("files/in/0/data.txt")]);
+        assert_eq!(confined(&good, dir.path(), &request), Ok(()));
+        for bad in [
+            spec(root.join("files/m.wasm"), vec![PathBuf::from("/etc/passwd")]),
+            spec(root.join("files/m.wasm"), vec![root.join("secret")]),
+            spec(root.join("secret"), Vec::new()),
+            spec(root.join("files/m.wasm"), vec![root.join("files")]),
+        ] {
+            let reason = confined(&bad, dir.path(), &request).unwrap_err();
+            assert!(reason.contains("not one of the job's files"), "{reason}");
         }
     }
 

@@ -8,6 +8,10 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 use super::{MIN_OUTPUTS_CAP, MISSED_STATUS, STATUS_EVERY, update};
+use crate::net::unix_now;
+
+/// How long past the agreed window a job may go without its provider ending it.
+const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 use crate::jobs::JobState;
 use crate::market::{Inner, rejected};
 use crate::net::negotiate::{Message, NOTICE_TAG, Notice, Reply, Signed};
@@ -85,6 +89,10 @@ async fn fetch_outputs(
         }
         None => Ok(None),
     };
+    if inner.stop.is_cancelled() {
+        // Left `transferring`: the next start asks the provider again and resumes the fetch.
+        return;
+    }
     update(&inner, &id, |job| match fetched {
         Ok(blob) => {
             job.outputs = blob;
@@ -132,27 +140,48 @@ async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
             () = inner.stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_EVERY) => {}
         }
-        let provider = {
+        let (provider, window_end) = {
             let state = inner.consumer();
             let Some(entry) = state.jobs.get(&id) else { return };
             if entry.ended_there || entry.job.state.is_terminal() {
                 return;
             }
-            entry.job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok())
+            let window_end =
+                entry.job.agreement.as_ref().and_then(|a| a.terms.get("window")?.get(1)?.as_i64());
+            (entry.job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok()), window_end)
         };
         let Some(provider) = provider else { return };
+        if window_end.is_some_and(|end| unix_now() > end.saturating_add(OVERDUE_AFTER.as_secs() as i64)) {
+            // A provider that keeps the job past its window (and its own time limit) is not
+            // going to end it: fail it here and ask the provider to stop it.
+            let cancel = Message::Cancel { agreement_id: agreement_id.clone() };
+            let _ = inner.parts.network.negotiate(provider, cancel).await;
+            let reason =
+                format!("the provider {provider} kept the job past its agreed window without ending it");
+            update(&inner, &id, |job| {
+                if !job.state.is_terminal() {
+                    job.state = JobState::Failed { reason };
+                }
+            })
+            .await;
+            return;
+        }
         let message = Message::Status { agreement_id: agreement_id.clone() };
         let failure = match inner.parts.network.negotiate(provider, message).await {
-            Ok(Reply::Notice { notice }) => {
-                missed = 0;
-                match notice.open::<Notice>(NOTICE_TAG, &provider) {
-                    Ok(notice) => {
-                        let _ = apply(&inner, &provider, notice).await;
-                    }
-                    Err(rejection) => tracing::warn!(%provider, %rejection, "a status notice did not verify"),
+            Ok(Reply::Notice { notice }) => match notice.open::<Notice>(NOTICE_TAG, &provider) {
+                Ok(notice) => {
+                    missed = 0;
+                    let _ = apply(&inner, &provider, notice).await;
+                    continue;
                 }
-                continue;
-            }
+                Err(rejection) => {
+                    // Not an answer: it counts as a missed one.
+                    tracing::warn!(%provider, %rejection, "a status notice did not verify");
+                    missed += 1;
+                    (missed >= MISSED_STATUS)
+                        .then(|| format!("the provider {provider} sends notices that do not verify"))
+                }
+            },
             Ok(Reply::Refused { reason }) => Some(reason),
             Ok(_) => {
                 missed = 0;
