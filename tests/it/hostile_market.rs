@@ -1,6 +1,7 @@
 //! A hostile peer against a real agent on loopback: tampered, unsigned and wrongly signed
 //! requests, offers and notices are refused with the reason, and an acceptance whose signature
-//! does not verify never becomes an agreement (nothing is stored, nothing runs).
+//! does not verify never becomes an agreement (nothing is stored, nothing runs); an agreed spec
+//! that names the provider's own files fails before it runs.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -140,7 +141,7 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
 
         // A genuine request: the agent queues it and offers terms it really signed; a forged
         // acceptance must not make an agreement.
-        let reply = ask(&mut swarm, provider, Message::Request { request: signed }).await?;
+        let reply = ask(&mut swarm, provider, Message::Request { request: signed.clone() }).await?;
         ensure!(matches!(reply, Reply::Queued { .. }), "a valid request was not queued: {reply:?}");
         let until = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -162,6 +163,57 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
         // Let the answer reach the agent.
         let settle = tokio::time::Instant::now() + Duration::from_secs(3);
         while let Ok(_event) = tokio::time::timeout_at(settle, swarm.select_next_some()).await {}
+
+        // An agreed job whose spec names a file of the provider's machine, not one of its own
+        // files: it must fail before it runs, and the provider says why in a signed notice.
+        let sneaky = JobRequest {
+            request_id: "hostile-2".into(),
+            issued_at: now(),
+            expires_at: now() + 600,
+            spec: "kind = \"native\"\ncommand = [\"/bin/cat\", \"/in/hostname\"]\ninputs = [\"/etc/hostname\"]\n\
+                   [resources]\ncpu = 0.1\nmemory = \"64MiB\"\ndisk = \"16MiB\"\n[limits]\ntime = \"60s\"\n"
+                .into(),
+            ..request
+        };
+        let signed = Signed::sign(&me, REQUEST_TAG, &sneaky)?;
+        let reply = ask(&mut swarm, provider, Message::Request { request: signed }).await?;
+        ensure!(matches!(reply, Reply::Queued { .. }), "the request was not queued: {reply:?}");
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let event = tokio::time::timeout_at(until, swarm.select_next_some())
+                .await
+                .context("no notice that the job failed came")?;
+            let SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            }) = event
+            else {
+                continue;
+            };
+            match request {
+                Message::Offer { terms } => {
+                    let signature = negotiate::sign_detached(&me, AGREEMENT_TAG, &terms.body)?;
+                    let _ = swarm.behaviour_mut().send_response(channel, Reply::Accepted { signature });
+                }
+                Message::Notice { notice } => {
+                    let notice: Notice = notice.open(NOTICE_TAG, &provider)?;
+                    let _ = swarm.behaviour_mut().send_response(channel, Reply::Done);
+                    match notice.job {
+                        JobState::Failed { reason } => {
+                            ensure!(reason.contains("not one of the job's files"), "failed for another reason: {reason}");
+                            ensure!(notice.outputs.is_none(), "a job that never ran has outputs");
+                            // Let the answer go out before the swarm is dropped.
+                            let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+                            while let Ok(_event) = tokio::time::timeout_at(settle, swarm.select_next_some()).await {}
+                            break;
+                        }
+                        JobState::Transferring => {}
+                        other => bail!("the job got to {other:?}"),
+                    }
+                }
+                _ => {}
+            }
+        }
         Ok::<_, anyhow::Error>(())
     })?;
 
@@ -176,7 +228,22 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
         agent.data_dir().join("hearth.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
-    let agreements: i64 = db.query_row("SELECT count(*) FROM agreements", [], |row| row.get(0))?;
-    ensure!(agreements == 0, "{agreements} agreement(s) stored from a forged acceptance");
+    let forged: i64 =
+        db.query_row("SELECT count(*) FROM agreements WHERE document LIKE '%hostile-1%'", [], |row| {
+            row.get(0)
+        })?;
+    ensure!(forged == 0, "{forged} agreement(s) stored from a forged acceptance");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let outcome: Option<String> =
+            db.query_row("SELECT outcome FROM agreements WHERE document LIKE '%hostile-2%'", [], |row| {
+                row.get(0)
+            })?;
+        if outcome.as_deref() == Some("failed") {
+            break;
+        }
+        ensure!(Instant::now() < until, "the sneaky job's agreement ended {outcome:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
