@@ -29,10 +29,12 @@ pub(super) enum Where {
 pub(super) async fn locate(client: &Client, id: &str) -> anyhow::Result<Where> {
     match client.job(id).await {
         Ok(_) => Ok(Where::Here),
-        Err(error) if error.is_not_found() => {
-            client.remote_job(id).await?;
-            Ok(Where::Remote)
-        }
+        Err(error) if error.is_not_found() => match client.remote_job(id).await {
+            Ok(_) => Ok(Where::Remote),
+            // Neither: say it as for this agent's own jobs.
+            Err(remote) if remote.is_not_found() => Err(error.into()),
+            Err(remote) => Err(remote.into()),
+        },
         Err(error) => Err(error.into()),
     }
 }
