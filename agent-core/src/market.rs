@@ -34,7 +34,7 @@ use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Message, Reply, Resources};
 use crate::net::{Inbound, Network};
 use crate::store::{Store, StoreError};
-use crate::transfer::{Imported, TransferError, Transfers};
+use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
 
 /// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
 /// tenth per GiB of memory, ten per GPU. Adverts show these; offers use them.
@@ -223,6 +223,50 @@ async fn answer(inner: &Arc<Inner>, peer: libp2p::PeerId, message: Message) -> R
         }
         Message::Offer { terms } => consumer::on_offer(inner, peer, terms).await,
         Message::Notice { notice } => consumer::on_notice(inner, peer, notice).await,
+    }
+}
+
+/// How a fetch the market waited on ended.
+enum Fetched {
+    /// Complete and verified: its size.
+    Done(u64),
+    /// Failed, and why.
+    Failed(String),
+    /// `stop` fired first; the fetch (its id) runs on, for the caller to cancel or leave.
+    Stopped(String),
+}
+
+/// Starts a fetch and waits until it ends or `stop` fires.
+async fn fetch_to_end(transfers: &Transfers, request: FetchRequest, stop: &CancellationToken) -> Fetched {
+    let fetch = match transfers.fetch(request).await {
+        Ok(fetch) => fetch,
+        Err(error) => return Fetched::Failed(error.to_string()),
+    };
+    loop {
+        match transfers.get(&fetch.id) {
+            Ok(now) if now.state.is_terminal() => {
+                return match now.error {
+                    None => Fetched::Done(now.bytes_total.unwrap_or(0)),
+                    Some(error) => Fetched::Failed(error),
+                };
+            }
+            Ok(_) => {}
+            Err(error) => return Fetched::Failed(error.to_string()),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Fetched::Stopped(fetch.id),
+            () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// What matching weighs of a request's or an agreement's resources.
+fn amount(resources: &Resources) -> matching::Amount {
+    matching::Amount {
+        cpu_millis: resources.cpu_millis,
+        memory_bytes: resources.memory_bytes,
+        gpus: resources.gpus,
+        vram_bytes: resources.vram_bytes,
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hearth::api::client::Client;
+use hearth::api::LogChunk;
+use hearth::api::client::{Client, ClientError};
 use hearth::jobs::{JobAction, JobRecord, JobState, Stream};
 
 use super::output;
@@ -60,11 +61,22 @@ pub(super) async fn follow(
     streams: &[Stream],
     follow: bool,
 ) -> anyhow::Result<JobRecord> {
+    print_logs(streams, follow, |stream, offset| client.log(id, stream, offset)).await?;
+    Ok(client.job(id).await?)
+}
+
+/// Prints `streams` from the start, each chunk as `read` gives it (a job's own log, or a remote
+/// job's from its provider); with `follow`, until every stream says it is finished.
+pub(super) async fn print_logs<F, R>(streams: &[Stream], follow: bool, read: F) -> anyhow::Result<()>
+where
+    F: Fn(Stream, u64) -> R,
+    R: Future<Output = Result<LogChunk, ClientError>>,
+{
     let mut offsets = vec![0u64; streams.len()];
     loop {
         let mut finished = true;
         for (stream, offset) in streams.iter().zip(offsets.iter_mut()) {
-            let chunk = client.log(id, *stream, *offset).await?;
+            let chunk = read(*stream, *offset).await?;
             *offset = chunk.next_offset;
             finished &= chunk.finished;
             // A closed terminal or pipe must not stop the job or the loop's end.
@@ -74,7 +86,7 @@ pub(super) async fn follow(
             };
         }
         if finished || !follow {
-            return Ok(client.job(id).await?);
+            return Ok(());
         }
         tokio::time::sleep(FOLLOW_INTERVAL).await;
     }

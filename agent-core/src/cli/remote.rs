@@ -109,23 +109,7 @@ fn describe(job: &RemoteJob) -> String {
 
 /// Prints a remote job's logs from the start; with `follow`, until it ends.
 pub(super) async fn logs(client: &Client, id: &str, streams: &[Stream], follow: bool) -> anyhow::Result<()> {
-    let mut offsets = vec![0u64; streams.len()];
-    loop {
-        let mut finished = true;
-        for (stream, offset) in streams.iter().zip(offsets.iter_mut()) {
-            let chunk = client.remote_log(id, *stream, *offset).await?;
-            *offset = chunk.next_offset;
-            finished &= chunk.finished;
-            let _ = match stream {
-                Stream::Stdout => std::io::stdout().lock().write_all(chunk.text.as_bytes()),
-                Stream::Stderr => std::io::stderr().lock().write_all(chunk.text.as_bytes()),
-            };
-        }
-        if finished || !follow {
-            return Ok(());
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    jobs::print_logs(streams, follow, |stream, offset| client.remote_log(id, stream, offset)).await
 }
 
 /// `hearth job cancel` of a remote job.

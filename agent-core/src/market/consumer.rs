@@ -422,12 +422,7 @@ fn template_of(inner: &Arc<Inner>, id: &str) -> Option<JobRequest> {
 
 /// The adverts that fit the request, best first (see [`matching::rank`]).
 fn rank(template: &JobRequest, adverts: &[(PeerId, AdvertBody)], now: i64) -> Vec<usize> {
-    let demand = Amount {
-        cpu_millis: template.resources.cpu_millis,
-        memory_bytes: template.resources.memory_bytes,
-        gpus: template.resources.gpus,
-        vram_bytes: template.resources.vram_bytes,
-    };
+    let demand = super::amount(&template.resources);
     let until = now.saturating_add(i64::try_from(template.time_limit_s).unwrap_or(i64::MAX));
     let candidates: Vec<Candidate> = adverts
         .iter()

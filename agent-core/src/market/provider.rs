@@ -15,7 +15,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::matching::{self, Amount, Class, Pending, Weights};
-use super::{Inner, PRICES, credits, price_per_hour, random_hex, rejected, reputation};
+use super::{
+    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, random_hex, rejected, reputation,
+};
 use crate::availability::{Availability, Capacity};
 use crate::events::Event;
 use crate::jobs::supervisor::read_log;
@@ -357,15 +359,6 @@ fn match_once(inner: &Arc<Inner>) {
     }
 }
 
-fn amount(resources: &Resources) -> Amount {
-    Amount {
-        cpu_millis: resources.cpu_millis,
-        memory_bytes: resources.memory_bytes,
-        gpus: resources.gpus,
-        vram_bytes: resources.vram_bytes,
-    }
-}
-
 fn capacity_amount(capacity: &Capacity) -> Amount {
     Amount {
         cpu_millis: capacity.cpu_millis,
@@ -506,10 +499,14 @@ async fn execute(
         }
         let fetch =
             FetchRequest { peer: consumer.to_string(), blob: *blob, max_bytes: Some(left), out: Some(out) };
-        match fetch_file(inner, fetch, cancel).await {
-            Ok(size) => left = left.saturating_sub(size),
-            Err(None) => return (JobState::Cancelled { reason: None }, None, None),
-            Err(Some(error)) => return failed(format!("cannot get the job's file {path}: {error}")),
+        match fetch_to_end(&inner.parts.transfers, fetch, cancel).await {
+            Fetched::Done(size) => left = left.saturating_sub(size),
+            Fetched::Stopped(fetch) => {
+                // What it downloaded goes with it.
+                let _ = inner.parts.transfers.cancel(&fetch);
+                return (JobState::Cancelled { reason: None }, None, None);
+            }
+            Fetched::Failed(error) => return failed(format!("cannot get the job's file {path}: {error}")),
         }
     }
     let spec_path = dir.join("job.toml");
@@ -590,32 +587,6 @@ async fn execute(
         }
     };
     (state, reason, outputs)
-}
-
-/// Fetches one file of the job, answering its size; `Err(None)` when cancelled.
-async fn fetch_file(
-    inner: &Arc<Inner>,
-    request: FetchRequest,
-    cancel: &CancellationToken,
-) -> Result<u64, Option<String>> {
-    let transfers = &inner.parts.transfers;
-    let fetch = transfers.fetch(request).await.map_err(|e| Some(e.to_string()))?;
-    loop {
-        let now = transfers.get(&fetch.id).map_err(|e| Some(e.to_string()))?;
-        if now.state.is_terminal() {
-            return match now.error {
-                None => Ok(now.bytes_total.unwrap_or(0)),
-                Some(error) => Err(Some(error)),
-            };
-        }
-        tokio::select! {
-            () = cancel.cancelled() => {
-                let _ = transfers.cancel(&fetch.id);
-                return Err(None);
-            }
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
 }
 
 /// Whether the spec the consumer sent stays within what the request (and so the agreement) said.

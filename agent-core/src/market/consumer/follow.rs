@@ -13,7 +13,7 @@ use crate::net::unix_now;
 /// How long past the agreed window a job may go without its provider ending it.
 const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 use crate::jobs::JobState;
-use crate::market::{Inner, rejected};
+use crate::market::{Fetched, Inner, fetch_to_end, rejected};
 use crate::net::negotiate::{Message, NOTICE_TAG, Notice, Reply, Signed};
 use crate::transfer::{BlobRef, FetchRequest, Format};
 
@@ -85,7 +85,12 @@ async fn fetch_outputs(
     let fetched = match outputs.filter(|blob| blob.format == Format::Folder) {
         Some(blob) => {
             let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
-            wait_fetch(&inner, request).await.map(|()| Some(blob))
+            match fetch_to_end(&inner.parts.transfers, request, &inner.stop).await {
+                Fetched::Done(_) => Ok(Some(blob)),
+                Fetched::Failed(error) => Err(error),
+                // Left to resume with the agent: returned from just below.
+                Fetched::Stopped(_) => Err(String::new()),
+            }
         }
         None => Ok(None),
     };
@@ -109,21 +114,6 @@ async fn fetch_outputs(
         }
     })
     .await;
-}
-
-async fn wait_fetch(inner: &Arc<Inner>, request: FetchRequest) -> Result<(), String> {
-    let transfers = &inner.parts.transfers;
-    let fetch = transfers.fetch(request).await.map_err(|e| e.to_string())?;
-    loop {
-        let now = transfers.get(&fetch.id).map_err(|e| e.to_string())?;
-        if now.state.is_terminal() {
-            return now.error.map_or(Ok(()), Err);
-        }
-        tokio::select! {
-            () = inner.stop.cancelled() => return Err("the agent is stopping".into()),
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
 }
 
 pub(super) fn spawn_follow(inner: &Arc<Inner>, id: String, agreement_id: String) {
