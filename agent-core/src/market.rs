@@ -176,7 +176,7 @@ impl Market {
 
     /// One remote job.
     pub fn remote_job(&self, id: &str) -> Result<RemoteJob, MarketError> {
-        self.inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))
+        consumer::job_of(&self.inner, id)
     }
 
     /// Stops a remote job: withdraws its requests, or asks its provider to cancel it.

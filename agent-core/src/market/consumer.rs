@@ -627,7 +627,7 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
                 inner.parts.network.negotiate(peer, Message::Withdraw { request_id: id.to_owned() }).await;
         }
         update(inner, id, |job| job.state = JobState::Cancelled { reason: None }).await;
-        return super::Market { inner: Arc::clone(inner) }.remote_job(id);
+        return job_of(inner, id);
     };
     let provider: PeerId = provider.parse().map_err(|_| MarketError::Provider("bad provider id".into()))?;
     match inner.parts.network.negotiate(provider, Message::Cancel { agreement_id }).await {
@@ -650,7 +650,7 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
             update(inner, id, |job| job.state = JobState::Cancelled { reason: Some(reason) }).await;
         }
     }
-    inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))
+    job_of(inner, id)
 }
 
 /// The job's output from its provider.
@@ -660,7 +660,7 @@ pub(super) async fn logs(
     stream: Stream,
     offset: u64,
 ) -> Result<(String, u64, bool), MarketError> {
-    let job = inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))?;
+    let job = job_of(inner, id)?;
     let (Some(provider), Some(agreement_id)) = (job.provider, job.agreement_id) else {
         return Ok((String::new(), offset, job.state.is_terminal()));
     };
@@ -681,7 +681,7 @@ pub(super) async fn logs(
 
 /// Writes the fetched outputs to `dest`.
 pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
-    let job = inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))?;
+    let job = job_of(inner, id)?;
     let Some(outputs) = job.outputs.filter(|_| job.state.is_terminal()) else {
         return Err(MarketError::Conflict(format!(
             "job {id} is {}; its outputs are here once it has ended and they were fetched",
@@ -689,6 +689,11 @@ pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Resu
         )));
     };
     Ok(inner.parts.transfers.export(outputs, dest).await?)
+}
+
+/// One remote job, or that there is none.
+pub(super) fn job_of(inner: &Inner, id: &str) -> Result<RemoteJob, MarketError> {
+    inner.consumer().get(id).ok_or_else(|| MarketError::NotFound(id.to_owned()))
 }
 
 /// Changes a job, records it and tells watchers.
