@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod events;
 pub mod identity;
 pub mod jobs;
+pub mod ledger;
 pub mod market;
 pub mod net;
 pub mod resources;

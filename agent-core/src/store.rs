@@ -10,12 +10,16 @@
 //! is versioned by migrations in code ([`migrations`]). A store remembers the peer id it was created
 //! for and refuses to open under another identity, so one agent's records never mix with another's.
 
+mod ledger;
+
 use std::path::{Path, PathBuf};
 use std::thread;
 
 use libp2p_identity::PeerId;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
+
+pub use ledger::{Head, LedgerReader, NewRow};
 
 use crate::jobs::{JobRecord, JobState};
 use tokio::sync::{mpsc, oneshot};
@@ -138,6 +142,9 @@ pub fn migrations() -> Migrations<'static> {
              created_at INTEGER NOT NULL
          ) STRICT;",
         ),
+        // The ledger: the hash chain of records and receipts, and the checkpoints counterparties
+        // signed of theirs.
+        M::up(ledger::MIGRATION),
     ])
 }
 
@@ -659,7 +666,7 @@ mod tests {
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
     }
 
     #[tokio::test]

@@ -1,0 +1,262 @@
+//! The ledger: every interaction with another agent recorded in an append-only hash chain in the
+//! agent's SQLite file, receipts of finished work with both signatures, checkpoints of the chain's
+//! head that counterparties keep (so a rewritten history is caught by someone other than its
+//! owner), verification, export and earnings.
+//!
+//! [`Ledger`] is a cheap handle over the [`Store`], which does the appending on its writer thread
+//! (one transaction per append, `synchronous=FULL`). In [`Mode::Realtime`] each record is appended
+//! as it happens; in [`Mode::Batch`] records wait in memory and are appended in one transaction
+//! with the next receipt (when a job completes), when [`BATCH_LIMIT`] wait, or at shutdown
+//! ([`Ledger::flush`]). Both modes give the same chain. A receipt is always appended before it is
+//! acknowledged. The ledger spawns nothing.
+//!
+//! [`record`] holds the stored formats, [`verify`] the verifier and exports, [`earnings`] the
+//! credits computed from receipts.
+
+pub mod earnings;
+pub mod record;
+pub mod verify;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+
+use self::record::{CHECKPOINT_TAG, Checkpoint, Kind, Receipt, ReceiptBody, VERSION};
+use self::verify::{ExportFormat, Report, Verifier};
+use crate::identity::Identity;
+use crate::net::advert::canonical_json;
+use crate::net::negotiate::Signed;
+use crate::net::unix_now;
+use crate::store::{Head, LedgerReader, NewRow, Store, StoreError};
+
+/// In batch mode, how many records may wait before they are appended anyway.
+pub const BATCH_LIMIT: usize = 4096;
+
+/// When records are appended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Each record in its own transaction, as it happens.
+    #[default]
+    Realtime,
+    /// A job's records together, in one transaction, when it completes.
+    Batch,
+}
+
+/// The `[ledger]` section of the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// `realtime` or `batch`.
+    pub mode: Mode,
+}
+
+/// Why the ledger could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record could not be encoded or signed.
+    #[error("cannot encode a ledger record: {0}")]
+    Encode(String),
+    /// A checkpoint from a peer was not acceptable.
+    #[error("checkpoint rejected: {0}")]
+    Checkpoint(String),
+    /// An export could not be written.
+    #[error("cannot write the export: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The ledger. Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    identity: Identity,
+    mode: Mode,
+    /// Batch mode: records not appended yet, oldest first.
+    waiting: Mutex<Vec<NewRow>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("mode", &self.inner.mode).finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// The ledger of `identity`, kept in `store`.
+    pub fn new(store: Store, identity: Identity, mode: Mode) -> Self {
+        Self { inner: Arc::new(Inner { store, identity, mode, waiting: Mutex::default() }) }
+    }
+
+    /// When records are appended.
+    pub fn mode(&self) -> Mode {
+        self.inner.mode
+    }
+
+    /// Records an interaction: appended now, or with the next batch.
+    pub async fn record(&self, kind: Kind, body: &impl Serialize) -> Result<(), LedgerError> {
+        let row = new_row(kind, body)?;
+        match self.inner.mode {
+            Mode::Realtime => {
+                self.inner.store.append_ledger(vec![row]).await?;
+            }
+            Mode::Batch => {
+                let full = {
+                    let mut waiting = self.waiting();
+                    waiting.push(row);
+                    waiting.len() >= BATCH_LIMIT
+                };
+                if full {
+                    self.flush().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an interaction and logs a failure instead of returning it: the work goes on, and
+    /// `hearth ledger verify` still holds for what was written.
+    pub async fn note(&self, kind: Kind, body: &impl Serialize) {
+        if let Err(error) = self.record(kind, body).await {
+            tracing::error!(kind = kind.name(), %error, "cannot write a ledger record");
+        }
+    }
+
+    /// Appends a countersigned receipt, after every record still waiting, in one transaction; the
+    /// chain's new head. Once this returns, the receipt is on disk.
+    pub async fn append_receipt(&self, receipt: &Receipt) -> Result<Head, LedgerError> {
+        let mut rows = std::mem::take(&mut *self.waiting());
+        rows.push(new_row(Kind::Receipt, receipt)?);
+        let head = self.inner.store.append_ledger(rows).await?;
+        head.ok_or_else(|| LedgerError::Encode("the chain is empty after an append".into()))
+    }
+
+    /// Appends every record still waiting (batch mode); the chain's head.
+    pub async fn flush(&self) -> Result<Option<Head>, LedgerError> {
+        let rows = std::mem::take(&mut *self.waiting());
+        Ok(self.inner.store.append_ledger(rows).await?)
+    }
+
+    /// A signed checkpoint of the chain's head, for counterparties to keep; `None` while the chain
+    /// is empty.
+    pub async fn checkpoint(&self) -> Result<Option<Signed>, LedgerError> {
+        let Some(head) = self.inner.store.ledger_head().await? else { return Ok(None) };
+        let checkpoint = Checkpoint {
+            version: VERSION,
+            peer: self.inner.identity.peer_id().to_string(),
+            seq: head.seq,
+            head: head.hash,
+            at: unix_now(),
+        };
+        Signed::sign(&self.inner.identity, CHECKPOINT_TAG, &checkpoint)
+            .map(Some)
+            .map_err(|e| LedgerError::Encode(e.to_string()))
+    }
+
+    /// Keeps a checkpoint `from` signed of its own ledger, so this agent can later show it what it
+    /// once said.
+    pub async fn witness(&self, from: &PeerId, signed: &Signed) -> Result<(), LedgerError> {
+        let checkpoint: Checkpoint =
+            signed.open(CHECKPOINT_TAG, from).map_err(|e| LedgerError::Checkpoint(e.to_string()))?;
+        if checkpoint.peer != from.to_string() {
+            return Err(LedgerError::Checkpoint(format!(
+                "a checkpoint of {}, sent by {from}",
+                checkpoint.peer
+            )));
+        }
+        let document = serde_json::to_string(signed).map_err(|e| LedgerError::Encode(e.to_string()))?;
+        self.inner.store.put_witnessed(&checkpoint.peer, checkpoint.seq, document, unix_now()).await?;
+        Ok(())
+    }
+
+    /// The newest checkpoint this agent holds of `peer`'s ledger.
+    pub async fn held_of(&self, peer: &PeerId) -> Result<Option<Signed>, LedgerError> {
+        let document = self.inner.store.witnessed(&peer.to_string()).await?;
+        document
+            .map(|text| serde_json::from_str(&text).map_err(|e| LedgerError::Encode(e.to_string())))
+            .transpose()
+    }
+
+    /// Every countersigned receipt in the chain, oldest first (unreadable ones are skipped: verify
+    /// names them).
+    pub async fn receipts(&self) -> Result<Vec<ReceiptBody>, LedgerError> {
+        let rows = self.inner.store.ledger_bodies(Kind::Receipt).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, _, body)| {
+                let receipt: Receipt = serde_json::from_str(&body).ok()?;
+                serde_json::from_value(receipt.receipt).ok()
+            })
+            .collect())
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<NewRow>> {
+        self.inner.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn new_row(kind: Kind, body: &impl Serialize) -> Result<NewRow, LedgerError> {
+    let value = serde_json::to_value(body).map_err(|e| LedgerError::Encode(e.to_string()))?;
+    let canonical = canonical_json(&value).map_err(|e| LedgerError::Encode(e.to_string()))?;
+    let body = String::from_utf8(canonical).map_err(|e| LedgerError::Encode(e.to_string()))?;
+    Ok(NewRow { at: unix_now(), kind, body })
+}
+
+/// Verifies the ledger in the store file at `path` (read-only; the daemon may be writing it),
+/// holding it against the witnesses' answers. Blocks: call it on the blocking pool.
+pub fn verify_file(
+    path: &Path,
+    witnesses: Vec<(String, Result<Option<Signed>, String>)>,
+) -> Result<Report, StoreError> {
+    let mut reader = LedgerReader::open(path)?;
+    let owner = reader.owner()?;
+    let mut verifier = Verifier::new(&owner);
+    for (peer, answer) in witnesses {
+        verifier.witness(&peer, answer);
+    }
+    reader.for_each(|row| {
+        verifier.push(row);
+        true
+    })?;
+    Ok(verifier.finish())
+}
+
+/// Writes the ledger in the store file at `path` to `out` in `format`; how many rows. Blocks.
+pub fn export_file(
+    path: &Path,
+    format: ExportFormat,
+    out: &mut impl std::io::Write,
+) -> Result<u64, LedgerError> {
+    let mut reader = LedgerReader::open(path)?;
+    verify::write_header(out, format, &reader.owner()?)?;
+    let mut written = 0;
+    let mut failure = None;
+    reader.for_each(|row| match verify::write_row(out, format, &row) {
+        Ok(()) => {
+            written += 1;
+            true
+        }
+        Err(error) => {
+            failure = Some(error);
+            false
+        }
+    })?;
+    match failure {
+        Some(error) => Err(error.into()),
+        None => {
+            out.flush()?;
+            Ok(written)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

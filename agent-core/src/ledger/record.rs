@@ -1,0 +1,306 @@
+//! The ledger's stored formats: what a row holds, how it is hashed into the chain, and the
+//! receipts and checkpoints signed into it. Types and byte rules only, no I/O; the layout is
+//! written down byte for byte in `docs/ledger.md`.
+//!
+//! A row is an entry `{"at": T, "body": B, "kind": K, "seq": N}` and two hashes: `prev`, the
+//! `hash` of row N-1 (64 zeros for row 1), and `hash` = SHA-256(`prev` as 32 raw bytes ‖ the RFC
+//! 8785 canonical bytes of the entry). Changing, removing, inserting or reordering any row breaks
+//! the chain at that row.
+
+use std::collections::BTreeMap;
+
+use ring::digest::{SHA256, digest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use libp2p_identity::PeerId;
+
+use crate::identity::{DomainTag, Identity};
+use crate::net::advert::{Prices, Rejection, canonical_json};
+use crate::net::negotiate::{Signed, sign_detached, verify_detached};
+
+/// The format of every ledger document this code writes and reads.
+pub const VERSION: u64 = 1;
+
+/// Domain tag of a receipt: the provider signs it, the consumer countersigns the same bytes.
+pub const RECEIPT_TAG: DomainTag = DomainTag::new(b"hearth/receipt/v1");
+
+/// Domain tag of a checkpoint: an agent's signed statement of its ledger's head.
+pub const CHECKPOINT_TAG: DomainTag = DomainTag::new(b"hearth/checkpoint/v1");
+
+/// The `prev` of the first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// What a row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A signed job request, sent (consumer) or queued (provider).
+    Request,
+    /// Signed terms offered (provider) or received (consumer).
+    Offer,
+    /// Terms both sides signed.
+    Agreement,
+    /// Files of an agreement that arrived whole: the job's inputs (provider) or outputs (consumer).
+    Transfer,
+    /// A provider's signed notice of the job's state: running, paused, stopped by the owner, ended.
+    Notice,
+    /// The agreement ended and its resources were given back.
+    Release,
+    /// A receipt the provider signed and the consumer countersigned.
+    Receipt,
+}
+
+impl Kind {
+    /// Every kind, in the order above.
+    pub const ALL: [Self; 7] = [
+        Self::Request,
+        Self::Offer,
+        Self::Agreement,
+        Self::Transfer,
+        Self::Notice,
+        Self::Release,
+        Self::Receipt,
+    ];
+
+    /// The kind's word, as stored.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Offer => "offer",
+            Self::Agreement => "agreement",
+            Self::Transfer => "transfer",
+            Self::Notice => "notice",
+            Self::Release => "release",
+            Self::Receipt => "receipt",
+        }
+    }
+
+    /// The kind a stored word names.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// One row of the chain, as stored and exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// 1, 2, 3, … without gaps.
+    pub seq: u64,
+    /// Unix seconds when it was appended.
+    pub at: i64,
+    /// What it records ([`Kind::name`]).
+    pub kind: String,
+    /// The record itself, canonical JSON text.
+    pub body: String,
+    /// `hash` of the row before (hex).
+    pub prev: String,
+    /// SHA-256 of `prev` and the entry (hex).
+    pub hash: String,
+}
+
+/// The canonical bytes of a row's entry: `{"at":…,"body":…,"kind":…,"seq":…}`.
+pub fn entry_bytes(seq: u64, at: i64, kind: &str, body: &Value) -> Result<Vec<u8>, Rejection> {
+    canonical_json(&serde_json::json!({ "seq": seq, "at": at, "kind": kind, "body": body }))
+}
+
+/// [`entry_bytes`] for a body already in canonical form (`body` is its canonical JSON text), as
+/// the appending side has it: no parse, the same bytes.
+pub fn entry_bytes_of_canonical(seq: u64, at: i64, kind: Kind, body: &str) -> Vec<u8> {
+    format!(r#"{{"at":{at},"body":{body},"kind":"{}","seq":{seq}}}"#, kind.name()).into_bytes()
+}
+
+/// The hash of a row whose predecessor's hash is `prev`.
+pub fn row_hash(prev: &[u8; 32], entry: &[u8]) -> [u8; 32] {
+    let mut message = Vec::with_capacity(32 + entry.len());
+    message.extend_from_slice(prev);
+    message.extend_from_slice(entry);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest(&SHA256, &message).as_ref());
+    out
+}
+
+/// What a job used, as the provider measured it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Usage {
+    /// Wall-clock time the job ran, paused time excluded, in milliseconds.
+    pub running_ms: u64,
+    /// CPU time the job's processes used (the cgroup's count), in core-milliseconds.
+    pub cpu_core_ms: u64,
+    /// Cores set aside for the job over its running time, in core-milliseconds: what is charged.
+    pub reserved_core_ms: u64,
+    /// Memory set aside over the running time, in MiB-seconds: what is charged.
+    pub memory_mib_s: u64,
+    /// GPU time by GPU model, in GPU-seconds.
+    pub gpu_s: BTreeMap<String, u64>,
+    /// The most scratch disk (`/out`, `/work`, `/tmp`) the job held at once, in bytes.
+    pub disk_peak_bytes: u64,
+    /// The size of the outputs, in bytes.
+    pub outputs_bytes: u64,
+    /// Bytes the job sent and received over its granted network; 0 without network.
+    pub network_bytes: u64,
+}
+
+/// What a receipt charges, per resource kind, in thousandths of a credit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Charges {
+    /// For the cores.
+    pub cpu: u64,
+    /// For the memory.
+    pub memory: u64,
+    /// For the GPUs.
+    pub gpu: u64,
+}
+
+impl Charges {
+    /// The three together.
+    pub fn total(&self) -> u64 {
+        self.cpu.saturating_add(self.memory).saturating_add(self.gpu)
+    }
+}
+
+/// What finished (or stopped, or failed) work used and costs. The provider signs it under
+/// [`RECEIPT_TAG`]; the consumer checks it and countersigns the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptBody {
+    /// [`VERSION`].
+    pub version: u64,
+    /// The agreement the work was done under.
+    pub agreement_id: String,
+    /// BLAKE3 (hex) of the agreement's canonical terms, as both signed them.
+    pub agreement_hash: String,
+    /// Who did the work.
+    pub provider: String,
+    /// Whose work it was.
+    pub consumer: String,
+    /// `finished`, `failed` or `cancelled`.
+    pub outcome: String,
+    /// The job's exit code, when it finished.
+    pub exit_code: Option<i32>,
+    /// The outputs' root: the BLAKE3 (hex) of the folder blob that carries them, when there are any.
+    pub result: Option<String>,
+    /// What was used.
+    pub usage: Usage,
+    /// The agreed prices per resource-hour, in thousandths of a credit.
+    pub prices: Prices,
+    /// The agreed price of the resources for an hour, in thousandths of a credit.
+    pub price_per_hour: u64,
+    /// What each kind of resource costs for `usage`.
+    pub charges: Charges,
+    /// `charges` together, in thousandths of a credit.
+    pub amount: u64,
+    /// Unix seconds: when the agreement was made.
+    pub started_at: i64,
+    /// Unix seconds: when the job ended.
+    pub ended_at: i64,
+}
+
+/// A receipt with both signatures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The receipt as the provider signed it.
+    pub receipt: Value,
+    /// The provider's signature (hex) under [`RECEIPT_TAG`].
+    pub provider_signature: String,
+    /// The consumer's signature (hex) over the same bytes.
+    pub consumer_signature: String,
+}
+
+impl Receipt {
+    /// The consumer's countersignature over a receipt the provider signed.
+    pub fn countersign(consumer: &Identity, signed: Signed) -> Result<Self, Rejection> {
+        let consumer_signature = sign_detached(consumer, RECEIPT_TAG, &signed.body)?;
+        Ok(Self { receipt: signed.body, provider_signature: signed.signature, consumer_signature })
+    }
+
+    /// Checks both signatures against the peers the receipt names, and reads it.
+    pub fn verify(&self) -> Result<ReceiptBody, Rejection> {
+        let signer = |field: &str| -> Result<PeerId, Rejection> {
+            self.receipt
+                .get(field)
+                .and_then(Value::as_str)
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| Rejection::Malformed(format!("`{field}` is not a peer id")))
+        };
+        let issued = Signed { body: self.receipt.clone(), signature: self.provider_signature.clone() };
+        let body: ReceiptBody = issued.open(RECEIPT_TAG, &signer("provider")?)?;
+        verify_detached(RECEIPT_TAG, &self.receipt, &self.consumer_signature, &signer("consumer")?)?;
+        Ok(body)
+    }
+}
+
+/// An agent's signed statement of its ledger's head. Signed under [`CHECKPOINT_TAG`] by `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// [`VERSION`].
+    pub version: u64,
+    /// Whose ledger.
+    pub peer: String,
+    /// Its last row.
+    pub seq: u64,
+    /// That row's hash (hex).
+    pub head: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// What `reserved` × `running_ms` costs at `prices`: each kind rounded up to a thousandth of a
+/// credit. Charged on what was set aside, as the agreement priced it, not on what the job chose
+/// to use of it.
+pub fn charges(prices: &Prices, cpu_millis: u64, memory_bytes: u64, gpus: u32, running_ms: u64) -> Charges {
+    const HOUR_MS: u128 = 3_600_000;
+    const GIB: u128 = 1 << 30;
+    let ms = u128::from(running_ms);
+    let cost = |numerator: u128, denominator: u128| {
+        u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX)
+    };
+    Charges {
+        cpu: cost(u128::from(prices.core_hour) * u128::from(cpu_millis) * ms, 1000 * HOUR_MS),
+        memory: cost(u128::from(prices.memory_gib_hour) * u128::from(memory_bytes) * ms, GIB * HOUR_MS),
+        gpu: cost(u128::from(prices.gpu_hour) * u128::from(gpus) * ms, HOUR_MS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in Kind::ALL {
+            assert_eq!(Kind::parse(kind.name()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), Value::from(kind.name()));
+        }
+        assert_eq!(Kind::parse("payment"), None);
+    }
+
+    #[test]
+    fn an_entry_is_canonical_and_its_hash_chains_on_the_one_before() {
+        let body = serde_json::json!({ "b": 2, "a": "x" });
+        let entry = entry_bytes(3, 1_700_000_000, "release", &body).unwrap();
+        assert_eq!(
+            String::from_utf8(entry.clone()).unwrap(),
+            r#"{"at":1700000000,"body":{"a":"x","b":2},"kind":"release","seq":3}"#
+        );
+        let text = String::from_utf8(canonical_json(&body).unwrap()).unwrap();
+        assert_eq!(entry_bytes_of_canonical(3, 1_700_000_000, Kind::Release, &text), entry);
+        let first = row_hash(&GENESIS, &entry);
+        assert_ne!(row_hash(&first, &entry), first, "the same entry after another row hashes differently");
+        // SHA-256 over 32 zero bytes followed by the entry, computed apart.
+        let mut message = vec![0u8; 32];
+        message.extend_from_slice(&entry);
+        assert_eq!(first.as_slice(), digest(&SHA256, &message).as_ref());
+    }
+
+    #[test]
+    fn charges_follow_the_agreed_prices_and_round_up() {
+        let prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
+        // Two cores and 1 GiB for half an hour.
+        let half_hour = charges(&prices, 2000, 1 << 30, 0, 1_800_000);
+        assert_eq!(half_hour, Charges { cpu: 1000, memory: 50, gpu: 0 });
+        assert_eq!(half_hour.total(), 1050);
+        // One millisecond of anything costs a thousandth of a credit, not nothing.
+        assert_eq!(charges(&prices, 1, 1, 1, 1), Charges { cpu: 1, memory: 1, gpu: 1 });
+        assert_eq!(charges(&prices, 4000, 1 << 34, 2, 0), Charges::default());
+    }
+}

@@ -1,0 +1,291 @@
+//! The ledger against tampering: each test builds a real ledger in a real store, copies the file,
+//! damages the copy the way an editor of history would (triggers dropped first), and checks that
+//! verification names the first bad row.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, params};
+
+use super::record::{Receipt, Usage};
+use super::verify::{ExportFormat, Witnessed, verify_export};
+use super::*;
+use crate::net::advert::Prices;
+use crate::net::negotiate::sign_detached;
+
+fn identity() -> Identity {
+    let dir = tempfile::tempdir().unwrap();
+    Identity::load_or_create(dir.path()).unwrap().0
+}
+
+/// A receipt `provider` signed and `consumer` countersigned.
+pub(super) fn receipt(provider: &Identity, consumer: &Identity, n: u64) -> Receipt {
+    let prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
+    let charges = record::charges(&prices, 1000, 1 << 30, 0, 60_000 + n);
+    let body = ReceiptBody {
+        version: VERSION,
+        agreement_id: format!("agreement-{n}"),
+        agreement_hash: "ab".repeat(32),
+        provider: provider.peer_id().to_string(),
+        consumer: consumer.peer_id().to_string(),
+        outcome: "finished".into(),
+        exit_code: Some(0),
+        result: Some("cd".repeat(32)),
+        usage: Usage { running_ms: 60_000 + n, cpu_core_ms: 59_000, ..Usage::default() },
+        prices,
+        price_per_hour: 1100,
+        charges,
+        amount: charges.total(),
+        started_at: 1_796_472_000,
+        ended_at: 1_796_472_060,
+    };
+    let signed = Signed::sign(provider, record::RECEIPT_TAG, &body).unwrap();
+    Receipt::countersign(consumer, signed).unwrap()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    owner: Identity,
+    peer: Identity,
+    ledger: Ledger,
+}
+
+/// A ledger of ten rows: receipts (odd rows) and releases (even rows), the owner the provider.
+async fn ten_rows(mode: Mode) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hearth.db");
+    let (owner, peer) = (identity(), identity());
+    let store = Store::open(&path, &owner.peer_id()).await.unwrap();
+    let ledger = Ledger::new(store, owner.clone(), mode);
+    for n in 0..5 {
+        ledger.append_receipt(&receipt(&owner, &peer, n)).await.unwrap();
+        ledger
+            .record(
+                Kind::Release,
+                &serde_json::json!({ "agreement_id": format!("agreement-{n}"), "outcome": "finished" }),
+            )
+            .await
+            .unwrap();
+    }
+    ledger.flush().await.unwrap();
+    Fixture { _dir: dir, path, owner, peer, ledger }
+}
+
+/// A copy of the store file whose triggers are gone, for a test to damage.
+fn tamperable_copy(fixture: &Fixture) -> (PathBuf, Connection) {
+    let copy = fixture.path.with_file_name("copy.db");
+    let source = Connection::open(&fixture.path).unwrap();
+    source.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
+    let conn = Connection::open(&copy).unwrap();
+    conn.execute_batch("DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete;").unwrap();
+    (copy, conn)
+}
+
+fn verify(path: &Path) -> Report {
+    verify_file(path, Vec::new()).unwrap()
+}
+
+#[tokio::test]
+async fn an_untouched_ledger_verifies_and_is_append_only() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let report = verify(&fixture.path);
+    assert_eq!(report.broken, None, "{report:?}");
+    assert_eq!((report.rows, report.receipts), (10, 5));
+    assert_eq!(report.owner, fixture.owner.peer_id().to_string());
+
+    let conn = Connection::open(&fixture.path).unwrap();
+    let update = conn.execute("UPDATE ledger SET body = '{}' WHERE seq = 3", []);
+    assert!(update.unwrap_err().to_string().contains("append-only"));
+    assert!(conn.execute("DELETE FROM ledger WHERE seq = 10", []).is_err());
+}
+
+#[tokio::test]
+async fn batch_mode_gives_the_same_chain_of_records() {
+    let realtime = ten_rows(Mode::Realtime).await;
+    let batch = ten_rows(Mode::Batch).await;
+    let (a, b) = (verify(&realtime.path), verify(&batch.path));
+    assert_eq!((a.rows, a.broken), (b.rows, b.broken));
+    // Records wait in batch mode until a receipt or a flush takes them.
+    batch.ledger.record(Kind::Release, &serde_json::json!({ "agreement_id": "late" })).await.unwrap();
+    assert_eq!(verify(&batch.path).rows, 10);
+    batch.ledger.append_receipt(&receipt(&batch.owner, &batch.peer, 9)).await.unwrap();
+    let after = verify(&batch.path);
+    assert_eq!((after.rows, after.broken), (12, None));
+}
+
+#[tokio::test]
+async fn a_flipped_bit_is_found_at_its_row() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let (copy, conn) = tamperable_copy(&fixture);
+    let body: Vec<u8> =
+        conn.query_row("SELECT CAST(body AS BLOB) FROM ledger WHERE seq = 5", [], |r| r.get(0)).unwrap();
+    // A bit of a digit inside the receipt's numbers: still JSON, another amount.
+    let at = body.iter().position(|b| b.is_ascii_digit()).unwrap();
+    let mut flipped = body.clone();
+    flipped[at] ^= 0x01;
+    conn.execute("UPDATE ledger SET body = ?1 WHERE seq = 5", params![String::from_utf8(flipped).unwrap()])
+        .unwrap();
+    let report = verify(&copy);
+    assert_eq!(report.broken.as_ref().map(|b| b.seq), Some(5), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_middle_row_is_named() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let (copy, conn) = tamperable_copy(&fixture);
+    conn.execute("DELETE FROM ledger WHERE seq = 6", []).unwrap();
+    let broken = verify(&copy).broken.unwrap();
+    assert_eq!(broken.seq, 6);
+    assert!(broken.problem.contains("removed"), "{}", broken.problem);
+}
+
+#[tokio::test]
+async fn two_swapped_rows_are_found_at_the_first() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let (copy, conn) = tamperable_copy(&fixture);
+    // Rows 3 and 5 are both receipts: swapping them keeps every row well formed.
+    conn.execute_batch(
+        "UPDATE ledger SET seq = -1 WHERE seq = 3;
+         UPDATE ledger SET seq = 3 WHERE seq = 5;
+         UPDATE ledger SET seq = 5 WHERE seq = -1;",
+    )
+    .unwrap();
+    assert_eq!(verify(&copy).broken.map(|b| b.seq), Some(3));
+}
+
+#[tokio::test]
+async fn a_forged_countersignature_is_found() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let mut forged = receipt(&fixture.owner, &fixture.peer, 7);
+    // The provider signs the consumer's part itself.
+    forged.consumer_signature = sign_detached(&fixture.owner, record::RECEIPT_TAG, &forged.receipt).unwrap();
+    fixture.ledger.append_receipt(&forged).await.unwrap();
+    let broken = verify(&fixture.path).broken.unwrap();
+    assert_eq!(broken.seq, 11);
+    assert!(broken.problem.contains("does not verify"), "{}", broken.problem);
+}
+
+#[tokio::test]
+async fn a_truncated_tail_is_caught_by_a_counterpartys_checkpoint() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let checkpoint = fixture.ledger.checkpoint().await.unwrap().unwrap();
+    let witness = fixture.peer.peer_id().to_string();
+    // The counterparty keeps it (as the market does after a receipt).
+    let theirs = Ledger::new(
+        Store::open(&fixture.path.with_file_name("theirs.db"), &fixture.peer.peer_id()).await.unwrap(),
+        fixture.peer.clone(),
+        Mode::Realtime,
+    );
+    theirs.witness(&fixture.owner.peer_id(), &checkpoint).await.unwrap();
+    let held = theirs.held_of(&fixture.owner.peer_id()).await.unwrap();
+    assert_eq!(held.as_ref(), Some(&checkpoint));
+    // A checkpoint sent by someone else is refused.
+    assert!(theirs.witness(&fixture.peer.peer_id(), &checkpoint).await.is_err());
+
+    let (copy, conn) = tamperable_copy(&fixture);
+    conn.execute("DELETE FROM ledger WHERE seq > 7", []).unwrap();
+    // Alone, a shorter chain is a valid chain.
+    assert_eq!(verify(&copy).broken, None);
+    let report = verify_file(&copy, vec![(witness.clone(), Ok(held.clone()))]).unwrap();
+    let broken = report.broken.clone().unwrap();
+    assert_eq!(broken.seq, 8, "{report:?}");
+    assert!(broken.problem.contains(&witness));
+    assert_eq!(report.witnesses[0].verdict, Witnessed::Truncated);
+
+    // The untouched ledger matches the same checkpoint.
+    let report = verify_file(&fixture.path, vec![(witness, Ok(held))]).unwrap();
+    assert_eq!(report.broken, None);
+    assert_eq!(report.witnesses[0].verdict, Witnessed::Matches);
+}
+
+#[tokio::test]
+async fn a_rewritten_history_chained_again_is_caught_by_a_checkpoint() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let checkpoint = fixture.ledger.checkpoint().await.unwrap().unwrap();
+    // The owner rewrites from row 4 on and chains every later row again: alone, it verifies.
+    let (copy, conn) = tamperable_copy(&fixture);
+    conn.execute("DELETE FROM ledger WHERE seq >= 4", []).unwrap();
+    drop(conn);
+    let store = Store::open(&copy, &fixture.owner.peer_id()).await.unwrap();
+    let rewritten = Ledger::new(store.clone(), fixture.owner.clone(), Mode::Realtime);
+    for n in 4..11 {
+        rewritten
+            .record(Kind::Release, &serde_json::json!({ "agreement_id": format!("other-{n}") }))
+            .await
+            .unwrap();
+    }
+    store.shutdown().await.unwrap();
+    assert_eq!(verify(&copy).broken, None);
+    let witness = fixture.peer.peer_id().to_string();
+    let report = verify_file(&copy, vec![(witness, Ok(Some(checkpoint)))]).unwrap();
+    assert_eq!(report.broken.map(|b| b.seq), Some(10));
+    assert_eq!(report.witnesses[0].verdict, Witnessed::Forked);
+}
+
+#[tokio::test]
+async fn a_checkpoint_not_signed_by_the_owner_proves_nothing() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let forged = Signed::sign(
+        &fixture.peer,
+        record::CHECKPOINT_TAG,
+        &Checkpoint {
+            version: VERSION,
+            peer: fixture.owner.peer_id().to_string(),
+            seq: 99,
+            head: "00".repeat(32),
+            at: 0,
+        },
+    )
+    .unwrap();
+    let report =
+        verify_file(&fixture.path, vec![("w".into(), Ok(Some(forged))), ("x".into(), Err("gone".into()))])
+            .unwrap();
+    assert_eq!(report.broken, None);
+    assert_eq!(report.witnesses[0].verdict, Witnessed::Invalid);
+    assert_eq!(report.witnesses[1].verdict, Witnessed::Unreachable);
+}
+
+#[tokio::test]
+async fn an_export_verifies_from_the_file_alone_and_its_tampering_is_found() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let mut jsonl = Vec::new();
+    assert_eq!(export_file(&fixture.path, ExportFormat::Jsonl, &mut jsonl).unwrap(), 10);
+    let report = verify_export(BufReader::new(jsonl.as_slice()), Vec::new()).unwrap();
+    assert_eq!((report.rows, report.receipts, report.broken), (10, 5, None));
+    assert_eq!(report.head, verify(&fixture.path).head);
+
+    let text = String::from_utf8(jsonl).unwrap();
+    let tampered: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(
+            |(i, line)| if i == 4 { line.replacen("\"finished\"", "\"failed\"", 1) } else { line.to_owned() },
+        )
+        .collect();
+    let report = verify_export(BufReader::new(tampered.join("\n").as_bytes()), Vec::new()).unwrap();
+    assert_eq!(report.broken.map(|b| b.seq), Some(4));
+
+    let mut csv = Vec::new();
+    export_file(&fixture.path, ExportFormat::Csv, &mut csv).unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.starts_with("seq,at,kind,prev,hash,body\n1,"));
+    assert_eq!(csv.lines().count(), 11);
+}
+
+#[test]
+fn a_receipt_opens_only_with_both_signatures() {
+    let (provider, consumer) = (identity(), identity());
+    let receipt = receipt(&provider, &consumer, 1);
+    let body = receipt.verify().unwrap();
+    assert_eq!(body.amount, body.charges.total());
+    let mut changed = receipt.clone();
+    changed.receipt["amount"] = serde_json::Value::from(1);
+    assert!(changed.verify().is_err());
+    let swapped = Receipt {
+        provider_signature: receipt.consumer_signature.clone(),
+        consumer_signature: receipt.provider_signature.clone(),
+        ..receipt
+    };
+    assert!(swapped.verify().is_err());
+}
