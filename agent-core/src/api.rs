@@ -10,6 +10,7 @@
 pub mod client;
 pub mod discovery;
 mod error;
+mod ledger;
 mod requests;
 mod security;
 
@@ -35,6 +36,7 @@ use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reaso
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
+use crate::ledger::Ledger;
 use crate::market::Market;
 use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
 use crate::resources::Resources;
@@ -143,6 +145,8 @@ pub struct ApiState {
     pub transfers: Transfers,
     /// Jobs asked of other agents, and the ones this agent runs for them.
     pub market: Market,
+    /// Records, receipts and checkpoints.
+    pub ledger: Ledger,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -227,6 +231,8 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(requests::cancel))
         .routes(routes!(requests::logs))
         .routes(routes!(requests::results))
+        .routes(routes!(ledger::verify))
+        .routes(routes!(ledger::earnings))
         .routes(routes!(get_availability))
         .routes(routes!(pause_sharing))
         .routes(routes!(resume_sharing))

@@ -6,6 +6,7 @@
 //! and exits non-zero: this module belongs to the binary, the edge where `anyhow` is allowed.
 
 mod jobs;
+mod ledger;
 mod output;
 mod remote;
 mod run_local;
@@ -23,6 +24,8 @@ use hearth::api::client::Client;
 use hearth::availability::Policy;
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
 use hearth::jobs::{JobAction, Stream};
+use hearth::ledger::earnings::Period;
+use hearth::ledger::verify::ExportFormat;
 use hearth::resources::{self, nvidia};
 
 /// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
@@ -80,6 +83,17 @@ enum Command {
     Blob(BlobCommand),
     /// List this agent's fetches: progress, rate, and how each ended.
     Transfers(ReadArgs),
+    /// Check or export the ledger: the signed record of every dealing with other agents.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Credits earned as a provider and spent as a consumer, from the countersigned receipts.
+    Earnings {
+        /// Group by UTC day, ISO week or month.
+        #[arg(long, value_enum)]
+        by: Option<Period>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
     /// Put an ended job's outputs in a folder (by default ./results-ID).
     Results {
         /// The job's id, as `hearth jobs` shows it.
@@ -89,6 +103,34 @@ enum Command {
         out: Option<PathBuf>,
         #[command(flatten)]
         read: ReadArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Check every row's hash and link and every signature, and (through the running agent) the
+    /// checkpoints of this ledger that other agents hold; names the first bad row and exits 1.
+    Verify {
+        /// Check this store file instead (a copy, say), without a daemon.
+        #[arg(long, value_name = "FILE", conflicts_with = "export")]
+        db: Option<PathBuf>,
+        /// Check this JSON Lines export instead, from the file alone.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Write the ledger out, a header line then one row per line (see docs/ledger.md).
+    Export {
+        /// `jsonl` (verifiable) or `csv` (for spreadsheets).
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Write to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Export this store file instead of the agent's.
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
     },
 }
 
@@ -429,6 +471,25 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             runtime(false)?
                 .block_on(async { transfers::list(&Client::discover(&paths)?, args.json).await })?;
+        }
+        Command::Ledger(command) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            match command {
+                LedgerCommand::Verify { db, export, read } => {
+                    let source = match (db, export) {
+                        (Some(db), _) => ledger::Source::Db(db),
+                        (None, Some(export)) => ledger::Source::Export(export),
+                        (None, None) => ledger::Source::Agent,
+                    };
+                    return runtime(false)?.block_on(ledger::verify(&paths, source, read.json));
+                }
+                LedgerCommand::Export { format, out, db } => ledger::export(&paths, db, format, out)?,
+            }
+        }
+        Command::Earnings { by, read } => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?
+                .block_on(async { ledger::earnings(&Client::discover(&paths)?, by, read.json).await })?;
         }
     }
     Ok(ExitCode::SUCCESS)

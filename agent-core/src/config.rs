@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::LedgerConfig;
 use crate::toml_file;
 
 /// File name of the configuration inside the config dir.
@@ -130,6 +131,8 @@ pub struct HearthConfig {
     pub log: LogConfig,
     /// The peer-to-peer network.
     pub network: NetworkConfig,
+    /// The ledger of records and receipts.
+    pub ledger: LedgerConfig,
 }
 
 /// The peer-to-peer network.
@@ -245,6 +248,11 @@ bootstrap = []
 mdns = true
 # Also relay for agents behind NAT, as a bootstrap node does (--relay).
 relay = false
+
+[ledger]
+# When records of dealings with other agents are written: "realtime" (each as it happens, in its
+# own transaction) or "batch" (a job's records together, with its receipt, when it completes).
+mode = "realtime"
 "#;
 
 impl HearthConfig {

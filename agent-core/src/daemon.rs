@@ -35,6 +35,7 @@ use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
 use crate::jobs::{Runner, Supervisor};
+use crate::ledger::Ledger;
 use crate::market::{self, Market, MarketError};
 use crate::net::{NetError, Network};
 use crate::store::{RunId, Store, StoreError};
@@ -162,6 +163,7 @@ async fn serve(
     let blobs = BlobStore::open(&paths.blobs()).map_err(TransferError::from)?;
     let (transfers, transfers_task) =
         Transfers::spawn(blobs, store.clone(), network.clone(), events.clone(), &cancel).await?;
+    let ledger = Ledger::new(store.clone(), identity.clone(), config.ledger.mode);
     let (market, market_task) = Market::spawn(
         market::Parts {
             identity: identity.clone(),
@@ -169,6 +171,7 @@ async fn serve(
             transfers: transfers.clone(),
             jobs: jobs.clone(),
             store: store.clone(),
+            ledger: ledger.clone(),
             events: events.clone(),
             availability: availability.availability(),
             dir: paths.market(),
@@ -206,6 +209,7 @@ async fn serve(
         network,
         transfers,
         market,
+        ledger: ledger.clone(),
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -233,6 +237,10 @@ async fn serve(
     ApiInfo::remove_if_ours(&paths.api_info());
     adverts.shutdown().await;
     market_task.shutdown().await;
+    // Batch mode: records of jobs still running are kept, not lost with the process.
+    if let Err(error) = ledger.flush().await {
+        tracing::error!(%error, "cannot write the ledger's waiting records");
+    }
     transfers_task.shutdown().await;
     network_task.shutdown().await;
     // Stopped before the jobs, so it does not freeze or thaw them while they are cancelled.

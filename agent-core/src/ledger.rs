@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
+use self::earnings::{Earnings, Period};
 use self::record::{CHECKPOINT_TAG, Checkpoint, Kind, Receipt, ReceiptBody, VERSION};
 use self::verify::{ExportFormat, Report, Verifier};
 use crate::identity::Identity;
@@ -196,6 +197,26 @@ impl Ledger {
                 serde_json::from_value(receipt.receipt).ok()
             })
             .collect())
+    }
+
+    /// Verifies the whole ledger as it is on disk (after appending what waits), holding it
+    /// against the witnesses' answers.
+    pub async fn verify(
+        &self,
+        witnesses: Vec<(String, Result<Option<Signed>, String>)>,
+    ) -> Result<Report, LedgerError> {
+        self.flush().await?;
+        let path = self.inner.store.path().to_owned();
+        tokio::task::spawn_blocking(move || verify_file(&path, witnesses))
+            .await
+            .map_err(|e| LedgerError::Encode(format!("the verification stopped: {e}")))?
+            .map_err(LedgerError::from)
+    }
+
+    /// Credits earned and spent, from the receipts.
+    pub async fn earnings(&self, by: Option<Period>) -> Result<Earnings, LedgerError> {
+        let receipts = self.receipts().await?;
+        Ok(earnings::summarize(&self.inner.identity.peer_id().to_string(), &receipts, by))
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<NewRow>> {

@@ -16,6 +16,7 @@ pub mod matching;
 
 mod consumer;
 mod provider;
+mod receipts;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,8 +31,9 @@ use crate::availability::Availability;
 use crate::events::Bus;
 use crate::identity::Identity;
 use crate::jobs::{SpecError, Stream, Supervisor};
+use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
-use crate::net::negotiate::{Message, Reply, Resources};
+use crate::net::negotiate::{Message, Reply, Resources, Signed};
 use crate::net::{Inbound, Network};
 use crate::store::{Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
@@ -75,6 +77,8 @@ pub struct Parts {
     pub jobs: Supervisor,
     /// Keeps agreements and remote jobs.
     pub store: Store,
+    /// Records every interaction, and keeps receipts and checkpoints.
+    pub ledger: Ledger,
     /// Where job changes are published.
     pub events: Bus,
     /// Whether the machine shares, and what.
@@ -99,6 +103,7 @@ struct Inner {
     parts: Parts,
     provider: Mutex<provider::State>,
     consumer: Mutex<consumer::State>,
+    issued: Mutex<receipts::Issued>,
     /// Wakes the matcher: a request arrived or capacity was freed.
     wake: Notify,
     tasks: TaskTracker,
@@ -112,6 +117,10 @@ impl Inner {
 
     fn consumer(&self) -> MutexGuard<'_, consumer::State> {
         self.consumer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn issued(&self) -> MutexGuard<'_, receipts::Issued> {
+        self.issued.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -134,6 +143,7 @@ impl Market {
             parts,
             provider: Mutex::default(),
             consumer: Mutex::new(consumer::State::new(remote)),
+            issued: Mutex::default(),
             wake: Notify::new(),
             tasks: TaskTracker::new(),
             stop: cancel.child_token(),
@@ -201,6 +211,14 @@ impl Market {
     }
 }
 
+impl Market {
+    /// Asks every agent this one made agreements with for the newest checkpoint of this agent's
+    /// ledger it holds; each answer, or why there was none.
+    pub async fn witnesses(&self) -> Vec<(String, Result<Option<Signed>, String>)> {
+        receipts::ask_witnesses(&self.inner).await
+    }
+}
+
 impl MarketTask {
     /// Stops answering and matching, and waits for every task. Jobs run for others are stopped by
     /// the supervisor's own shutdown; remote jobs are followed again at the next start.
@@ -223,6 +241,10 @@ async fn answer(inner: &Arc<Inner>, peer: libp2p::PeerId, message: Message) -> R
         }
         Message::Offer { terms } => consumer::on_offer(inner, peer, terms).await,
         Message::Notice { notice } => consumer::on_notice(inner, peer, notice).await,
+        Message::Countersign { agreement_id, signature, checkpoint } => {
+            receipts::on_countersign(inner, peer, &agreement_id, signature, checkpoint).await
+        }
+        Message::Witness => receipts::on_witness(inner, peer).await,
     }
 }
 

@@ -230,6 +230,11 @@ impl Store {
         Ok(Self { ops, path: path.to_owned() })
     }
 
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Records the start of a daemon run and tells how the previous one ended.
     pub async fn begin_run(
         &self,

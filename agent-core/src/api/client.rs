@@ -17,6 +17,8 @@ use super::{
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
+use crate::ledger::earnings::{Earnings, Period};
+use crate::ledger::verify::Report;
 use crate::market::RemoteJob;
 use crate::net::{AdvertBody, PeerInfo};
 use crate::resources::Resources;
@@ -25,6 +27,10 @@ use crate::transfer::{Fetch, FetchRequest, Imported};
 
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a verification of the whole ledger may take (a million receipts take about a minute
+/// on two cores; witnesses get 10 s).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Why a call to the daemon failed. Every message is one line that says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +265,22 @@ impl Client {
     /// `DELETE /api/v1/transfers/{id}`.
     pub async fn cancel_transfer(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.http.delete(self.url(&format!("/api/v1/transfers/{id}")))).await
+    }
+
+    /// `GET /api/v1/ledger/verify`: the whole ledger and its witnesses, so it may take minutes.
+    pub async fn verify_ledger(&self) -> Result<Report, ClientError> {
+        self.send(self.http.get(self.url("/api/v1/ledger/verify")).timeout(VERIFY_TIMEOUT)).await
+    }
+
+    /// `GET /api/v1/earnings`.
+    pub async fn earnings(&self, by: Option<Period>) -> Result<Earnings, ClientError> {
+        let query = match by {
+            Some(Period::Day) => "?by=day",
+            Some(Period::Week) => "?by=week",
+            Some(Period::Month) => "?by=month",
+            None => "",
+        };
+        self.get(&format!("/api/v1/earnings{query}")).await
     }
 
     fn url(&self, path: &str) -> String {

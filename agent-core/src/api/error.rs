@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
+use crate::ledger::LedgerError;
 use crate::market::MarketError;
 use crate::net::ConnectError;
 use crate::transfer::{StoreError, TransferError};
@@ -141,6 +142,12 @@ impl From<MarketError> for ApiError {
             MarketError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "not_saved"),
         };
         Self::new(status, code, &message)
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "ledger_failed", &error.to_string())
     }
 }
 

@@ -15,6 +15,7 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,27 @@ pub const WASI_RUNTIME_MEMORY: u64 = 64 << 20;
 
 /// How often the scratch disk is measured.
 const DISK_CHECK: Duration = Duration::from_millis(200);
+
+/// The file in the job folder where a run leaves what the job used ([`Usage`]).
+pub const USAGE_FILE: &str = "usage.json";
+
+/// What a job used, as measured on this machine: the basis of a receipt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Wall-clock time from `running` to the end, paused time excluded, in milliseconds.
+    pub running_ms: u64,
+    /// CPU time of every process of the job, as its cgroup counted it, in microseconds.
+    pub cpu_usec: u64,
+    /// The most scratch disk (`out`, `work`, `tmp`) measured at once, in bytes.
+    pub disk_peak_bytes: u64,
+}
+
+impl Usage {
+    /// What the run of the job in `job_dir` left; `None` when it never ran (or left nothing).
+    pub fn read(job_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&fs::read(job_dir.join(USAGE_FILE)).ok()?).ok()
+    }
+}
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -337,8 +359,12 @@ impl Runner {
         }
         let _ = events.send(RunEvent::State(JobState::Running));
 
+        let started = Instant::now();
+        let mut paused_for = Duration::ZERO;
+        let disk_peak = Arc::new(AtomicU64::new(0));
         let mut deadline = tokio::time::Instant::now() + spec.limits.time;
-        let mut disk = tokio::spawn(watch_disk(job_dir.to_owned(), spec.resources.disk_bytes));
+        let mut disk =
+            tokio::spawn(watch_disk(job_dir.to_owned(), spec.resources.disk_bytes, Arc::clone(&disk_peak)));
         let mut paused_since: Option<Instant> = None;
         let mut controls_open = true;
         let ending = loop {
@@ -362,6 +388,7 @@ impl Runner {
                         let result = blocking(cgroup, JobCgroup::thaw).await;
                         if result.is_ok() && let Some(since) = paused_since.take() {
                             deadline += since.elapsed();
+                            paused_for += since.elapsed();
                             let _ = events.send(RunEvent::State(JobState::Running));
                         }
                         let _ = reply.send(result);
@@ -370,8 +397,24 @@ impl Runner {
             }
         };
         disk.abort();
+        let running = started
+            .elapsed()
+            .saturating_sub(paused_for + paused_since.map_or(Duration::ZERO, |since| since.elapsed()));
         // Whatever ended the run, nothing of the job may be left; this also closes the pipes.
         let killed = blocking(cgroup, JobCgroup::kill_all).await;
+        let usage = Usage {
+            running_ms: u64::try_from(running.as_millis()).unwrap_or(u64::MAX),
+            cpu_usec: cgroup
+                .cpu_usage()
+                .map_or(0, |used| u64::try_from(used.as_micros()).unwrap_or(u64::MAX)),
+            disk_peak_bytes: disk_peak.load(Ordering::Relaxed),
+        };
+        if let Err(error) = serde_json::to_vec(&usage)
+            .map_err(io::Error::from)
+            .and_then(|bytes| fs::write(job_dir.join(USAGE_FILE), bytes))
+        {
+            warn!(job = %request.id, %error, "cannot record what the job used");
+        }
         let _ = shim.start_kill();
         if tokio::time::timeout(Duration::from_secs(10), shim.wait()).await.is_err() {
             warn!(job = %request.id, "the sandbox did not exit after being killed");
@@ -440,12 +483,16 @@ enum Ending {
 
 /// Measures the scratch every [`DISK_CHECK`] on the blocking pool, apart from the watch loop so a
 /// slow walk never delays a cancel or a deadline; returns once the job is over its limit.
-async fn watch_disk(job_dir: PathBuf, limit: u64) -> Ending {
+async fn watch_disk(job_dir: PathBuf, limit: u64, peak: Arc<AtomicU64>) -> Ending {
     let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
     loop {
         tokio::time::sleep(DISK_CHECK).await;
         let dirs = dirs.clone();
-        match tokio::task::spawn_blocking(move || scratch::usage(&dirs, limit)).await {
+        let result = tokio::task::spawn_blocking(move || scratch::usage(&dirs, limit)).await;
+        if let Ok(Ok(used)) = &result {
+            peak.fetch_max(*used, Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(used)) if used > limit => return Ending::DiskFull(used),
             Ok(Err(scratch::Unmeasurable::Hidden(path))) => return Ending::Hidden(path),
             _ => {}

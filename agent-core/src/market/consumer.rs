@@ -18,6 +18,7 @@ use super::matching::{self, Amount, Candidate};
 use super::{Inner, MarketError, credits, price_per_hour, random_hex};
 use crate::events::Event;
 use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
+use crate::ledger::record::Kind;
 use crate::net::advert::{AdvertBody, Prices};
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, REQUEST_TAG, Reply, Resources, Signed, Terms, VERSION,
@@ -80,6 +81,8 @@ pub struct RemoteJob {
     pub refusals: Vec<String>,
     /// The job's outputs (a folder blob), once fetched.
     pub outputs: Option<BlobRef>,
+    /// What the countersigned receipt charged, in thousandths of a credit.
+    pub charged: Option<u64>,
     /// When it was submitted, in Unix seconds.
     pub created_at: i64,
     /// When it last changed, in Unix seconds.
@@ -222,6 +225,7 @@ pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<Remot
         agreement: None,
         refusals: Vec::new(),
         outputs: None,
+        charged: None,
         created_at: now,
         updated_at: now,
     };
@@ -330,6 +334,7 @@ async fn search(inner: Arc<Inner>, id: String) {
                 }
             };
             let hash = signed.hash().unwrap_or_default();
+            inner.parts.ledger.note(Kind::Request, &signed).await;
             {
                 let mut state = inner.consumer();
                 let Some(negotiation) = state.jobs.get_mut(&id).and_then(|e| e.negotiation.as_mut()) else {
@@ -452,6 +457,7 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
         Ok(terms) => terms,
         Err(rejection) => return Reply::Declined { reason: format!("offer rejected: {rejection}") },
     };
+    inner.parts.ledger.note(Kind::Offer, &signed).await;
     let declined = |reason: String| Reply::Declined { reason };
     let rank = {
         let state = inner.consumer();
@@ -572,6 +578,7 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
         .put_agreement(&terms.agreement_id, "consumer", &peer.to_string(), document, unix_now())
         .await
         .map_err(|e| e.to_string())?;
+    inner.parts.ledger.note(Kind::Agreement, &agreement).await;
     let others: Vec<PeerId> = {
         let mut state = inner.consumer();
         let entry = state.jobs.get_mut(&terms.request_id).ok_or("the job is gone")?;

@@ -16,19 +16,22 @@ use tokio_util::sync::CancellationToken;
 
 use super::matching::{self, Amount, Class, Pending, Weights};
 use super::{
-    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, random_hex, rejected, reputation,
+    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, random_hex, receipts, rejected,
+    reputation,
 };
 use crate::availability::{Availability, Capacity};
 use crate::events::Event;
+use crate::jobs::runner::Usage;
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState, Stream};
+use crate::ledger::record::Kind;
 use crate::net::advert::MAX_CLOCK_SKEW;
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
     Terms, VERSION, verify_detached,
 };
 use crate::net::unix_now;
-use crate::transfer::{BlobRef, FetchRequest};
+use crate::transfer::{BlobRef, FetchRequest, Imported};
 
 /// The most requests waiting at once; more are refused.
 const MAX_PENDING: usize = 10_000;
@@ -110,34 +113,44 @@ pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
         Err(rejection) => return rejected("request", &rejection),
     };
     let history = inner.parts.store.agreement_history(&peer.to_string(), "provider").await.unwrap_or((0, 0));
-    let mut state = inner.provider();
-    let known =
-        state.pending.iter().position(|w| w.consumer == peer && w.request.request_id == request.request_id);
-    let offered = state.offering.contains_key(&(peer, request.request_id.clone()));
-    let mine = state.pending.iter().filter(|w| w.consumer == peer).count();
-    let position = match known {
-        Some(position) => position,
-        None if offered => return refused("terms for this request are on their way to you".into()),
-        None if mine >= MAX_PENDING_PER_PEER => {
-            return refused(format!("{MAX_PENDING_PER_PEER} of your requests already wait here"));
-        }
-        None if state.pending.len() >= MAX_PENDING => {
-            return refused(format!("{MAX_PENDING} requests already wait here; try later"));
-        }
-        None => {
-            let waiting = Waiting {
-                request,
-                hash,
-                consumer: peer,
-                arrived: Instant::now(),
-                reputation: reputation(history),
-            };
-            state.pending.push(waiting);
-            state.pending.len() - 1
+    let queued = {
+        let mut state = inner.provider();
+        let known = state
+            .pending
+            .iter()
+            .position(|w| w.consumer == peer && w.request.request_id == request.request_id);
+        let offered = state.offering.contains_key(&(peer, request.request_id.clone()));
+        let mine = state.pending.iter().filter(|w| w.consumer == peer).count();
+        match known {
+            Some(position) => Ok((position, false)),
+            None if offered => Err(refused("terms for this request are on their way to you".into())),
+            None if mine >= MAX_PENDING_PER_PEER => {
+                Err(refused(format!("{MAX_PENDING_PER_PEER} of your requests already wait here")))
+            }
+            None if state.pending.len() >= MAX_PENDING => {
+                Err(refused(format!("{MAX_PENDING} requests already wait here; try later")))
+            }
+            None => {
+                let waiting = Waiting {
+                    request,
+                    hash,
+                    consumer: peer,
+                    arrived: Instant::now(),
+                    reputation: reputation(history),
+                };
+                state.pending.push(waiting);
+                Ok((state.pending.len() - 1, true))
+            }
         }
     };
-    drop(state);
+    let (position, new) = match queued {
+        Ok(queued) => queued,
+        Err(reply) => return reply,
+    };
     inner.wake.notify_one();
+    if new {
+        inner.parts.ledger.note(Kind::Request, &signed).await;
+    }
     Reply::Queued { position: position as u64 }
 }
 
@@ -392,6 +405,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     };
     let agreement = match Signed::sign(&inner.parts.identity, AGREEMENT_TAG, &terms) {
         Ok(offer) => {
+            inner.parts.ledger.note(Kind::Offer, &offer).await;
             let message = Message::Offer { terms: offer.clone() };
             match inner.parts.network.negotiate(waiting.consumer, message).await {
                 Ok(Reply::Accepted { signature }) => {
@@ -450,6 +464,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     {
         tracing::error!(agreement = %id, %error, "cannot record the agreement");
     }
+    inner.parts.ledger.note(Kind::Agreement, &agreement).await;
     tracing::info!(agreement = %id, consumer = %waiting.consumer, "agreed to run a job");
     let (mut state, mut reason, outputs) = execute(&inner, &id, &request, waiting.consumer, &cancel).await;
     if inner.stop.is_cancelled() {
@@ -464,10 +479,15 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         tracing::warn!(agreement = %id, %error, "cannot remove the job's files");
     }
     let outcome = state.name();
-    notify(&inner, &id, state, reason, outputs).await;
+    let job_dir =
+        inner.provider().agreements.get(&id).and_then(|running| running.job.clone()).map(|(_, dir)| dir);
+    let measured = job_dir.as_deref().and_then(Usage::read);
+    let receipt = receipts::issue(&inner, &agreement, &terms, &state, measured, outputs.as_ref());
+    notify(&inner, &id, state, reason, outputs.map(|imported| imported.blob), receipt).await;
     if let Some(running) = inner.provider().agreements.get_mut(&id) {
         running.ended = true;
     }
+    receipts::release(&inner, &id, outcome).await;
     if let Err(error) = inner.parts.store.end_agreement(&id, outcome).await {
         tracing::error!(agreement = %id, %error, "cannot record how the agreement ended");
     }
@@ -481,9 +501,9 @@ async fn execute(
     request: &JobRequest,
     consumer: PeerId,
     cancel: &CancellationToken,
-) -> (JobState, Option<String>, Option<BlobRef>) {
+) -> (JobState, Option<String>, Option<Imported>) {
     let failed = |reason: String| (JobState::Failed { reason }, None, None);
-    notify(inner, agreement_id, JobState::Transferring, None, None).await;
+    notify(inner, agreement_id, JobState::Transferring, None, None, None).await;
     let dir = inner.parts.dir.join(agreement_id);
     if let Err(error) = tokio::fs::create_dir_all(&dir).await {
         return failed(format!("cannot create the job's folder: {error}"));
@@ -509,6 +529,13 @@ async fn execute(
             Fetched::Failed(error) => return failed(format!("cannot get the job's file {path}: {error}")),
         }
     }
+    let arrived = serde_json::json!({
+        "agreement_id": agreement_id,
+        "what": "inputs",
+        "blobs": request.files.values().map(|blob| blob.hash.to_string()).collect::<Vec<_>>(),
+        "bytes": request.resources.disk_bytes.max(MIN_FILES_CAP) - left,
+    });
+    inner.parts.ledger.note(Kind::Transfer, &arrived).await;
     let spec_path = dir.join("job.toml");
     if let Err(error) = tokio::fs::write(&spec_path, &request.spec).await {
         return failed(format!("cannot write the job's spec: {error}"));
@@ -552,13 +579,13 @@ async fn execute(
             Ok(Event::JobChanged { job: changed }) if changed.id == job.id => {
                 state = changed.state.clone();
                 if !state.is_terminal() {
-                    notify(inner, agreement_id, state.clone(), reason.clone(), None).await;
+                    notify(inner, agreement_id, state.clone(), reason.clone(), None, None).await;
                 }
             }
             Ok(Event::OwnerNotice { notice }) if notice.job_id == job.id => {
                 reason = Some(format!("the provider's owner {} the job: {}", notice.kind, notice.reason));
                 if !state.is_terminal() {
-                    notify(inner, agreement_id, state.clone(), reason.clone(), None).await;
+                    notify(inner, agreement_id, state.clone(), reason.clone(), None, None).await;
                 }
             }
             Ok(_) => {}
@@ -575,7 +602,7 @@ async fn execute(
     }
     let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out"), None).await {
         Ok(imported) => match inner.parts.transfers.grant(consumer, imported.blob).await {
-            Ok(()) => Some(imported.blob),
+            Ok(()) => Some(imported),
             Err(error) => {
                 tracing::error!(job = %job.id, %error, "cannot grant the outputs");
                 None
@@ -630,6 +657,7 @@ async fn notify(
     job: JobState,
     reason: Option<String>,
     outputs: Option<BlobRef>,
+    receipt: Option<Signed>,
 ) {
     let signed = {
         let mut state = inner.provider();
@@ -645,6 +673,7 @@ async fn notify(
             job,
             reason,
             outputs,
+            receipt,
         };
         match Signed::sign(&inner.parts.identity, NOTICE_TAG, &notice) {
             Ok(signed) => {
@@ -658,6 +687,7 @@ async fn notify(
         }
     };
     let (consumer, notice) = signed;
+    inner.parts.ledger.note(Kind::Notice, &notice).await;
     let tries = if inner.stop.is_cancelled() { 1 } else { NOTICE_TRIES };
     for attempt in 1..=tries {
         let message = Message::Notice { notice: notice.clone() };

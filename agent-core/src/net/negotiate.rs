@@ -186,6 +186,11 @@ pub struct Agreement {
 }
 
 impl Agreement {
+    /// BLAKE3 (hex) of the canonical terms: what a receipt cites the agreement by.
+    pub fn hash(&self) -> Result<String, Rejection> {
+        Ok(bao_tree::blake3::hash(&canonical_json(&self.terms)?).to_hex().to_string())
+    }
+
     /// Checks both signatures against the peers the terms name, and reads the terms.
     pub fn verify(&self) -> Result<Terms, Rejection> {
         let offer = Signed { body: self.terms.clone(), signature: self.provider_signature.clone() };
@@ -207,7 +212,7 @@ fn peer_field(body: &Value, field: &str) -> Result<PeerId, Rejection> {
 
 /// What a provider tells the consumer about the job under an agreement. Signed under
 /// [`NOTICE_TAG`] by the provider.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
     /// [`VERSION`].
     pub version: u64,
@@ -227,6 +232,9 @@ pub struct Notice {
     pub reason: Option<String>,
     /// The job's outputs as a folder blob, granted to the consumer, once it ended.
     pub outputs: Option<BlobRef>,
+    /// Once the job ended: the receipt for the work, signed by the provider (a signed document
+    /// under `hearth/receipt/v1`, see `docs/ledger.md`), for the consumer to countersign.
+    pub receipt: Option<Signed>,
 }
 
 /// A message from either side; each has one [`Reply`].
@@ -265,6 +273,20 @@ pub enum Message {
         /// The agreement.
         agreement_id: String,
     },
+    /// Consumer to provider: its countersignature of the receipt in the last notice, and its own
+    /// ledger's checkpoint (which now holds the receipt) for the provider to keep. Answered
+    /// `checkpoint` (the provider's, once the receipt is in its ledger too) or `refused`.
+    Countersign {
+        /// The agreement.
+        agreement_id: String,
+        /// Hex Ed25519 by the consumer over the receipt under `hearth/receipt/v1`.
+        signature: String,
+        /// The consumer's signed checkpoint.
+        checkpoint: Option<Signed>,
+    },
+    /// Either side to the other: the newest checkpoint of the sender's ledger that the receiver
+    /// holds. Answered `checkpoint`.
+    Witness,
     /// Consumer to provider: the job's output from a byte offset. Answered `logs` or `refused`.
     Logs {
         /// The agreement.
@@ -306,6 +328,11 @@ pub enum Reply {
     Notice {
         /// The notice.
         notice: Signed,
+    },
+    /// A signed ledger checkpoint (`hearth/checkpoint/v1`, see `docs/ledger.md`), or none held.
+    Checkpoint {
+        /// The checkpoint.
+        checkpoint: Option<Signed>,
     },
     /// Output of the job.
     Logs {

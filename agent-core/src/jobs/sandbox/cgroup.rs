@@ -266,6 +266,19 @@ impl JobCgroup {
         }
     }
 
+    /// The CPU time every process of the job has used so far (v2 `cpu.stat` `usage_usec`, v1
+    /// `cpuacct.usage`); `None` where the hierarchy does not count it.
+    pub fn cpu_usage(&self) -> Option<Duration> {
+        match &self.layout {
+            Layout::V2 { dir } => read_key(&dir.join("cpu.stat"), "usage_usec").map(Duration::from_micros),
+            Layout::V1 { cpu, cpuacct, .. } => {
+                let dir = cpuacct.as_ref().unwrap_or(cpu);
+                let nanos = fs::read_to_string(dir.join("cpuacct.usage")).ok()?;
+                Some(Duration::from_nanos(nanos.trim().parse().ok()?))
+            }
+        }
+    }
+
     /// How many forks were refused at the pid limit.
     pub fn pids_limit_hits(&self) -> u64 {
         let dir = match &self.layout {

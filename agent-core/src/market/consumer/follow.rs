@@ -13,14 +13,16 @@ use crate::net::unix_now;
 /// How long past the agreed window a job may go without its provider ending it.
 const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 use crate::jobs::JobState;
+use crate::ledger::record::Kind;
+use crate::market::receipts;
 use crate::market::{Fetched, Inner, fetch_to_end, rejected};
-use crate::net::negotiate::{Message, NOTICE_TAG, Notice, Reply, Signed};
+use crate::net::negotiate::{Agreement, Message, NOTICE_TAG, Notice, Reply, Signed};
 use crate::transfer::{BlobRef, FetchRequest, Format};
 
 /// A notice from the provider of one of this agent's jobs.
 pub(in crate::market) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
     match signed.open::<Notice>(NOTICE_TAG, &peer) {
-        Ok(notice) => match apply(inner, &peer, notice).await {
+        Ok(notice) => match apply(inner, &peer, notice, &signed).await {
             Ok(()) => Reply::Done,
             Err(reason) => Reply::Refused { reason },
         },
@@ -28,8 +30,9 @@ pub(in crate::market) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signe
     }
 }
 
-/// Moves the job to the notice's state; when the job ended there, fetches its outputs first.
-async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), String> {
+/// Moves the job to the notice's state (and records the notice); when the job ended there,
+/// fetches its outputs first.
+async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice, signed: &Signed) -> Result<(), String> {
     let fetch = {
         let mut state = inner.consumer();
         let entry = state.by_agreement(&notice.agreement_id).ok_or("no such agreement here")?;
@@ -44,13 +47,22 @@ async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), 
             entry.ended_there = true;
             entry.job.note = Some("the job ended; fetching its outputs".into());
             entry.job.state = JobState::Transferring;
-            Some((entry.job.id.clone(), notice.outputs, notice.job.clone(), notice.reason.clone()))
+            let agreement = entry.job.agreement.clone();
+            Some((
+                entry.job.id.clone(),
+                notice.outputs,
+                notice.job.clone(),
+                notice.reason.clone(),
+                notice.receipt.clone(),
+                agreement,
+            ))
         } else {
             entry.job.state = notice.job.clone();
             entry.job.note = Some(notice.reason.clone().unwrap_or_else(|| format!("at {peer}")));
             None
         }
     };
+    inner.parts.ledger.note(Kind::Notice, signed).await;
     let id = match &fetch {
         Some((id, ..)) => id.clone(),
         None => {
@@ -58,24 +70,35 @@ async fn apply(inner: &Arc<Inner>, peer: &PeerId, notice: Notice) -> Result<(), 
         }
     };
     update(inner, &id, |_| {}).await;
-    if let Some((id, outputs, ended, reason)) = fetch {
+    if let Some((id, outputs, ended, reason, receipt, agreement)) = fetch {
         let task_inner = Arc::clone(inner);
         let provider = *peer;
-        inner
-            .tasks
-            .spawn(async move { fetch_outputs(task_inner, id, provider, outputs, ended, reason).await });
+        let ending = Ending { ended, reason, receipt, agreement };
+        inner.tasks.spawn(async move { fetch_outputs(task_inner, id, provider, outputs, ending).await });
     }
     Ok(())
 }
 
+/// What the provider's last notice said of the end of a job.
+struct Ending {
+    ended: JobState,
+    reason: Option<String>,
+    /// The provider's signed receipt.
+    receipt: Option<Signed>,
+    /// The agreement it was done under.
+    agreement: Option<Agreement>,
+}
+
+/// Fetches a job's outputs, records them and the end of the agreement, countersigns the receipt,
+/// and gives the job its final state.
 async fn fetch_outputs(
     inner: Arc<Inner>,
     id: String,
     provider: PeerId,
     outputs: Option<BlobRef>,
-    ended: JobState,
-    reason: Option<String>,
+    ending: Ending,
 ) {
+    let Ending { ended, reason, receipt, agreement } = ending;
     let disk = inner
         .consumer()
         .get(&id)
@@ -86,7 +109,7 @@ async fn fetch_outputs(
         Some(blob) => {
             let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
             match fetch_to_end(&inner.parts.transfers, request, &inner.stop).await {
-                Fetched::Done(_) => Ok(Some(blob)),
+                Fetched::Done(size) => Ok(Some((blob, size))),
                 Fetched::Failed(error) => Err(error),
                 // Left to resume with the agent: returned from just below.
                 Fetched::Stopped(_) => Err(String::new()),
@@ -98,11 +121,41 @@ async fn fetch_outputs(
         // Left `transferring`: the next start asks the provider again and resumes the fetch.
         return;
     }
+    let agreement_id =
+        agreement.as_ref().and_then(|a| a.terms.get("agreement_id")?.as_str().map(str::to_owned));
+    let mut charged = None;
+    if let (Ok(blob), Some(agreement_id)) = (&fetched, &agreement_id) {
+        if let Some((blob, size)) = blob {
+            let arrived = serde_json::json!({
+                "agreement_id": agreement_id,
+                "what": "outputs",
+                "blobs": [blob.hash.to_string()],
+                "bytes": size,
+            });
+            inner.parts.ledger.note(Kind::Transfer, &arrived).await;
+        }
+        receipts::release(&inner, agreement_id, ended.name()).await;
+        let root = blob.map(|(blob, _)| blob.hash.to_string());
+        match (receipt, &agreement) {
+            (Some(receipt), Some(agreement)) => {
+                match receipts::countersign(&inner, provider, agreement, receipt, &ended, root.as_deref())
+                    .await
+                {
+                    Ok(body) => charged = Some(body.amount),
+                    Err(why) => {
+                        tracing::warn!(%provider, agreement = %agreement_id, "receipt not countersigned: {why}")
+                    }
+                }
+            }
+            _ => tracing::warn!(%provider, agreement = %agreement_id, "the job ended without a receipt"),
+        }
+    }
     update(&inner, &id, |job| match fetched {
         Ok(blob) => {
-            job.outputs = blob;
+            job.outputs = blob.map(|(blob, _)| blob);
             job.state = ended;
             job.note = reason;
+            job.charged = charged;
         }
         Err(error) => {
             job.state = JobState::Failed {
@@ -159,9 +212,9 @@ async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
         let message = Message::Status { agreement_id: agreement_id.clone() };
         let failure = match inner.parts.network.negotiate(provider, message).await {
             Ok(Reply::Notice { notice }) => match notice.open::<Notice>(NOTICE_TAG, &provider) {
-                Ok(notice) => {
+                Ok(opened) => {
                     missed = 0;
-                    let _ = apply(&inner, &provider, notice).await;
+                    let _ = apply(&inner, &provider, opened, &notice).await;
                     continue;
                 }
                 Err(rejection) => {
