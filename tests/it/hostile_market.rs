@@ -134,10 +134,22 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
             job: JobState::Running,
             reason: None,
             outputs: None,
+            receipt: None,
         };
         let unsigned = Signed { signature: "zz".into(), ..Signed::sign(&me, NOTICE_TAG, &notice)? };
         let reply = ask(&mut swarm, provider, Message::Notice { notice: unsigned }).await?;
         ensure!(refused_for_signature(&reply), "an unsigned notice was not refused: {reply:?}");
+        // A countersignature for a receipt the agent never issued changes nothing, and an agent
+        // holds no checkpoint of a stranger's ledger.
+        let forged = Message::Countersign {
+            agreement_id: "hostile-a".into(),
+            signature: "00".repeat(64),
+            checkpoint: None,
+        };
+        let reply = ask(&mut swarm, provider, forged).await?;
+        ensure!(matches!(reply, Reply::Refused { .. }), "a stray countersignature was taken: {reply:?}");
+        let reply = ask(&mut swarm, provider, Message::Witness).await?;
+        ensure!(reply == Reply::Checkpoint { checkpoint: None }, "a checkpoint of a stranger: {reply:?}");
 
         // A genuine request: the agent queues it and offers terms it really signed; a forged
         // acceptance must not make an agreement.

@@ -1,0 +1,171 @@
+//! Receipts and ledgers end to end, two agent processes on loopback: a finished job leaves the same
+//! countersigned receipt in both ledgers, both verify (each witnessed by the other), earnings on
+//! each side add up to it, every kind of interaction is recorded, the exports pass the verifier
+//! written from docs/ledger.md, and a provider that cuts its ledger short is caught by the
+//! checkpoint its consumer holds.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hearth_tests::jobs::{JobDir, wasm_module};
+use hearth_tests::{Agent, json_of, pseudo_random};
+use serde_json::Value;
+
+use crate::network::{address, joining, wait_to_know};
+
+/// The rows of `agent`'s ledger, as `hearth ledger export` writes them (header first).
+fn export(agent: &Agent, out: &Path) -> Result<Vec<Value>> {
+    let output = agent.cli(&["ledger", "export", "--out", out.to_str().context("path")?])?;
+    ensure!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    fs::read_to_string(out)?.lines().map(|line| Ok(serde_json::from_str(line)?)).collect()
+}
+
+fn verify(agent: &Agent) -> Result<(bool, Value)> {
+    let output = agent.cli(&["ledger", "verify", "--json"])?;
+    let report = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("ledger verify: {}", String::from_utf8_lossy(&output.stderr)))?;
+    Ok((output.status.success(), report))
+}
+
+fn receipts(rows: &[Value]) -> Vec<&Value> {
+    rows.iter().filter(|row| row["kind"] == "receipt").collect()
+}
+
+pub(crate) fn a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers() -> Result<()> {
+    let consumer = Agent::start()?;
+    let (bootstrap, consumer_id) = address(&consumer)?;
+    let mut provider = joining(&bootstrap)?;
+    let (_, provider_id) = address(&provider)?;
+    wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
+
+    let dir = JobDir::new()?;
+    fs::copy(wasm_module("copy")?, dir.path().join("copy.wasm"))?;
+    fs::write(dir.path().join("data.bin"), pseudo_random(1 << 20, 3))?;
+    let spec = dir.file(
+        "job.toml",
+        b"kind = \"wasi\"\nmodule = \"copy.wasm\"\nargs = [\"data.bin\", \"reversed.bin\"]\n\
+          inputs = [\"data.bin\"]\n[resources]\ncpu = 1\nmemory = \"64MiB\"\n[limits]\ntime = \"120s\"\n",
+    )?;
+    let output = consumer.cli(&["submit", spec.to_str().context("path")?, "--wait"])?;
+    ensure!(
+        output.status.success(),
+        "submit --wait failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        consumer.log()
+    );
+    let id = String::from_utf8(output.stdout)?.lines().next().context("no id")?.to_owned();
+    let jobs = json_of(&consumer.cli(&["jobs", "--json"])?)?;
+    let job =
+        jobs.as_array().and_then(|all| all.iter().find(|j| j["id"] == id.as_str())).context("no job")?;
+    ensure!(job["state"] == "finished", "{job}");
+    let charged = job["charged"].as_u64().with_context(|| format!("no receipt was countersigned: {job}"))?;
+
+    // The same receipt, both signatures, in both ledgers.
+    let (consumer_rows, provider_rows) = (
+        export(&consumer, &dir.path().join("consumer.jsonl"))?,
+        export(&provider, &dir.path().join("provider.jsonl"))?,
+    );
+    ensure!(
+        consumer_rows[0]["owner"] == consumer_id.as_str()
+            && provider_rows[0]["owner"] == provider_id.as_str()
+    );
+    let (mine, theirs) = (receipts(&consumer_rows), receipts(&provider_rows));
+    ensure!(mine.len() == 1 && theirs.len() == 1, "receipts: consumer {mine:?}, provider {theirs:?}");
+    ensure!(mine[0]["body"] == theirs[0]["body"], "the two ledgers hold different receipts");
+    let receipt = &mine[0]["body"]["receipt"];
+    ensure!(receipt["provider"] == provider_id.as_str() && receipt["consumer"] == consumer_id.as_str());
+    ensure!(receipt["outcome"] == "finished" && receipt["exit_code"] == 0, "{receipt}");
+    ensure!(receipt["result"] == job["outputs"]["hash"], "the receipt names other outputs: {receipt} {job}");
+    ensure!(receipt["agreement_id"] == job["agreement_id"], "{receipt}");
+    let charges = &receipt["charges"];
+    let sum = ["cpu", "memory", "gpu"].iter().map(|k| charges[k].as_u64().unwrap_or(0)).sum::<u64>();
+    ensure!(receipt["amount"] == sum && sum == charged && charged > 0, "{receipt}");
+    ensure!(receipt["usage"]["running_ms"].as_u64().is_some_and(|ms| ms > 0), "{receipt}");
+
+    // Every kind of interaction is on record, on both sides.
+    for (who, rows) in [("consumer", &consumer_rows), ("provider", &provider_rows)] {
+        for kind in ["request", "offer", "agreement", "transfer", "notice", "release", "receipt"] {
+            ensure!(rows.iter().any(|row| row["kind"] == kind), "the {who}'s ledger has no {kind}: {rows:?}");
+        }
+    }
+
+    // Both verify, and each is witnessed by the other.
+    for (agent, other) in [(&consumer, &provider_id), (&provider, &consumer_id)] {
+        let (ok, report) = verify(agent)?;
+        ensure!(ok && report["broken"].is_null(), "{report}");
+        let witnesses = report["witnesses"].as_array().context("witnesses")?;
+        ensure!(
+            witnesses.iter().any(|w| w["peer"] == other.as_str() && w["verdict"] == "matches"),
+            "not witnessed by {other}: {report}"
+        );
+    }
+
+    // Earnings: what one earned the other spent.
+    let earned = json_of(&provider.cli(&["earnings", "--json", "--by", "day"])?)?;
+    let spent = json_of(&consumer.cli(&["earnings", "--json"])?)?;
+    ensure!(earned["total"]["earned"]["amount"] == charged, "{earned}");
+    ensure!(earned["total"]["earned"]["by_peer"][&consumer_id] == charged, "{earned}");
+    ensure!(
+        spent["total"]["spent"]["amount"] == charged && spent["total"]["earned"]["amount"] == 0,
+        "{spent}"
+    );
+    ensure!(spent["total"]["spent"]["by_kind"] == *charges, "{spent}");
+
+    // The exports pass the verifier written from docs/ledger.md alone, where Python is.
+    if crate::python_present() {
+        for file in ["consumer.jsonl", "provider.jsonl"] {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/verify_ledger.py");
+            let output =
+                std::process::Command::new("python3").arg(script).arg(dir.path().join(file)).output()?;
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            ensure!(
+                output.status.success() && stdout.starts_with("ok "),
+                "{file}: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    } else {
+        eprintln!(
+            "SKIPPED part of {}: python3 is not installed, the Python verifier did not run",
+            module_path!()
+        );
+    }
+
+    // The provider cuts its ledger short from the receipt on (a history it would rather not
+    // have): alone the shorter chain holds, but the consumer's checkpoint shows the cut.
+    provider.terminate()?;
+    let store = rusqlite::Connection::open(provider.data_dir().join("hearth.db"))?;
+    store.execute_batch(
+        "DROP TRIGGER ledger_no_delete;
+         DELETE FROM ledger WHERE seq >= (SELECT min(seq) FROM ledger WHERE kind = 'receipt');",
+    )?;
+    let last: i64 = store.query_row("SELECT max(seq) FROM ledger", [], |row| row.get(0))?;
+    drop(store);
+    let alone = provider.cli(&["ledger", "verify", "--json"])?;
+    ensure!(
+        alone.status.success(),
+        "the cut chain alone should hold: {}",
+        String::from_utf8_lossy(&alone.stdout)
+    );
+    provider.restart()?;
+    wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (ok, report) = verify(&provider)?;
+        let truncated = report["witnesses"].as_array().is_some_and(|w| {
+            w.iter().any(|w| w["peer"] == consumer_id.as_str() && w["verdict"] == "truncated")
+        });
+        if truncated {
+            ensure!(!ok, "verify exited 0 on a truncated ledger: {report}");
+            break report;
+        }
+        if Instant::now() > until {
+            bail!("the consumer's checkpoint never showed the cut: {report}\n{}", provider.log());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    ensure!(report["broken"]["seq"] == last + 1, "the first bad row should be {}: {report}", last + 1);
+    Ok(())
+}
