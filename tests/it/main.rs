@@ -15,6 +15,8 @@ mod flood;
 mod hostile_market;
 mod job_network;
 mod jobs;
+mod ledger;
+mod ledger_crash;
 mod market;
 mod network;
 mod protocol;
@@ -35,6 +37,11 @@ fn trial_if(name: &str, test: TestFn, available: bool, missing: &str) -> Trial {
         eprintln!("SKIPPED {name}: {missing}");
     }
     trial(name, test).with_ignored_flag(!available)
+}
+
+/// Whether `python3` runs here (the verifiers written from the docs are Python).
+fn python_present() -> bool {
+    std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 fn main() {
@@ -59,8 +66,7 @@ fn main() {
         true => Ok(()),
         false => Err("nft is not installed (`apt install nftables`)".to_owned()),
     });
-    let python =
-        std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    let python = python_present();
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
         trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
@@ -70,6 +76,14 @@ fn main() {
         ),
         trial("daemon::sigint_stops_cleanly", daemon::sigint_stops_cleanly),
         trial("daemon::restart_after_kill_9_recovers", daemon::restart_after_kill_9_recovers),
+        sandboxed(
+            "ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers",
+            ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
+        ),
+        trial(
+            "ledger_crash::kill_9_during_appends_loses_no_acknowledged_receipt",
+            ledger_crash::kill_9_during_appends_loses_no_acknowledged_receipt,
+        ),
         trial(
             "daemon::bad_config_names_the_field_and_writes_nothing",
             daemon::bad_config_names_the_field_and_writes_nothing,
@@ -220,6 +234,12 @@ fn main() {
         trial_if(
             "protocol::a_verifier_written_from_the_protocol_doc_checks_adverts",
             protocol::a_verifier_written_from_the_protocol_doc_checks_adverts,
+            python,
+            "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
+        trial_if(
+            "protocol::a_verifier_written_from_the_ledger_doc_checks_an_export",
+            protocol::a_verifier_written_from_the_ledger_doc_checks_an_export,
             python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),

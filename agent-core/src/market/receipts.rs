@@ -401,7 +401,7 @@ mod tests {
 
         // A job that never ran is charged nothing.
         let nothing = receipt_body(&agreement, &terms, &failed, Measured::default(), None, 5_000);
-        assert_eq!((nothing.amount, nothing.result), (0, None));
+        assert_eq!((nothing.amount, nothing.result.as_deref()), (0, None));
         assert_eq!(check(&nothing, &agreement, &terms, &failed, None), Ok(()));
     }
 }
