@@ -115,6 +115,16 @@ async fn batch_mode_gives_the_same_chain_of_records() {
 }
 
 #[tokio::test]
+async fn a_receipt_offered_twice_counts_once() {
+    let fixture = ten_rows(Mode::Realtime).await;
+    let again = receipt(&fixture.owner, &fixture.peer, 2);
+    let head = fixture.ledger.append_receipt(&again).await.unwrap();
+    assert_eq!(head.seq, 10, "the second copy of receipt 2 was appended");
+    assert_eq!(fixture.ledger.receipts().await.unwrap().len(), 5);
+    assert_eq!(verify(&fixture.path).broken, None);
+}
+
+#[tokio::test]
 async fn a_flipped_bit_is_found_at_its_row() {
     let fixture = ten_rows(Mode::Realtime).await;
     let (copy, conn) = tamperable_copy(&fixture);

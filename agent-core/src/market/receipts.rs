@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use serde_json::json;
@@ -29,14 +30,17 @@ const COUNTERSIGN_TRIES: u32 = 3;
 /// Slack on the agreed window when checking a receipt's running time (clocks and rounding).
 const RUNNING_SLACK_MS: u64 = 5_000;
 
-/// Receipts this agent issued as a provider, by agreement.
+/// How long an issued receipt stays ready for its countersignature.
+const COUNTERSIGN_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Receipts this agent issued as a provider in the last [`COUNTERSIGN_WAIT`], by agreement.
 #[derive(Default)]
 pub(super) struct Issued(HashMap<String, IssuedReceipt>);
 
 struct IssuedReceipt {
     consumer: PeerId,
     signed: Signed,
-    countersigned: bool,
+    issued: Instant,
 }
 
 /// The provider's receipt for the job of `agreement` that ended in `state`, signed, and kept for
@@ -58,10 +62,11 @@ pub(super) fn issue(
             return None;
         }
     };
-    inner.issued().0.insert(
-        terms.agreement_id.clone(),
-        IssuedReceipt { consumer, signed: signed.clone(), countersigned: false },
-    );
+    let mut issued = inner.issued();
+    // Receipts nobody countersigned within a day are not kept for ever.
+    issued.0.retain(|_, receipt| receipt.issued.elapsed() < COUNTERSIGN_WAIT);
+    let receipt = IssuedReceipt { consumer, signed: signed.clone(), issued: Instant::now() };
+    issued.0.insert(terms.agreement_id.clone(), receipt);
     Some(signed)
 }
 
@@ -130,7 +135,7 @@ pub(super) async fn on_countersign(
     checkpoint: Option<Signed>,
 ) -> Reply {
     let refused = |reason: &str| Reply::Refused { reason: reason.to_owned() };
-    let (signed, already) = {
+    let signed = {
         let issued = inner.issued();
         let Some(receipt) = issued.0.get(agreement_id) else {
             return refused("no receipt of that agreement waits here");
@@ -138,23 +143,20 @@ pub(super) async fn on_countersign(
         if receipt.consumer != peer {
             return refused("the agreement is not with you");
         }
-        (receipt.signed.clone(), receipt.countersigned)
+        receipt.signed.clone()
     };
     let receipt =
         Receipt { receipt: signed.body, provider_signature: signed.signature, consumer_signature: signature };
     if let Err(rejection) = receipt.verify() {
         return super::rejected("countersignature", &rejection);
     }
-    if !already {
-        if let Err(error) = inner.parts.ledger.append_receipt(&receipt).await {
-            tracing::error!(agreement = agreement_id, %error, "cannot keep a countersigned receipt");
-            return refused("the provider could not keep the receipt");
-        }
-        if let Some(receipt) = inner.issued().0.get_mut(agreement_id) {
-            receipt.countersigned = true;
-        }
-        tracing::info!(agreement = agreement_id, consumer = %peer, "receipt countersigned");
+    // The ledger keeps one receipt per agreement: a countersignature sent again (its answer was
+    // lost) counts once and is answered the same way.
+    if let Err(error) = inner.parts.ledger.append_receipt(&receipt).await {
+        tracing::error!(agreement = agreement_id, %error, "cannot keep a countersigned receipt");
+        return refused("the provider could not keep the receipt");
     }
+    tracing::info!(agreement = agreement_id, consumer = %peer, "receipt countersigned");
     if let Some(checkpoint) = checkpoint
         && let Err(error) = inner.parts.ledger.witness(&peer, &checkpoint).await
     {
@@ -172,7 +174,7 @@ pub(super) async fn on_witness(inner: &Arc<Inner>, peer: PeerId) -> Reply {
 }
 
 /// How long a witness has to answer.
-const WITNESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const WITNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks every counterparty, at once, for the newest checkpoint of this agent's ledger it holds.
 pub(super) async fn ask_witnesses(inner: &Arc<Inner>) -> Vec<(String, Result<Option<Signed>, String>)> {
@@ -247,7 +249,7 @@ pub(super) async fn countersign(
             Err(error) if attempt == COUNTERSIGN_TRIES => {
                 tracing::info!(%provider, %error, "the countersigned receipt did not reach the provider");
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
     Ok(body)

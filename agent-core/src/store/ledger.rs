@@ -28,6 +28,10 @@ pub(super) const MIGRATION: &str = "CREATE TABLE ledger (
      BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
  CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
      BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+ CREATE TABLE ledger_receipts (
+     agreement_id TEXT PRIMARY KEY NOT NULL,
+     seq          INTEGER NOT NULL
+ ) STRICT;
  CREATE TABLE witnessed (
      peer        TEXT NOT NULL,
      seq         INTEGER NOT NULL,
@@ -58,7 +62,8 @@ pub struct Head {
 
 impl Store {
     /// Appends `rows` to the chain in one transaction (one commit, synced), in order; the new head.
-    /// With no rows, the head as it is.
+    /// With no rows, the head as it is. A receipt for an agreement the chain already holds a
+    /// receipt of is left out, so a receipt offered twice (a retry, a restart) counts once.
     pub async fn append_ledger(&self, rows: Vec<NewRow>) -> Result<Option<Head>, StoreError> {
         self.call(move |conn| {
             let tx = conn.transaction()?;
@@ -71,7 +76,21 @@ impl Store {
                     Some(head) => (head.seq, decode_hash(&head.hash)),
                     None => (0, GENESIS),
                 };
+                let mut receipt_of = tx.prepare_cached(
+                    "INSERT INTO ledger_receipts (agreement_id, seq) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                )?;
                 for row in rows {
+                    if row.kind == Kind::Receipt {
+                        let agreement = receipt_agreement(&row.body).ok_or_else(|| {
+                            rusqlite::Error::ToSqlConversionFailure(
+                                "a receipt without an agreement_id".into(),
+                            )
+                        })?;
+                        let next = i64::try_from(seq + 1).unwrap_or(i64::MAX);
+                        if receipt_of.execute(params![agreement, next])? == 0 {
+                            continue;
+                        }
+                    }
                     seq += 1;
                     let hash = row_hash(&prev, &entry_bytes_of_canonical(seq, row.at, row.kind, &row.body));
                     let seq_sql = i64::try_from(seq).unwrap_or(i64::MAX);
@@ -154,6 +173,19 @@ impl Store {
         })
         .await
     }
+}
+
+/// The agreement a receipt row's body cites.
+fn receipt_agreement(body: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Cites {
+        receipt: Agreement,
+    }
+    #[derive(serde::Deserialize)]
+    struct Agreement {
+        agreement_id: String,
+    }
+    serde_json::from_str::<Cites>(body).ok().map(|cites| cites.receipt.agreement_id)
 }
 
 fn head(conn: &Connection) -> rusqlite::Result<Option<Head>> {
