@@ -133,6 +133,29 @@ pub(crate) fn a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledge
         );
     }
 
+    // From the command line: an export verifies from the file alone; a copy of the store with one
+    // receipt's amount changed is named at that row, and the command fails.
+    let export_file = dir.path().join("consumer.jsonl");
+    let alone = consumer.cli(&["ledger", "verify", "--export", export_file.to_str().context("path")?])?;
+    ensure!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stdout));
+    let copy = dir.path().join("copy.db");
+    let store = rusqlite::Connection::open(consumer.data_dir().join("hearth.db"))?;
+    store.execute("VACUUM INTO ?1", [copy.to_str().context("path")?])?;
+    drop(store);
+    let edited = rusqlite::Connection::open(&copy)?;
+    edited.execute_batch("DROP TRIGGER ledger_no_update;")?;
+    let seq: i64 = edited.query_row("SELECT seq FROM ledger WHERE kind = 'receipt'", [], |row| row.get(0))?;
+    let changed = edited.execute(
+        "UPDATE ledger SET body = replace(body, '\"amount\":' || ?1, '\"amount\":' || (?1 + 1)) WHERE seq = ?2",
+        rusqlite::params![i64::try_from(charged)?, seq],
+    )?;
+    ensure!(changed == 1, "the receipt row was not edited");
+    drop(edited);
+    let tampered = consumer.cli(&["ledger", "verify", "--db", copy.to_str().context("path")?])?;
+    let said = String::from_utf8_lossy(&tampered.stdout);
+    ensure!(!tampered.status.success(), "a tampered copy verified: {said}");
+    ensure!(said.contains(&format!("broken at row {seq}:")), "the wrong row was named: {said}");
+
     // The provider cuts its ledger short from the receipt on (a history it would rather not
     // have): alone the shorter chain holds, but the consumer's checkpoint shows the cut.
     provider.terminate()?;
