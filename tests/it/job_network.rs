@@ -112,6 +112,13 @@ pub(crate) fn granted_network_reaches_the_internet_and_nothing_of_the_host() -> 
     ensure!(host_server.accepted() == 0, "a job's connection reached the host:\n{out}");
     ensure!(wan_server.accepted() == 1, "the router took {} connections:\n{out}", wan_server.accepted());
     ensure!(processes_with("slirp4netns") == 0, "slirp4netns outlived the job");
+    // What the job's network carried is metered for its receipt: at least the greeting it read.
+    let usage = network_usage(&run.job_dir()?)?;
+    ensure!(
+        usage >= "hello from the internet\n".len() as u64,
+        "network_bytes {usage} after a connection: {}",
+        std::fs::read_to_string(run.job_dir()?.join("usage.json"))?
+    );
     // The job's network stack must leave the host's mounts alone (as root, slirp4netns's own
     // sandbox would otherwise unmount shared mounts such as /run/netns/* on the host).
     ensure!(host.is_mounted() && wan.is_mounted(), "a job's network unmounted the host's namespaces");
@@ -143,5 +150,12 @@ pub(crate) fn network_is_off_unless_granted() -> Result<()> {
     ensure!(run.code()? != 0 && !run.stdout().contains("connected"), "{}", run.stdout());
     ensure!(run.stderr().contains("unreachable"), "{}", run.stderr());
     ensure!(wan_server.accepted() == 0, "a job without network reached the internet");
+    ensure!(network_usage(&run.job_dir()?)? == 0, "a job without network was metered some");
     Ok(())
+}
+
+/// `network_bytes` of the job's `usage.json`, what its receipt charges for.
+fn network_usage(job_dir: &std::path::Path) -> Result<u64> {
+    let usage: serde_json::Value = serde_json::from_slice(&std::fs::read(job_dir.join("usage.json"))?)?;
+    usage["network_bytes"].as_u64().ok_or_else(|| anyhow::anyhow!("no network_bytes in {usage}"))
 }

@@ -59,6 +59,10 @@ pub struct Usage {
     pub cpu_usec: u64,
     /// The most scratch disk (`out`, `work`, `tmp`) measured at once, in bytes.
     pub disk_peak_bytes: u64,
+    /// Bytes received and sent through the job's granted network (its namespace's interfaces
+    /// but loopback, as last sampled while it ran); 0 without network.
+    #[serde(default)]
+    pub network_bytes: u64,
 }
 
 impl Usage {
@@ -365,6 +369,11 @@ impl Runner {
         let mut deadline = tokio::time::Instant::now() + spec.limits.time;
         let mut disk =
             tokio::spawn(watch_disk(job_dir.to_owned(), spec.resources.disk_bytes, Arc::clone(&disk_peak)));
+        let network_bytes = Arc::new(AtomicU64::new(0));
+        let network = match (spec.limits.network, shim_pid) {
+            (true, Some(pid)) => Some(tokio::spawn(watch_network(pid, Arc::clone(&network_bytes)))),
+            _ => None,
+        };
         let mut paused_since: Option<Instant> = None;
         let mut controls_open = true;
         let ending = loop {
@@ -397,6 +406,13 @@ impl Runner {
             }
         };
         disk.abort();
+        if let Some(network) = network {
+            network.abort();
+            // The shim's last count, taken in the namespace after the job ended on its own.
+            if let Ok(text) = fs::read_to_string(job_dir.join(sandbox::NETWORK_COUNTERS)) {
+                network_bytes.fetch_max(net_dev_bytes(&text), Ordering::Relaxed);
+            }
+        }
         let running = started
             .elapsed()
             .saturating_sub(paused_for + paused_since.map_or(Duration::ZERO, |since| since.elapsed()));
@@ -408,6 +424,7 @@ impl Runner {
                 .cpu_usage()
                 .map_or(0, |used| u64::try_from(used.as_micros()).unwrap_or(u64::MAX)),
             disk_peak_bytes: disk_peak.load(Ordering::Relaxed),
+            network_bytes: network_bytes.load(Ordering::Relaxed),
         };
         if let Err(error) = serde_json::to_vec(&usage)
             .map_err(io::Error::from)
@@ -498,6 +515,34 @@ async fn watch_disk(job_dir: PathBuf, limit: u64, peak: Arc<AtomicU64>) -> Endin
             _ => {}
         }
     }
+}
+
+/// Samples the job's network counters every [`DISK_CHECK`] while it runs, for a job that does not
+/// end on its own (the shim, killed with it, then leaves no last count).
+async fn watch_network(shim: i32, bytes: Arc<AtomicU64>) {
+    loop {
+        tokio::time::sleep(DISK_CHECK).await;
+        bytes.fetch_max(network_counters(shim), Ordering::Relaxed);
+    }
+}
+
+/// Bytes received plus sent on every interface but loopback of the network namespace `pid` is
+/// in (`/proc/PID/net/dev`); 0 when it cannot be read.
+fn network_counters(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/net/dev")).map_or(0, |text| net_dev_bytes(&text))
+}
+
+/// The sum of the receive and transmit byte counts of `/proc/net/dev`'s text, loopback aside.
+fn net_dev_bytes(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .filter_map(|(_, counters)| {
+            let fields: Vec<u64> = counters.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit.
+            Some(fields.first()?.saturating_add(*fields.get(8)?))
+        })
+        .fold(0, u64::saturating_add)
 }
 
 /// Runs a blocking cgroup operation off the async threads, timing it.
@@ -637,4 +682,19 @@ async fn pump(
         let _ = events.send(RunEvent::Output { stream, data: data.to_vec() });
     }
     file.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_counters_add_both_directions_of_every_interface_but_loopback() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+            face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+            lo:  500000     100    0    0    0     0          0         0   500000     100    0    0    0     0       0          0\n  \
+            tap0:    1200      10    0    0    0     0          0         0      345       5    0    0    0     0       0          0\n";
+        assert_eq!(net_dev_bytes(text), 1545);
+        assert_eq!(net_dev_bytes(""), 0);
+    }
 }

@@ -150,6 +150,10 @@ fn setup_failed(error_file: &Path, error: &anyhow::Error) -> ExitCode {
     ExitCode::from(SETUP_FAILED as u8)
 }
 
+/// The file in the job folder where the shim leaves the job's network counters (the text of
+/// `/proc/net/dev` in its namespace) once init has exited, when network was granted.
+pub const NETWORK_COUNTERS: &str = "network-counters";
+
 /// The shim: joins the cgroup, enters new namespaces, and runs init as their pid 1.
 pub fn shim_main(plan_path: &Path) -> ExitCode {
     let plan = match Plan::load(plan_path) {
@@ -210,14 +214,22 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
         ForkResult::Child => std::process::exit(init_main(plan)),
         ForkResult::Parent { child } => child,
     };
-    loop {
+    let code = loop {
         match waitpid(init, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i32),
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, signal, _)) => break 128 + signal as i32,
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(error) => bail!("waiting for the sandbox's init: {error}"),
         }
+    };
+    if plan.network.is_some() {
+        // The namespace and its counters end with the shim: leave them for the agent's meter.
+        // Best effort: a job whose counters cannot be kept is metered from the agent's samples.
+        if let Ok(counters) = fs::read_to_string("/proc/self/net/dev") {
+            let _ = fs::write(plan.job_dir.join(NETWORK_COUNTERS), counters);
+        }
     }
+    Ok(code)
 }
 
 /// Init: pid 1 of the job's pid namespace, forked from the shim. Builds the private root, locks the

@@ -99,8 +99,7 @@ fn receipt_body(
         gpu_s: Default::default(),
         disk_peak_bytes: measured.disk_peak_bytes,
         outputs_bytes: outputs.map_or(0, |imported| imported.size),
-        // The job's own network is not metered yet.
-        network_bytes: 0,
+        network_bytes: measured.network_bytes,
     };
     ReceiptBody {
         version: record::VERSION,
@@ -373,7 +372,12 @@ mod tests {
         };
         let root = outputs.blob.hash.to_string();
         let finished = JobState::Finished { exit_code: 0 };
-        let measured = Measured { running_ms: 1_800_000, cpu_usec: 1_700_000_000, disk_peak_bytes: 4096 };
+        let measured = Measured {
+            running_ms: 1_800_000,
+            cpu_usec: 1_700_000_000,
+            disk_peak_bytes: 4096,
+            network_bytes: 0,
+        };
         let body = receipt_body(&agreement, &terms, &finished, measured, Some(&outputs), 5_000);
         // Two cores and 1 GiB for half an hour at the agreed prices.
         assert_eq!((body.charges.cpu, body.charges.memory, body.amount), (1000, 50, 1050));
