@@ -284,10 +284,11 @@ impl Verifier {
 struct Keys(HashMap<String, Option<PublicKey>>);
 
 impl Keys {
+    /// Checks `signature` by `signer` over `message`, the canonical bytes of the signed document.
     fn verify(
         &mut self,
         tag: DomainTag,
-        body: &Value,
+        message: &[u8],
         signature: Option<&Value>,
         signer: Option<&Value>,
     ) -> Result<(), String> {
@@ -302,8 +303,7 @@ impl Keys {
             .and_then(Value::as_str)
             .and_then(|text| hex::decode(text).ok())
             .ok_or("a signature is missing or not hex")?;
-        let message = canonical_json(body).map_err(|e| e.to_string())?;
-        if identity::verify(key, tag, &message, &signature) {
+        if identity::verify(key, tag, message, &signature) {
             Ok(())
         } else {
             Err(format!("a signature by {signer} does not verify"))
@@ -341,7 +341,8 @@ fn check_row(row: &Row, owner: &str, keys: &mut Keys) -> Result<(), String> {
                 Kind::Offer => (AGREEMENT_TAG, "provider"),
                 _ => (NOTICE_TAG, "provider"),
             };
-            keys.verify(tag, document, field("signature"), document.get(signer))?;
+            let message = canonical_json(document).map_err(|e| e.to_string())?;
+            keys.verify(tag, &message, field("signature"), document.get(signer))?;
             party(document, &["consumer", "provider"])
         }
         Kind::Agreement | Kind::Receipt => {
@@ -351,8 +352,10 @@ fn check_row(row: &Row, owner: &str, keys: &mut Keys) -> Result<(), String> {
             if document.get("version").and_then(Value::as_u64) != Some(VERSION) {
                 return Err(format!("{name} of an unknown version"));
             }
-            keys.verify(tag, document, field("provider_signature"), document.get("provider"))?;
-            keys.verify(tag, document, field("consumer_signature"), document.get("consumer"))?;
+            // Both signatures are over the same bytes: canonicalised once.
+            let message = canonical_json(document).map_err(|e| e.to_string())?;
+            keys.verify(tag, &message, field("provider_signature"), document.get("provider"))?;
+            keys.verify(tag, &message, field("consumer_signature"), document.get("consumer"))?;
             party(document, &["consumer", "provider"])
         }
         Kind::Transfer | Kind::Release => {
