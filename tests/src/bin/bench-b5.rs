@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use hearth::identity::{self, Identity};
-use hearth::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage, VERSION};
+use hearth::ledger::record::{Kind, RECEIPT_TAG, Receipt};
 use hearth::ledger::{Ledger, Mode, verify_file};
-use hearth::net::advert::{Prices, canonical_json};
-use hearth::net::negotiate::Signed;
+use hearth::net::advert::canonical_json;
 use hearth::store::{LedgerReader, NewRow, Store};
 
 /// Records written by the fsync loop, each this long.
@@ -351,31 +350,17 @@ fn in_parallel<T: Send>(first: usize, n: usize, make: impl Fn(usize) -> Result<T
     })
 }
 
-/// Receipt `n`: the provider signed it, a consumer countersigned it.
+/// The `n`th receipt of the generated ledger, between the provider and one of the consumers.
 fn receipt(parties: &Parties, n: usize) -> Result<Receipt> {
     let consumer = &parties.consumers[n % CONSUMERS];
-    let prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
     let running_ms = 60_000 + (n % 100_000) as u64;
-    let charges = record::charges(&prices, 1000, 1 << 30, 0, running_ms);
-    let body = ReceiptBody {
-        version: VERSION,
-        agreement_id: format!("agreement-{n}"),
-        agreement_hash: format!("{:064x}", n),
-        provider: parties.provider.peer_id().to_string(),
-        consumer: consumer.peer_id().to_string(),
-        outcome: "finished".into(),
-        exit_code: Some(0),
-        result: Some("cd".repeat(32)),
-        usage: Usage { running_ms, cpu_core_ms: running_ms - 1000, ..Usage::default() },
-        prices,
-        price_per_hour: 1100,
-        charges,
-        amount: charges.total(),
-        started_at: 1_796_472_000,
-        ended_at: 1_796_472_060,
-    };
-    let signed = Signed::sign(&parties.provider, RECEIPT_TAG, &body)?;
-    Ok(Receipt::countersign(consumer, signed)?)
+    hearth_tests::ledger::receipt(
+        &parties.provider,
+        consumer,
+        &format!("agreement-{n}"),
+        &format!("{n:064x}"),
+        running_ms,
+    )
 }
 
 /// A receipt as the row the ledger would append: its canonical JSON.

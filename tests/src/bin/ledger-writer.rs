@@ -14,11 +14,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use hearth::identity::Identity;
-use hearth::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage, VERSION};
+use hearth::ledger::record::Kind;
 use hearth::ledger::{Ledger, Mode};
-use hearth::net::advert::Prices;
-use hearth::net::negotiate::Signed;
 use hearth::store::Store;
+use hearth_tests::ledger::receipt;
 
 /// Records that wait for each receipt in batch mode.
 const RECORDS_PER_RECEIPT: u64 = 3;
@@ -51,36 +50,18 @@ fn main() -> Result<()> {
                     ledger.record(kind, &body).await?;
                 }
             }
-            let head = ledger.append_receipt(&receipt(&provider, &consumer, &agreement_id, n)?).await?;
+            let head = ledger
+                .append_receipt(&receipt(
+                    &provider,
+                    &consumer,
+                    &agreement_id,
+                    &"ab".repeat(32),
+                    60_000 + n % 1000,
+                )?)
+                .await?;
             writeln!(stdout, "{}", head.seq)?;
             stdout.flush()?;
         }
         Ok(())
     })
-}
-
-/// A receipt `provider` signed and `consumer` countersigned, as at the end of a one-minute job.
-fn receipt(provider: &Identity, consumer: &Identity, agreement_id: &str, n: u64) -> Result<Receipt> {
-    let prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
-    let running_ms = 60_000 + n % 1000;
-    let charges = record::charges(&prices, 1000, 1 << 30, 0, running_ms);
-    let body = ReceiptBody {
-        version: VERSION,
-        agreement_id: agreement_id.to_owned(),
-        agreement_hash: "ab".repeat(32),
-        provider: provider.peer_id().to_string(),
-        consumer: consumer.peer_id().to_string(),
-        outcome: "finished".into(),
-        exit_code: Some(0),
-        result: Some("cd".repeat(32)),
-        usage: Usage { running_ms, cpu_core_ms: 59_000, ..Usage::default() },
-        prices,
-        price_per_hour: 1100,
-        charges,
-        amount: charges.total(),
-        started_at: 1_796_472_000,
-        ended_at: 1_796_472_060,
-    };
-    let signed = Signed::sign(provider, RECEIPT_TAG, &body)?;
-    Ok(Receipt::countersign(consumer, signed)?)
 }
