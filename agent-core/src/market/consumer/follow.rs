@@ -123,7 +123,7 @@ async fn fetch_outputs(
     }
     let agreement_id =
         agreement.as_ref().and_then(|a| a.terms.get("agreement_id")?.as_str().map(str::to_owned));
-    let mut charged = None;
+    let (mut charged, mut unreceipted) = (None, None);
     if let (Ok(blob), Some(agreement_id)) = (&fetched, &agreement_id) {
         if let Some((blob, size)) = blob {
             let arrived = serde_json::json!({
@@ -143,18 +143,27 @@ async fn fetch_outputs(
                 {
                     Ok(body) => charged = Some(body.amount),
                     Err(why) => {
-                        tracing::warn!(%provider, agreement = %agreement_id, "receipt not countersigned: {why}")
+                        tracing::warn!(%provider, agreement = %agreement_id, "receipt not countersigned: {why}");
+                        unreceipted = Some(format!("its receipt was not countersigned: {why}"));
                     }
                 }
             }
-            _ => tracing::warn!(%provider, agreement = %agreement_id, "the job ended without a receipt"),
+            _ => {
+                tracing::warn!(%provider, agreement = %agreement_id, "the job ended without a receipt");
+                unreceipted = Some("the provider sent no receipt".to_owned());
+            }
         }
     }
     update(&inner, &id, |job| match fetched {
         Ok(blob) => {
             job.outputs = blob.map(|(blob, _)| blob);
             job.state = ended;
-            job.note = reason;
+            // What the job owner should know: the provider owner's reason, and a receipt that
+            // could not be countersigned.
+            job.note = match (reason, unreceipted) {
+                (Some(reason), Some(problem)) => Some(format!("{reason}; {problem}")),
+                (reason, problem) => reason.or(problem),
+            };
             job.charged = charged;
         }
         Err(error) => {
