@@ -154,6 +154,9 @@ fn remote_job(job: &RemoteJob) -> String {
     if let Some(price) = job.price_per_hour {
         text.push_str(&format!("price: {} credits/h\n", credits(price)));
     }
+    if let Some(charged) = job.charged {
+        text.push_str(&format!("charged: {} credits (receipt countersigned)\n", credits(charged)));
+    }
     text
 }
 
