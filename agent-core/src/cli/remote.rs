@@ -54,6 +54,8 @@ pub(super) async fn submit(client: &Client, spec: &Path, wait: bool, json: bool)
     let job = follow(client, &job.id).await?;
     if json {
         output::print(&job, true, remote_job)?;
+    } else if let Some(charged) = job.charged {
+        eprintln!("hearth: charged {} credits (receipt countersigned)", credits(charged));
     }
     Ok(jobs::exit_code(&job.state))
 }
