@@ -22,7 +22,7 @@ const FIRST_ACK: Duration = Duration::from_secs(20);
 /// before its integration tests and names them at compile time; a nested `cargo build`, as for
 /// `job-probe`, would inherit this test's `CARGO_MANIFEST_DIR` and `CARGO_PKG_NAME` and so rebuild
 /// ring (whose build script watches them) twice a run.
-fn writer_bin() -> PathBuf {
+pub(crate) fn writer_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ledger-writer"))
 }
 

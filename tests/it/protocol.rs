@@ -3,9 +3,9 @@
 //! verify_ledger.py), accept what Hearth writes and reject altered copies.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -52,26 +52,6 @@ pub(crate) fn a_verifier_written_from_the_protocol_doc_checks_adverts() -> Resul
     Ok(())
 }
 
-/// The `ledger-writer` program (tests/src/bin/ledger-writer.rs), built once per run, as `job-probe`
-/// is.
-fn ledger_writer_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let bin = BIN.get_or_init(|| {
-        let profile_dir = hearth_tests::hearth_bin().parent().map(Path::to_path_buf).unwrap_or_default();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "hearth-tests", "--bin", "ledger-writer"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        match build.status() {
-            Ok(status) if status.success() => Ok(profile_dir.join("ledger-writer")),
-            other => Err(format!("building ledger-writer failed: {other:?}")),
-        }
-    });
-    bin.clone().map_err(|e| anyhow::anyhow!("{e}"))
-}
-
 /// Runs tests/protocol/verify_ledger.py on `export`: its exit code and its one line.
 fn python_verify_ledger(export: &Path) -> Result<(Option<i32>, String)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/verify_ledger.py");
@@ -96,7 +76,7 @@ pub(crate) fn a_verifier_written_from_the_ledger_doc_checks_an_export() -> Resul
     std::fs::create_dir_all(&keys)?;
 
     // A real ledger: the writer appends countersigned receipts until it has acknowledged a few.
-    let mut writer = Command::new(ledger_writer_bin()?)
+    let mut writer = Command::new(crate::ledger_crash::writer_bin())
         .arg(&db)
         .arg(&keys)
         .arg("realtime")

@@ -13,11 +13,9 @@ use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use libp2p_identity::PeerId;
-
 use crate::identity::{DomainTag, Identity};
 use crate::net::advert::{Prices, Rejection, canonical_json};
-use crate::net::negotiate::{Signed, sign_detached, verify_detached};
+use crate::net::negotiate::{Signed, peer_field, sign_detached, verify_detached};
 
 /// The format of every ledger document this code writes and reads.
 pub const VERSION: u64 = 1;
@@ -215,16 +213,10 @@ impl Receipt {
 
     /// Checks both signatures against the peers the receipt names, and reads it.
     pub fn verify(&self) -> Result<ReceiptBody, Rejection> {
-        let signer = |field: &str| -> Result<PeerId, Rejection> {
-            self.receipt
-                .get(field)
-                .and_then(Value::as_str)
-                .and_then(|text| text.parse().ok())
-                .ok_or_else(|| Rejection::Malformed(format!("`{field}` is not a peer id")))
-        };
         let issued = Signed { body: self.receipt.clone(), signature: self.provider_signature.clone() };
-        let body: ReceiptBody = issued.open(RECEIPT_TAG, &signer("provider")?)?;
-        verify_detached(RECEIPT_TAG, &self.receipt, &self.consumer_signature, &signer("consumer")?)?;
+        let body: ReceiptBody = issued.open(RECEIPT_TAG, &peer_field(&self.receipt, "provider")?)?;
+        let consumer = peer_field(&self.receipt, "consumer")?;
+        verify_detached(RECEIPT_TAG, &self.receipt, &self.consumer_signature, &consumer)?;
         Ok(body)
     }
 }

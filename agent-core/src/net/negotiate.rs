@@ -203,7 +203,7 @@ impl Agreement {
 }
 
 /// A peer id in a document's field.
-fn peer_field(body: &Value, field: &str) -> Result<PeerId, Rejection> {
+pub(crate) fn peer_field(body: &Value, field: &str) -> Result<PeerId, Rejection> {
     body.get(field)
         .and_then(Value::as_str)
         .and_then(|text| text.parse().ok())
