@@ -11,6 +11,8 @@ pub mod client;
 pub mod discovery;
 mod error;
 mod ledger;
+mod packages;
+pub use packages::SubmitPackage;
 mod requests;
 mod security;
 
@@ -39,6 +41,7 @@ use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::Market;
 use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
+use crate::requests::Requests;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
@@ -147,6 +150,8 @@ pub struct ApiState {
     pub market: Market,
     /// Records, receipts and checkpoints.
     pub ledger: Ledger,
+    /// Request packages this agent asked for.
+    pub requests: Requests,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -231,6 +236,9 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(requests::cancel))
         .routes(routes!(requests::logs))
         .routes(routes!(requests::results))
+        .routes(routes!(packages::list, packages::submit))
+        .routes(routes!(packages::get))
+        .routes(routes!(packages::reservations))
         .routes(routes!(ledger::verify))
         .routes(routes!(ledger::earnings))
         .routes(routes!(get_availability))

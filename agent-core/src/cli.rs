@@ -8,6 +8,7 @@
 mod jobs;
 mod ledger;
 mod output;
+mod packages;
 mod remote;
 mod run_local;
 mod transfers;
@@ -56,9 +57,15 @@ enum Command {
     /// Run a job spec on this machine in the sandbox; the job's output goes to the terminal and
     /// the exit code is the job's.
     Run(RunArgs),
-    /// Find the agent whose idle capacity fits a job spec best and run the job there; prints the
-    /// request id at once (alone on stdout's first line).
+    /// Find the agent whose idle capacity fits a job spec best and run the job there, or acquire
+    /// every resource of a request package and run its tasks; prints the request id at once
+    /// (alone on stdout's first line).
     Submit(SubmitArgs),
+    /// Follow request packages: their resources, their tasks, and how many succeeded or failed.
+    #[command(subcommand)]
+    Request(RequestCommand),
+    /// List the resources this agent holds for other agents' request packages.
+    Reservations(ReadArgs),
     /// List the jobs the running agent has run or is running, and the ones it asked others to run.
     Jobs(ReadArgs),
     /// Follow or control one job of the running agent.
@@ -104,6 +111,20 @@ enum Command {
         #[command(flatten)]
         read: ReadArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum RequestCommand {
+    /// A request's progress: each resource (held where, tries, why not) and each task, with how
+    /// many succeeded and failed and why; a job submitted alone shows as a package of one.
+    Status {
+        /// The request id `hearth submit` printed.
+        id: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Every request package of this agent.
+    List(ReadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,10 +265,11 @@ struct JobIdArgs {
 
 #[derive(Debug, Args)]
 struct SubmitArgs {
-    /// The job spec (TOML).
-    #[arg(value_name = "JOB.toml")]
+    /// The job spec or request package (TOML).
+    #[arg(value_name = "JOB_OR_PACKAGE.toml")]
     spec: PathBuf,
-    /// Follow the job to its end (states on stderr) and exit with its exit code.
+    /// Follow the job (or package) to its end, changes on stderr; exit with the job's exit code
+    /// (a package: 0 when every task succeeded).
     #[arg(long)]
     wait: bool,
     #[command(flatten)]
@@ -343,6 +365,21 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             return runtime(false)?.block_on(async {
                 remote::submit(&Client::discover(&paths)?, &args.spec, args.wait, args.read.json).await
             });
+        }
+        Command::Request(command) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?.block_on(async {
+                let client = Client::discover(&paths)?;
+                match command {
+                    RequestCommand::Status { id, read } => packages::status(&client, &id, read.json).await,
+                    RequestCommand::List(read) => packages::list(&client, read.json).await,
+                }
+            })?;
+        }
+        Command::Reservations(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            runtime(false)?
+                .block_on(async { packages::reservations(&Client::discover(&paths)?, args.json).await })?;
         }
         Command::Jobs(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());

@@ -133,6 +133,38 @@ pub struct HearthConfig {
     pub network: NetworkConfig,
     /// The ledger of records and receipts.
     pub ledger: LedgerConfig,
+    /// TEST SETTINGS, for test suites and benchmarks only; see [`TestingConfig`].
+    pub testing: TestingConfig,
+}
+
+/// How the UUIDs of `[testing] fake_gpus` begin.
+pub const FAKE_GPU_PREFIX: &str = "FAKE-GPU-";
+
+/// `[testing]`: settings that make an agent claim what it does not have, so that tests can
+/// exercise code paths this machine lacks. Never set on an agent that shares for real; the daemon
+/// logs a warning at start when any is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    /// TEST SETTING: GPUs the agent declares beside its real ones (`FAKE-GPU-0`, …), so that
+    /// request packages asking for GPUs can be acquired on machines without any. They appear in
+    /// the capacity, the advert and reservations; nothing can run on them, and a job spec that
+    /// asks for GPUs is still refused.
+    pub fake_gpus: u32,
+    /// Memory of each fake GPU, such as `"24GiB"`.
+    pub fake_gpu_memory: Option<String>,
+}
+
+impl TestingConfig {
+    /// The fake GPUs as (UUID, memory in bytes); 24 GiB each unless told.
+    pub fn fake_gpus(&self) -> Vec<(String, u64)> {
+        let memory = self
+            .fake_gpu_memory
+            .as_deref()
+            .and_then(|text| text.trim().parse::<bytesize::ByteSize>().ok())
+            .map_or(24 << 30, |size| size.as_u64());
+        (0..self.fake_gpus).map(|i| (format!("{FAKE_GPU_PREFIX}{i}"), memory)).collect()
+    }
 }
 
 /// The peer-to-peer network.

@@ -38,6 +38,7 @@ use crate::jobs::{Runner, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::{self, Market, MarketError};
 use crate::net::{NetError, Network};
+use crate::requests::{RequestError, Requests};
 use crate::store::{RunId, Store, StoreError};
 use crate::transfer::{BlobStore, TransferError, Transfers};
 use adverts::AdvertTask;
@@ -99,6 +100,9 @@ pub enum DaemonError {
     /// The market could not start.
     #[error(transparent)]
     Market(#[from] MarketError),
+    /// The request packages of earlier runs could not be read.
+    #[error(transparent)]
+    Requests(#[from] RequestError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -156,7 +160,14 @@ async fn serve(
         sharing,
         jobs: jobs.clone(),
         events: events.clone(),
+        fake_gpus: config.testing.fake_gpus(),
     };
+    if config.testing.fake_gpus > 0 {
+        tracing::warn!(
+            fake_gpus = config.testing.fake_gpus,
+            "TEST SETTING [testing] fake_gpus: this agent declares GPUs it does not have; never use it to share for real"
+        );
+    }
     let availability = AvailabilityTask::spawn(wiring, &cancel).await;
     let (network, network_task, inbound) =
         Network::spawn(identity, &config.network, events.clone(), &cancel).await?;
@@ -180,6 +191,8 @@ async fn serve(
         &cancel,
     )
     .await?;
+    let (requests, requests_task) =
+        Requests::spawn(store.clone(), market.clone(), events.clone(), identity.peer_id(), &cancel).await?;
     let adverts = AdvertTask::spawn(
         adverts::Sources {
             identity: identity.clone(),
@@ -210,6 +223,7 @@ async fn serve(
         transfers,
         market,
         ledger: ledger.clone(),
+        requests,
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
@@ -236,6 +250,7 @@ async fn serve(
     }
     ApiInfo::remove_if_ours(&paths.api_info());
     adverts.shutdown().await;
+    requests_task.shutdown().await;
     market_task.shutdown().await;
     // Batch mode: records of jobs still running are kept, not lost with the process.
     if let Err(error) = ledger.flush().await {

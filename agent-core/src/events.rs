@@ -11,6 +11,7 @@ use crate::availability::Availability;
 use crate::jobs::{JobRecord, Stream};
 use crate::market::RemoteJob;
 use crate::net::AdvertBody;
+use crate::requests::RequestStatus;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 use crate::transfer::Fetch;
@@ -86,6 +87,11 @@ pub enum Event {
     RemoteJobChanged {
         /// The job as it now stands.
         job: Box<RemoteJob>,
+    },
+    /// A request package changed: queued, a resource acquired or released, a task's progress.
+    RequestChanged {
+        /// The request as it now stands.
+        request: Box<RequestStatus>,
     },
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {

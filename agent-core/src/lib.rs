@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod market;
 pub mod net;
+pub mod requests;
 pub mod resources;
 mod secret_file;
 pub mod store;

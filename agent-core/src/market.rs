@@ -15,17 +15,22 @@
 pub mod matching;
 
 mod consumer;
+mod holding;
 mod provider;
 mod receipts;
+mod reservations;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use libp2p::PeerId;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use consumer::RemoteJob;
+pub use holding::Failure;
+pub use reservations::{HeldReservation, MAX_HOLD_S};
 
 use crate::availability::Availability;
 use crate::events::Bus;
@@ -33,7 +38,7 @@ use crate::identity::Identity;
 use crate::jobs::{SpecError, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
-use crate::net::negotiate::{Message, Reply, Resources, Signed};
+use crate::net::negotiate::{Message, Reply, Reservation, ReserveRequest, Resources, Signed};
 use crate::net::{Inbound, Network};
 use crate::store::{Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
@@ -179,6 +184,51 @@ impl Market {
         consumer::submit(&self.inner, spec_path).await
     }
 
+    /// Records a task of request package `package` and asks `provider`, which holds
+    /// `reservation` for it at `prices`, to run it there; returns at once.
+    pub async fn submit_in(
+        &self,
+        spec_path: &Path,
+        package: &str,
+        provider: PeerId,
+        reservation: &str,
+        prices: Prices,
+    ) -> Result<RemoteJob, MarketError> {
+        consumer::submit_in(&self.inner, spec_path, package, provider, reservation, prices).await
+    }
+
+    /// Asks `ask.provider` to hold resources (`ask` is signed here); its verified grant, or why
+    /// not. The ask and the grant go into the ledger.
+    pub async fn reserve(&self, ask: &ReserveRequest) -> Result<Reservation, Failure> {
+        holding::reserve(&self.inner, ask).await
+    }
+
+    /// Asks `provider` to hold reservation `id` another hold period.
+    pub async fn keep(&self, provider: PeerId, id: &str) -> Result<(), Failure> {
+        holding::keep(&self.inner, provider, id).await
+    }
+
+    /// Sends `provider` a signed release of reservation `id`, and records it.
+    pub async fn release(&self, provider: PeerId, id: &str, reason: &str) -> Result<(), Failure> {
+        holding::release(&self.inner, provider, id, reason).await
+    }
+
+    /// The sharing providers whose adverts fit `demand` (for `time_s`, under the price ceiling),
+    /// best first, with the prices their adverts show.
+    pub async fn providers_for(
+        &self,
+        demand: &Resources,
+        time_s: u64,
+        max_price_per_hour: Option<u64>,
+    ) -> Vec<(PeerId, Prices)> {
+        consumer::providers_for(&self.inner, demand, time_s, max_price_per_hour).await
+    }
+
+    /// The reservations this agent holds for other agents' request packages.
+    pub fn reservations(&self) -> Vec<HeldReservation> {
+        reservations::list(&self.inner)
+    }
+
     /// Every remote job, oldest first.
     pub fn remote_jobs(&self) -> Vec<RemoteJob> {
         self.inner.consumer().list()
@@ -230,7 +280,7 @@ impl MarketTask {
 }
 
 /// Answers one negotiation message from `peer`.
-async fn answer(inner: &Arc<Inner>, peer: libp2p::PeerId, message: Message) -> Reply {
+async fn answer(inner: &Arc<Inner>, peer: PeerId, message: Message) -> Reply {
     match message {
         Message::Request { request } => provider::on_request(inner, peer, request).await,
         Message::Withdraw { request_id } => provider::on_withdraw(inner, peer, &request_id),
@@ -245,6 +295,9 @@ async fn answer(inner: &Arc<Inner>, peer: libp2p::PeerId, message: Message) -> R
             receipts::on_countersign(inner, peer, &agreement_id, signature, checkpoint).await
         }
         Message::Witness => receipts::on_witness(inner, peer).await,
+        Message::Reserve { request } => reservations::on_reserve(inner, peer, request).await,
+        Message::Keep { reservation_id } => reservations::on_keep(inner, peer, &reservation_id),
+        Message::Release { release } => reservations::on_release(inner, peer, release).await,
     }
 }
 
@@ -307,7 +360,7 @@ pub fn credits(millis: u64) -> String {
 }
 
 /// A new random id (16 bytes, hex) for requests, agreements and access keys.
-fn random_hex(len: usize) -> String {
+pub(crate) fn random_hex(len: usize) -> String {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = vec![0u8; len];
     if SystemRandom::new().fill(&mut bytes).is_err() {

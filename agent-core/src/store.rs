@@ -11,6 +11,7 @@
 //! for and refuses to open under another identity, so one agent's records never mix with another's.
 
 mod ledger;
+mod requests;
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -20,6 +21,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 pub use ledger::{Head, LedgerReader, NewRow};
+pub use requests::{RequestRow, TaskRow};
 
 use crate::jobs::{JobRecord, JobState};
 use tokio::sync::{mpsc, oneshot};
@@ -145,6 +147,8 @@ pub fn migrations() -> Migrations<'static> {
         // The ledger: the hash chain of records and receipts, and the checkpoints counterparties
         // signed of theirs.
         M::up(ledger::MIGRATION),
+        // Request packages: the request queue and the task queue.
+        M::up(requests::MIGRATION),
     ])
 }
 

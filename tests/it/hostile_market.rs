@@ -89,6 +89,7 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
             network: false,
             hosted: false,
             max_price_per_hour: None,
+            reservation: None,
         };
         let signed = Signed::sign(&me, REQUEST_TAG, &request)?;
 

@@ -19,6 +19,7 @@ mod ledger;
 mod ledger_crash;
 mod market;
 mod network;
+mod packages;
 mod protocol;
 mod resources;
 mod transfer;
@@ -79,6 +80,22 @@ fn main() {
         sandboxed(
             "ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers",
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
+        ),
+        sandboxed(
+            "packages::two_gpus_after_a_cpu_machine_are_acquired_in_order_and_run_their_tasks_in_order",
+            packages::two_gpus_after_a_cpu_machine_are_acquired_in_order_and_run_their_tasks_in_order,
+        ),
+        sandboxed(
+            "packages::a_refusing_provider_brings_retries_then_a_rollback_that_leaves_nothing_held",
+            packages::a_refusing_provider_brings_retries_then_a_rollback_that_leaves_nothing_held,
+        ),
+        trial(
+            "packages::an_invalid_package_or_a_bad_token_is_refused_and_queues_nothing",
+            packages::an_invalid_package_or_a_bad_token_is_refused_and_queues_nothing,
+        ),
+        sandboxed(
+            "packages::a_consumer_killed_mid_acquisition_ends_its_request_cleanly_after_a_restart",
+            packages::a_consumer_killed_mid_acquisition_ends_its_request_cleanly_after_a_restart,
         ),
         trial(
             "ledger_crash::kill_9_during_appends_loses_no_acknowledged_receipt",

@@ -12,15 +12,16 @@ use serde::de::DeserializeOwned;
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
 use super::{
     AddBlob, ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, ResultsRequest,
-    Status, SubmitJob,
+    Status, SubmitJob, SubmitPackage,
 };
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
 use crate::jobs::{JobAction, JobRecord, Stream};
 use crate::ledger::earnings::{Earnings, Period};
 use crate::ledger::verify::Report;
-use crate::market::RemoteJob;
+use crate::market::{HeldReservation, RemoteJob};
 use crate::net::{AdvertBody, PeerInfo};
+use crate::requests::RequestStatus;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 use crate::transfer::{Fetch, FetchRequest, Imported};
@@ -156,6 +157,27 @@ impl Client {
     pub async fn submit_remote(&self, spec: &Path) -> Result<RemoteJob, ClientError> {
         let spec = std::path::absolute(spec).unwrap_or_else(|_| spec.to_owned());
         self.send(self.http.post(self.url("/api/v1/requests")).json(&SubmitJob { spec })).await
+    }
+
+    /// `POST /api/v1/packages`: queues the request package at `path` (made absolute here).
+    pub async fn submit_package(&self, path: &Path) -> Result<RequestStatus, ClientError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        self.send(self.http.post(self.url("/api/v1/packages")).json(&SubmitPackage { path })).await
+    }
+
+    /// `GET /api/v1/packages`.
+    pub async fn packages(&self) -> Result<Vec<RequestStatus>, ClientError> {
+        self.get("/api/v1/packages").await
+    }
+
+    /// `GET /api/v1/packages/{id}`.
+    pub async fn package(&self, id: &str) -> Result<RequestStatus, ClientError> {
+        self.get(&format!("/api/v1/packages/{id}")).await
+    }
+
+    /// `GET /api/v1/reservations`.
+    pub async fn reservations(&self) -> Result<Vec<HeldReservation>, ClientError> {
+        self.get("/api/v1/reservations").await
     }
 
     /// `GET /api/v1/requests`.

@@ -10,6 +10,7 @@ use crate::jobs::SupervisorError;
 use crate::ledger::LedgerError;
 use crate::market::MarketError;
 use crate::net::ConnectError;
+use crate::requests::{PackageError, RequestError};
 use crate::transfer::{StoreError, TransferError};
 
 /// An error as the API returns it, with its HTTP status.
@@ -19,6 +20,9 @@ pub struct ErrorBody {
     pub code: String,
     /// One line for people.
     pub message: String,
+    /// Every problem found, when the input had several (an invalid request package).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// An error response.
@@ -30,7 +34,10 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: &str) -> Self {
-        Self { status, body: ErrorBody { code: code.to_owned(), message: message.to_owned() } }
+        Self {
+            status,
+            body: ErrorBody { code: code.to_owned(), message: message.to_owned(), problems: Vec::new() },
+        }
     }
 
     pub(crate) fn unauthorized() -> Self {
@@ -142,6 +149,23 @@ impl From<MarketError> for ApiError {
             MarketError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "not_saved"),
         };
         Self::new(status, code, &message)
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(error: RequestError) -> Self {
+        let message = error.to_string();
+        match error {
+            RequestError::Package(PackageError::Invalid { problems, .. }) => {
+                let mut error = Self::new(StatusCode::BAD_REQUEST, "invalid_package", &message);
+                error.body.problems = problems.iter().map(ToString::to_string).collect();
+                error
+            }
+            RequestError::Package(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_package", &message),
+            RequestError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "request_not_found", &message),
+            RequestError::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "not_saved", &message),
+            RequestError::Internal(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", &message),
+        }
     }
 }
 

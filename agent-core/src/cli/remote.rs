@@ -10,9 +10,10 @@ use std::time::Duration;
 use hearth::api::client::Client;
 use hearth::jobs::{JobSpec, JobState, Stream};
 use hearth::market::{RemoteJob, credits};
+use hearth::requests::package::is_package;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{jobs, output};
+use super::{jobs, output, packages};
 
 /// How often `--wait` and `-f` ask again.
 const POLL: Duration = Duration::from_millis(250);
@@ -42,6 +43,10 @@ pub(super) async fn locate(client: &Client, id: &str) -> anyhow::Result<Where> {
 /// `hearth submit`: the request id alone on stdout's first line at once; with `wait`, the job's
 /// states on stderr until it ends, then its exit code.
 pub(super) async fn submit(client: &Client, spec: &Path, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(spec).unwrap_or_default();
+    if is_package(&text) {
+        return packages::submit(client, spec, wait, json).await;
+    }
     // Checked here first, so every problem is named against the file the user wrote.
     let path = spec.to_owned();
     tokio::task::spawn_blocking(move || JobSpec::load(&path)).await??;

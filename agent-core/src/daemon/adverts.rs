@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::availability::evaluate::upcoming_windows;
 use crate::availability::{Availability, OwnerControls};
+use crate::config::FAKE_GPU_PREFIX;
 use crate::identity::Identity;
 use crate::jobs::{JobState, Supervisor};
 use crate::market::PRICES;
@@ -111,9 +112,8 @@ async fn body(sources: &Sources) -> AdvertBody {
             let gpus = capacity
                 .gpus
                 .iter()
-                .filter_map(|offered| {
-                    let gpu = resources.gpus.iter().find(|gpu| gpu.uuid == offered.uuid)?;
-                    Some(AdvertGpu {
+                .filter_map(|offered| match resources.gpus.iter().find(|gpu| gpu.uuid == offered.uuid) {
+                    Some(gpu) => Some(AdvertGpu {
                         model: gpu.name.clone(),
                         memory_bytes: offered.memory_bytes,
                         compute_capability: gpu
@@ -121,7 +121,14 @@ async fn body(sources: &Sources) -> AdvertBody {
                             .as_ref()
                             .map(|cc| format!("{}.{}", cc.major, cc.minor))
                             .unwrap_or_default(),
-                    })
+                    }),
+                    // A GPU the machine does not have: the `[testing] fake_gpus` test setting.
+                    None if offered.uuid.starts_with(FAKE_GPU_PREFIX) => Some(AdvertGpu {
+                        model: "fake GPU (test setting)".to_owned(),
+                        memory_bytes: offered.memory_bytes,
+                        compute_capability: String::new(),
+                    }),
+                    None => None,
                 })
                 .collect();
             let free = Free {

@@ -39,6 +39,8 @@ pub(crate) struct Wiring {
     pub sharing: watch::Sender<bool>,
     pub jobs: Supervisor,
     pub events: Bus,
+    /// TEST SETTING `[testing] fake_gpus`: GPUs declared beside the real ones (UUID, memory).
+    pub fake_gpus: Vec<(String, u64)>,
 }
 
 impl AvailabilityTask {
@@ -110,7 +112,7 @@ impl TaskState {
         let policy = wiring.owner.policy();
         let mut signals = Signals {
             owner_pause: wiring.owner.pause_state(),
-            machine: machine(&wiring.resources.borrow()),
+            machine: machine(&wiring.resources.borrow(), &wiring.fake_gpus),
             ..Signals::default()
         };
         if let Some(mut sources) = self.sources.take() {
@@ -180,20 +182,20 @@ impl TaskState {
 }
 
 /// The machine's figures before reserves, from the resource monitor.
-fn machine(resources: &Resources) -> Machine {
+fn machine(resources: &Resources, fake_gpus: &[(String, u64)]) -> Machine {
+    let real = resources.gpus.iter().map(|gpu| GpuSignal {
+        uuid: gpu.uuid.clone(),
+        index: gpu.index,
+        memory_bytes: gpu.memory_total_bytes,
+        celsius: gpu.temperature_c.map(|c| c as f32),
+    });
+    let fake = fake_gpus.iter().zip(resources.gpus.len() as u32..).map(|((uuid, memory_bytes), index)| {
+        GpuSignal { uuid: uuid.clone(), index, memory_bytes: *memory_bytes, celsius: None }
+    });
     Machine {
         cpu_millis: u64::from(resources.cpu.threads) * 1000,
         memory_bytes: resources.memory.total_bytes,
-        gpus: resources
-            .gpus
-            .iter()
-            .map(|gpu| GpuSignal {
-                uuid: gpu.uuid.clone(),
-                index: gpu.index,
-                memory_bytes: gpu.memory_total_bytes,
-                celsius: gpu.temperature_c.map(|c| c as f32),
-            })
-            .collect(),
+        gpus: real.chain(fake).collect(),
     }
 }
 

@@ -47,11 +47,14 @@ pub enum Kind {
     Release,
     /// A receipt the provider signed and the consumer countersigned.
     Receipt,
+    /// Resources held for a request package: the consumer's signed ask, the provider's signed
+    /// grant, the consumer's signed release, or the provider's note that it lapsed.
+    Reservation,
 }
 
 impl Kind {
     /// Every kind, in the order above.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Request,
         Self::Offer,
         Self::Agreement,
@@ -59,6 +62,7 @@ impl Kind {
         Self::Notice,
         Self::Release,
         Self::Receipt,
+        Self::Reservation,
     ];
 
     /// The kind's word, as stored.
@@ -71,6 +75,7 @@ impl Kind {
             Self::Notice => "notice",
             Self::Release => "release",
             Self::Receipt => "receipt",
+            Self::Reservation => "reservation",
         }
     }
 

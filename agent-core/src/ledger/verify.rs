@@ -18,7 +18,9 @@ use super::record::{
 };
 use crate::identity::{self, DomainTag};
 use crate::net::advert::{canonical_json, public_key};
-use crate::net::negotiate::{AGREEMENT_TAG, NOTICE_TAG, REQUEST_TAG, Signed};
+use crate::net::negotiate::{
+    AGREEMENT_TAG, NOTICE_TAG, RELEASE_TAG, REQUEST_TAG, RESERVATION_TAG, RESERVE_TAG, Signed,
+};
 
 /// Rows checked together; big enough to keep every core busy, small enough to hold.
 const CHUNK: usize = 8192;
@@ -356,6 +358,26 @@ fn check_row(row: &Row, owner: &str, keys: &mut Keys) -> Result<(), String> {
             let message = canonical_json(document).map_err(|e| e.to_string())?;
             keys.verify(tag, &message, field("provider_signature"), document.get("provider"))?;
             keys.verify(tag, &message, field("consumer_signature"), document.get("consumer"))?;
+            party(document, &["consumer", "provider"])
+        }
+        Kind::Reservation => {
+            let event = body.get("event").and_then(Value::as_str).unwrap_or_default();
+            let (tag, signer) = match event {
+                "reserve" => (RESERVE_TAG, "consumer"),
+                "granted" => (RESERVATION_TAG, "provider"),
+                "released" => (RELEASE_TAG, "consumer"),
+                "lapsed" => {
+                    return match body.get("reservation_id").and_then(Value::as_str) {
+                        Some(_) => Ok(()),
+                        None => Err("a lapsed reservation naming no reservation".into()),
+                    };
+                }
+                other => return Err(format!("a reservation event {other:?} of no known kind")),
+            };
+            let signed = field("document").ok_or("a reservation record with no document")?;
+            let document = signed.get("body").ok_or("no signed body")?;
+            let message = canonical_json(document).map_err(|e| e.to_string())?;
+            keys.verify(tag, &message, signed.get("signature"), document.get(signer))?;
             party(document, &["consumer", "provider"])
         }
         Kind::Transfer | Kind::Release => {

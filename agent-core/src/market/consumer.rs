@@ -83,6 +83,9 @@ pub struct RemoteJob {
     pub outputs: Option<BlobRef>,
     /// What the countersigned receipt charged, in thousandths of a credit.
     pub charged: Option<u64>,
+    /// The request package it is a task of, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     /// When it was submitted, in Unix seconds.
     pub created_at: i64,
     /// When it last changed, in Unix seconds.
@@ -176,6 +179,64 @@ pub(super) async fn resume(inner: &Arc<Inner>) {
 
 /// Records the job and starts looking for a provider.
 pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<RemoteJob, MarketError> {
+    let (job, template) = prepare(inner, spec_path, None).await?;
+    record(inner, &job, template).await;
+    let (task_inner, id) = (Arc::clone(inner), job.id.clone());
+    inner.tasks.spawn(async move { search(task_inner, id).await });
+    Ok(job)
+}
+
+/// Records a task of request package `package` and sends its request to the provider holding
+/// reservation `reservation` for it, at the reservation's `prices`: the provider offers terms at
+/// once, from what it holds. Refused, the job fails with the provider's reason.
+pub(super) async fn submit_in(
+    inner: &Arc<Inner>,
+    spec_path: &Path,
+    package: &str,
+    provider: PeerId,
+    reservation: &str,
+    prices: Prices,
+) -> Result<RemoteJob, MarketError> {
+    let (mut job, template) = prepare(inner, spec_path, Some(reservation.to_owned())).await?;
+    job.request = Some(package.to_owned());
+    job.note = Some(format!("asking {provider}, which holds resources for request {package}"));
+    record(inner, &job, template.clone()).await;
+    let request = JobRequest { provider: provider.to_string(), ..template };
+    let signed = Signed::sign(&inner.parts.identity, REQUEST_TAG, &request)
+        .map_err(|error| MarketError::Provider(error.to_string()))?;
+    inner.parts.ledger.note(Kind::Request, &signed).await;
+    if let Some(negotiation) = inner.consumer().jobs.get_mut(&job.id).and_then(|e| e.negotiation.as_mut()) {
+        let request_hash = signed.hash().unwrap_or_default();
+        negotiation.asked.push(Asked { peer: provider, rank: 0, request_hash, refused: false, prices });
+    }
+    let (task_inner, id) = (Arc::clone(inner), job.id.clone());
+    inner.tasks.spawn(async move {
+        let why =
+            match task_inner.parts.network.negotiate(provider, Message::Request { request: signed }).await {
+                Ok(Reply::Queued { .. }) => return await_offer(&task_inner, &id, request.expires_at).await,
+                Ok(Reply::Refused { reason }) => reason,
+                Ok(other) => format!("answered {other:?}"),
+                Err(error) => error,
+            };
+        let reason = format!("{provider} refused the task: {why}");
+        update(&task_inner, &id, |job| {
+            if job.provider.is_none() && !job.state.is_terminal() {
+                job.refusals.push(format!("{provider}: {why}"));
+                job.state = JobState::Failed { reason };
+            }
+        })
+        .await;
+    });
+    Ok(job)
+}
+
+/// Reads and checks the spec, imports its files and makes the job and its request (addressed to
+/// no provider yet).
+async fn prepare(
+    inner: &Arc<Inner>,
+    spec_path: &Path,
+    reservation: Option<String>,
+) -> Result<(RemoteJob, JobRequest), MarketError> {
     let path = spec_path.to_owned();
     let (spec, text) = tokio::task::spawn_blocking(move || {
         let spec = JobSpec::load(&path)?;
@@ -208,9 +269,10 @@ pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<Remot
         network: spec.limits.network,
         hosted: false,
         max_price_per_hour: spec.max_price_per_hour,
+        reservation,
     };
     let job = RemoteJob {
-        id: id.clone(),
+        id,
         kind: match spec.kind {
             JobKind::Wasi { .. } => "wasi",
             JobKind::Native { .. } => "native",
@@ -226,19 +288,22 @@ pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<Remot
         refusals: Vec::new(),
         outputs: None,
         charged: None,
+        request: None,
         created_at: now,
         updated_at: now,
     };
-    save(inner, &job).await;
+    Ok((job, template))
+}
+
+/// Keeps a new job in the store and in memory, and tells watchers.
+async fn record(inner: &Arc<Inner>, job: &RemoteJob, template: JobRequest) {
+    save(inner, job).await;
     let negotiation = Negotiation { template, asked: Vec::new(), decided: false };
     inner.consumer().jobs.insert(
-        id.clone(),
+        job.id.clone(),
         Entry { job: job.clone(), negotiation: Some(negotiation), notice_seq: 0, ended_there: false },
     );
     inner.parts.events.publish(Event::RemoteJobChanged { job: Box::new(job.clone()) });
-    let task_inner = Arc::clone(inner);
-    inner.tasks.spawn(async move { search(task_inner, id).await });
-    Ok(job)
 }
 
 /// Imports the files the spec names and rewrites the spec to name them where the provider will
@@ -423,6 +488,45 @@ fn template_of(inner: &Arc<Inner>, id: &str) -> Option<JobRequest> {
         return None;
     }
     entry.negotiation.as_ref().map(|n| n.template.clone())
+}
+
+/// The sharing providers whose adverts fit `demand`, best first, with their advertised prices.
+pub(super) async fn providers_for(
+    inner: &Arc<Inner>,
+    demand: &Resources,
+    time_s: u64,
+    max_price_per_hour: Option<u64>,
+) -> Vec<(PeerId, Prices)> {
+    let me = inner.parts.identity.peer_id();
+    let adverts: Vec<(PeerId, AdvertBody)> = inner
+        .parts
+        .network
+        .offers()
+        .await
+        .into_iter()
+        .filter_map(|advert| Some((advert.peer_id.parse::<PeerId>().ok()?, advert)))
+        .filter(|(peer, advert)| *peer != me && advert.state == "sharing")
+        .collect();
+    let template = JobRequest {
+        version: VERSION,
+        request_id: String::new(),
+        consumer: me.to_string(),
+        provider: String::new(),
+        issued_at: 0,
+        expires_at: 0,
+        spec: String::new(),
+        files: BTreeMap::new(),
+        resources: *demand,
+        time_limit_s: time_s,
+        network: false,
+        hosted: false,
+        max_price_per_hour,
+        reservation: None,
+    };
+    rank(&template, &adverts, unix_now())
+        .into_iter()
+        .map(|i| (adverts[i].0, adverts[i].1.prices.clone()))
+        .collect()
 }
 
 /// The adverts that fit the request, best first (see [`matching::rank`]).
@@ -751,6 +855,7 @@ mod tests {
             network: false,
             hosted: false,
             max_price_per_hour: Some(2000),
+            reservation: None,
         };
         let asked =
             Asked { peer: *provider, rank: 0, request_hash: "h".into(), refused: false, prices: PRICES };

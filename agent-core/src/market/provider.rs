@@ -15,6 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::matching::{self, Amount, Class, Pending, Weights};
+use super::reservations::{self, Reservations};
 use super::{
     Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, random_hex, receipts, rejected,
     reputation,
@@ -71,6 +72,22 @@ pub(super) struct State {
     offering: HashMap<(PeerId, String), Resources>,
     /// Agreements of this run, by id; ended ones stay for their last notice and logs.
     agreements: HashMap<String, Running>,
+    /// Resources held for other agents' request packages.
+    pub(super) reservations: Reservations,
+}
+
+impl State {
+    /// What is taken now: agreements running, offers out, and reservations held (the tasks in a
+    /// reservation take nothing beside it).
+    pub(super) fn busy(&self) -> Amount {
+        self.agreements
+            .values()
+            .filter(|running| !running.ended)
+            .map(|running| running.resources)
+            .chain(self.offering.values().copied())
+            .chain(self.reservations.values().map(|held| held.resources))
+            .fold(Amount::default(), |sum, r| sum.saturating_add(&amount(&r)))
+    }
 }
 
 struct Waiting {
@@ -112,6 +129,9 @@ pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
         Ok(hash) => hash,
         Err(rejection) => return rejected("request", &rejection),
     };
+    if let Some(reservation) = request.reservation.clone() {
+        return in_reservation(inner, peer, request, hash, &reservation, &signed).await;
+    }
     let history = inner.parts.store.agreement_history(&peer.to_string(), "provider").await.unwrap_or((0, 0));
     let queued = {
         let mut state = inner.provider();
@@ -154,8 +174,37 @@ pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
     Reply::Queued { position: position as u64 }
 }
 
-fn refused(reason: String) -> Reply {
+pub(super) fn refused(reason: String) -> Reply {
     Reply::Refused { reason }
+}
+
+/// A task of a request package, to run in resources held for its consumer: offered terms at
+/// once, from the reservation, without waiting for the matcher.
+async fn in_reservation(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    request: JobRequest,
+    hash: String,
+    reservation: &str,
+    signed: &Signed,
+) -> Reply {
+    if let Err(reason) = reservations::check_task(inner, &peer, &request, reservation) {
+        return refused(reason);
+    }
+    {
+        let mut state = inner.provider();
+        let key = (peer, request.request_id.clone());
+        if state.offering.contains_key(&key) {
+            return refused("terms for this request are on their way to you".into());
+        }
+        // Nothing beside the reservation: the task runs in what it holds.
+        state.offering.insert(key, Resources::default());
+    }
+    inner.parts.ledger.note(Kind::Request, signed).await;
+    let waiting = Waiting { request, hash, consumer: peer, arrived: Instant::now(), reputation: 0.5 };
+    let task_inner = Arc::clone(inner);
+    inner.tasks.spawn(async move { offer(task_inner, waiting).await });
+    Reply::Queued { position: 0 }
 }
 
 /// Whether this agent can take `request` at all (now or once busy capacity frees up).
@@ -319,6 +368,7 @@ pub(super) async fn match_forever(inner: Arc<Inner>) {
             changed = availability.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
         }
+        reservations::expire(&inner, unix_now()).await;
         match_once(&inner);
     }
 }
@@ -334,14 +384,7 @@ fn match_once(inner: &Arc<Inner>) {
     if state.pending.is_empty() {
         return;
     }
-    let busy = state
-        .agreements
-        .values()
-        .filter(|running| !running.ended)
-        .map(|running| running.resources)
-        .chain(state.offering.values().copied())
-        .fold(Amount::default(), |sum, r| sum.saturating_add(&amount(&r)));
-    let idle = whole.saturating_sub(&busy);
+    let idle = whole.saturating_sub(&state.busy());
     let pending: Vec<Pending> = state
         .pending
         .iter()
@@ -372,7 +415,7 @@ fn match_once(inner: &Arc<Inner>) {
     }
 }
 
-fn capacity_amount(capacity: &Capacity) -> Amount {
+pub(super) fn capacity_amount(capacity: &Capacity) -> Amount {
     Amount {
         cpu_millis: capacity.cpu_millis,
         memory_bytes: capacity.memory_bytes,
@@ -441,9 +484,19 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         let mut state = inner.provider();
         state.offering.remove(&(waiting.consumer, request.request_id.clone()));
         if agreement.is_some() {
+            if let Some(reservation) = &request.reservation
+                && let Some(held) = state.reservations.get_mut(reservation)
+            {
+                held.in_use += 1;
+            }
             let running = Running {
                 consumer: waiting.consumer,
-                resources: request.resources,
+                // A task in a reservation takes nothing beside it.
+                resources: if request.reservation.is_some() {
+                    Resources::default()
+                } else {
+                    request.resources
+                },
                 job: None,
                 seq: 0,
                 latest: None,
@@ -486,6 +539,9 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     notify(&inner, &id, state, reason, outputs.map(|imported| imported.blob), receipt).await;
     if let Some(running) = inner.provider().agreements.get_mut(&id) {
         running.ended = true;
+    }
+    if let Some(reservation) = &request.reservation {
+        reservations::task_ended(&inner, reservation);
     }
     receipts::release(&inner, &id, outcome).await;
     if let Err(error) = inner.parts.store.end_agreement(&id, outcome).await {
@@ -722,6 +778,7 @@ mod tests {
             network: false,
             hosted: false,
             max_price_per_hour: None,
+            reservation: None,
         }
     }
 

@@ -32,6 +32,12 @@ pub const REQUEST_TAG: DomainTag = DomainTag::new(b"hearth/request/v1");
 pub const AGREEMENT_TAG: DomainTag = DomainTag::new(b"hearth/agreement/v1");
 /// Domain tag of a provider's notice about a job under an agreement.
 pub const NOTICE_TAG: DomainTag = DomainTag::new(b"hearth/notice/v1");
+/// Domain tag of a consumer's ask to hold resources for one resource of a request package.
+pub const RESERVE_TAG: DomainTag = DomainTag::new(b"hearth/reserve/v1");
+/// Domain tag of a provider's grant of a reservation.
+pub const RESERVATION_TAG: DomainTag = DomainTag::new(b"hearth/reservation/v1");
+/// Domain tag of a consumer's release of a reservation.
+pub const RELEASE_TAG: DomainTag = DomainTag::new(b"hearth/release/v1");
 
 /// A document and its signer's signature over it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +139,86 @@ pub struct JobRequest {
     pub hosted: bool,
     /// The most the consumer pays for the job's resources, in thousandths of a credit per hour.
     pub max_price_per_hour: Option<u64>,
+    /// The reservation (see [`Reservation`]) the job runs in, for a task of a request package:
+    /// the provider takes its resources from what it holds for the consumer. Absent otherwise,
+    /// and then not part of the signed bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
+}
+
+/// A consumer's ask that a provider hold resources for one resource of a request package, until
+/// released or lapsed. Signed under [`RESERVE_TAG`] by `consumer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    /// [`VERSION`].
+    pub version: u64,
+    /// Chosen by the consumer before it asks, so that an ask whose answer was lost can still be
+    /// released.
+    pub reservation_id: String,
+    /// The request package it is for.
+    pub request_id: String,
+    /// The package's name for the resource.
+    pub resource: String,
+    /// Who asks.
+    pub consumer: String,
+    /// Whom it is addressed to.
+    pub provider: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// What to hold.
+    pub resources: Resources,
+    /// Whether the tasks run in it may open outbound connections.
+    pub network: bool,
+    /// The most the consumer pays for `resources`, in thousandths of a credit per hour.
+    pub max_price_per_hour: Option<u64>,
+    /// How long the provider holds it idle without a [`Message::Keep`] before it lapses.
+    pub hold_s: u64,
+}
+
+/// A provider's grant of a [`ReserveRequest`]: the resources are set aside for the consumer's
+/// tasks until `expires_at`, which each [`Message::Keep`] moves on. Signed under
+/// [`RESERVATION_TAG`] by `provider`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// [`VERSION`].
+    pub version: u64,
+    /// The consumer's id for it.
+    pub reservation_id: String,
+    /// [`Signed::hash`] of the ask.
+    pub request_hash: String,
+    /// Who holds the resources.
+    pub provider: String,
+    /// For whom.
+    pub consumer: String,
+    /// What is held.
+    pub resources: Resources,
+    /// The prices the tasks run in it are offered at, per resource-hour.
+    pub prices: Prices,
+    /// The GPUs held, by UUID.
+    pub gpus: Vec<String>,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds: the reservation lapses then unless kept or in use.
+    pub expires_at: i64,
+}
+
+/// A consumer's release of a reservation (its package finished, failed or was rolled back).
+/// Signed under [`RELEASE_TAG`] by `consumer`; the provider frees the resources and keeps the
+/// release in its ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// [`VERSION`].
+    pub version: u64,
+    /// The reservation.
+    pub reservation_id: String,
+    /// Who releases it.
+    pub consumer: String,
+    /// Who held it.
+    pub provider: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// Why, for people: `completed`, `rolled back: …`, `cancelled`.
+    pub reason: String,
 }
 
 /// The terms of an agreement. The provider signs them under [`AGREEMENT_TAG`] as its offer; the
@@ -287,6 +373,24 @@ pub enum Message {
     /// Either side to the other: the newest checkpoint of the sender's ledger that the receiver
     /// holds. Answered `checkpoint`.
     Witness,
+    /// Consumer to provider: a signed [`ReserveRequest`]. Answered at once `reserved` (a signed
+    /// [`Reservation`]) or `refused`.
+    Reserve {
+        /// The ask.
+        request: Signed,
+    },
+    /// Consumer to provider: the reservation is still wanted; hold it another `hold_s`. Answered
+    /// `done`, or `refused` when it lapsed or was never held.
+    Keep {
+        /// The reservation.
+        reservation_id: String,
+    },
+    /// Consumer to provider: a signed [`Release`]. Answered `done`, also when nothing is held
+    /// under that id (a release is safe to repeat).
+    Release {
+        /// The release.
+        release: Signed,
+    },
     /// Consumer to provider: the job's output from a byte offset. Answered `logs` or `refused`.
     Logs {
         /// The agreement.
@@ -328,6 +432,11 @@ pub enum Reply {
     Notice {
         /// The notice.
         notice: Signed,
+    },
+    /// The provider holds the resources: its signed [`Reservation`].
+    Reserved {
+        /// The grant.
+        reservation: Signed,
     },
     /// A signed ledger checkpoint (`hearth/checkpoint/v1`, see `docs/ledger.md`), or none held.
     Checkpoint {

@@ -1,0 +1,373 @@
+//! Reservations, the provider's side: resources held for one resource of another agent's request
+//! package. A signed ask (`reserve`) is granted at once when the resources are idle now, or
+//! refused with the reason; the grant is a signed [`Reservation`]. While held, the resources count
+//! as busy for the matcher, and the consumer's tasks under it draw on them (their requests name
+//! the reservation and are offered terms at once, not matched). A reservation ends when the
+//! consumer sends a signed release, or lapses by itself `hold_s` after it was granted, last kept,
+//! or last used, so a consumer that vanished leaves nothing held for long.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use libp2p::PeerId;
+
+use super::matching::Amount;
+use super::provider::{capacity_amount, refused};
+use super::{Inner, PRICES, amount, credits, price_per_hour, rejected};
+use crate::availability::Availability;
+use crate::ledger::record::Kind;
+use crate::net::advert::MAX_CLOCK_SKEW;
+use crate::net::negotiate::{
+    JobRequest, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation, ReserveRequest,
+    Resources, Signed, VERSION,
+};
+use crate::net::unix_now;
+
+/// The longest a reservation may be held idle between two keeps.
+pub const MAX_HOLD_S: u64 = 60 * 60;
+
+/// The most reservations one consumer may hold here at once.
+const MAX_PER_PEER: usize = 64;
+
+/// The most reservations held here at once.
+const MAX_HELD: usize = 4096;
+
+/// One reservation held here.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) consumer: PeerId,
+    pub(super) request_id: String,
+    pub(super) resource: String,
+    pub(super) resources: Resources,
+    pub(super) network: bool,
+    pub(super) gpus: Vec<String>,
+    hold_s: u64,
+    pub(super) expires_at: i64,
+    /// The grant as signed, answered again to a repeated ask.
+    grant: Signed,
+    /// Agreements of tasks running in it.
+    pub(super) in_use: u32,
+}
+
+/// A reservation as the owner's API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct HeldReservation {
+    /// The consumer's id for it.
+    pub id: String,
+    /// For whom.
+    pub consumer: String,
+    /// The consumer's request package.
+    pub request_id: String,
+    /// The package's name for the resource.
+    pub resource: String,
+    /// Thousandths of a core held.
+    pub cpu_millis: u64,
+    /// Memory held, in bytes.
+    pub memory_bytes: u64,
+    /// Scratch disk held, in bytes.
+    pub disk_bytes: u64,
+    /// GPUs held, by UUID.
+    pub gpus: Vec<String>,
+    /// Tasks running in it now.
+    pub in_use: u32,
+    /// When it lapses unless kept or in use, in Unix seconds.
+    pub expires_at: i64,
+}
+
+/// The reservations held now, by id.
+pub(super) type Reservations = HashMap<String, Held>;
+
+/// Checks an ask and holds the resources, or says why not.
+pub(super) async fn on_reserve(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    let ask: ReserveRequest = match signed.open(RESERVE_TAG, &peer) {
+        Ok(ask) => ask,
+        Err(rejection) => return rejected("reservation request", &rejection),
+    };
+    let capacity = match &*inner.parts.availability.borrow() {
+        Availability::Sharing { capacity, .. } => capacity.clone(),
+        Availability::Paused { reasons } => {
+            let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+            return refused(format!("this agent is paused: {}", reasons.join("; ")));
+        }
+    };
+    let now = unix_now();
+    if let Err(reason) = check(&ask, &peer, &inner.parts.identity.peer_id(), now) {
+        return refused(reason);
+    }
+    let request_hash = match signed.hash() {
+        Ok(hash) => hash,
+        Err(rejection) => return rejected("reservation request", &rejection),
+    };
+    let granted = {
+        let mut state = inner.provider();
+        if let Some(held) = state.reservations.get(&ask.reservation_id) {
+            // The answer to an earlier ask was lost: the same grant again.
+            return if held.consumer == peer {
+                Reply::Reserved { reservation: held.grant.clone() }
+            } else {
+                refused("that reservation id is taken".into())
+            };
+        }
+        if state.reservations.len() >= MAX_HELD {
+            return refused(format!("{MAX_HELD} reservations are held here already; try later"));
+        }
+        if state.reservations.values().filter(|held| held.consumer == peer).count() >= MAX_PER_PEER {
+            return refused(format!("you hold {MAX_PER_PEER} reservations here already"));
+        }
+        let whole = capacity_amount(&capacity);
+        let idle = whole.saturating_sub(&state.busy());
+        let wanted = amount(&ask.resources);
+        if !wanted.fits_in(&whole) {
+            return refused(too_big(&ask.resources, &whole));
+        }
+        if !wanted.fits_in(&idle) {
+            return refused(format!(
+                "busy: {} of what it asks is held or in use now; try later",
+                short(&ask.resources)
+            ));
+        }
+        let taken: Vec<&String> = state.reservations.values().flat_map(|held| &held.gpus).collect();
+        let gpus: Vec<String> = capacity
+            .gpus
+            .iter()
+            .map(|gpu| gpu.uuid.clone())
+            .filter(|uuid| !taken.contains(&uuid))
+            .take(ask.resources.gpus as usize)
+            .collect();
+        if gpus.len() < ask.resources.gpus as usize {
+            return refused("busy: its GPUs are held for someone else now; try later".into());
+        }
+        let grant = Reservation {
+            version: VERSION,
+            reservation_id: ask.reservation_id.clone(),
+            request_hash,
+            provider: inner.parts.identity.peer_id().to_string(),
+            consumer: peer.to_string(),
+            resources: ask.resources,
+            prices: PRICES,
+            gpus: gpus.clone(),
+            issued_at: now,
+            expires_at: now.saturating_add(ask.hold_s as i64),
+        };
+        let grant = match Signed::sign(&inner.parts.identity, RESERVATION_TAG, &grant) {
+            Ok(grant) => grant,
+            Err(error) => return refused(format!("cannot sign the reservation: {error}")),
+        };
+        state.reservations.insert(
+            ask.reservation_id.clone(),
+            Held {
+                consumer: peer,
+                request_id: ask.request_id.clone(),
+                resource: ask.resource.clone(),
+                resources: ask.resources,
+                network: ask.network,
+                gpus,
+                hold_s: ask.hold_s,
+                expires_at: now.saturating_add(ask.hold_s as i64),
+                grant: grant.clone(),
+                in_use: 0,
+            },
+        );
+        grant
+    };
+    tracing::info!(reservation = %ask.reservation_id, consumer = %peer, "holding resources");
+    inner
+        .parts
+        .ledger
+        .note(Kind::Reservation, &serde_json::json!({ "event": "reserve", "document": signed }))
+        .await;
+    inner
+        .parts
+        .ledger
+        .note(Kind::Reservation, &serde_json::json!({ "event": "granted", "document": granted }))
+        .await;
+    Reply::Reserved { reservation: granted }
+}
+
+/// Whether an ask can be held at all (now or later).
+fn check(ask: &ReserveRequest, from: &PeerId, me: &PeerId, now: i64) -> Result<(), String> {
+    if ask.consumer != from.to_string() {
+        return Err(format!("the ask names {} but came from {from}", ask.consumer));
+    }
+    if ask.provider != me.to_string() {
+        return Err(format!("the ask is addressed to {}, not to this agent", ask.provider));
+    }
+    if (ask.issued_at - now).abs() > MAX_CLOCK_SKEW.as_secs() as i64 {
+        return Err("the ask is stale or from the future; check the clocks".into());
+    }
+    let id_ok = (8..=64).contains(&ask.reservation_id.len())
+        && ask.reservation_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !id_ok {
+        return Err("the reservation id is not 8 to 64 letters and digits".into());
+    }
+    if ask.request_id.len() > 64 || ask.resource.len() > 64 {
+        return Err("the request id or the resource name is over 64 bytes".into());
+    }
+    if !(1..=MAX_HOLD_S).contains(&ask.hold_s) {
+        return Err(format!("a reservation is held idle from 1 s to {MAX_HOLD_S} s"));
+    }
+    let wanted = &ask.resources;
+    if wanted.cpu_millis == 0 || wanted.memory_bytes == 0 {
+        return Err("the ask holds no cores or no memory".into());
+    }
+    let price = price_per_hour(&PRICES, wanted);
+    if let Some(ceiling) = ask.max_price_per_hour
+        && price > ceiling
+    {
+        return Err(format!(
+            "it costs {} credits/h here, above its ceiling of {}",
+            credits(price),
+            credits(ceiling)
+        ));
+    }
+    Ok(())
+}
+
+fn short(resources: &Resources) -> String {
+    let mut parts = vec![format!("{} cores", resources.cpu_millis as f64 / 1000.0)];
+    parts.push(format!("{:.2} GiB", resources.memory_bytes as f64 / f64::from(1u32 << 30)));
+    if resources.gpus > 0 {
+        parts.push(format!("{} GPUs", resources.gpus));
+    }
+    parts.join(", ")
+}
+
+fn too_big(resources: &Resources, whole: &Amount) -> String {
+    format!(
+        "it asks {}; this agent offers at most {} cores, {:.2} GiB and {} GPUs",
+        short(resources),
+        whole.cpu_millis as f64 / 1000.0,
+        whole.memory_bytes as f64 / f64::from(1u32 << 30),
+        whole.gpus
+    )
+}
+
+/// The consumer still wants the reservation: it is held another `hold_s`.
+pub(super) fn on_keep(inner: &Arc<Inner>, peer: PeerId, reservation_id: &str) -> Reply {
+    let mut state = inner.provider();
+    match state.reservations.get_mut(reservation_id) {
+        Some(held) if held.consumer == peer => {
+            held.expires_at = held.expires_at.max(unix_now().saturating_add(held.hold_s as i64));
+            Reply::Done
+        }
+        _ => refused(format!(
+            "no reservation {reservation_id} of yours is held here (it lapsed or was released)"
+        )),
+    }
+}
+
+/// The consumer releases a reservation: its resources are free again. A release of what is not
+/// held (any more) is answered `done` too, so a consumer may repeat it safely.
+pub(super) async fn on_release(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
+    let release: Release = match signed.open(RELEASE_TAG, &peer) {
+        Ok(release) => release,
+        Err(rejection) => return rejected("release", &rejection),
+    };
+    if release.consumer != peer.to_string() || release.provider != inner.parts.identity.peer_id().to_string()
+    {
+        return refused("the release names other parties".into());
+    }
+    let freed = {
+        let mut state = inner.provider();
+        match state.reservations.get(&release.reservation_id) {
+            Some(held) if held.consumer == peer => state.reservations.remove(&release.reservation_id),
+            _ => None,
+        }
+    };
+    if freed.is_some() {
+        tracing::info!(reservation = %release.reservation_id, reason = %release.reason, "released");
+        inner
+            .parts
+            .ledger
+            .note(Kind::Reservation, &serde_json::json!({ "event": "released", "document": signed }))
+            .await;
+        inner.wake.notify_one();
+    }
+    Reply::Done
+}
+
+/// A task's request that names a reservation: whether it fits in what is held for its consumer.
+pub(super) fn check_task(
+    inner: &Inner,
+    peer: &PeerId,
+    request: &JobRequest,
+    reservation_id: &str,
+) -> Result<(), String> {
+    let state = inner.provider();
+    let held = state
+        .reservations
+        .get(reservation_id)
+        .filter(|held| held.consumer == *peer)
+        .ok_or_else(|| format!("no reservation {reservation_id} of yours is held here"))?;
+    let (asked, has) = (&request.resources, &held.resources);
+    if asked.cpu_millis > has.cpu_millis
+        || asked.memory_bytes > has.memory_bytes
+        || asked.disk_bytes > has.disk_bytes
+        || asked.gpus > has.gpus
+    {
+        return Err("the task asks for more than its reservation holds".into());
+    }
+    if request.network && !held.network {
+        return Err("the task asks for network; its reservation was not for network".into());
+    }
+    Ok(())
+}
+
+/// A task's agreement in the reservation ended: the reservation is kept another `hold_s` from
+/// now, for the next task.
+pub(super) fn task_ended(inner: &Inner, reservation_id: &str) {
+    if let Some(held) = inner.provider().reservations.get_mut(reservation_id) {
+        held.in_use = held.in_use.saturating_sub(1);
+        held.expires_at = held.expires_at.max(unix_now().saturating_add(held.hold_s as i64));
+    }
+}
+
+/// Drops reservations that lapsed (not kept, not in use); each is recorded.
+pub(super) async fn expire(inner: &Arc<Inner>, now: i64) {
+    let lapsed: Vec<(String, Held)> = {
+        let mut state = inner.provider();
+        let ids: Vec<String> = state
+            .reservations
+            .iter()
+            .filter(|(_, held)| held.in_use == 0 && held.expires_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter().filter_map(|id| state.reservations.remove(&id).map(|held| (id, held))).collect()
+    };
+    for (id, held) in &lapsed {
+        tracing::info!(reservation = %id, consumer = %held.consumer, "a reservation lapsed: not kept or released in time");
+        let body = serde_json::json!({
+            "event": "lapsed",
+            "reservation_id": id,
+            "consumer": held.consumer.to_string(),
+            "at": now,
+        });
+        inner.parts.ledger.note(Kind::Reservation, &body).await;
+    }
+    if !lapsed.is_empty() {
+        inner.wake.notify_one();
+    }
+}
+
+/// The reservations held now, oldest to lapse first.
+pub(super) fn list(inner: &Inner) -> Vec<HeldReservation> {
+    let mut all: Vec<HeldReservation> = inner
+        .provider()
+        .reservations
+        .iter()
+        .map(|(id, held)| HeldReservation {
+            id: id.clone(),
+            consumer: held.consumer.to_string(),
+            request_id: held.request_id.clone(),
+            resource: held.resource.clone(),
+            cpu_millis: held.resources.cpu_millis,
+            memory_bytes: held.resources.memory_bytes,
+            disk_bytes: held.resources.disk_bytes,
+            gpus: held.gpus.clone(),
+            in_use: held.in_use,
+            expires_at: held.expires_at,
+        })
+        .collect();
+    all.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+    all
+}
