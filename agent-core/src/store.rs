@@ -675,7 +675,41 @@ mod tests {
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 6);
+        assert_eq!(version, 7);
+    }
+
+    #[tokio::test]
+    async fn a_request_and_its_tasks_are_written_together_and_read_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let store = Store::open(&path, &peer(1)).await.unwrap();
+        let task = |index: u32, state: &str, job: Option<&str>| TaskRow {
+            index,
+            resource: if index == 0 { "prep".into() } else { "train".into() },
+            spec_path: format!("/specs/{index}.toml"),
+            state: state.into(),
+            job_id: job.map(str::to_owned),
+            reason: None,
+        };
+        let mut row = RequestRow {
+            id: "r1".into(),
+            state: "queued".into(),
+            record: "{}".into(),
+            created_at: 10,
+            updated_at: 10,
+            tasks: vec![task(0, "waiting", None), task(1, "waiting", None)],
+        };
+        store.put_request(row.clone()).await.unwrap();
+        row.state = "running".into();
+        row.updated_at = 12;
+        row.tasks[0] = task(0, "succeeded", Some("j1"));
+        row.tasks[1] = task(1, "running", Some("j2"));
+        store.put_request(row.clone()).await.unwrap();
+        store.shutdown().await.unwrap();
+
+        let store = Store::open(&path, &peer(1)).await.unwrap();
+        assert_eq!(store.requests().await.unwrap(), vec![row]);
+        store.shutdown().await.unwrap();
     }
 
     #[tokio::test]

@@ -177,6 +177,27 @@ fn counts_add_up(status: &Value) -> Result<()> {
     Ok(())
 }
 
+/// The verifier written from docs/ledger.md says the export is ok, where Python is.
+fn python_verifies(export: &Path) -> Result<()> {
+    if !crate::python_present() {
+        eprintln!(
+            "SKIPPED part of {}: python3 is not installed, the Python verifier did not run",
+            module_path!()
+        );
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/verify_ledger.py");
+    let output = std::process::Command::new("python3").arg(script).arg(export).output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success() && stdout.starts_with("ok "),
+        "{}: {stdout}{}",
+        export.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// The reservations `agent` holds now (`hearth reservations --json`).
 fn held(agent: &Agent) -> Result<Vec<Value>> {
     let output = agent.cli(&["reservations", "--json"])?;
@@ -280,16 +301,24 @@ pub(crate) fn two_gpus_after_a_cpu_machine_are_acquired_in_order_and_run_their_t
         "prep's output"
     );
 
-    // Nothing is held anywhere now, and each provider's ledger keeps the signed releases.
+    // Nothing is held anywhere now; every ledger verifies, and both sides of a reservation keep
+    // the signed ask, grant and release.
     for provider in [&homes.cpu, &homes.gpu] {
         ensure!(held(provider)?.is_empty(), "still held: {:?}", held(provider)?);
-        let verify = provider.cli(&["ledger", "verify"])?;
-        ensure!(verify.status.success(), "ledger verify: {}", String::from_utf8_lossy(&verify.stdout));
     }
-    let export = homes.gpu.cli(&["ledger", "export"])?;
-    let export = String::from_utf8(export.stdout)?;
-    for event in ["\"reserve\"", "\"granted\"", "\"released\""] {
-        ensure!(export.contains(event), "the GPU provider's ledger has no {event} reservation record");
+    for (name, agent) in [("consumer", &homes.consumer), ("cpu", &homes.cpu), ("gpu", &homes.gpu)] {
+        let verify = agent.cli(&["ledger", "verify"])?;
+        ensure!(verify.status.success(), "{name}'s ledger: {}", String::from_utf8_lossy(&verify.stdout));
+        let file = files.dir.path().join(format!("{name}.jsonl"));
+        let export = agent.cli(&["ledger", "export", "--out", file.to_str().context("path")?])?;
+        ensure!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+        if name != "cpu" {
+            let text = fs::read_to_string(&file)?;
+            for event in ["\"reserve\"", "\"granted\"", "\"released\""] {
+                ensure!(text.contains(event), "the {name}'s ledger has no {event} reservation record");
+            }
+        }
+        python_verifies(&file)?;
     }
 
     // Every change was pushed on the event stream, with exact counts each time.

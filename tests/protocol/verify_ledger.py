@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from verify_advert import ed25519_key_of, ed25519_verify  # noqa: E402
 
 ZEROS = "0" * 64
-KINDS = ("request", "offer", "agreement", "transfer", "notice", "release", "receipt")
+KINDS = ("request", "offer", "agreement", "transfer", "notice", "release", "receipt", "reservation")
 ROW_FIELDS = {"seq", "at", "kind", "body", "prev", "hash"}
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -45,6 +45,16 @@ TAG_AGREEMENT = b"hearth/agreement/v1"
 TAG_NOTICE = b"hearth/notice/v1"
 TAG_RECEIPT = b"hearth/receipt/v1"
 TAG_CHECKPOINT = b"hearth/checkpoint/v1"
+TAG_RESERVE = b"hearth/reserve/v1"
+TAG_RESERVATION = b"hearth/reservation/v1"
+TAG_RELEASE = b"hearth/release/v1"
+
+# A reservation record's event: the tag its document is signed under and the signer's field.
+RESERVATION_EVENTS = {
+    "reserve": (TAG_RESERVE, "consumer"),
+    "granted": (TAG_RESERVATION, "provider"),
+    "released": (TAG_RELEASE, "consumer"),
+}
 
 
 class Malformed(Exception):
@@ -253,6 +263,25 @@ def check_kind(kind, body, owner):
         doubly_signed(body, "receipt", TAG_RECEIPT, "receipt", owner)
     elif kind in ("transfer", "release"):
         names_agreement(body, kind)
+    elif kind == "reservation":
+        reservation(body, owner)
+
+
+def reservation(record, owner):
+    """A reservation record: a signed document of its event, or the provider's note that one lapsed."""
+    if not isinstance(record, dict):
+        raise Bad("the reservation body is not a JSON object")
+    event = record.get("event")
+    if event == "lapsed":
+        if not isinstance(record.get("reservation_id"), str):
+            raise Bad("a lapsed reservation names no reservation_id")
+        return
+    if event not in RESERVATION_EVENTS:
+        raise Bad(f"a reservation event {event!r} of no known kind")
+    tag, signer = RESERVATION_EVENTS[event]
+    if "document" not in record:
+        raise Bad("a reservation record with no document")
+    signed_document(record["document"], tag, signer, f"reservation {event}", owner)
 
 
 # --- The export ----------------------------------------------------------------------------------

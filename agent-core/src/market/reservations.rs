@@ -371,3 +371,89 @@ pub(super) fn list(inner: &Inner) -> Vec<HeldReservation> {
     all.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
     all
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(consumer: &PeerId, provider: &PeerId) -> ReserveRequest {
+        ReserveRequest {
+            version: VERSION,
+            reservation_id: "0123456789abcdef".into(),
+            request_id: "r".into(),
+            resource: "train".into(),
+            consumer: consumer.to_string(),
+            provider: provider.to_string(),
+            issued_at: 1000,
+            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, gpus: 2, ..Resources::default() },
+            network: false,
+            max_price_per_hour: None,
+            hold_s: 600,
+        }
+    }
+
+    #[test]
+    fn asks_that_cannot_be_held_are_refused_with_the_reason() {
+        let (consumer, me, other) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let ok = ask(&consumer, &me);
+        assert_eq!(check(&ok, &consumer, &me, 1000), Ok(()));
+        let cases: Vec<(ReserveRequest, PeerId, i64, &str)> = vec![
+            (ok.clone(), other, 1000, "came from"),
+            (ReserveRequest { provider: other.to_string(), ..ok.clone() }, consumer, 1000, "addressed to"),
+            (ok.clone(), consumer, 1000 + 3600, "stale"),
+            (ReserveRequest { issued_at: 5000, ..ok.clone() }, consumer, 1000, "future"),
+            (ReserveRequest { reservation_id: "x".into(), ..ok.clone() }, consumer, 1000, "8 to 64"),
+            (
+                ReserveRequest { reservation_id: "../../etc/passwd".into(), ..ok.clone() },
+                consumer,
+                1000,
+                "8 to 64",
+            ),
+            (ReserveRequest { hold_s: 0, ..ok.clone() }, consumer, 1000, "held idle"),
+            (ReserveRequest { hold_s: MAX_HOLD_S + 1, ..ok.clone() }, consumer, 1000, "held idle"),
+            (
+                ReserveRequest { resources: Resources { cpu_millis: 0, ..ok.resources }, ..ok.clone() },
+                consumer,
+                1000,
+                "no cores",
+            ),
+            (
+                ReserveRequest { max_price_per_hour: Some(1), ..ok.clone() },
+                consumer,
+                1000,
+                "above its ceiling",
+            ),
+            (ReserveRequest { resource: "x".repeat(65), ..ok.clone() }, consumer, 1000, "over 64 bytes"),
+        ];
+        for (ask, from, now, expected) in cases {
+            let reason = check(&ask, &from, &me, now).unwrap_err();
+            assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_grant_opens_only_for_its_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = crate::identity::Identity::load_or_create(dir.path()).unwrap().0;
+        let consumer = PeerId::random();
+        let grant = Reservation {
+            version: VERSION,
+            reservation_id: "0123456789abcdef".into(),
+            request_hash: "00".repeat(32),
+            provider: provider.peer_id().to_string(),
+            consumer: consumer.to_string(),
+            resources: ask(&consumer, &provider.peer_id()).resources,
+            prices: PRICES,
+            gpus: vec!["FAKE-GPU-0".into(), "FAKE-GPU-1".into()],
+            issued_at: 1000,
+            expires_at: 1600,
+        };
+        let signed = Signed::sign(&provider, RESERVATION_TAG, &grant).unwrap();
+        assert_eq!(signed.open::<Reservation>(RESERVATION_TAG, &provider.peer_id()).unwrap(), grant);
+        assert!(signed.open::<Reservation>(RESERVATION_TAG, &consumer).is_err());
+        assert!(signed.open::<Reservation>(RELEASE_TAG, &provider.peer_id()).is_err());
+        let mut longer = signed;
+        longer.body["expires_at"] = 9999.into();
+        assert!(longer.open::<Reservation>(RESERVATION_TAG, &provider.peer_id()).is_err());
+    }
+}

@@ -540,6 +540,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_without_a_reservation_signs_the_same_bytes_as_before_the_field_existed() {
+        let request = JobRequest {
+            version: VERSION,
+            request_id: "r".into(),
+            consumer: "c".into(),
+            provider: "p".into(),
+            issued_at: 1,
+            expires_at: 2,
+            spec: String::new(),
+            files: BTreeMap::new(),
+            resources: Resources::default(),
+            time_limit_s: 60,
+            network: false,
+            hosted: false,
+            max_price_per_hour: None,
+            reservation: None,
+        };
+        let body = serde_json::to_value(&request).unwrap();
+        assert!(body.get("reservation").is_none(), "{body}");
+        let read: JobRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(read, request);
+        let within = JobRequest { reservation: Some("0123456789abcdef".into()), ..request };
+        assert_eq!(serde_json::to_value(&within).unwrap()["reservation"], "0123456789abcdef");
+    }
+
+    #[test]
     fn messages_round_trip_as_tagged_json() {
         let message = Message::Logs { agreement_id: "a".into(), stream: Stream::Stdout, offset: 7 };
         let text = serde_json::to_string(&message).unwrap();
@@ -548,5 +574,9 @@ mod tests {
         let reply: Reply = serde_json::from_str(r#"{"type":"queued","position":2}"#).unwrap();
         assert_eq!(reply, Reply::Queued { position: 2 });
         assert!(serde_json::from_str::<Reply>(r#"{"type":"sure"}"#).is_err());
+        let keep = Message::Keep { reservation_id: "0123456789abcdef".into() };
+        let text = serde_json::to_string(&keep).unwrap();
+        assert_eq!(text, r#"{"type":"keep","reservation_id":"0123456789abcdef"}"#);
+        assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), keep);
     }
 }
