@@ -976,3 +976,81 @@ async fn keep_alive(inner: Arc<Inner>, id: String, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_package_is_valid_and_runs_count_before_report() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipeline/package.toml");
+        let package = Package::load(&path).unwrap();
+        let names: Vec<&str> = package.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["count", "report"]);
+        assert_eq!(package.waves(), [vec![0], vec![1]]);
+        assert_eq!((package.retries, package.backoff_ms, package.hold_s), (3, 1000, 600));
+    }
+
+    #[test]
+    fn counts_follow_the_task_list() {
+        let task = |index: u32, state: TaskState, reason: Option<&str>| TaskStatus {
+            index,
+            resource: "r".into(),
+            spec_path: PathBuf::from("/x.toml"),
+            state,
+            job_id: None,
+            reason: reason.map(str::to_owned),
+            started_at_ms: None,
+            ended_at_ms: None,
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipeline/package.toml");
+        let mut status = RequestStatus {
+            id: "r".into(),
+            name: None,
+            path: path.clone(),
+            state: RequestState::Running,
+            reason: None,
+            tasks: 0,
+            succeeded: 0,
+            failed: 0,
+            failures: Vec::new(),
+            resources: Vec::new(),
+            task_list: vec![
+                task(0, TaskState::Succeeded, None),
+                task(1, TaskState::Failed, Some("exited with code 3")),
+                task(2, TaskState::Skipped, Some("an earlier task failed")),
+            ],
+            outcome: None,
+            package: Package::load(&path).unwrap(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        status.recount();
+        assert_eq!((status.tasks, status.succeeded, status.failed), (3, 1, 1));
+        assert_eq!(status.failures, ["task 1 on r: exited with code 3"]);
+        let row = status.row().unwrap();
+        assert_eq!(row.state, "running");
+        let states: Vec<&str> = row.tasks.iter().map(|t| t.state.as_str()).collect();
+        assert_eq!(states, ["succeeded", "failed", "skipped"]);
+        let back: RequestStatus = serde_json::from_str(&row.record).unwrap();
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn only_the_last_three_states_are_terminal() {
+        let all = [
+            RequestState::Queued,
+            RequestState::Acquiring,
+            RequestState::Running,
+            RequestState::Releasing,
+            RequestState::Completed,
+            RequestState::Failed,
+            RequestState::RolledBack,
+        ];
+        let terminal: Vec<&str> = all.iter().filter(|s| s.is_terminal()).map(|s| s.name()).collect();
+        assert_eq!(terminal, ["completed", "failed", "rolled_back"]);
+        for state in all {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
+        }
+    }
+}
