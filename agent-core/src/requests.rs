@@ -543,6 +543,11 @@ async fn drive(inner: Arc<Inner>, id: String) {
                     Err(Stop::Stopping) => break,
                     Err(Stop::Failed(reason)) => {
                         let reason = rollback(&inner, &id, &reason).await;
+                        if inner.stop.is_cancelled() {
+                            // Not all released: the next start finds the failed resource out of
+                            // tries and rolls back again.
+                            break;
+                        }
                         skip_all(&inner, &id, "its resources were not acquired").await;
                         inner
                             .update(&id, |s| {
@@ -576,7 +581,9 @@ async fn drive(inner: Arc<Inner>, id: String) {
             RequestState::Releasing => {
                 let outcome = inner.get(&id).and_then(|s| s.outcome).unwrap_or(RequestState::Failed);
                 release_all(&inner, &id, outcome.name()).await;
-                inner.update(&id, |s| s.state = outcome).await;
+                if !inner.stop.is_cancelled() {
+                    inner.update(&id, |s| s.state = outcome).await;
+                }
                 break;
             }
             RequestState::Completed | RequestState::Failed | RequestState::RolledBack => break,
@@ -759,7 +766,8 @@ async fn rollback(inner: &Arc<Inner>, id: &str, reason: &str) -> String {
     }
 }
 
-/// Releases every reservation held or asked for, last acquired first; the names released.
+/// Releases every reservation held or asked for, last acquired first; the names released. Stops
+/// early when the agent stops (the rest are released after the next start).
 async fn release_all(inner: &Arc<Inner>, id: &str, reason: &str) -> Vec<String> {
     let Some(status) = inner.get(id) else { return Vec::new() };
     let mut held: Vec<(usize, &Acquisition)> = status
@@ -772,6 +780,9 @@ async fn release_all(inner: &Arc<Inner>, id: &str, reason: &str) -> Vec<String> 
     held.sort_by_key(|(_, a)| std::cmp::Reverse(a.order.unwrap_or(u32::MAX)));
     let mut names = Vec::new();
     for (index, acquisition) in held {
+        if inner.stop.is_cancelled() {
+            break;
+        }
         let (Some(provider), Some(reservation)) = (&acquisition.provider, &acquisition.reservation_id) else {
             continue;
         };
@@ -786,7 +797,10 @@ async fn release_all(inner: &Arc<Inner>, id: &str, reason: &str) -> Vec<String> 
                     Err(why) => error = Some(why.to_string()),
                 }
                 if attempt < RELEASE_TRIES {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        () = inner.stop.cancelled() => return names,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
                 }
             }
         }
