@@ -293,6 +293,9 @@ pub fn ranges_bytes(ranges: &ChunkRanges, size: u64) -> u64 {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Held while a download becomes complete: two downloads of one blob share its partial files,
+    /// and only the first to finish installs them.
+    finishing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl BlobStore {
@@ -313,7 +316,7 @@ impl BlobStore {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(Self { root: root.to_owned() })
+        Ok(Self { root: root.to_owned(), finishing: std::sync::Arc::default() })
     }
 
     /// The store's folder.
@@ -651,8 +654,15 @@ impl BlobStore {
         ))
     }
 
-    /// Makes a finished download a complete blob: synced, then moved into `complete/`.
+    /// Makes a finished download a complete blob: synced, then moved into `complete/`. When
+    /// another download of the same blob (they share the partial files) finished first, the blob
+    /// is complete already and there is nothing left to move.
     pub fn finish_partial(&self, hash: BlobHash, size: u64) -> Result<(), StoreError> {
+        let _finishing = self.finishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.complete_path(hash).exists() && self.complete_outboard(hash).exists() {
+            self.remove_partial(hash);
+            return Ok(());
+        }
         let data_path = self.partial_path(hash);
         let ob_path = self.partial_outboard(hash);
         let data =
@@ -678,7 +688,8 @@ impl BlobStore {
     /// Keeps `blob` (and, for a folder, every file it lists) until the tag is removed.
     pub fn tag(&self, name: &str, blob: BlobRef) -> Result<(), StoreError> {
         let path = self.tag_path(name)?;
-        let tmp = path.with_extension("tmp");
+        // A name of its own: the same tag may be written twice at once (one file added twice).
+        let tmp = self.tmp_path();
         let text = format!("{} {}\n", blob.format.name(), blob.hash);
         fs::write(&tmp, text).map_err(io_error("cannot write", &tmp))?;
         fs::rename(&tmp, &path).map_err(io_error("cannot write", &path))
@@ -837,6 +848,58 @@ mod tests {
         file.write_all(&[bytes[5] ^ 1]).unwrap();
         let after = receiver.partial(hash).unwrap().unwrap();
         assert_eq!(after.valid_bytes(), had - CHUNK_GROUP_BYTES);
+    }
+
+    /// Every item of a whole response into the partial files.
+    fn receive_all(receiver: &BlobStore, sender: &BlobStore, hash: BlobHash, size: u64) {
+        let (data, outboard) = sender.open_complete(hash).unwrap();
+        let mut encoded = Vec::new();
+        encode_ranges(&data, &outboard, &ChunkRanges::all(), &mut encoded).unwrap();
+        let (mut target, mut ob) = receiver.begin_partial(hash, size).unwrap();
+        let ranges = ChunkRanges::all();
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        for item in DecodeResponseIter::new(hash.to_blake3(), tree, encoded.as_slice(), &ranges) {
+            match item.unwrap() {
+                bao_tree::io::BaoContentItem::Parent(p) => {
+                    bao_tree::io::sync::OutboardMut::save(&mut ob, p.node, &p.pair).unwrap()
+                }
+                bao_tree::io::BaoContentItem::Leaf(l) => {
+                    positioned_io::WriteAt::write_all_at(&mut target, l.offset, &l.data).unwrap()
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_downloads_of_one_blob_at_once_both_end_with_it_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let sender = BlobStore::open(&dir.path().join("a")).unwrap();
+        let receiver = BlobStore::open(&dir.path().join("b")).unwrap();
+        let bytes = random_bytes(300_000, 3);
+        let (hash, size) = sender.import_bytes(&bytes).unwrap();
+        // Two tasks fetch the same module at once: both write the shared partial files, and each
+        // finishes; the second finds the blob complete already.
+        receive_all(&receiver, &sender, hash, size);
+        receive_all(&receiver, &sender, hash, size);
+        let other = receiver.clone();
+        let first = std::thread::spawn(move || other.finish_partial(hash, size));
+        let second = receiver.finish_partial(hash, size);
+        first.join().unwrap().unwrap();
+        second.unwrap();
+        assert_eq!(receiver.size(hash), Some(size));
+        let (mut data, _) = receiver.open_complete(hash).unwrap();
+        let mut read = Vec::new();
+        data.read_to_end(&mut read).unwrap();
+        assert_eq!(read, bytes);
+        assert!(receiver.partial(hash).unwrap().is_none(), "a partial download was left behind");
+
+        // The same tag written twice at once: both land, one file.
+        let blob = BlobRef { hash, format: Format::Raw };
+        let tagger = receiver.clone();
+        let again = std::thread::spawn(move || (0..50).try_for_each(|_| tagger.tag("added-x", blob)));
+        (0..50).try_for_each(|_| receiver.tag("added-x", blob)).unwrap();
+        again.join().unwrap().unwrap();
+        assert_eq!(receiver.tags().unwrap().get("added-x"), Some(&blob));
     }
 
     #[test]
