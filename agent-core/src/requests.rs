@@ -5,9 +5,10 @@
 //! once. A driver task per request then works through it, each step recorded before the next:
 //!
 //! 1. **Acquire**, wave by wave ([`Package::waves`]: dependencies first, a wave's resources in
-//!    parallel). Each resource is one signed `reserve` sub-request to the best-ranked provider
-//!    whose advert fits; a refusal is retried (another provider first, if one fits) up to the
-//!    package's `retries`, waiting `backoff` doubled each time. The reservation id is recorded
+//!    parallel). Each resource is one signed `reserve` sub-request to a provider whose advert
+//!    fits: one try asks up to three of them in turn, best-ranked first among those that have not
+//!    refused it yet, until one holds it. A failed try is retried up to the package's `retries`,
+//!    waiting `backoff` doubled each time. The reservation id is recorded
 //!    before the ask goes out, so an ask whose answer was lost can still be released.
 //! 2. Past the retries, **roll back**: every reservation held is released, in the reverse order of
 //!    acquisition, each by a signed release the provider acts on.
@@ -46,6 +47,10 @@ use crate::store::{RequestRow, Store, StoreError, TaskRow};
 
 /// How many requests acquire or run at once; the others wait on the queue, `queued`.
 const ACTIVE: usize = 64;
+
+/// How many fitting providers one try of an acquisition asks, one after the other, before it
+/// waits for the next try.
+const ASK_PER_TRY: usize = 3;
 
 /// The longest wait between two tries of one acquisition.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -665,84 +670,92 @@ async fn acquire(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop>
             }
         }
         attempts += 1;
+        set(inner, id, index, |a| a.attempts = attempts).await;
         let mut candidates =
             inner.market.providers_for(&resource.demand, resource.time_s, resource.max_price_per_hour).await;
-        if candidates.iter().all(|(peer, _)| refused_by.contains(peer)) {
-            // Every provider that fits refused: ask them again, capacity may have freed up.
-            refused_by.clear();
-        }
-        candidates.retain(|(peer, _)| !refused_by.contains(peer));
-        let Some((provider, _)) = candidates.first().cloned() else {
+        if candidates.is_empty() {
             last = "no sharing provider's advert fits it".into();
-            set(inner, id, index, |a| {
-                a.attempts = attempts;
-                a.error = Some(last.clone());
-            })
-            .await;
+            set(inner, id, index, |a| a.error = Some(last.clone())).await;
             continue;
-        };
-        let reservation_id = random_id() + &random_id();
-        let ask = ReserveRequest {
-            version: VERSION,
-            reservation_id: reservation_id.clone(),
-            request_id: id.to_owned(),
-            resource: resource.name.clone(),
-            consumer: inner.me.to_string(),
-            provider: provider.to_string(),
-            issued_at: unix_now(),
-            resources: resource.demand,
-            network: resource.network,
-            max_price_per_hour: resource.max_price_per_hour,
-            hold_s: package.hold_s,
-        };
-        // Recorded before it goes out, so a restart can release it whatever happened.
-        set(inner, id, index, |a| {
-            a.state = HoldState::Asking;
-            a.provider = Some(provider.to_string());
-            a.reservation_id = Some(reservation_id.clone());
-            a.attempts = attempts;
-        })
-        .await;
-        match inner.market.reserve(&ask).await {
-            Ok(grant) => {
-                let order = inner
-                    .get(id)
-                    .map_or(1, |s| s.resources.iter().filter_map(|a| a.order).max().unwrap_or(0) + 1);
-                set(inner, id, index, |a| {
-                    a.state = HoldState::Held;
-                    a.error = None;
-                    a.order = Some(order);
-                    a.prices = Some(grant.prices.clone());
-                    a.gpus = grant.gpus.clone();
-                    a.acquired_at_ms = Some(now_ms());
-                })
-                .await;
-                return Ok(());
-            }
-            Err(failure) => {
-                last = format!("{provider}: {failure}");
-                tracing::info!(request = %id, resource = %resource.name, attempt = attempts, %last, "an acquisition failed");
-                refused_by.insert(provider);
-                // An answer lost on the way may have left it held: a release undoes that.
-                if !failure.answered {
-                    let _ = inner
-                        .market
-                        .release(provider, &reservation_id, "the answer to the ask was lost")
-                        .await;
-                }
-                set(inner, id, index, |a| {
-                    a.state = HoldState::Waiting;
-                    a.error = Some(last.clone());
-                })
-                .await;
-            }
         }
-        if inner.stop.is_cancelled() {
-            return Err(Stop::Stopping);
+        // Providers that have not refused it yet first, each group best first: many requests
+        // at once would otherwise all ask the same best provider.
+        candidates.sort_by_key(|(peer, _)| refused_by.contains(peer));
+        for (provider, _) in candidates.into_iter().take(ASK_PER_TRY) {
+            match ask(inner, id, index, provider).await {
+                Ok(()) => return Ok(()),
+                Err(why) => {
+                    last = why;
+                    refused_by.insert(provider);
+                }
+            }
+            if inner.stop.is_cancelled() {
+                return Err(Stop::Stopping);
+            }
         }
     }
     set(inner, id, index, |a| a.state = HoldState::Failed).await;
     Err(Stop::Failed(format!("{} not acquired after {attempts} tries, the last: {last}", resource.name)))
+}
+
+/// Asks `provider` to hold resource `index` of request `id`: recorded before it goes out, then
+/// held, or back to waiting with the reason (`PROVIDER: why`).
+async fn ask(inner: &Arc<Inner>, id: &str, index: usize, provider: PeerId) -> Result<(), String> {
+    let Some(status) = inner.get(id) else { return Err("the request is gone".into()) };
+    let resource = &status.package.resources[index];
+    let reservation_id = random_id() + &random_id();
+    let ask = ReserveRequest {
+        version: VERSION,
+        reservation_id: reservation_id.clone(),
+        request_id: id.to_owned(),
+        resource: resource.name.clone(),
+        consumer: inner.me.to_string(),
+        provider: provider.to_string(),
+        issued_at: unix_now(),
+        resources: resource.demand,
+        network: resource.network,
+        max_price_per_hour: resource.max_price_per_hour,
+        hold_s: status.package.hold_s,
+    };
+    // Recorded before it goes out, so a restart can release it whatever happened.
+    set(inner, id, index, |a| {
+        a.state = HoldState::Asking;
+        a.provider = Some(provider.to_string());
+        a.reservation_id = Some(reservation_id.clone());
+    })
+    .await;
+    match inner.market.reserve(&ask).await {
+        Ok(grant) => {
+            let order = inner
+                .get(id)
+                .map_or(1, |s| s.resources.iter().filter_map(|a| a.order).max().unwrap_or(0) + 1);
+            set(inner, id, index, |a| {
+                a.state = HoldState::Held;
+                a.error = None;
+                a.order = Some(order);
+                a.prices = Some(grant.prices.clone());
+                a.gpus = grant.gpus.clone();
+                a.acquired_at_ms = Some(now_ms());
+            })
+            .await;
+            Ok(())
+        }
+        Err(failure) => {
+            let last = format!("{provider}: {failure}");
+            tracing::info!(request = %id, resource = %resource.name, %last, "an acquisition failed");
+            // An answer lost on the way may have left it held: a release undoes that.
+            if !failure.answered {
+                let _ =
+                    inner.market.release(provider, &reservation_id, "the answer to the ask was lost").await;
+            }
+            set(inner, id, index, |a| {
+                a.state = HoldState::Waiting;
+                a.error = Some(last.clone());
+            })
+            .await;
+            Err(last)
+        }
+    }
 }
 
 /// Changes one acquisition of a request.
