@@ -104,15 +104,25 @@ impl Ledger {
 
     /// Records an interaction: appended now, or with the next batch.
     pub async fn record(&self, kind: Kind, body: &impl Serialize) -> Result<(), LedgerError> {
-        let row = new_row(kind, body)?;
+        self.record_all(vec![new_row(kind, body)?]).await
+    }
+
+    /// Records interactions that belong together (a reservation's ask and its grant), in order,
+    /// in one transaction.
+    pub async fn record_together(&self, records: &[(Kind, &serde_json::Value)]) -> Result<(), LedgerError> {
+        let rows = records.iter().map(|(kind, body)| new_row(*kind, body)).collect::<Result<Vec<_>, _>>()?;
+        self.record_all(rows).await
+    }
+
+    async fn record_all(&self, rows: Vec<NewRow>) -> Result<(), LedgerError> {
         match self.inner.mode {
             Mode::Realtime => {
-                self.inner.store.append_ledger(vec![row]).await?;
+                self.inner.store.append_ledger(rows).await?;
             }
             Mode::Batch => {
                 let full = {
                     let mut waiting = self.waiting();
-                    waiting.push(row);
+                    waiting.extend(rows);
                     waiting.len() >= BATCH_LIMIT
                 };
                 if full {

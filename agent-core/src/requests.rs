@@ -670,19 +670,16 @@ async fn acquire(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop>
             }
         }
         attempts += 1;
-        set(inner, id, index, |a| a.attempts = attempts).await;
         let mut candidates =
             inner.market.providers_for(&resource.demand, resource.time_s, resource.max_price_per_hour).await;
         if candidates.is_empty() {
             last = "no sharing provider's advert fits it".into();
-            set(inner, id, index, |a| a.error = Some(last.clone())).await;
-            continue;
         }
         // Providers that have not refused it yet first, each group best first: many requests
         // at once would otherwise all ask the same best provider.
         candidates.sort_by_key(|(peer, _)| refused_by.contains(peer));
         for (provider, _) in candidates.into_iter().take(ASK_PER_TRY) {
-            match ask(inner, id, index, provider).await {
+            match ask(inner, id, index, provider, attempts).await {
                 Ok(()) => return Ok(()),
                 Err(why) => {
                     last = why;
@@ -693,14 +690,28 @@ async fn acquire(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop>
                 return Err(Stop::Stopping);
             }
         }
+        // One write for the whole try (an ask writes its own before it goes out).
+        set(inner, id, index, |a| {
+            a.state = HoldState::Waiting;
+            a.attempts = attempts;
+            a.error = Some(last.clone());
+        })
+        .await;
     }
     set(inner, id, index, |a| a.state = HoldState::Failed).await;
     Err(Stop::Failed(format!("{} not acquired after {attempts} tries, the last: {last}", resource.name)))
 }
 
-/// Asks `provider` to hold resource `index` of request `id`: recorded before it goes out, then
-/// held, or back to waiting with the reason (`PROVIDER: why`).
-async fn ask(inner: &Arc<Inner>, id: &str, index: usize, provider: PeerId) -> Result<(), String> {
+/// Asks `provider` to hold resource `index` of request `id` in try `attempt`: recorded before it
+/// goes out, then recorded held; or the reason it is not (`PROVIDER: why`), for the caller to
+/// record.
+async fn ask(
+    inner: &Arc<Inner>,
+    id: &str,
+    index: usize,
+    provider: PeerId,
+    attempt: u32,
+) -> Result<(), String> {
     let Some(status) = inner.get(id) else { return Err("the request is gone".into()) };
     let resource = &status.package.resources[index];
     let reservation_id = random_id() + &random_id();
@@ -720,6 +731,7 @@ async fn ask(inner: &Arc<Inner>, id: &str, index: usize, provider: PeerId) -> Re
     // Recorded before it goes out, so a restart can release it whatever happened.
     set(inner, id, index, |a| {
         a.state = HoldState::Asking;
+        a.attempts = attempt;
         a.provider = Some(provider.to_string());
         a.reservation_id = Some(reservation_id.clone());
     })
@@ -748,11 +760,6 @@ async fn ask(inner: &Arc<Inner>, id: &str, index: usize, provider: PeerId) -> Re
                 let _ =
                     inner.market.release(provider, &reservation_id, "the answer to the ask was lost").await;
             }
-            set(inner, id, index, |a| {
-                a.state = HoldState::Waiting;
-                a.error = Some(last.clone());
-            })
-            .await;
             Err(last)
         }
     }

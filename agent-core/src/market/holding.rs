@@ -53,11 +53,7 @@ pub(super) async fn reserve(inner: &Arc<Inner>, ask: &ReserveRequest) -> Result<
         ask.provider.parse().map_err(|_| refused(format!("{:?} is not a peer id", ask.provider)))?;
     let signed = Signed::sign(&inner.parts.identity, RESERVE_TAG, ask).map_err(|e| refused(e.to_string()))?;
     let request_hash = signed.hash().map_err(|e| refused(e.to_string()))?;
-    inner
-        .parts
-        .ledger
-        .note(Kind::Reservation, &serde_json::json!({ "event": "reserve", "document": signed }))
-        .await;
+    let asked = serde_json::json!({ "event": "reserve", "document": signed });
     let grant = match inner
         .parts
         .network
@@ -82,11 +78,17 @@ pub(super) async fn reserve(inner: &Arc<Inner>, ask: &ReserveRequest) -> Result<
     if !matches {
         return Err(lost("its grant does not answer the ask".into()));
     }
-    inner
+    // An ask refused changed nothing on either side and leaves no record; a held one leaves the
+    // ask and the grant, together.
+    let granted = serde_json::json!({ "event": "granted", "document": grant });
+    if let Err(error) = inner
         .parts
         .ledger
-        .note(Kind::Reservation, &serde_json::json!({ "event": "granted", "document": grant }))
-        .await;
+        .record_together(&[(Kind::Reservation, &asked), (Kind::Reservation, &granted)])
+        .await
+    {
+        tracing::error!(%error, "cannot write a reservation's records");
+    }
     Ok(reservation)
 }
 

@@ -171,16 +171,13 @@ pub(super) async fn on_reserve(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
         grant
     };
     tracing::info!(reservation = %ask.reservation_id, consumer = %peer, "holding resources");
-    inner
-        .parts
-        .ledger
-        .note(Kind::Reservation, &serde_json::json!({ "event": "reserve", "document": signed }))
-        .await;
-    inner
-        .parts
-        .ledger
-        .note(Kind::Reservation, &serde_json::json!({ "event": "granted", "document": granted }))
-        .await;
+    let asked = serde_json::json!({ "event": "reserve", "document": signed });
+    let held = serde_json::json!({ "event": "granted", "document": granted });
+    if let Err(error) =
+        inner.parts.ledger.record_together(&[(Kind::Reservation, &asked), (Kind::Reservation, &held)]).await
+    {
+        tracing::error!(%error, "cannot write a reservation's records");
+    }
     Reply::Reserved { reservation: granted }
 }
 
