@@ -43,7 +43,7 @@ use crate::market::{Market, MarketError};
 use crate::net::advert::Prices;
 use crate::net::negotiate::{ReserveRequest, VERSION};
 use crate::net::unix_now;
-use crate::store::{RequestRow, Store, StoreError, TaskRow};
+use crate::store::{Durability, RequestRow, Store, StoreError, TaskRow};
 
 /// How many requests acquire or run at once; the others wait on the queue, `queued`.
 const ACTIVE: usize = 64;
@@ -353,7 +353,7 @@ impl Inner {
     async fn save(&self, status: &RequestStatus) {
         match status.row() {
             Ok(row) => {
-                if let Err(error) = self.store.put_request(row).await {
+                if let Err(error) = self.store.put_request(row, Durability::Progress).await {
                     tracing::error!(request = %status.id, %error, "cannot record a request");
                 }
             }
@@ -481,7 +481,7 @@ impl Requests {
         };
         status.recount();
         // On disk before the id is given out: a request answered is a request kept.
-        self.inner.store.put_request(status.row()?).await?;
+        self.inner.store.put_request(status.row()?, Durability::Synced).await?;
         self.inner.all().insert(status.id.clone(), status.clone());
         self.inner.events.publish(Event::RequestChanged { request: Box::new(status.clone()) });
         let (inner, id) = (Arc::clone(&self.inner), status.id.clone());

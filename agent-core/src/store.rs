@@ -6,8 +6,9 @@
 //! [`Store::shutdown`] is awaited (which checkpoints the WAL and closes the file) or when the last
 //! handle is dropped.
 //!
-//! The file uses WAL with `synchronous=FULL`, so a committed row survives a power cut, and its schema
-//! is versioned by migrations in code ([`migrations`]). A store remembers the peer id it was created
+//! The file uses WAL with `synchronous=FULL`, so a committed row survives a power cut (the one
+//! exception, a request package's progress, is [`Durability::Progress`]), and its schema is
+//! versioned by migrations in code ([`migrations`]). A store remembers the peer id it was created
 //! for and refuses to open under another identity, so one agent's records never mix with another's.
 
 mod ledger;
@@ -21,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 pub use ledger::{Head, LedgerReader, NewRow};
-pub use requests::{RequestRow, TaskRow};
+pub use requests::{Durability, RequestRow, TaskRow};
 
 use crate::jobs::{JobRecord, JobState};
 use tokio::sync::{mpsc, oneshot};
@@ -699,12 +700,16 @@ mod tests {
             updated_at: 10,
             tasks: vec![task(0, "waiting", None), task(1, "waiting", None)],
         };
-        store.put_request(row.clone()).await.unwrap();
+        store.put_request(row.clone(), Durability::Synced).await.unwrap();
         row.state = "running".into();
         row.updated_at = 12;
         row.tasks[0] = task(0, "succeeded", Some("j1"));
         row.tasks[1] = task(1, "running", Some("j2"));
-        store.put_request(row.clone()).await.unwrap();
+        store.put_request(row.clone(), Durability::Progress).await.unwrap();
+        // A progress write relaxes syncing for itself only: FULL again for what follows.
+        let sync: i64 =
+            store.call(|conn| conn.query_row("PRAGMA synchronous", [], |r| r.get(0))).await.unwrap();
+        assert_eq!(sync, 2, "synchronous is {sync}, not FULL (2)");
         store.shutdown().await.unwrap();
 
         let store = Store::open(&path, &peer(1)).await.unwrap();

@@ -60,38 +60,31 @@ pub struct RequestRow {
     pub tasks: Vec<TaskRow>,
 }
 
+/// How hard a request's write holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before it returns, like every other write: it survives a power cut. For a request
+    /// accepted: its id is only given out once this returns.
+    Synced,
+    /// Committed, not synced (`synchronous = NORMAL` for this one transaction): it survives the
+    /// agent being killed, not a power cut, which may lose the last few. For a request's progress,
+    /// written many times a second under load; whatever a power cut loses, the request redoes
+    /// after the restart, and what a provider held for it lapses there by itself.
+    Progress,
+}
+
 impl Store {
     /// Inserts or replaces a request and all its tasks, in one transaction.
-    pub async fn put_request(&self, row: RequestRow) -> Result<(), StoreError> {
+    pub async fn put_request(&self, row: RequestRow, durability: Durability) -> Result<(), StoreError> {
         self.call(move |conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO requests (id, state, record, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record,
-                     updated_at = excluded.updated_at",
-                params![row.id, row.state, row.record, row.created_at, row.updated_at],
-            )?;
-            {
-                let mut put = tx.prepare_cached(
-                    "INSERT INTO request_tasks (request_id, idx, resource, spec_path, state, job_id, reason)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (request_id, idx) DO UPDATE SET state = excluded.state,
-                         job_id = excluded.job_id, reason = excluded.reason",
-                )?;
-                for task in &row.tasks {
-                    put.execute(params![
-                        row.id,
-                        task.index,
-                        task.resource,
-                        task.spec_path,
-                        task.state,
-                        task.job_id,
-                        task.reason
-                    ])?;
-                }
+            if durability == Durability::Progress {
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
             }
-            tx.commit()?;
-            Ok(())
+            let written = write_request(conn, &row);
+            if durability == Durability::Progress {
+                conn.pragma_update(None, "synchronous", "FULL")?;
+            }
+            written
         })
         .await
     }
@@ -136,4 +129,34 @@ impl Store {
         })
         .await
     }
+}
+
+fn write_request(conn: &mut rusqlite::Connection, row: &RequestRow) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO requests (id, state, record, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record,
+             updated_at = excluded.updated_at",
+        params![row.id, row.state, row.record, row.created_at, row.updated_at],
+    )?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO request_tasks (request_id, idx, resource, spec_path, state, job_id, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (request_id, idx) DO UPDATE SET state = excluded.state,
+                 job_id = excluded.job_id, reason = excluded.reason",
+        )?;
+        for task in &row.tasks {
+            put.execute(params![
+                row.id,
+                task.index,
+                task.resource,
+                task.spec_path,
+                task.state,
+                task.job_id,
+                task.reason
+            ])?;
+        }
+    }
+    tx.commit()
 }
