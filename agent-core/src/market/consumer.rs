@@ -350,22 +350,14 @@ async fn package(
 /// [`SEARCH_FOR`] has passed.
 async fn search(inner: Arc<Inner>, id: String) {
     let deadline = Instant::now() + SEARCH_FOR;
-    let me = inner.parts.identity.peer_id();
     let mut refused: BTreeMap<PeerId, String> = BTreeMap::new();
     let mut seen_any = false;
     loop {
         let Some(template) = template_of(&inner, &id) else { return };
-        let adverts: Vec<(PeerId, AdvertBody)> = inner
-            .parts
-            .network
-            .offers()
-            .await
-            .into_iter()
-            .filter_map(|advert| Some((advert.peer_id.parse::<PeerId>().ok()?, advert)))
-            .filter(|(peer, advert)| *peer != me && advert.state == "sharing" && !refused.contains_key(peer))
-            .collect();
+        let mut adverts = sharing(&inner).await;
+        adverts.retain(|(peer, _)| !refused.contains_key(peer));
         seen_any |= !adverts.is_empty();
-        let ranked = rank(&template, &adverts, unix_now());
+        let ranked = rank(&template.resources, template.time_limit_s, template.max_price_per_hour, &adverts);
         if ranked.is_empty() {
             if Instant::now() >= deadline || inner.stop.is_cancelled() {
                 let reason = if !refused.is_empty() {
@@ -497,8 +489,17 @@ pub(super) async fn providers_for(
     time_s: u64,
     max_price_per_hour: Option<u64>,
 ) -> Vec<(PeerId, Prices)> {
+    let adverts = sharing(inner).await;
+    rank(demand, time_s, max_price_per_hour, &adverts)
+        .into_iter()
+        .map(|i| (adverts[i].0, adverts[i].1.prices.clone()))
+        .collect()
+}
+
+/// The adverts of other agents that share now.
+async fn sharing(inner: &Arc<Inner>) -> Vec<(PeerId, AdvertBody)> {
     let me = inner.parts.identity.peer_id();
-    let adverts: Vec<(PeerId, AdvertBody)> = inner
+    inner
         .parts
         .network
         .offers()
@@ -506,33 +507,20 @@ pub(super) async fn providers_for(
         .into_iter()
         .filter_map(|advert| Some((advert.peer_id.parse::<PeerId>().ok()?, advert)))
         .filter(|(peer, advert)| *peer != me && advert.state == "sharing")
-        .collect();
-    let template = JobRequest {
-        version: VERSION,
-        request_id: String::new(),
-        consumer: me.to_string(),
-        provider: String::new(),
-        issued_at: 0,
-        expires_at: 0,
-        spec: String::new(),
-        files: BTreeMap::new(),
-        resources: *demand,
-        time_limit_s: time_s,
-        network: false,
-        hosted: false,
-        max_price_per_hour,
-        reservation: None,
-    };
-    rank(&template, &adverts, unix_now())
-        .into_iter()
-        .map(|i| (adverts[i].0, adverts[i].1.prices.clone()))
         .collect()
 }
 
-/// The adverts that fit the request, best first (see [`matching::rank`]).
-fn rank(template: &JobRequest, adverts: &[(PeerId, AdvertBody)], now: i64) -> Vec<usize> {
-    let demand = super::amount(&template.resources);
-    let until = now.saturating_add(i64::try_from(template.time_limit_s).unwrap_or(i64::MAX));
+/// The adverts that fit `resources` for `time_s` under the price ceiling, best first (see
+/// [`matching::rank`]).
+fn rank(
+    resources: &Resources,
+    time_s: u64,
+    max_price_per_hour: Option<u64>,
+    adverts: &[(PeerId, AdvertBody)],
+) -> Vec<usize> {
+    let demand = super::amount(resources);
+    let now = unix_now();
+    let until = now.saturating_add(i64::try_from(time_s).unwrap_or(i64::MAX));
     let candidates: Vec<Candidate> = adverts
         .iter()
         .map(|(_, advert)| {
@@ -545,13 +533,13 @@ fn rank(template: &JobRequest, adverts: &[(PeerId, AdvertBody)], now: i64) -> Ve
             let (completed, failed) = (advert.reputation.completed, advert.reputation.failed);
             Candidate {
                 free,
-                price_per_hour: price_per_hour(&advert.prices, &template.resources),
+                price_per_hour: price_per_hour(&advert.prices, resources),
                 reputation: super::reputation((completed + failed, completed)),
                 window_covers: advert.windows.iter().any(|[from, to]| *from <= now && *to >= until),
             }
         })
         .collect();
-    matching::rank(&demand, template.max_price_per_hour, &candidates)
+    matching::rank(&demand, max_price_per_hour, &candidates)
 }
 
 /// A provider offers terms: checked against what was asked, then accepted (the best offer, or the
