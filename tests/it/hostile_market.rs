@@ -1,7 +1,9 @@
 //! A hostile peer against a real agent on loopback: tampered, unsigned and wrongly signed
 //! requests, offers and notices are refused with the reason, and an acceptance whose signature
 //! does not verify never becomes an agreement (nothing is stored, nothing runs); an agreed spec
-//! that names the provider's own files fails before it runs.
+//! that names the provider's own files fails before it runs. Reservations: a forged or tampered
+//! ask holds nothing, a stranger can neither release, keep nor run a task in another consumer's
+//! reservation, and a task asking more than its reservation is refused.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,8 +13,8 @@ use hearth::identity::Identity;
 use hearth::jobs::JobState;
 use hearth::net::advert::Prices;
 use hearth::net::negotiate::{
-    self, AGREEMENT_TAG, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
-    Terms, VERSION,
+    self, AGREEMENT_TAG, JobRequest, Message, NOTICE_TAG, Notice, RELEASE_TAG, REQUEST_TAG, RESERVATION_TAG,
+    RESERVE_TAG, Release, Reply, Reservation, ReserveRequest, Resources, Signed, Terms, VERSION,
 };
 use hearth_tests::{Agent, json_of};
 use libp2p::futures::StreamExt;
@@ -258,5 +260,165 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
         ensure!(Instant::now() < until, "the sneaky job's agreement ended {outcome:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// A raw negotiating peer with `identity`, dialling `address`.
+fn raw_peer(identity: &Identity, address: Multiaddr) -> Result<Swarm<Behaviour>> {
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
+        .with_tokio()
+        .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)?
+        .with_behaviour(|_| {
+            Behaviour::new(
+                [(negotiate::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.dial(address)?;
+    Ok(swarm)
+}
+
+/// The ids of the reservations `agent` holds now.
+fn held_ids(agent: &Agent) -> Result<Vec<String>> {
+    let held = json_of(&agent.cli(&["reservations", "--json"])?)?;
+    Ok(held.as_array().into_iter().flatten().filter_map(|r| r["id"].as_str().map(str::to_owned)).collect())
+}
+
+pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -> Result<()> {
+    let agent = Agent::start()?;
+    let (address, provider) = agent.address()?;
+    let provider: PeerId = provider.parse()?;
+    let address: Multiaddr = address.parse()?;
+    let (me, _) = Identity::load_or_create(tempfile::tempdir()?.path())?;
+    let (stranger, _) = Identity::load_or_create(tempfile::tempdir()?.path())?;
+    let ask_for = |id: &str| ReserveRequest {
+        version: VERSION,
+        reservation_id: id.into(),
+        request_id: "hostile-package".into(),
+        resource: "prep".into(),
+        consumer: me.peer_id().to_string(),
+        provider: provider.to_string(),
+        issued_at: now(),
+        resources: Resources {
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            disk_bytes: 16 << 20,
+            ..Resources::default()
+        },
+        network: false,
+        max_price_per_hour: None,
+        hold_s: 600,
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut mine = raw_peer(&me, address.clone())?;
+        let mut theirs = raw_peer(&stranger, address)?;
+
+        // Forged, tampered and misaddressed asks hold nothing.
+        let honest = Signed::sign(&me, RESERVE_TAG, &ask_for("hostile-r1"))?;
+        let forged = Signed::sign(&stranger, RESERVE_TAG, &ask_for("hostile-r2"))?;
+        let mut tampered = honest.clone();
+        tampered.body["resources"]["cpu_millis"] = 100.into();
+        for (what, request) in [("forged", forged.clone()), ("tampered", tampered)] {
+            let reply = ask(&mut mine, provider, Message::Reserve { request }).await?;
+            ensure!(
+                refused_for_signature(&reply),
+                "a {what} ask was not refused for its signature: {reply:?}"
+            );
+        }
+        // Signed by the stranger but naming me as the consumer: refused for who sent it.
+        let reply = ask(&mut theirs, provider, Message::Reserve { request: forged }).await?;
+        ensure!(matches!(&reply, Reply::Refused { reason } if reason.contains("came from")), "{reply:?}");
+        let huge = ReserveRequest {
+            resources: Resources { cpu_millis: 1 << 40, memory_bytes: 1 << 20, ..Resources::default() },
+            ..ask_for("hostile-r3")
+        };
+        let reply =
+            ask(&mut mine, provider, Message::Reserve { request: Signed::sign(&me, RESERVE_TAG, &huge)? })
+                .await?;
+        ensure!(
+            matches!(&reply, Reply::Refused { reason } if reason.contains("offers at most")),
+            "{reply:?}"
+        );
+
+        // The honest ask is held, under a grant the provider signed.
+        let reply = ask(&mut mine, provider, Message::Reserve { request: honest.clone() }).await?;
+        let Reply::Reserved { reservation } = reply else { bail!("an honest ask was not held: {reply:?}") };
+        let grant: Reservation = reservation.open(RESERVATION_TAG, &provider)?;
+        ensure!(
+            grant.reservation_id == "hostile-r1" && grant.consumer == me.peer_id().to_string(),
+            "{grant:?}"
+        );
+        // Asked again (an answer lost), the same grant; the same id from the stranger is taken.
+        let again = ask(&mut mine, provider, Message::Reserve { request: honest }).await?;
+        ensure!(again == Reply::Reserved { reservation: reservation.clone() }, "{again:?}");
+
+        // The stranger can neither keep nor release it, even with a release it signed itself.
+        let reply = ask(&mut theirs, provider, Message::Keep { reservation_id: "hostile-r1".into() }).await?;
+        ensure!(matches!(reply, Reply::Refused { .. }), "a stranger kept my reservation: {reply:?}");
+        let release = |consumer: &Identity| Release {
+            version: VERSION,
+            reservation_id: "hostile-r1".into(),
+            consumer: consumer.peer_id().to_string(),
+            provider: provider.to_string(),
+            at: now(),
+            reason: "hostile".into(),
+        };
+        let theirs_signed = Signed::sign(&stranger, RELEASE_TAG, &release(&stranger))?;
+        let reply = ask(&mut theirs, provider, Message::Release { release: theirs_signed }).await?;
+        ensure!(reply == Reply::Done, "{reply:?}");
+        let forged_mine = Signed::sign(&stranger, RELEASE_TAG, &release(&me))?;
+        let reply = ask(&mut theirs, provider, Message::Release { release: forged_mine }).await?;
+        ensure!(
+            matches!(&reply, Reply::Refused { reason } if reason.contains("other parties")),
+            "a release in my name from a stranger was not refused: {reply:?}"
+        );
+        ensure!(held_ids(&agent)? == ["hostile-r1"], "held: {:?}", held_ids(&agent)?);
+
+        // A task in it asking more than it holds is refused; so is one from the stranger.
+        let task = |consumer: &Identity, cpu_millis: u64| JobRequest {
+            version: VERSION,
+            request_id: format!("hostile-task-{cpu_millis}"),
+            consumer: consumer.peer_id().to_string(),
+            provider: provider.to_string(),
+            issued_at: now(),
+            expires_at: now() + 600,
+            spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
+            files: BTreeMap::new(),
+            resources: Resources {
+                cpu_millis,
+                memory_bytes: 64 << 20,
+                disk_bytes: 16 << 20,
+                ..Resources::default()
+            },
+            time_limit_s: 60,
+            network: false,
+            hosted: false,
+            max_price_per_hour: None,
+            reservation: Some("hostile-r1".into()),
+        };
+        let bigger = Signed::sign(&me, REQUEST_TAG, &task(&me, 1000))?;
+        let reply = ask(&mut mine, provider, Message::Request { request: bigger }).await?;
+        ensure!(
+            matches!(&reply, Reply::Refused { reason } if reason.contains("more than its reservation")),
+            "{reply:?}"
+        );
+        let strangers = Signed::sign(&stranger, REQUEST_TAG, &task(&stranger, 500))?;
+        let reply = ask(&mut theirs, provider, Message::Request { request: strangers }).await?;
+        ensure!(
+            matches!(&reply, Reply::Refused { reason } if reason.contains("no reservation")),
+            "{reply:?}"
+        );
+
+        // My own signed release frees it at once.
+        let mine_signed = Signed::sign(&me, RELEASE_TAG, &release(&me))?;
+        let reply = ask(&mut mine, provider, Message::Release { release: mine_signed }).await?;
+        ensure!(reply == Reply::Done, "{reply:?}");
+        ensure!(held_ids(&agent)?.is_empty(), "still held after my release: {:?}", held_ids(&agent)?);
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(())
 }

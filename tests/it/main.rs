@@ -81,6 +81,10 @@ fn main() {
             "ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers",
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
         ),
+        trial(
+            "hostile_market::reservations_hold_only_for_their_signer_and_only_what_they_say",
+            hostile_market::reservations_hold_only_for_their_signer_and_only_what_they_say,
+        ),
         sandboxed(
             "packages::two_gpus_after_a_cpu_machine_are_acquired_in_order_and_run_their_tasks_in_order",
             packages::two_gpus_after_a_cpu_machine_are_acquired_in_order_and_run_their_tasks_in_order,
