@@ -33,6 +33,12 @@ pub(crate) fn help_lists_every_command() -> Result<()> {
         "policy",
         "blob",
         "transfers",
+        "submit",
+        "request",
+        "reservations",
+        "ledger",
+        "earnings",
+        "results",
     ] {
         ensure!(help.lines().any(|l| l.trim_start().starts_with(command)), "{command} missing: {help}");
     }
