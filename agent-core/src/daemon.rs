@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -31,6 +31,7 @@ pub use lock::LockError;
 
 use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo};
 use crate::availability::{OwnerControls, PolicyError};
+use crate::clock::unix_now;
 use crate::config::{HearthConfig, Paths};
 use crate::events::{AgentState, Bus, Event};
 use crate::identity::{Created, Identity, IdentityError};
@@ -339,11 +340,4 @@ async fn begin_run(store: &Store, started_at: i64) -> Result<RunId, DaemonError>
         );
     }
     Ok(run)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use self::earnings::{Earnings, Period};
 use self::record::{CHECKPOINT_TAG, Checkpoint, Kind, Receipt, ReceiptBody, VERSION};
 use self::verify::{ExportFormat, Report, Verifier};
+use crate::clock::unix_now;
 use crate::identity::Identity;
 use crate::net::advert::canonical_json;
 use crate::net::negotiate::Signed;
-use crate::net::unix_now;
 use crate::store::{Head, LedgerReader, NewRow, Store, StoreError};
 
 /// In batch mode, how many records may wait before they are appended anyway.

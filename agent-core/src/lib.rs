@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod availability;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;

@@ -42,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_now;
 use crate::config::NetworkConfig;
 use crate::events::{Bus, Event};
 use crate::identity::Identity;
@@ -657,11 +658,12 @@ impl EventLoop {
     fn publish_own(&mut self) {
         let Some(body) = &mut self.own else { return };
         let now = unix_now();
-        let lifetime = body.expires_at - body.issued_at;
+        // The own body, set by this agent; saturating all the same, as every clock sum is.
+        let lifetime = body.expires_at.saturating_sub(body.issued_at);
         // Milliseconds since the epoch: grows across restarts without being stored.
         let clock = u64::try_from(jiff::Timestamp::now().as_millisecond()).unwrap_or(0);
         body.seq = clock.max(body.seq + 1);
-        (body.issued_at, body.expires_at) = (now, now + lifetime);
+        (body.issued_at, body.expires_at) = (now, now.saturating_add(lifetime));
         let advert = match advert::sign(&self.identity, body.clone()) {
             Ok(advert) => advert,
             Err(error) => {
@@ -990,11 +992,6 @@ impl EventLoop {
         }
         self.offers.insert(source, body);
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    jiff::Timestamp::now().as_second()
 }
 
 #[cfg(test)]

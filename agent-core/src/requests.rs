@@ -38,11 +38,11 @@ use tokio_util::task::TaskTracker;
 
 pub use package::{Package, PackageError};
 
+use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::market::{Market, MarketError};
 use crate::net::advert::Prices;
 use crate::net::negotiate::{ReserveRequest, VERSION};
-use crate::net::unix_now;
 use crate::store::{Durability, RequestRow, Store, StoreError, TaskRow};
 
 /// How many requests acquire or run at once; the others wait on the queue, `queued`.

@@ -43,8 +43,9 @@ use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::unix_now;
 use crate::events::{Bus, Event};
-use crate::net::{Network, unix_now};
+use crate::net::Network;
 use crate::store::Store;
 pub use store::{BlobHash, BlobRef, BlobStore, Format, Imported, Manifest, StoreError};
 use wire::{Answer, BLOB_PROTOCOL, Request, Status};

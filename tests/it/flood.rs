@@ -51,7 +51,7 @@ pub(crate) fn a_flood_is_refused_memory_stays_bounded_and_an_honest_peer_gets_th
         let target_addr = target_addr.clone();
         move || -> Result<usize> {
             let (identity, _dir) = hostile_identity()?;
-            let mut body = advert_body(&identity, 1, hearth::net::unix_now(), 7);
+            let mut body = advert_body(&identity, 1, hearth::clock::unix_now(), 7);
             body.paused_because = vec!["x".repeat(60_000)];
             let wire = hearth::net::advert::sign(&identity, body)?.wire;
             let mut sent = 0;

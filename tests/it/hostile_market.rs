@@ -24,12 +24,12 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 
 type Behaviour = request_response::json::Behaviour<Message, Reply>;
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Sends `message` to `peer` and waits for the reply, answering nothing else meanwhile.
-async fn ask(swarm: &mut Swarm<Behaviour>, peer: PeerId, message: Message) -> Result<Reply> {
+pub(crate) async fn ask(swarm: &mut Swarm<Behaviour>, peer: PeerId, message: Message) -> Result<Reply> {
     let id = swarm.behaviour_mut().send_request(&peer, message);
     let until = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -264,7 +264,7 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
 }
 
 /// A raw negotiating peer with `identity`, dialling `address`.
-fn raw_peer(identity: &Identity, address: Multiaddr) -> Result<Swarm<Behaviour>> {
+pub(crate) fn raw_peer(identity: &Identity, address: Multiaddr) -> Result<Swarm<Behaviour>> {
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
         .with_tokio()
         .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)?

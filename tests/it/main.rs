@@ -12,6 +12,7 @@ mod daemon_jobs;
 mod escape;
 mod events;
 mod flood;
+mod hostile_clocks;
 mod hostile_market;
 mod job_network;
 mod jobs;
@@ -279,6 +280,10 @@ fn main() {
         trial(
             "transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean",
             transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
+        ),
+        trial(
+            "hostile_clocks::extreme_clock_fields_are_refused_without_a_panic",
+            hostile_clocks::extreme_clock_fields_are_refused_without_a_panic,
         ),
         trial(
             "hostile_market::tampered_and_unsigned_documents_are_rejected",

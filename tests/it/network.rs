@@ -200,7 +200,7 @@ pub(crate) fn bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent() -> R
     let (a_addr, a_id) = address(&a)?;
     let mut c = joining(&a_addr)?;
     wait_to_know(&c, &[&a_id], Duration::from_secs(30))?;
-    let now = hearth::net::unix_now();
+    let now = hearth::clock::unix_now();
 
     // The control: a good advert from an outsider reaches C through A.
     let (honest, _dir) = hostile_identity()?;

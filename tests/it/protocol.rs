@@ -34,7 +34,7 @@ pub(crate) fn a_verifier_written_from_the_protocol_doc_checks_adverts() -> Resul
     let (alice, _dir) = hostile_identity()?;
     let (mallory, _other) = hostile_identity()?;
     let author = alice.peer_id().to_string();
-    let now = hearth::net::unix_now();
+    let now = hearth::clock::unix_now();
     let mut body = advert_body(&alice, 42, now, 1000);
     // Characters whose encoding JCS pins down: non-ASCII, a quote, a control character.
     body.state = "paused".into();

@@ -11,12 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::availability::evaluate::upcoming_windows;
 use crate::availability::{Availability, OwnerControls};
+use crate::clock::unix_now;
 use crate::config::FAKE_GPU_PREFIX;
 use crate::identity::Identity;
 use crate::jobs::{JobState, Supervisor};
 use crate::market::PRICES;
+use crate::net::Network;
 use crate::net::advert::{ADVERT_VERSION, AdvertBody, AdvertGpu, Free, Reputation};
-use crate::net::{Network, unix_now};
 use crate::resources::Resources;
 
 /// How long an advert stays valid.

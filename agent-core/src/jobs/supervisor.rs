@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::runner::{Control, JobRequest, RunEvent, Runner, Stream};
 use super::spec::{JobKind, JobSpec, SpecError};
 use super::{JobState, Transition};
+use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::store::{OwnerNotice, Store, StoreError};
 
@@ -454,10 +455,4 @@ pub(crate) fn random_id() -> String {
         bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
     }
     hex::encode(bytes)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
 }

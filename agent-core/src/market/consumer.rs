@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::matching::{self, Amount, Candidate};
 use super::{Inner, MarketError, credits, price_per_hour, random_hex};
+use crate::clock::{self, unix_now};
 use crate::events::Event;
 use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
 use crate::ledger::record::Kind;
@@ -24,7 +25,6 @@ use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, REQUEST_TAG, Reply, Resources, Signed, Terms, VERSION,
     sign_detached,
 };
-use crate::net::unix_now;
 use crate::store::Store;
 use crate::transfer::{BlobRef, Imported};
 
@@ -41,6 +41,11 @@ const SEARCH_FOR: Duration = Duration::from_secs(60);
 
 /// How long a request stays valid at a provider.
 const REQUEST_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// What a provider's offer may claim about its own time: providers give ten minutes at most
+/// to accept (Hearth's own give one minute).
+const OFFER_CLOCK: clock::Rules =
+    clock::Rules { max_skew: clock::MAX_SKEW, max_lifetime: Duration::from_secs(10 * 60), max_age: None };
 
 /// How long an offer from a provider ranked lower waits for one ranked higher.
 pub(super) const BETTER_OFFER_GRACE: Duration = Duration::from_secs(2);
@@ -615,9 +620,8 @@ fn check_offer(
     if terms.request_hash != asked.request_hash {
         return Err("the terms cite another request".into());
     }
-    if terms.expires_at <= now {
-        return Err("the offer has expired".into());
-    }
+    clock::check(terms.issued_at, Some(terms.expires_at), now, &OFFER_CLOCK)
+        .map_err(|e| format!("the offer {e}"))?;
     if terms.resources != wanted.resources {
         return Err("the terms grant other resources than the request asks".into());
     }

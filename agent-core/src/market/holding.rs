@@ -3,16 +3,17 @@
 //! grant checked against the provider's key and the ask, and all three go into the ledger.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use libp2p::PeerId;
 
 use super::Inner;
+use crate::clock::{self, unix_now};
 use crate::ledger::record::Kind;
 use crate::net::negotiate::{
     Message, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation, ReserveRequest, Signed,
     VERSION,
 };
-use crate::net::unix_now;
 
 /// Why a reservation message did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +79,14 @@ pub(super) async fn reserve(inner: &Arc<Inner>, ask: &ReserveRequest) -> Result<
     if !matches {
         return Err(lost("its grant does not answer the ask".into()));
     }
+    // It may be held `hold_s` from when it was granted, give or take the clocks' disagreement.
+    let grant_clock = clock::Rules {
+        max_skew: clock::MAX_SKEW,
+        max_lifetime: clock::MAX_SKEW.saturating_add(Duration::from_secs(ask.hold_s)),
+        max_age: None,
+    };
+    clock::check(reservation.issued_at, Some(reservation.expires_at), unix_now(), &grant_clock)
+        .map_err(|e| lost(format!("its grant {e}")))?;
     // An ask refused changed nothing on either side and leaves no record; a held one leaves the
     // ask and the grant, together.
     let granted = serde_json::json!({ "event": "granted", "document": grant });

@@ -21,17 +21,16 @@ use super::{
     reputation,
 };
 use crate::availability::{Availability, Capacity};
+use crate::clock::{self, unix_now};
 use crate::events::Event;
 use crate::jobs::runner::Usage;
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState, Stream};
 use crate::ledger::record::Kind;
-use crate::net::advert::MAX_CLOCK_SKEW;
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
     Terms, VERSION, verify_detached,
 };
-use crate::net::unix_now;
 use crate::transfer::{BlobRef, FetchRequest, Imported};
 
 /// The most requests waiting at once; more are refused.
@@ -40,8 +39,9 @@ const MAX_PENDING: usize = 10_000;
 /// The most requests of one consumer waiting at once.
 const MAX_PENDING_PER_PEER: usize = 16;
 
-/// The longest a request may ask to stay queued.
-const MAX_REQUEST_LIFETIME: i64 = 60 * 60;
+/// What a request may claim about its own time: it may ask to stay queued an hour at most.
+const REQUEST_CLOCK: clock::Rules =
+    clock::Rules { max_skew: clock::MAX_SKEW, max_lifetime: Duration::from_secs(60 * 60), max_age: None };
 
 /// The largest job spec a request may carry, and the most files it may name.
 const MAX_SPEC_BYTES: usize = 64 * 1024;
@@ -221,15 +221,8 @@ fn check(
     if request.provider != me.to_string() {
         return Err(format!("the request is addressed to {}, not to this agent", request.provider));
     }
-    if request.expires_at <= now {
-        return Err("the request has expired".into());
-    }
-    if request.issued_at > now + MAX_CLOCK_SKEW.as_secs() as i64 {
-        return Err("the request was issued in the future; check the clocks".into());
-    }
-    if request.expires_at - request.issued_at > MAX_REQUEST_LIFETIME {
-        return Err(format!("a request may wait at most {MAX_REQUEST_LIFETIME} s"));
-    }
+    clock::check(request.issued_at, Some(request.expires_at), now, &REQUEST_CLOCK)
+        .map_err(|e| format!("the request {e}"))?;
     if request.spec.len() > MAX_SPEC_BYTES || request.files.len() > MAX_FILES {
         return Err(format!("the spec is over {MAX_SPEC_BYTES} bytes or names over {MAX_FILES} files"));
     }

@@ -17,11 +17,11 @@ use libp2p::PeerId;
 use serde_json::json;
 
 use super::Inner;
+use crate::clock::unix_now;
 use crate::jobs::JobState;
 use crate::jobs::runner::Usage as Measured;
 use crate::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage};
 use crate::net::negotiate::{Agreement, Message, Reply, Signed, Terms};
-use crate::net::unix_now;
 use crate::transfer::Imported;
 
 /// How often a countersignature is offered to a provider that does not answer.

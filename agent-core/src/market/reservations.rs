@@ -15,16 +15,19 @@ use super::matching::Amount;
 use super::provider::{capacity_amount, refused};
 use super::{Inner, PRICES, amount, credits, price_per_hour, rejected};
 use crate::availability::Availability;
+use crate::clock::{self, unix_now};
 use crate::ledger::record::Kind;
-use crate::net::advert::MAX_CLOCK_SKEW;
 use crate::net::negotiate::{
     JobRequest, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation, ReserveRequest,
     Resources, Signed, VERSION,
 };
-use crate::net::unix_now;
 
 /// The longest a reservation may be held idle between two keeps.
 pub const MAX_HOLD_S: u64 = 60 * 60;
+
+/// What an ask may claim about its own time: it carries no expiry, so it must be fresh.
+const ASK_CLOCK: clock::Rules =
+    clock::Rules { max_skew: clock::MAX_SKEW, max_lifetime: clock::MAX_SKEW, max_age: Some(clock::MAX_SKEW) };
 
 /// The most reservations one consumer may hold here at once.
 const MAX_PER_PEER: usize = 64;
@@ -189,9 +192,7 @@ fn check(ask: &ReserveRequest, from: &PeerId, me: &PeerId, now: i64) -> Result<(
     if ask.provider != me.to_string() {
         return Err(format!("the ask is addressed to {}, not to this agent", ask.provider));
     }
-    if (ask.issued_at - now).abs() > MAX_CLOCK_SKEW.as_secs() as i64 {
-        return Err("the ask is stale or from the future; check the clocks".into());
-    }
+    clock::check(ask.issued_at, None, now, &ASK_CLOCK).map_err(|e| format!("the ask {e}"))?;
     let id_ok = (8..=64).contains(&ask.reservation_id.len())
         && ask.reservation_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if !id_ok {

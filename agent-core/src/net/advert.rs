@@ -17,6 +17,7 @@ use libp2p::identity::PublicKey;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::clock::{self, ClockError};
 use crate::identity::{self, DomainTag, Identity};
 
 /// The domain-separation tag of adverts.
@@ -28,11 +29,12 @@ pub const ADVERT_VERSION: u64 = 1;
 /// The largest advert accepted, whole message included.
 pub const MAX_ADVERT_BYTES: usize = 16 * 1024;
 
-/// How far in the future an advert's `issued_at` may be, for clocks that disagree.
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
-
 /// The longest an advert may claim to stay valid.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
+
+/// What an advert may claim about its own time.
+const CLOCK_RULES: clock::Rules =
+    clock::Rules { max_skew: clock::MAX_SKEW, max_lifetime: MAX_LIFETIME, max_age: None };
 
 /// What is signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -138,12 +140,9 @@ pub enum Rejection {
         /// Who published it.
         source_peer: String,
     },
-    /// `expires_at` has passed.
-    #[error("expired")]
-    Expired,
-    /// `issued_at` is too far ahead, or the lifetime too long.
-    #[error("issued in the future or valid for too long")]
-    FromTheFuture,
+    /// `issued_at` or `expires_at` is refused: expired, from the future, or valid too long.
+    #[error("the advert {0}")]
+    Clock(#[from] ClockError),
     /// Not newer than one already seen.
     #[error("sequence {seq} is not newer than {known}")]
     Replayed {
@@ -198,13 +197,7 @@ pub fn verify(
     if !identity::verify(&public, ADVERT_TAG, &canonical_json(value)?, &signature) {
         return Err(Rejection::BadSignature);
     }
-    if body.expires_at <= now {
-        return Err(Rejection::Expired);
-    }
-    let skew = MAX_CLOCK_SKEW.as_secs() as i64;
-    if body.issued_at > now + skew || body.expires_at - body.issued_at > MAX_LIFETIME.as_secs() as i64 {
-        return Err(Rejection::FromTheFuture);
-    }
+    clock::check(body.issued_at, Some(body.expires_at), now, &CLOCK_RULES)?;
     if let Some(known) = newest_seen
         && body.seq <= known
     {
@@ -316,9 +309,23 @@ mod tests {
             verify(&good.wire, &mallory.peer_id(), NOW, None),
             Err(Rejection::WrongPeer { .. })
         ));
-        assert_eq!(verify(&good.wire, &peer, NOW + 600, None), Err(Rejection::Expired));
+        assert!(matches!(
+            verify(&good.wire, &peer, NOW + 600, None),
+            Err(Rejection::Clock(ClockError::Expired { .. }))
+        ));
         let future = sign(&alice, body(&alice, 7, NOW + 3600)).unwrap();
-        assert_eq!(verify(&future.wire, &peer, NOW, None), Err(Rejection::FromTheFuture));
+        assert!(matches!(
+            verify(&future.wire, &peer, NOW, None),
+            Err(Rejection::Clock(ClockError::FromTheFuture { ahead: 3600 }))
+        ));
+        // Fields chosen to overflow `expires_at - issued_at` are refused, not wrapped.
+        let forever =
+            sign(&alice, AdvertBody { issued_at: i64::MIN, expires_at: i64::MAX, ..body(&alice, 9, NOW) })
+                .unwrap();
+        assert!(matches!(
+            verify(&forever.wire, &peer, NOW, None),
+            Err(Rejection::Clock(ClockError::TooLong { .. }))
+        ));
         assert_eq!(verify(&good.wire, &peer, NOW, Some(5)), Err(Rejection::Replayed { seq: 5, known: 5 }));
         let mut big = body(&alice, 8, NOW);
         big.paused_because = vec!["x".repeat(MAX_ADVERT_BYTES)];

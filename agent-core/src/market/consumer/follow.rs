@@ -8,7 +8,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 use super::{MIN_OUTPUTS_CAP, MISSED_STATUS, STATUS_EVERY, update};
-use crate::net::unix_now;
+use crate::clock::unix_now;
 
 /// How long past the agreed window a job may go without its provider ending it.
 const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
