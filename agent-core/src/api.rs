@@ -15,6 +15,7 @@ mod packages;
 pub use packages::SubmitPackage;
 mod requests;
 mod security;
+pub mod session;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use utoipa_axum::routes;
 
 pub use discovery::{ApiInfo, ApiToken};
 pub use error::ErrorBody;
+pub use session::{LoginLink, Sessions};
 
 use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reason};
 use crate::events::{AgentState, Bus, Event};
@@ -130,8 +132,10 @@ pub struct ApiState {
     pub resources: watch::Receiver<Resources>,
     /// The event stream.
     pub events: Bus,
-    /// The bearer token every request must carry.
+    /// The bearer token every request must carry, unless it comes with a browser session.
     pub token: ApiToken,
+    /// Login codes and browser sessions.
+    pub sessions: Arc<Sessions>,
     /// The port the API listens on, which Host and Origin must name.
     pub port: u16,
     /// Cancelled when the daemon shuts down; open WebSockets close on it.
@@ -247,6 +251,9 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_policy, set_policy))
         .routes(routes!(report_activity))
         .routes(routes!(events))
+        .routes(routes!(session::create_link))
+        .routes(routes!(session::login))
+        .routes(routes!(session::logout))
         .routes(routes!(openapi_json))
         .split_for_parts();
     let doc_for_route = Arc::new(doc.clone());

@@ -78,6 +78,9 @@ enum Command {
     Connect(ConnectArgs),
     /// List the capacity adverts this agent knows: what each agent offers and until when.
     Offers(ReadArgs),
+    /// Sign a browser on this machine in to this agent: prints a one-time login link (it works
+    /// once, within a minute) and opens it in the desktop's browser where there is one.
+    Ui(UiArgs),
     /// Stop sharing now: every running job is frozen at once.
     Pause(PauseArgs),
     /// End `hearth pause`; sharing resumes unless the policy says otherwise.
@@ -305,6 +308,15 @@ struct DaemonArgs {
 }
 
 #[derive(Debug, Args)]
+struct UiArgs {
+    /// Only print the link; do not start a browser.
+    #[arg(long)]
+    no_open: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Debug, Args)]
 struct ReadArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
@@ -437,6 +449,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             let offers = runtime(false)?.block_on(async { Client::discover(&paths)?.offers().await })?;
             output::print(&offers, args.json, output::offers)?;
+        }
+        Command::Ui(args) => {
+            init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let link = runtime(false)?.block_on(async { Client::discover(&paths)?.login_link().await })?;
+            output::print(&link, args.read.json, output::login_link)?;
+            if !args.no_open && !args.read.json {
+                open_in_browser(&link.url);
+            }
         }
         Command::Pause(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
@@ -591,4 +611,25 @@ fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_current_thread()
     };
     builder.enable_all().build().context("cannot start the async runtime")
+}
+
+/// Opens `url` in the desktop's browser with `xdg-open`, where a desktop session exists; says so
+/// on stderr either way, since the link on stdout is what matters.
+fn open_in_browser(url: &str) {
+    let desktop =
+        ["DISPLAY", "WAYLAND_DISPLAY"].iter().any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
+    if !desktop {
+        eprintln!("no desktop session here: open the link in a browser on this machine");
+        return;
+    }
+    let started = std::process::Command::new("xdg-open")
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match started {
+        Ok(_) => eprintln!("opening it in your browser…"),
+        Err(error) => eprintln!("could not start a browser ({error}): open the link yourself"),
+    }
 }

@@ -215,6 +215,7 @@ async fn serve(
         resources: monitor.resources(),
         events: events.clone(),
         token,
+        sessions: Arc::default(),
         port,
         shutdown: cancel.clone(),
         jobs: jobs.clone(),

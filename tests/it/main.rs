@@ -6,6 +6,7 @@
 
 mod api_security;
 mod availability;
+mod browser_session;
 mod cli;
 mod daemon;
 mod daemon_jobs;
@@ -280,6 +281,10 @@ fn main() {
         trial(
             "transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean",
             transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
+        ),
+        trial(
+            "browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events",
+            browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events,
         ),
         trial(
             "hostile_clocks::extreme_clock_fields_are_refused_without_a_panic",

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
 use super::{
-    AddBlob, ConnectRequest, ErrorBody, LogChunk, PauseRequest, PolicyDocument, PolicyText, ResultsRequest,
-    Status, SubmitJob, SubmitPackage,
+    AddBlob, ConnectRequest, ErrorBody, LogChunk, LoginLink, PauseRequest, PolicyDocument, PolicyText,
+    ResultsRequest, Status, SubmitJob, SubmitPackage,
 };
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
@@ -235,6 +235,11 @@ impl Client {
     pub async fn pause(&self, length: Option<Duration>) -> Result<OwnerPause, ClientError> {
         let body = PauseRequest { for_seconds: length.map(|length| length.as_secs().max(1)) };
         self.send(self.http.post(self.url("/api/v1/pause")).json(&body)).await
+    }
+
+    /// `POST /api/v1/login-links`: a one-time link that signs a browser in.
+    pub async fn login_link(&self) -> Result<LoginLink, ClientError> {
+        self.send(self.http.post(self.url("/api/v1/login-links"))).await
     }
 
     /// `POST /api/v1/resume`.

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::session::LoginError;
 use crate::availability::PolicyError;
 use crate::jobs::SupervisorError;
 use crate::ledger::LedgerError;
@@ -44,7 +45,7 @@ impl ApiError {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or wrong bearer token; it is in api.token in the agent's data dir",
+            "missing or wrong bearer token (it is in api.token in the agent's data dir), or no open browser session (run `hearth ui`)",
         )
     }
 
@@ -60,12 +61,24 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden_origin", "requests from other origins are refused")
     }
 
+    pub(crate) fn missing_origin() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "a browser session's changes must come from this agent's own pages (no Origin was sent)",
+        )
+    }
+
     pub(crate) fn conflict(code: &str, message: &str) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }
 
     pub(crate) fn bad_request(code: &str, message: &str) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub(crate) fn internal(message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
     pub(crate) fn not_found() -> Self {
@@ -87,6 +100,17 @@ impl From<SupervisorError> for ApiError {
             }
         };
         Self::new(status, code, &message)
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(error: LoginError) -> Self {
+        let (status, code) = match error {
+            LoginError::Unknown => (StatusCode::UNAUTHORIZED, "invalid_login_code"),
+            LoginError::Expired => (StatusCode::UNAUTHORIZED, "expired_login_code"),
+            LoginError::NoRandomness => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self::new(status, code, &error.to_string())
     }
 }
 

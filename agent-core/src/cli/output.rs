@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use hearth::api::{AgentStatus, Status};
+use hearth::api::{AgentStatus, LoginLink, Status};
 use hearth::availability::{Availability, OwnerPause, Policy};
 use hearth::jobs::{JobRecord, JobState};
 use hearth::net::{AdvertBody, HolePunch, Path, PeerInfo, Reachability};
@@ -186,6 +186,10 @@ fn state_text(state: &JobState) -> String {
         JobState::Failed { reason } => format!("failed: {reason}"),
         other => other.name().to_owned(),
     }
+}
+
+pub(super) fn login_link(link: &LoginLink) -> String {
+    format!("Open this link in a browser on this machine; it works once, within a minute:\n{}\n", link.url)
 }
 
 pub(super) fn pause(p: &OwnerPause) -> String {
