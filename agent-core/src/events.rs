@@ -102,6 +102,17 @@ pub enum Event {
         /// What it wrote.
         text: String,
     },
+    /// A job's log file grew: `GET /api/v1/jobs/{id}/logs/{stream}` has bytes up to `length`.
+    /// Coalesced: a few a second per stream at most while the job writes, the last length always
+    /// sent, none once the log is full.
+    JobLog {
+        /// The job's id.
+        id: String,
+        /// Which stream.
+        stream: Stream,
+        /// The log's length in bytes.
+        length: u64,
+    },
 }
 
 /// The publishing side of the event stream. Cheap to clone.

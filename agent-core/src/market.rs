@@ -245,14 +245,16 @@ impl Market {
     }
 
     /// A remote job's output from `offset` on, read from its provider: the text, where the next
-    /// read starts, and whether the job has ended.
+    /// read starts, and whether the job has ended. With `wait`, an answer that would be empty is
+    /// held until there is more or the job ended, at most [`LOG_WAIT`](crate::net::negotiate::LOG_WAIT).
     pub async fn logs(
         &self,
         id: &str,
         stream: Stream,
         offset: u64,
+        wait: bool,
     ) -> Result<(String, u64, bool), MarketError> {
-        consumer::logs(&self.inner, id, stream, offset).await
+        consumer::logs(&self.inner, id, stream, offset, wait).await
     }
 
     /// Writes a finished remote job's outputs (already fetched from its provider) to `dest`.
@@ -286,8 +288,8 @@ async fn answer(inner: &Arc<Inner>, peer: PeerId, message: Message) -> Reply {
         Message::Withdraw { request_id } => provider::on_withdraw(inner, peer, &request_id),
         Message::Cancel { agreement_id } => provider::on_cancel(inner, peer, &agreement_id).await,
         Message::Status { agreement_id } => provider::on_status(inner, peer, &agreement_id).await,
-        Message::Logs { agreement_id, stream, offset } => {
-            provider::on_logs(inner, peer, &agreement_id, stream, offset).await
+        Message::Logs { agreement_id, stream, offset, wait } => {
+            provider::on_logs(inner, peer, &agreement_id, stream, offset, wait).await
         }
         Message::Offer { terms } => consumer::on_offer(inner, peer, terms).await,
         Message::Notice { notice } => consumer::on_notice(inner, peer, notice).await,

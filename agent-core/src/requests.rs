@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,9 +54,6 @@ const ASK_PER_TRY: usize = 3;
 
 /// The longest wait between two tries of one acquisition.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// How often a running task's remote job is looked at.
-const TASK_POLL: Duration = Duration::from_millis(200);
 
 /// How often an undelivered release is sent again before the reservation is left to lapse.
 const RELEASE_TRIES: u32 = 3;
@@ -893,6 +890,8 @@ async fn run_on(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop> 
                 }
             },
         };
+        // Subscribed before each look: a change after it wakes the wait below.
+        let mut changes = inner.events.subscribe();
         loop {
             let job = match inner.market.remote_job(&job_id) {
                 Ok(job) => job,
@@ -909,9 +908,19 @@ async fn run_on(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop> 
                 end_task(inner, id, task, state, reason).await;
                 break;
             }
-            tokio::select! {
-                () = inner.stop.cancelled() => return Err(Stop::Stopping),
-                () = tokio::time::sleep(TASK_POLL) => {}
+            // The market publishes every change of the job; nothing else moves it.
+            loop {
+                let event = tokio::select! {
+                    () = inner.stop.cancelled() => return Err(Stop::Stopping),
+                    event = changes.recv() => event,
+                };
+                match event {
+                    Ok(Event::RemoteJobChanged { job }) if job.id == job_id => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    // The bus lives as long as the agent: closed means stopping.
+                    Err(broadcast::error::RecvError::Closed) => return Err(Stop::Stopping),
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ mod daemon_jobs;
 mod escape;
 mod events;
 mod flood;
+mod follow;
 mod hostile_clocks;
 mod hostile_market;
 mod job_network;
@@ -178,6 +179,14 @@ fn main() {
         sandboxed(
             "daemon_jobs::daemon_runs_a_job_records_it_and_streams_its_life",
             daemon_jobs::daemon_runs_a_job_records_it_and_streams_its_life,
+        ),
+        sandboxed(
+            "follow::job_logs_follow_prints_later_output_and_ends_with_the_job",
+            follow::job_logs_follow_prints_later_output_and_ends_with_the_job,
+        ),
+        sandboxed(
+            "follow::submit_wait_and_remote_logs_follow_end_with_the_remote_job",
+            follow::submit_wait_and_remote_logs_follow_end_with_the_remote_job,
         ),
         sandboxed(
             "daemon_jobs::pause_resume_and_cancel_from_the_cli",

@@ -101,6 +101,24 @@ pub fn json_of(output: &Output) -> Result<Value> {
     serde_json::from_slice(&output.stdout).context("stdout is not JSON")
 }
 
+/// Waits until `condition` gives a value, asking again every 20 ms, for at most `timeout`;
+/// then fails naming what was awaited. An error from `condition` fails at once. For what no
+/// event announces (a file the job writes, a process's state); where an event does, wait on it.
+pub fn eventually<T>(
+    timeout: Duration,
+    awaited: &str,
+    mut condition: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition()? {
+            return Ok(value);
+        }
+        ensure!(Instant::now() < until, "waited {timeout:?} for {awaited}, in vain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for `child` to exit, killing it and failing after `deadline`.
 pub fn wait_deadline(child: &mut Child, deadline: Duration) -> Result<ExitStatus> {
     let until = Instant::now() + deadline;

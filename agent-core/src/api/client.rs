@@ -1,10 +1,15 @@
 //! The typed client of the control API, shared by the CLI and the desktop shell.
 //!
 //! It finds the daemon through the data dir's discovery files and turns every way of not reaching
-//! it into one clear error: no daemon, a refused token, or the API's own error body.
+//! it into one clear error: no daemon, a refused token, or the API's own error body. Commands
+//! that wait for something subscribe to the daemon's event stream ([`Client::events`]).
+
+mod events;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use events::{EventStream, Update};
 
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -70,6 +75,14 @@ pub enum ClientError {
         url: String,
         /// What went wrong.
         source: reqwest::Error,
+    },
+    /// The event stream could not be opened, or broke.
+    #[error("the event stream of the daemon at {url}: {message}")]
+    Stream {
+        /// The stream's URL.
+        url: String,
+        /// What went wrong.
+        message: String,
     },
 }
 
@@ -195,13 +208,22 @@ impl Client {
         self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/cancel")))).await
     }
 
-    /// `GET /api/v1/requests/{id}/logs/{stream}?offset=N`.
-    pub async fn remote_log(&self, id: &str, stream: Stream, offset: u64) -> Result<LogChunk, ClientError> {
+    /// `GET /api/v1/requests/{id}/logs/{stream}?offset=N[&wait=true]`: with `wait`, the daemon
+    /// holds the answer (up to [`LOG_WAIT`](crate::net::negotiate::LOG_WAIT)) until the provider has
+    /// bytes past `offset` or the job ended.
+    pub async fn remote_log(
+        &self,
+        id: &str,
+        stream: Stream,
+        offset: u64,
+        wait: bool,
+    ) -> Result<LogChunk, ClientError> {
         let stream = match stream {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
         };
-        self.get(&format!("/api/v1/requests/{id}/logs/{stream}?offset={offset}")).await
+        let wait = if wait { "&wait=true" } else { "" };
+        self.get(&format!("/api/v1/requests/{id}/logs/{stream}?offset={offset}{wait}")).await
     }
 
     /// `POST /api/v1/requests/{id}/results`: write a remote job's fetched outputs to `out`.

@@ -6,7 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::error::{ApiError, ErrorBody};
-use super::{ApiState, LogChunk, LogQuery, ResultsRequest, SubmitJob};
+use serde::Deserialize;
+
+use super::{ApiState, LogChunk, ResultsRequest, SubmitJob};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
 use crate::transfer::Imported;
@@ -62,11 +64,24 @@ pub(super) async fn cancel(
     Ok(Json(state.market.cancel(&id).await?))
 }
 
-/// A remote job's stdout or stderr from a byte offset on, read from its provider.
+/// Where to start reading a remote job's log, and whether to wait for more.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::IntoParams)]
+pub(super) struct RemoteLogQuery {
+    /// Byte offset into the log; 0 when absent.
+    #[serde(default)]
+    pub(super) offset: u64,
+    /// When nothing is past `offset` yet and the job has not ended, hold the answer until there
+    /// is (the provider is told to wait), at most 10 s; then it may be empty. False when absent.
+    #[serde(default)]
+    pub(super) wait: bool,
+}
+
+/// A remote job's stdout or stderr from a byte offset on, read from its provider; with `wait`,
+/// the answer waits for more (a long poll: follow a job by asking again from `next_offset`).
 #[utoipa::path(get, path = "/api/v1/requests/{id}/logs/{stream}", params(
     ("id" = String, Path, description = "The request's id"),
     ("stream" = Stream, Path, description = "stdout or stderr"),
-    LogQuery
+    RemoteLogQuery
 ), responses(
     (status = 200, body = LogChunk),
     (status = 404, body = ErrorBody),
@@ -76,9 +91,9 @@ pub(super) async fn cancel(
 pub(super) async fn logs(
     State(state): State<ApiState>,
     Path((id, stream)): Path<(String, Stream)>,
-    Query(query): Query<LogQuery>,
+    Query(query): Query<RemoteLogQuery>,
 ) -> Result<Json<LogChunk>, ApiError> {
-    let (text, next_offset, finished) = state.market.logs(&id, stream, query.offset).await?;
+    let (text, next_offset, finished) = state.market.logs(&id, stream, query.offset, query.wait).await?;
     Ok(Json(LogChunk { text, next_offset, finished }))
 }
 

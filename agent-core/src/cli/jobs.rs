@@ -1,19 +1,19 @@
 //! Job commands that go through the daemon: `hearth run JOB.toml` (without `--local`), `hearth jobs`
 //! and `hearth job logs|cancel|pause|resume ID`.
+//!
+//! Following a job (`hearth run`, `hearth job logs -f`) waits on the daemon's events (`job_log`,
+//! `job_changed`), never on a timer.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use hearth::api::LogChunk;
 use hearth::api::client::{Client, ClientError};
+use hearth::events::Event;
 use hearth::jobs::{JobAction, JobRecord, JobState, Stream};
 
 use super::output;
-
-/// How often `-f` asks for more output.
-const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Exit code when the job hit its time limit, as `timeout(1)` has it.
 const TIMED_OUT: u8 = 124;
@@ -54,42 +54,58 @@ pub(super) async fn run(client: &Client, spec: &Path) -> anyhow::Result<ExitCode
     Ok(exit_code(&job.state))
 }
 
-/// Prints the job's logs from the start; with `follow`, keeps printing until the job ends.
+/// Prints the job's logs from the start; with `follow`, keeps printing until the job ends, reading
+/// again each time the daemon says the job's log grew or its state changed.
 pub(super) async fn follow(
     client: &Client,
     id: &str,
     streams: &[Stream],
     follow: bool,
 ) -> anyhow::Result<JobRecord> {
-    print_logs(streams, follow, |stream, offset| client.log(id, stream, offset)).await?;
+    // Subscribed before the first read: whatever the job writes after it is announced.
+    let mut events = if follow { Some(client.events().await?) } else { None };
+    let mut offsets = vec![0u64; streams.len()];
+    loop {
+        let finished =
+            print_new(streams, &mut offsets, |stream, offset| client.log(id, stream, offset)).await?;
+        let Some(events) = events.as_mut().filter(|_| !finished) else { break };
+        let wanted = |event: &Event| match event {
+            Event::JobLog { id: of, stream, .. } => of == id && streams.contains(stream),
+            Event::JobChanged { job } => job.id == id,
+            _ => false,
+        };
+        if !events.changed(wanted).await? {
+            // The daemon is stopping: what it wrote last is read above, once more.
+            print_new(streams, &mut offsets, |stream, offset| client.log(id, stream, offset)).await?;
+            break;
+        }
+    }
+    if let Some(events) = events {
+        events.close().await;
+    }
     Ok(client.job(id).await?)
 }
 
-/// Prints `streams` from the start, each chunk as `read` gives it (a job's own log, or a remote
-/// job's from its provider); with `follow`, until every stream says it is finished.
-pub(super) async fn print_logs<F, R>(streams: &[Stream], follow: bool, read: F) -> anyhow::Result<()>
+/// Prints what `streams` have past `offsets`, each chunk as `read` gives it (a job's own log, or a
+/// remote job's from its provider), and moves the offsets on; whether every stream says it is
+/// finished. A chunk is bounded by the log's kept limit, so memory is too.
+pub(super) async fn print_new<F, R>(streams: &[Stream], offsets: &mut [u64], read: F) -> anyhow::Result<bool>
 where
     F: Fn(Stream, u64) -> R,
     R: Future<Output = Result<LogChunk, ClientError>>,
 {
-    let mut offsets = vec![0u64; streams.len()];
-    loop {
-        let mut finished = true;
-        for (stream, offset) in streams.iter().zip(offsets.iter_mut()) {
-            let chunk = read(*stream, *offset).await?;
-            *offset = chunk.next_offset;
-            finished &= chunk.finished;
-            // A closed terminal or pipe must not stop the job or the loop's end.
-            let _ = match stream {
-                Stream::Stdout => std::io::stdout().lock().write_all(chunk.text.as_bytes()),
-                Stream::Stderr => std::io::stderr().lock().write_all(chunk.text.as_bytes()),
-            };
-        }
-        if finished || !follow {
-            return Ok(());
-        }
-        tokio::time::sleep(FOLLOW_INTERVAL).await;
+    let mut finished = true;
+    for (stream, offset) in streams.iter().zip(offsets.iter_mut()) {
+        let chunk = read(*stream, *offset).await?;
+        *offset = chunk.next_offset;
+        finished &= chunk.finished;
+        // A closed terminal or pipe must not stop the job or the loop's end.
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().lock().write_all(chunk.text.as_bytes()),
+            Stream::Stderr => std::io::stderr().lock().write_all(chunk.text.as_bytes()),
+        };
     }
+    Ok(finished)
 }
 
 /// `hearth job cancel|pause|resume ID`.

@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use hearth::api::client::Client;
+use hearth::events::Event;
 use hearth::jobs::JobState;
 use hearth::market::{HeldReservation, RemoteJob};
 use hearth::requests::{self, HoldState, Package, RequestState, RequestStatus};
@@ -15,12 +15,10 @@ use serde::Serialize;
 
 use super::output;
 
-/// How often `--wait` asks again.
-const POLL: Duration = Duration::from_millis(250);
-
 /// `hearth submit PACKAGE.toml`: checked here first (every problem named against the file),
 /// then queued; the request id alone on stdout's first line. With `wait`, each change on stderr
-/// until it ends; exit 0 only when it completed.
+/// until it ends (read again each time the daemon says the request changed); exit 0 only when it
+/// completed.
 pub(super) async fn submit(client: &Client, path: &Path, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
     let file = path.to_owned();
     tokio::task::spawn_blocking(move || Package::load(&file)).await??;
@@ -30,9 +28,12 @@ pub(super) async fn submit(client: &Client, path: &Path, wait: bool, json: bool)
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
+    // Subscribed before the first read: no change after it goes unseen.
+    let mut events = client.events().await?;
+    let id = status.id;
     let mut said = String::new();
     let status = loop {
-        let status = client.package(&status.id).await?;
+        let status = client.package(&id).await?;
         let line = headline(&status);
         if line != said {
             eprintln!("hearth: {line}");
@@ -41,8 +42,12 @@ pub(super) async fn submit(client: &Client, path: &Path, wait: bool, json: bool)
         if status.state.is_terminal() {
             break status;
         }
-        tokio::time::sleep(POLL).await;
+        let wanted = |event: &Event| matches!(event, Event::RequestChanged { request } if request.id == id);
+        if !events.changed(wanted).await? {
+            anyhow::bail!("the daemon stopped before request {id} ended; it goes on when the daemon starts");
+        }
     };
+    events.close().await;
     if json {
         output::print(&status, true, request)?;
     }

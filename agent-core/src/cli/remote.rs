@@ -8,15 +8,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use hearth::api::client::Client;
+use hearth::events::Event;
 use hearth::jobs::{JobSpec, JobState, Stream};
 use hearth::market::{RemoteJob, credits};
 use hearth::requests::package::is_package;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{jobs, output, packages};
-
-/// How often `--wait` and `-f` ask again.
-const POLL: Duration = Duration::from_millis(250);
 
 /// Which agent runs a job.
 pub(super) enum Where {
@@ -65,8 +63,11 @@ pub(super) async fn submit(client: &Client, spec: &Path, wait: bool, json: bool)
     Ok(jobs::exit_code(&job.state))
 }
 
-/// Polls a remote job until it ends, saying each change on stderr (with a bar on a terminal).
+/// Follows a remote job until it ends, saying each change on stderr (with a bar on a terminal):
+/// it reads the job again each time the daemon says it changed.
 async fn follow(client: &Client, id: &str) -> anyhow::Result<RemoteJob> {
+    // Subscribed before the first read: no change after it goes unseen.
+    let mut events = client.events().await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
@@ -94,9 +95,15 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<RemoteJob> {
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
+            events.close().await;
             return Ok(job);
         }
-        tokio::time::sleep(POLL).await;
+        let wanted = |event: &Event| matches!(event, Event::RemoteJobChanged { job } if job.id == id);
+        if !events.changed(wanted).await? {
+            anyhow::bail!(
+                "the daemon stopped before job {id} ended; it is followed again when the daemon starts"
+            );
+        }
     }
 }
 
@@ -114,9 +121,28 @@ fn describe(job: &RemoteJob) -> String {
     }
 }
 
-/// Prints a remote job's logs from the start; with `follow`, until it ends.
+/// Prints a remote job's logs from the start; with `follow`, until it ends. The daemon holds
+/// each read until the provider has more or the job ended (a long poll over the negotiation
+/// protocol), so following asks again only when there is something to print.
 pub(super) async fn logs(client: &Client, id: &str, streams: &[Stream], follow: bool) -> anyhow::Result<()> {
-    jobs::print_logs(streams, follow, |stream, offset| client.remote_log(id, stream, offset)).await
+    if !follow {
+        let mut offsets = vec![0u64; streams.len()];
+        jobs::print_new(streams, &mut offsets, |stream, offset| client.remote_log(id, stream, offset, false))
+            .await?;
+        return Ok(());
+    }
+    // Each stream on its own: a quiet stdout must not hold back what stderr says.
+    let one = |stream: Stream| async move {
+        let mut offset = [0u64];
+        loop {
+            let read = |stream, offset| client.remote_log(id, stream, offset, true);
+            if jobs::print_new(&[stream], &mut offset, read).await? {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    };
+    libp2p::futures::future::try_join_all(streams.iter().map(|&stream| one(stream))).await?;
+    Ok(())
 }
 
 /// `hearth job cancel` of a remote job.

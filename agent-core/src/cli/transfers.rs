@@ -6,17 +6,14 @@
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use hearth::api::client::Client;
+use hearth::events::Event;
 use hearth::transfer::{BlobHash, BlobRef, Fetch, FetchRequest, FetchState, Format};
 
 use super::output;
-
-/// How often a followed fetch is asked how it stands.
-const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What `hearth blob get` was asked.
 pub(super) struct Get<'a> {
@@ -68,8 +65,11 @@ pub(super) async fn get(client: &Client, get: Get<'_>) -> anyhow::Result<ExitCod
     Ok(outcome(&fetch, out.as_deref()))
 }
 
-/// Polls a fetch until it ends, drawing a progress bar when stderr is a terminal.
+/// Follows a fetch until it ends, drawing a progress bar when stderr is a terminal: it reads the
+/// fetch again each time the daemon says it progressed (a few times a second) or ended.
 async fn follow(client: &Client, id: &str) -> anyhow::Result<Fetch> {
+    // Subscribed before the first read: no change after it goes unseen.
+    let mut events = client.events().await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -90,9 +90,14 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<Fetch> {
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
+            events.close().await;
             return Ok(fetch);
         }
-        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        let wanted =
+            |event: &Event| matches!(event, Event::TransferChanged { transfer } if transfer.id == id);
+        if !events.changed(wanted).await? {
+            anyhow::bail!("the daemon stopped before transfer {id} ended; it resumes when the daemon starts");
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! once: the shim's exit, the wall-clock deadline (paused time does not count), the scratch disk,
 //! and control requests (pause, resume, cancel). However it ends, the cgroup is killed and removed,
 //! so no process of the job outlives the run. Output is captured to bounded `stdout.log` and
-//! `stderr.log` files in the job folder and streamed as [`RunEvent::Output`].
+//! `stderr.log` files in the job folder and streamed as [`RunEvent::Output`]; the log files'
+//! growth is announced as [`RunEvent::Logged`], a few times a second at most.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,6 +44,10 @@ pub const MAX_PROCESSES: u64 = 512;
 /// Memory the WASI runtime itself (wasmtime, its compiled code and threads) may use on top of the
 /// module's linear memory, which the store's limiter caps at the spec's `memory`.
 pub const WASI_RUNTIME_MEMORY: u64 = 64 << 20;
+
+/// The least time between two [`RunEvent::Logged`] of one stream: a job writing fast must not
+/// flood the event bus, and a follower is a tenth of a second behind at most.
+pub const LOGGED_EVERY: Duration = Duration::from_millis(100);
 
 /// How often the scratch disk is measured.
 const DISK_CHECK: Duration = Duration::from_millis(200);
@@ -103,6 +108,14 @@ pub enum RunEvent {
         stream: Stream,
         /// The bytes, as they came.
         data: Vec<u8>,
+    },
+    /// The stream's log file is now `length` bytes long (flushed: a reader finds them). Sent at
+    /// most every [`LOGGED_EVERY`] per stream, and once more at the stream's end if it grew.
+    Logged {
+        /// Which stream.
+        stream: Stream,
+        /// The log file's length.
+        length: u64,
     },
 }
 
@@ -651,6 +664,11 @@ fn gpu_devices(gpus: &[GpuGrant]) -> Vec<PathBuf> {
 }
 
 /// Copies one output stream into its log file, up to [`LOG_LIMIT`], and onto the event channel.
+///
+/// Every write is flushed before its [`RunEvent::Logged`] goes out, so whoever reads the file on
+/// that event finds the bytes. A job that writes fast gets one `Logged` per stream every
+/// [`LOGGED_EVERY`] at most (the last length always goes out), not one per write; once the log is
+/// full it grows no more, and so sends no more.
 async fn pump(
     mut reader: impl AsyncRead + Unpin,
     stream: Stream,
@@ -658,30 +676,59 @@ async fn pump(
     events: mpsc::UnboundedSender<RunEvent>,
 ) -> io::Result<()> {
     let mut file = tokio::fs::File::create(&path).await?;
-    let mut written = 0u64;
+    // The job's own bytes kept, and the file's length (with the truncation note).
+    let (mut written, mut length) = (0u64, 0u64);
     let mut truncated = false;
     let mut buffer = vec![0u8; 16 << 10];
+    // Whether the file grew since the last `Logged`, and when the next one may go.
+    let mut unsaid = false;
+    let mut next_say = tokio::time::Instant::now();
     loop {
-        let n = reader.read(&mut buffer).await?;
+        let n = tokio::select! {
+            // Cancel-safe: a read that loses the race has read nothing.
+            read = reader.read(&mut buffer) => read?,
+            () = tokio::time::sleep_until(next_say), if unsaid => {
+                let _ = events.send(RunEvent::Logged { stream, length });
+                unsaid = false;
+                next_say = tokio::time::Instant::now() + LOGGED_EVERY;
+                continue;
+            }
+        };
         if n == 0 {
             break;
         }
         let data = &buffer[..n];
         let room = usize::try_from(LOG_LIMIT.saturating_sub(written)).unwrap_or(usize::MAX);
+        let before = length;
         if room > 0 {
             let keep = &data[..n.min(room)];
             file.write_all(keep).await?;
             written += keep.len() as u64;
+            length += keep.len() as u64;
         } else if !truncated {
             truncated = true;
-            file.write_all(
-                format!("\n[hearth: output beyond {} not kept]\n", ByteSize(LOG_LIMIT)).as_bytes(),
-            )
-            .await?;
+            let note = format!("\n[hearth: output beyond {} not kept]\n", ByteSize(LOG_LIMIT));
+            file.write_all(note.as_bytes()).await?;
+            length += note.len() as u64;
+        }
+        if length != before {
+            // A tokio file writes in the background: the bytes are in the file once flushed.
+            file.flush().await?;
+            unsaid = true;
         }
         let _ = events.send(RunEvent::Output { stream, data: data.to_vec() });
+        let now = tokio::time::Instant::now();
+        if unsaid && now >= next_say {
+            let _ = events.send(RunEvent::Logged { stream, length });
+            unsaid = false;
+            next_say = now + LOGGED_EVERY;
+        }
     }
-    file.flush().await
+    file.flush().await?;
+    if unsaid {
+        let _ = events.send(RunEvent::Logged { stream, length });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

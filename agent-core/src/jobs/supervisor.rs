@@ -4,7 +4,8 @@
 //! Each accepted job gets a record (`queued`), a task that drives the [`Runner`], and a control
 //! channel. Every state the runner reports is written to the store before it is published as an
 //! [`Event::JobChanged`], so what a watcher sees is always what a restart would read back; output
-//! goes out as [`Event::JobOutput`] and into the job's bounded log files. When the daemon stops,
+//! goes out as [`Event::JobOutput`] and into the job's bounded log files, whose growth goes out as
+//! [`Event::JobLog`] (a few times a second at most). When the daemon stops,
 //! running jobs are cancelled and their records say so; a job left unfinished by a crash is marked
 //! failed at the next start (its processes died with the agent).
 
@@ -403,6 +404,9 @@ impl Inner {
                     Some(RunEvent::Output { stream, data }) => {
                         let text = String::from_utf8_lossy(&data).into_owned();
                         self.events.publish(Event::JobOutput { id: id.clone(), stream, text });
+                    }
+                    Some(RunEvent::Logged { stream, length }) => {
+                        self.events.publish(Event::JobLog { id: id.clone(), stream, length });
                     }
                     // The runner dropped its sender: every event has been seen.
                     None => break,

@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::matching::{self, Amount, Candidate};
 use super::{Inner, MarketError, credits, price_per_hour, random_hex};
 use crate::clock::{self, unix_now};
 use crate::events::Event;
-use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError, Stream};
+use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError};
 use crate::ledger::record::Kind;
 use crate::net::advert::{AdvertBody, Prices};
 use crate::net::negotiate::{
@@ -29,9 +30,11 @@ use crate::store::Store;
 use crate::transfer::{BlobRef, Imported};
 
 mod follow;
+mod logs;
 
 pub(super) use follow::on_notice;
 use follow::spawn_follow;
+pub(super) use logs::logs;
 
 /// How many providers are asked at once.
 const ASK_AT_ONCE: usize = 3;
@@ -52,6 +55,9 @@ pub(super) const BETTER_OFFER_GRACE: Duration = Duration::from_secs(2);
 
 /// How often the provider of a running job is asked for its latest notice.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a cancel waits for the provider's `cancelled` notice before it answers.
+const CANCEL_NOTICE_WAIT: Duration = Duration::from_secs(10);
 
 /// Unanswered asks in a row after which the provider is taken for gone.
 const MISSED_STATUS: u32 = 3;
@@ -454,13 +460,17 @@ async fn search(inner: Arc<Inner>, id: String) {
 }
 
 /// Waits until an offer is taken or the request expires at the providers, which then fails the
-/// job (the providers drop expired requests themselves).
+/// job (the providers drop expired requests themselves). Taking an offer, a cancel and a failure
+/// all go through [`update`], which publishes the job's change: that is what wakes it.
 async fn await_offer(inner: &Arc<Inner>, id: &str, expires_at: i64) {
+    // Subscribed before each look, so a change after it is not missed.
+    let mut changes = inner.parts.events.subscribe();
     loop {
         if template_of(inner, id).is_none() {
             return; // Agreed, cancelled or failed.
         }
-        if unix_now() >= expires_at {
+        let left = u64::try_from(expires_at.saturating_sub(unix_now())).unwrap_or(0);
+        if left == 0 {
             let reason =
                 "no provider that queued the request offered terms before it expired; submit it again";
             update(inner, id, |job| {
@@ -471,9 +481,19 @@ async fn await_offer(inner: &Arc<Inner>, id: &str, expires_at: i64) {
             .await;
             return;
         }
-        tokio::select! {
-            () = inner.stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        let expired = tokio::time::sleep(Duration::from_secs(left));
+        tokio::pin!(expired);
+        loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                () = &mut expired => break,
+                event = changes.recv() => match event {
+                    Ok(Event::RemoteJobChanged { job }) if job.id == id => break,
+                    Err(RecvError::Lagged(_)) => break,
+                    Err(RecvError::Closed) => return,
+                    Ok(_) => {}
+                },
+            }
         }
     }
 }
@@ -733,16 +753,26 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
         return job_of(inner, id);
     };
     let provider: PeerId = provider.parse().map_err(|_| MarketError::Provider("bad provider id".into()))?;
+    // Subscribed before asking: the provider's notice may come before its answer.
+    let mut changes = inner.parts.events.subscribe();
     match inner.parts.network.negotiate(provider, Message::Cancel { agreement_id }).await {
         Ok(Reply::Done) => {
-            // The provider's `cancelled` notice follows; wait for it a little.
-            for _ in 0..100 {
-                let job = inner.consumer().get(id);
-                if job.as_ref().is_some_and(|job| job.state.is_terminal()) {
-                    break;
+            // The provider's `cancelled` notice follows; wait for it a little (the job is
+            // answered as it stands then, and the notice still moves it when it comes).
+            let ended = || inner.consumer().get(id).is_none_or(|job| job.state.is_terminal());
+            let _ = tokio::time::timeout(CANCEL_NOTICE_WAIT, async {
+                while !ended() {
+                    loop {
+                        match changes.recv().await {
+                            Err(RecvError::Closed) => return,
+                            Ok(Event::RemoteJobChanged { job }) if job.id == id => break,
+                            Err(RecvError::Lagged(_)) => break,
+                            Ok(_) => {}
+                        }
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            })
+            .await;
         }
         Ok(Reply::Refused { reason }) => {
             return Err(MarketError::Provider(format!("the provider refused: {reason}")));
@@ -754,32 +784,6 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
         }
     }
     job_of(inner, id)
-}
-
-/// The job's output from its provider.
-pub(super) async fn logs(
-    inner: &Arc<Inner>,
-    id: &str,
-    stream: Stream,
-    offset: u64,
-) -> Result<(String, u64, bool), MarketError> {
-    let job = job_of(inner, id)?;
-    let (Some(provider), Some(agreement_id)) = (job.provider, job.agreement_id) else {
-        return Ok((String::new(), offset, job.state.is_terminal()));
-    };
-    let provider: PeerId = provider.parse().map_err(|_| MarketError::Provider("bad provider id".into()))?;
-    match inner.parts.network.negotiate(provider, Message::Logs { agreement_id, stream, offset }).await {
-        Ok(Reply::Logs { text, next_offset, finished }) => Ok((text, next_offset, finished)),
-        Ok(Reply::Refused { reason }) if job.state.is_terminal() => {
-            tracing::debug!(%reason, "the provider no longer has the job's logs");
-            Ok((String::new(), offset, true))
-        }
-        Ok(Reply::Refused { reason }) => Err(MarketError::Provider(reason)),
-        Ok(other) => Err(MarketError::Provider(format!("the provider answered {other:?}"))),
-        // A provider gone after the end has nothing more to say.
-        Err(_) if job.state.is_terminal() => Ok((String::new(), offset, true)),
-        Err(error) => Err(MarketError::Provider(error)),
-    }
 }
 
 /// Writes the fetched outputs to `dest`.

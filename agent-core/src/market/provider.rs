@@ -24,14 +24,16 @@ use crate::availability::{Availability, Capacity};
 use crate::clock::{self, unix_now};
 use crate::events::Event;
 use crate::jobs::runner::Usage;
-use crate::jobs::supervisor::read_log;
-use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState, Stream};
+use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState};
 use crate::ledger::record::Kind;
 use crate::net::negotiate::{
     AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
     Terms, VERSION, verify_detached,
 };
 use crate::transfer::{BlobRef, FetchRequest, Imported};
+
+mod logs;
+pub(super) use logs::on_logs;
 
 /// The most requests waiting at once; more are refused.
 const MAX_PENDING: usize = 10_000;
@@ -305,47 +307,6 @@ pub(super) async fn on_status(inner: &Arc<Inner>, peer: PeerId, agreement_id: &s
             )),
             _ => refused(format!("no agreement {agreement_id} with you here")),
         },
-    }
-}
-
-/// The job's output from `offset` on.
-pub(super) async fn on_logs(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-    agreement_id: &str,
-    stream: Stream,
-    offset: u64,
-) -> Reply {
-    let found = inner
-        .provider()
-        .agreements
-        .get(agreement_id)
-        .filter(|running| running.consumer == peer)
-        .map(|running| (running.job.clone(), running.ended));
-    let Some((job, ended)) = found else {
-        return refused(format!("no agreement {agreement_id} with you here"));
-    };
-    let Some((_, job_dir)) = job else {
-        return Reply::Logs { text: String::new(), next_offset: offset, finished: ended };
-    };
-    // Ended is read before the log, so a read after the end is complete.
-    let mut bytes =
-        tokio::task::spawn_blocking(move || read_log(&job_dir, stream, offset).unwrap_or_default())
-            .await
-            .unwrap_or_default();
-    let whole = bytes.len() <= LOG_CHUNK;
-    bytes.truncate(LOG_CHUNK);
-    // A character cut at the end of the chunk comes whole in the next one.
-    if let Err(error) = std::str::from_utf8(&bytes)
-        && error.error_len().is_none()
-        && !whole
-    {
-        bytes.truncate(error.valid_up_to());
-    }
-    Reply::Logs {
-        next_offset: offset + bytes.len() as u64,
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-        finished: ended && whole,
     }
 }
 

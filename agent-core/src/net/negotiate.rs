@@ -26,6 +26,10 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hearth/negotiate/1.0.
 /// The format of every document this code writes and reads.
 pub const VERSION: u64 = 1;
 
+/// The longest a provider holds a `logs` read that asked to `wait` (well under the 20 s a
+/// negotiation may take, and the control API client's 15 s).
+pub const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Domain tag of a consumer's job request.
 pub const REQUEST_TAG: DomainTag = DomainTag::new(b"hearth/request/v1");
 /// Domain tag of agreement terms: the provider signs them as its offer, the consumer to accept.
@@ -399,6 +403,10 @@ pub enum Message {
         stream: Stream,
         /// From where.
         offset: u64,
+        /// Hold an answer that would be empty (no bytes past `offset`, the job not ended) until
+        /// there are some or the job ended, at most [`LOG_WAIT`]. Absent means no.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wait: bool,
     },
 }
 
@@ -567,10 +575,17 @@ mod tests {
 
     #[test]
     fn messages_round_trip_as_tagged_json() {
-        let message = Message::Logs { agreement_id: "a".into(), stream: Stream::Stdout, offset: 7 };
+        let message =
+            Message::Logs { agreement_id: "a".into(), stream: Stream::Stdout, offset: 7, wait: false };
         let text = serde_json::to_string(&message).unwrap();
         assert_eq!(text, r#"{"type":"logs","agreement_id":"a","stream":"stdout","offset":7}"#);
         assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), message);
+        // A read that waits says so; one from an agent that never waits reads as not waiting.
+        let waiting =
+            Message::Logs { agreement_id: "a".into(), stream: Stream::Stderr, offset: 0, wait: true };
+        let text = serde_json::to_string(&waiting).unwrap();
+        assert_eq!(text, r#"{"type":"logs","agreement_id":"a","stream":"stderr","offset":0,"wait":true}"#);
+        assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), waiting);
         let reply: Reply = serde_json::from_str(r#"{"type":"queued","position":2}"#).unwrap();
         assert_eq!(reply, Reply::Queued { position: 2 });
         assert!(serde_json::from_str::<Reply>(r#"{"type":"sure"}"#).is_err());
