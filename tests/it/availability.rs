@@ -76,6 +76,9 @@ impl Ticker {
         for pid in &pids {
             ensure!(is_stopped(*pid), "process {pid} of the job still runs");
         }
+        // The freezer's own word (every process stopped) is checked above. This is the user's view
+        // of it, and can only be a window: a running job ticks every 100 ms, so 600 ms would see
+        // about six ticks, and a frozen one must show none.
         let before = self.count();
         std::thread::sleep(Duration::from_millis(600));
         ensure!(self.count() == before, "the job ticked while paused");

@@ -247,9 +247,13 @@ pub(crate) fn bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent() -> R
     // Too large for the wire: A's gossipsub refuses the frame before validation.
     publish_from(&fresh[1].0, &a_addr, sign(&fresh[1].0, oversized)?.wire).ok();
 
+    // A marker published after all of them: once C has it, anything A forwarded before it has
+    // arrived too (gossip between two peers keeps its order), so no sleep decides the absence.
+    let (marker, _marker_dir) = hostile_identity()?;
+    publish_from(&marker, &a_addr, sign(&marker, advert_body(&marker, 1, now, 1008))?.wire)?;
+    wait_to_know_offer(&c, &marker.peer_id().to_string())?;
     // Nothing of it reached C: the honest outsider's offer is still the control, and the other
     // identity has no offer at all.
-    std::thread::sleep(Duration::from_secs(2));
     for agent in [&a, &c] {
         let offers = json(agent, &["offers", "--json"])?;
         let list = offers.as_array().context("list")?;
