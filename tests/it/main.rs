@@ -18,6 +18,7 @@ mod hostile_clocks;
 mod hostile_market;
 mod job_network;
 mod jobs;
+mod layers;
 mod ledger;
 mod ledger_crash;
 mod market;
@@ -294,6 +295,10 @@ fn main() {
         trial(
             "browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events",
             browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events,
+        ),
+        trial(
+            "layers::dependencies_point_down_the_layers_and_the_map_shows_them",
+            layers::dependencies_point_down_the_layers_and_the_map_shows_them,
         ),
         trial(
             "hostile_clocks::extreme_clock_fields_are_refused_without_a_panic",

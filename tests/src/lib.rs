@@ -6,6 +6,7 @@
 //! header (an empty Host, a foreign Origin, a WebSocket upgrade). Every wait is bounded.
 
 pub mod jobs;
+pub mod layers;
 pub mod ledger;
 pub mod netns;
 
