@@ -7,7 +7,7 @@
 
 mod jobs;
 mod ledger;
-mod output;
+pub(crate) mod output;
 mod packages;
 mod remote;
 mod run_local;
@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use hearth::api::client::Client;
-use hearth::availability::Policy;
+use hearth::availability::{MAX_PAUSE, Policy};
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
 use hearth::jobs::{JobAction, Stream};
 use hearth::ledger::earnings::Period;
@@ -440,6 +440,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Pause(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            // Refused here too, before the daemon is asked, so the line names the flag.
+            if let Some(length) = args.length.filter(|length| *length > MAX_PAUSE) {
+                anyhow::bail!(
+                    "--for {} is longer than the longest pause ({}); leave --for out to pause until `hearth resume`",
+                    humantime::format_duration(length),
+                    humantime::format_duration(MAX_PAUSE)
+                );
+            }
             let pause =
                 runtime(false)?.block_on(async { Client::discover(&paths)?.pause(args.length).await })?;
             output::print(&pause, args.read.json, output::pause)?;
@@ -495,7 +503,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             if read.json {
                 output::print(&imported, true, output::imported)?;
             } else {
-                println!("{}", out.display());
+                output::out(&format!("{}\n", out.display()))?;
                 eprintln!(
                     "hearth: {} files, {} (folder {})",
                     imported.files,
@@ -559,11 +567,11 @@ fn policy(paths: &Paths, command: PolicyCommand) -> anyhow::Result<()> {
             if !applied {
                 Policy::store(&paths.policy_file(), &text)?;
             }
-            println!(
-                "policy saved to {}{}",
+            output::out(&format!(
+                "policy saved to {}{}\n",
                 paths.policy_file().display(),
                 if applied { " and applied" } else { "" }
-            );
+            ))?;
         }
     }
     Ok(())

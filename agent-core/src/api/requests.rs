@@ -2,10 +2,11 @@
 //! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::error::{ApiError, ErrorBody};
+use super::extract::{Body, Path, Query};
 use super::{ApiState, LogChunk, LogQuery, ResultsRequest, SubmitJob};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
@@ -14,13 +15,15 @@ use crate::transfer::Imported;
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
 /// id is the request's.
 #[utoipa::path(post, path = "/api/v1/requests", request_body = SubmitJob, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 201, body = RemoteJob),
     (status = 400, body = ErrorBody, description = "the spec is invalid; nothing was sent"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Json(body): Json<SubmitJob>,
+    Body(body): Body<SubmitJob>,
 ) -> Result<(StatusCode, Json<RemoteJob>), ApiError> {
     Ok((StatusCode::CREATED, Json(state.market.submit(&body.spec).await?)))
 }
@@ -85,6 +88,8 @@ pub(super) async fn logs(
 /// Writes an ended remote job's outputs, fetched from its provider, into `out`.
 #[utoipa::path(post, path = "/api/v1/requests/{id}/results", params(("id" = String, Path, description = "The request's id")),
     request_body = ResultsRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = Imported),
     (status = 400, description = "`out` is missing or not an empty folder", body = ErrorBody),
     (status = 404, body = ErrorBody),
@@ -94,7 +99,7 @@ pub(super) async fn logs(
 pub(super) async fn results(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Json(body): Json<ResultsRequest>,
+    Body(body): Body<ResultsRequest>,
 ) -> Result<Json<Imported>, ApiError> {
     let Some(out) = body.out else {
         return Err(ApiError::bad_request(
