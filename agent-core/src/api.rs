@@ -239,6 +239,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(requests::cancel))
         .routes(routes!(requests::logs))
         .routes(routes!(requests::results))
+        .routes(routes!(requests::notices))
         .routes(routes!(packages::list, packages::submit))
         .routes(routes!(packages::get))
         .routes(routes!(packages::reservations))

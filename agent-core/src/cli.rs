@@ -251,7 +251,8 @@ enum JobCommand {
     Pause(JobIdArgs),
     /// Let a paused job run again.
     Resume(JobIdArgs),
-    /// What the owner did to a job (paused, resumed, stopped) and why, as kept for its consumer.
+    /// What the owner did to a job (paused, resumed, stopped) and why, as kept for its consumer;
+    /// for a job run elsewhere, the provider's signed notices of its states.
     Notices(JobIdArgs),
 }
 
@@ -416,7 +417,10 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                         jobs::act(&client, &args.id, JobAction::Resume, args.read.json).await
                     }
                     JobCommand::Notices(args) => {
-                        let notices = client.notices(&args.id).await?;
+                        let notices = match remote::locate(&client, &args.id).await? {
+                            remote::Where::Here => client.notices(&args.id).await?,
+                            remote::Where::Remote => client.remote_notices(&args.id).await?,
+                        };
                         output::print(&notices, args.read.json, output::notices)
                     }
                 }

@@ -196,6 +196,18 @@ impl Ledger {
             .transpose()
     }
 
+    /// The bodies of every record of `kind`, those still waiting for their batch included, in
+    /// chain order. A record flushed while this reads may appear twice, never not at all.
+    pub async fn bodies(&self, kind: Kind) -> Result<Vec<String>, LedgerError> {
+        // The waiting ones first: a flush in between then duplicates a record instead of hiding it.
+        let waiting: Vec<String> =
+            self.waiting().iter().filter(|row| row.kind == kind).map(|row| row.body.clone()).collect();
+        let mut bodies: Vec<String> =
+            self.inner.store.ledger_bodies(kind).await?.into_iter().map(|(_, _, body)| body).collect();
+        bodies.extend(waiting);
+        Ok(bodies)
+    }
+
     /// Every countersigned receipt in the chain, oldest first (unreadable ones are skipped: verify
     /// names them).
     pub async fn receipts(&self) -> Result<Vec<ReceiptBody>, LedgerError> {

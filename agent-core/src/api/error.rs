@@ -170,6 +170,7 @@ impl From<MarketError> for ApiError {
             MarketError::Conflict(_) => (StatusCode::CONFLICT, "job_state_conflict"),
             MarketError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_failed"),
             MarketError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "not_saved"),
+            MarketError::Ledger(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ledger_failed"),
         };
         Self::new(status, code, &message)
     }

@@ -10,6 +10,7 @@ use super::extract::{Body, Path, Query};
 use super::{ApiState, LogChunk, LogQuery, ResultsRequest, SubmitJob};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
+use crate::store::OwnerNotice;
 use crate::transfer::Imported;
 
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
@@ -108,4 +109,18 @@ pub(super) async fn results(
         ));
     };
     Ok(Json(state.market.results(&id, out).await?))
+}
+
+/// The signed notices the provider of a remote job sent about it, oldest first: each state the
+/// provider put the job in (`kind`) and why (`reason`, empty when it gave none), as it said them.
+#[utoipa::path(get, path = "/api/v1/requests/{id}/notices", params(("id" = String, Path, description = "The request's id")), responses(
+    (status = 200, body = Vec<OwnerNotice>),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn notices(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<OwnerNotice>>, ApiError> {
+    Ok(Json(state.market.notices(&id).await?))
 }

@@ -30,8 +30,8 @@ use crate::transfer::{BlobRef, Imported};
 
 mod follow;
 
-pub(super) use follow::on_notice;
 use follow::spawn_follow;
+pub(super) use follow::{notices, on_notice};
 
 /// How many providers are asked at once.
 const ASK_AT_ONCE: usize = 3;
