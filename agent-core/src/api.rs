@@ -10,6 +10,7 @@
 pub mod client;
 pub mod discovery;
 mod error;
+mod extract;
 mod ledger;
 mod packages;
 pub use packages::SubmitPackage;
@@ -20,8 +21,8 @@ pub mod session;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, middleware};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,8 @@ use utoipa_axum::routes;
 
 pub use discovery::{ApiInfo, ApiToken};
 pub use error::ErrorBody;
+pub use extract::MAX_BODY_BYTES;
+use extract::{Body, Path, Query};
 pub use session::{LoginLink, Sessions};
 
 use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reason};
@@ -240,6 +243,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(requests::cancel))
         .routes(routes!(requests::logs))
         .routes(routes!(requests::results))
+        .routes(routes!(requests::notices))
         .routes(routes!(packages::list, packages::submit))
         .routes(routes!(packages::get))
         .routes(routes!(packages::reservations))
@@ -259,6 +263,8 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
     let doc_for_route = Arc::new(doc.clone());
     let router = api
         .fallback(|| async { error::ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::Extension(doc_for_route))
         .layer(middleware::from_fn_with_state(state.clone(), security::gate))
         .with_state(state);
@@ -294,6 +300,7 @@ async fn get_peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
 
 /// What `POST /api/v1/peers` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
     /// A peer id, found through the DHT, or a multiaddr ending in `/p2p/PEER_ID`.
     pub target: String,
@@ -302,6 +309,8 @@ pub struct ConnectRequest {
 /// Connects to a peer (reusing a connection there is), directly or through its relay; answers
 /// when connected, or within about ten seconds with why not.
 #[utoipa::path(post, path = "/api/v1/peers", request_body = ConnectRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = PeerInfo),
     (status = 400, description = "Not a peer id or a /p2p/ multiaddr, or this agent's own id", body = ErrorBody),
     (status = 504, description = "The peer could not be reached", body = ErrorBody),
@@ -309,7 +318,7 @@ pub struct ConnectRequest {
 ))]
 async fn connect_peer(
     State(state): State<ApiState>,
-    Json(body): Json<ConnectRequest>,
+    Body(body): Body<ConnectRequest>,
 ) -> Result<Json<PeerInfo>, error::ApiError> {
     Ok(Json(state.network.connect(&body.target).await.map_err(error::ApiError::from)?))
 }
@@ -325,6 +334,7 @@ async fn get_offers(State(state): State<ApiState>) -> Json<Vec<AdvertBody>> {
 
 /// What `POST /api/v1/blobs` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AddBlob {
     /// A file or folder on this machine, read by the agent.
     #[schema(value_type = String)]
@@ -337,19 +347,22 @@ pub struct AddBlob {
 /// Puts a file or folder into the blob store (kept until removed) and lets the named peers
 /// fetch it; answers with its hash.
 #[utoipa::path(post, path = "/api/v1/blobs", request_body = AddBlob, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = Imported),
     (status = 400, description = "No such path, or a peer id that is not one", body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn add_blob(
     State(state): State<ApiState>,
-    Json(body): Json<AddBlob>,
+    Body(body): Body<AddBlob>,
 ) -> Result<Json<Imported>, error::ApiError> {
     Ok(Json(state.transfers.add(body.path, &body.share_with).await?))
 }
 
 /// What `POST /api/v1/jobs/{id}/results` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ResultsRequest {
     /// A folder on this machine (absent or empty) to write the outputs into.
     #[serde(default)]
@@ -361,6 +374,8 @@ pub struct ResultsRequest {
 /// `out`, writes them into that folder; answers the folder's hash, files and size.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/results", params(("id" = String, Path, description = "The job's id")),
     request_body = ResultsRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = Imported),
     (status = 400, description = "`out` is not an empty folder", body = ErrorBody),
     (status = 404, body = ErrorBody),
@@ -369,8 +384,8 @@ pub struct ResultsRequest {
 ))]
 async fn job_results(
     State(state): State<ApiState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-    Json(body): Json<ResultsRequest>,
+    Path(id): Path<String>,
+    Body(body): Body<ResultsRequest>,
 ) -> Result<Json<Imported>, error::ApiError> {
     let job = state.jobs.get(&id).await?;
     if !job.state.is_terminal() {
@@ -394,13 +409,15 @@ async fn list_transfers(State(state): State<ApiState>) -> Json<Vec<Fetch>> {
 /// Starts fetching a blob or folder from a peer; answers at once with the fetch, which runs on
 /// (and resumes after a restart) until it ends. Progress is pushed as `transfer_changed` events.
 #[utoipa::path(post, path = "/api/v1/transfers", request_body = FetchRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 202, body = Fetch),
     (status = 400, description = "A peer id that is not one, or this agent's own", body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn start_transfer(
     State(state): State<ApiState>,
-    Json(body): Json<FetchRequest>,
+    Body(body): Body<FetchRequest>,
 ) -> Result<(axum::http::StatusCode, Json<Fetch>), error::ApiError> {
     Ok((axum::http::StatusCode::ACCEPTED, Json(state.transfers.fetch(body).await?)))
 }
@@ -413,7 +430,7 @@ async fn start_transfer(
 ))]
 async fn get_transfer(
     State(state): State<ApiState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<Fetch>, error::ApiError> {
     Ok(Json(state.transfers.get(&id)?))
 }
@@ -427,7 +444,7 @@ async fn get_transfer(
 ))]
 async fn cancel_transfer(
     State(state): State<ApiState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<()>, error::ApiError> {
     state.transfers.cancel(&id)?;
     Ok(Json(()))
@@ -444,6 +461,7 @@ async fn get_resources(State(state): State<ApiState>) -> Json<Resources> {
 
 /// What `POST /api/v1/jobs` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SubmitJob {
     /// Absolute path of the job spec on this machine; its inputs are read relative to it.
     #[schema(value_type = String)]
@@ -463,6 +481,7 @@ pub struct LogChunk {
 
 /// Where to start reading a log.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct LogQuery {
     /// Byte offset into the log; 0 when absent.
     #[serde(default)]
@@ -480,13 +499,15 @@ async fn list_jobs(State(state): State<ApiState>) -> Result<Json<Vec<JobRecord>>
 
 /// Runs a job spec on this machine under the sandbox.
 #[utoipa::path(post, path = "/api/v1/jobs", request_body = SubmitJob, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 201, body = JobRecord),
     (status = 400, body = ErrorBody, description = "the spec is invalid; nothing runs"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn submit_job(
     State(state): State<ApiState>,
-    Json(body): Json<SubmitJob>,
+    Body(body): Body<SubmitJob>,
 ) -> Result<(axum::http::StatusCode, Json<JobRecord>), error::ApiError> {
     let job = state.jobs.submit(&body.spec).await?;
     Ok((axum::http::StatusCode::CREATED, Json(job)))
@@ -500,7 +521,7 @@ async fn submit_job(
 ))]
 async fn get_job(
     State(state): State<ApiState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, error::ApiError> {
     Ok(Json(state.jobs.get(&id).await?))
 }
@@ -517,7 +538,7 @@ async fn get_job(
 ))]
 async fn act_on_job(
     State(state): State<ApiState>,
-    axum::extract::Path((id, action)): axum::extract::Path<(String, JobAction)>,
+    Path((id, action)): Path<(String, JobAction)>,
 ) -> Result<Json<JobRecord>, error::ApiError> {
     Ok(Json(state.jobs.act(&id, action).await?))
 }
@@ -529,19 +550,30 @@ async fn act_on_job(
     LogQuery
 ), responses(
     (status = 200, body = LogChunk),
+    (status = 400, description = "Not a stream, or an offset that is not a number or is past the log's end", body = ErrorBody),
     (status = 404, body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn job_log(
     State(state): State<ApiState>,
-    axum::extract::Path((id, stream)): axum::extract::Path<(String, Stream)>,
-    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+    Path((id, stream)): Path<(String, Stream)>,
+    Query(query): Query<LogQuery>,
 ) -> Result<Json<LogChunk>, error::ApiError> {
     let job = state.jobs.get(&id).await?;
     // Read the state first: a log read after the job ended is then complete.
     let finished = job.state.is_terminal();
+    // A log only grows, and every offset the API hands out is within it: one past its end was
+    // made up, and answering it would have the client wait there forever.
+    let length = std::fs::metadata(job.job_dir.join(stream.file_name())).map_or(0, |m| m.len());
+    if query.offset > length {
+        return Err(error::ApiError::out_of_range(&format!(
+            "offset {} is past the end of the job's {} ({length} bytes)",
+            query.offset,
+            stream.file_name()
+        )));
+    }
     let bytes = read_log(&job.job_dir, stream, query.offset).unwrap_or_default();
-    let next_offset = query.offset + bytes.len() as u64;
+    let next_offset = query.offset.saturating_add(bytes.len() as u64);
     Ok(Json(LogChunk { text: String::from_utf8_lossy(&bytes).into_owned(), next_offset, finished }))
 }
 
@@ -554,7 +586,7 @@ async fn job_log(
 ))]
 async fn job_notices(
     State(state): State<ApiState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<Vec<OwnerNotice>>, error::ApiError> {
     state.jobs.get(&id).await?;
     Ok(Json(state.jobs.notices(&id).await?))
@@ -571,20 +603,26 @@ async fn get_availability(State(state): State<ApiState>) -> Json<Availability> {
 
 /// What `POST /api/v1/pause` takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PauseRequest {
-    /// End the pause by itself after this many seconds; absent for a pause until resumed.
+    /// End the pause by itself after this many seconds (at most ten years); absent for a pause
+    /// until resumed.
     #[serde(default)]
     pub for_seconds: Option<u64>,
 }
 
 /// Pauses sharing at once: every running job is frozen. The tray's "pause" button.
 #[utoipa::path(post, path = "/api/v1/pause", request_body = PauseRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = OwnerPause),
+    (status = 400, description = "`for_seconds` is over ten years; nothing was paused", body = ErrorBody),
+    (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn pause_sharing(
     State(state): State<ApiState>,
-    Json(body): Json<PauseRequest>,
+    Body(body): Body<PauseRequest>,
 ) -> Result<Json<OwnerPause>, error::ApiError> {
     let pause = state.owner.pause(body.for_seconds.map(std::time::Duration::from_secs))?;
     Ok(Json(pause))
@@ -609,6 +647,7 @@ pub struct PolicyDocument {
 
 /// What `PUT /api/v1/policy` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyText {
     /// The whole policy file, TOML.
     pub toml: String,
@@ -625,13 +664,15 @@ async fn get_policy(State(state): State<ApiState>) -> Json<PolicyDocument> {
 
 /// Replaces the policy file and applies it at once; an invalid policy changes nothing.
 #[utoipa::path(put, path = "/api/v1/policy", request_body = PolicyText, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = PolicyDocument),
     (status = 400, body = ErrorBody, description = "the policy is invalid; the field is named"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn set_policy(
     State(state): State<ApiState>,
-    Json(body): Json<PolicyText>,
+    Body(body): Body<PolicyText>,
 ) -> Result<Json<PolicyDocument>, error::ApiError> {
     let policy = state.owner.set_policy(&body.toml)?;
     Ok(Json(PolicyDocument { policy }))
@@ -639,20 +680,29 @@ async fn set_policy(
 
 /// What `POST /api/v1/activity` takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ActivityReport {
-    /// Seconds since the owner last used keyboard, mouse or touch, as the desktop session knows it.
+    /// Seconds since the owner last used keyboard, mouse or touch, as the desktop session knows it
+    /// (at most ten years).
     pub idle_seconds: u64,
 }
 
 /// The desktop app reports the owner's idle time (how Wayland desktops, which hide input devices
 /// from other programs, tell the agent).
 #[utoipa::path(post, path = "/api/v1/activity", request_body = ActivityReport, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, description = "Recorded (the body is `null`)"),
+    (status = 400, description = "`idle_seconds` is over ten years; nothing was recorded", body = ErrorBody),
+    (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
-async fn report_activity(State(state): State<ApiState>, Json(body): Json<ActivityReport>) -> Json<()> {
-    state.owner.report_idle(std::time::Duration::from_secs(body.idle_seconds));
-    Json(())
+async fn report_activity(
+    State(state): State<ApiState>,
+    Body(body): Body<ActivityReport>,
+) -> Result<Json<()>, error::ApiError> {
+    state.owner.report_idle(std::time::Duration::from_secs(body.idle_seconds))?;
+    Ok(Json(()))
 }
 
 /// This document.

@@ -39,6 +39,33 @@ pub struct OwnerControls {
 /// The file in the data dir that keeps an owner's pause across restarts.
 pub const PAUSE_FILE: &str = "owner-pause.json";
 
+/// The longest pause with an end: ten years. A longer one is refused; a pause with no length
+/// lasts until `hearth resume`.
+pub const MAX_PAUSE: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// The longest idle time the desktop app may report, the same ten years: an owner idle that
+/// long is simply idle, and a larger figure is a broken client.
+pub const MAX_IDLE: Duration = MAX_PAUSE;
+
+/// Why an owner's lever was refused or not applied. A refused request changes nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    /// A pause longer than [`MAX_PAUSE`].
+    #[error(
+        "a pause of {} is longer than the longest allowed ({}); pause with no length to pause until resumed",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MAX_PAUSE)
+    )]
+    PauseTooLong(Duration),
+    /// An idle time longer than [`MAX_IDLE`].
+    #[error("an idle time of {} seconds is longer than the longest accepted ({})", .0.as_secs(), MAX_IDLE.as_secs())]
+    IdleTooLong(Duration),
+    /// The pause file could not be written or removed. Its message includes the OS's, so it is
+    /// not also the error's source.
+    #[error("cannot save the owner's pause: {0}")]
+    Io(std::io::Error),
+}
+
 impl OwnerControls {
     /// Loads the policy file and any pause left by the previous run (a pause that has ended by
     /// now is dropped).
@@ -79,36 +106,50 @@ impl OwnerControls {
         *self.pause.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Pauses sharing, for `length` or until [`OwnerControls::resume`]. Kept across restarts.
-    pub fn pause(&self, length: Option<Duration>) -> std::io::Result<OwnerPause> {
+    /// Pauses sharing, for `length` (at most [`MAX_PAUSE`]) or until [`OwnerControls::resume`].
+    /// Kept across restarts. A refused pause changes nothing.
+    pub fn pause(&self, length: Option<Duration>) -> Result<OwnerPause, OwnerError> {
         let until = match length {
-            Some(length) => Some(jiff::Timestamp::now().checked_add(length).map_err(std::io::Error::other)?),
+            Some(length) if length > MAX_PAUSE => return Err(OwnerError::PauseTooLong(length)),
+            Some(length) => Some(
+                jiff::Timestamp::now().checked_add(length).map_err(|_| OwnerError::PauseTooLong(length))?,
+            ),
             None => None,
         };
         let pause = OwnerPause { until };
-        policy::replace_file(&self.pause_file, &serde_json::to_vec(&pause).map_err(std::io::Error::other)?)?;
+        let bytes =
+            serde_json::to_vec(&pause).map_err(|error| OwnerError::Io(std::io::Error::other(error)))?;
+        policy::replace_file(&self.pause_file, &bytes).map_err(OwnerError::Io)?;
         *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = Some(pause);
         self.wake.notify_one();
         Ok(pause)
     }
 
     /// Ends the owner's pause.
-    pub fn resume(&self) -> std::io::Result<()> {
+    pub fn resume(&self) -> Result<(), OwnerError> {
         match std::fs::remove_file(&self.pause_file) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
+            Err(error) => return Err(OwnerError::Io(error)),
         }
         *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.wake.notify_one();
         Ok(())
     }
 
-    /// The desktop app says the owner last used the machine `idle` ago.
-    pub fn report_idle(&self, idle: Duration) {
-        let at = Instant::now().checked_sub(idle).unwrap_or_else(Instant::now);
+    /// The desktop app says the owner last used the machine `idle` ago (at most [`MAX_IDLE`];
+    /// a longer report is refused and changes nothing).
+    pub fn report_idle(&self, idle: Duration) -> Result<(), OwnerError> {
+        if idle > MAX_IDLE {
+            return Err(OwnerError::IdleTooLong(idle));
+        }
+        // Before the monotonic clock's start (only on a platform whose clock starts at boot):
+        // idle since then, which is as idle as this agent can tell.
+        let now = Instant::now();
+        let at = now.checked_sub(idle).unwrap_or_else(|| earliest(now, idle));
         *self.reports.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
         self.wake.notify_one();
+        Ok(())
     }
 
     /// Where [`signals::Activity`] reads the desktop app's reports.
@@ -119,5 +160,67 @@ impl OwnerControls {
     /// Resolves when the owner changed something.
     pub async fn changed(&self) {
         self.wake.notified().await;
+    }
+}
+
+/// The earliest instant at most `idle` before `now` that the clock can represent: a report of
+/// more idle time than the clock goes back still reads as idle, never as active.
+fn earliest(now: Instant, idle: Duration) -> Instant {
+    let (mut at, mut left, mut step) = (now, idle, idle);
+    // Step back as far as the clock allows, halving the step each time it does not.
+    while !step.is_zero() {
+        match at.checked_sub(step).filter(|_| step <= left) {
+            Some(earlier) => {
+                at = earlier;
+                left -= step;
+            }
+            None => step /= 2,
+        }
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controls() -> (tempfile::TempDir, OwnerControls) {
+        let dir = tempfile::tempdir().unwrap();
+        let controls = OwnerControls::load(&dir.path().join("policy.toml"), dir.path()).unwrap();
+        (dir, controls)
+    }
+
+    #[test]
+    fn a_pause_too_long_is_refused_and_pauses_nothing() {
+        let (dir, controls) = controls();
+        for length in [MAX_PAUSE + Duration::from_secs(1), Duration::from_secs(u64::MAX)] {
+            let error = controls.pause(Some(length)).unwrap_err();
+            assert!(matches!(error, OwnerError::PauseTooLong(_)), "{error}");
+            assert_eq!(controls.pause_state(), None);
+            assert!(!dir.path().join(PAUSE_FILE).exists());
+        }
+        let longest = controls.pause(Some(MAX_PAUSE)).unwrap();
+        assert!(longest.until.is_some());
+        assert_eq!(controls.pause_state(), Some(longest));
+    }
+
+    #[test]
+    fn an_idle_report_too_long_is_refused_and_records_nothing() {
+        let (_dir, controls) = controls();
+        let error = controls.report_idle(Duration::from_secs(u64::MAX)).unwrap_err();
+        assert!(matches!(error, OwnerError::IdleTooLong(_)), "{error}");
+        assert_eq!(*controls.reports().lock().unwrap(), None);
+        controls.report_idle(MAX_IDLE).unwrap();
+        let at = controls.reports().lock().unwrap().unwrap();
+        // Read back as idle: long ago, not now.
+        assert!(at.elapsed() > Duration::from_secs(60));
+    }
+
+    #[test]
+    fn earliest_goes_back_as_far_as_the_clock_does() {
+        let now = Instant::now();
+        assert_eq!(earliest(now, Duration::from_secs(5)), now - Duration::from_secs(5));
+        let far = earliest(now, Duration::from_secs(u64::MAX));
+        assert!(far <= now);
     }
 }

@@ -7,7 +7,7 @@
 
 mod jobs;
 mod ledger;
-mod output;
+pub(crate) mod output;
 mod packages;
 mod remote;
 mod run_local;
@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use hearth::api::client::Client;
-use hearth::availability::Policy;
+use hearth::availability::{MAX_PAUSE, Policy};
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
 use hearth::jobs::{JobAction, Stream};
 use hearth::ledger::earnings::Period;
@@ -254,7 +254,8 @@ enum JobCommand {
     Pause(JobIdArgs),
     /// Let a paused job run again.
     Resume(JobIdArgs),
-    /// What the owner did to a job (paused, resumed, stopped) and why, as kept for its consumer.
+    /// What the owner did to a job (paused, resumed, stopped) and why, as kept for its consumer;
+    /// for a job run elsewhere, the provider's signed notices of its states.
     Notices(JobIdArgs),
 }
 
@@ -428,7 +429,10 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                         jobs::act(&client, &args.id, JobAction::Resume, args.read.json).await
                     }
                     JobCommand::Notices(args) => {
-                        let notices = client.notices(&args.id).await?;
+                        let notices = match remote::locate(&client, &args.id).await? {
+                            remote::Where::Here => client.notices(&args.id).await?,
+                            remote::Where::Remote => client.remote_notices(&args.id).await?,
+                        };
                         output::print(&notices, args.read.json, output::notices)
                     }
                 }
@@ -460,6 +464,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Pause(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            // Refused here too, before the daemon is asked, so the line names the flag.
+            if let Some(length) = args.length.filter(|length| *length > MAX_PAUSE) {
+                anyhow::bail!(
+                    "--for {} is longer than the longest pause ({}); leave --for out to pause until `hearth resume`",
+                    humantime::format_duration(length),
+                    humantime::format_duration(MAX_PAUSE)
+                );
+            }
             let pause =
                 runtime(false)?.block_on(async { Client::discover(&paths)?.pause(args.length).await })?;
             output::print(&pause, args.read.json, output::pause)?;
@@ -515,7 +527,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             if read.json {
                 output::print(&imported, true, output::imported)?;
             } else {
-                println!("{}", out.display());
+                output::out(&format!("{}\n", out.display()))?;
                 eprintln!(
                     "hearth: {} files, {} (folder {})",
                     imported.files,
@@ -579,11 +591,11 @@ fn policy(paths: &Paths, command: PolicyCommand) -> anyhow::Result<()> {
             if !applied {
                 Policy::store(&paths.policy_file(), &text)?;
             }
-            println!(
-                "policy saved to {}{}",
+            output::out(&format!(
+                "policy saved to {}{}\n",
                 paths.policy_file().display(),
                 if applied { " and applied" } else { "" }
-            );
+            ))?;
         }
     }
     Ok(())

@@ -40,7 +40,7 @@ use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Message, Reply, Reservation, ReserveRequest, Resources, Signed};
 use crate::net::{Inbound, Network};
-use crate::store::{Store, StoreError};
+use crate::store::{OwnerNotice, Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
 
 /// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
@@ -68,6 +68,9 @@ pub enum MarketError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The ledger could not be read.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Everything the market works with.
@@ -255,6 +258,12 @@ impl Market {
         wait: bool,
     ) -> Result<(String, u64, bool), MarketError> {
         consumer::logs(&self.inner, id, stream, offset, wait).await
+    }
+
+    /// The signed notices the provider of remote job `id` sent about it, oldest first: each state
+    /// it put the job in, and why (the provider's owner paused or stopped it, say).
+    pub async fn notices(&self, id: &str) -> Result<Vec<OwnerNotice>, MarketError> {
+        consumer::notices(&self.inner, id).await
     }
 
     /// Writes a finished remote job's outputs (already fetched from its provider) to `dest`.

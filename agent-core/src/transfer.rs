@@ -143,6 +143,7 @@ pub struct Fetch {
 
 /// What to fetch.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FetchRequest {
     /// The peer holding it.
     pub peer: String,

@@ -1,9 +1,13 @@
-//! The CLI as a user meets it: help, and one clear line when something is wrong.
+//! The CLI as a user meets it: help, one clear line when something is wrong (each cause said
+//! once), and silence when its reader goes away.
 
 use std::fs;
+use std::io::Read;
+use std::process::Stdio;
 
 use anyhow::{Context, Result, ensure};
-use hearth_tests::{Agent, hearth, json_of};
+use hearth_tests::jobs::JobDir;
+use hearth_tests::{Agent, PROCESS_DEADLINE, command, hearth, json_of, wait_deadline};
 
 fn one_line_error(out: &std::process::Output) -> Result<String> {
     ensure!(!out.status.success(), "the command succeeded");
@@ -70,6 +74,91 @@ pub(crate) fn wrong_token_is_one_clear_line() -> Result<()> {
     fs::write(agent.data_dir().join("api.token"), "ab".repeat(32))?;
     let stderr = one_line_error(&hearth(&agent.data_dir(), &["status", "--json"])?)?;
     ensure!(stderr.contains("refused the token"), "{stderr}");
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}
+
+pub(crate) fn a_missing_file_is_named_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("missing.toml");
+    let missing = missing.to_str().context("path")?;
+    // "No such file or directory (os error 2)", as the OS says it.
+    let os_says = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    let once = |stderr: &str| -> Result<()> {
+        ensure!(stderr.contains(missing), "the file is not named: {stderr}");
+        ensure!(stderr.matches(&os_says).count() == 1, "{os_says:?} is not said once: {stderr}");
+        Ok(())
+    };
+    once(&one_line_error(&hearth(dir.path(), &["run", "--local", missing])?)?)?;
+    let mut agent = Agent::start()?;
+    once(&one_line_error(&agent.cli(&["submit", missing])?)?)?;
+    once(&one_line_error(&agent.cli(&["run", missing])?)?)?;
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}
+
+/// Runs `hearth ARGS` against `agent` with stdout a pipe closed before it writes: like
+/// `hearth ARGS | head -0`. Answers its exit status and stderr.
+fn with_stdout_closed(agent: &Agent, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+    let mut child = command(&agent.data_dir())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let status = wait_deadline(&mut child, PROCESS_DEADLINE)?;
+    let mut text = String::new();
+    stderr.read_to_string(&mut text)?;
+    Ok((status, text))
+}
+
+pub(crate) fn a_closed_stdout_ends_quietly() -> Result<()> {
+    let mut agent = Agent::start()?;
+    for args in [
+        &["jobs"][..],
+        &["jobs", "--json"],
+        &["offers"],
+        &["status"],
+        &["peers", "--json"],
+        &["transfers"],
+        &["policy", "show"],
+        &["ledger", "export"],
+    ] {
+        let (status, stderr) = with_stdout_closed(&agent, args)?;
+        ensure!(stderr.is_empty(), "hearth {args:?} said something: {stderr:?}");
+        ensure!(status.success(), "hearth {args:?} with its reader gone: {status}");
+    }
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}
+
+pub(crate) fn a_module_that_is_not_wasm_is_one_line_here_and_in_the_daemon() -> Result<()> {
+    let job = JobDir::new()?;
+    job.file("random.wasm", &hearth_tests::pseudo_random(4096, 7))?;
+    let spec = "kind = \"wasi\"\nmodule = \"random.wasm\"\n";
+    let says = |text: &str| -> Result<()> {
+        ensure!(text.contains("random.wasm is not a valid WebAssembly module: it starts with \""), "{text}");
+        ensure!(text.contains("not \"\\x00asm\""), "{text}");
+        Ok(())
+    };
+    // Here, without a daemon: one line besides the job's own.
+    let run = job.run(spec)?;
+    run.expect_code(125)?;
+    let stderr = run.stderr();
+    ensure!(stderr.trim_end().lines().count() == 1, "not one line: {stderr:?}");
+    says(&stderr)?;
+
+    // Through a daemon: the job fails with the same one line as its reason.
+    let mut agent = Agent::start()?;
+    let spec_path = job.path().join("job.toml");
+    let out = agent.cli(&["run", spec_path.to_str().context("path")?])?;
+    ensure!(out.status.code() == Some(125), "{out:?}");
+    let jobs = json_of(&agent.cli(&["jobs", "--json"])?)?;
+    let reason = jobs[0]["reason"].as_str().with_context(|| format!("no reason: {jobs}"))?;
+    ensure!(!reason.contains('\n'), "{reason:?}");
+    says(reason)?;
     ensure!(agent.terminate()?.success());
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! here (no NVIDIA GPU, say) is reported as ignored, with the reason printed, rather than passing
 //! silently.
 
+mod api_errors;
 mod api_security;
 mod availability;
 mod browser_session;
@@ -123,6 +124,18 @@ fn main() {
             "daemon::log_level_flag_and_rust_log_are_respected",
             daemon::log_level_flag_and_rust_log_are_respected,
         ),
+        trial(
+            "api_errors::malformed_bodies_are_refused_with_an_error_body_and_change_nothing",
+            api_errors::malformed_bodies_are_refused_with_an_error_body_and_change_nothing,
+        ),
+        trial(
+            "api_errors::paths_and_queries_that_do_not_parse_are_400_with_an_error_body",
+            api_errors::paths_and_queries_that_do_not_parse_are_400_with_an_error_body,
+        ),
+        trial(
+            "api_errors::values_out_of_range_are_refused_before_anything_changes",
+            api_errors::values_out_of_range_are_refused_before_anything_changes,
+        ),
         trial("api_security::missing_or_wrong_token_is_401", api_security::missing_or_wrong_token_is_401),
         trial("api_security::foreign_or_missing_host_is_403", api_security::foreign_or_missing_host_is_403),
         trial("api_security::foreign_origin_on_post_is_403", api_security::foreign_origin_on_post_is_403),
@@ -142,6 +155,12 @@ fn main() {
         trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
         trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),
         trial("cli::wrong_token_is_one_clear_line", cli::wrong_token_is_one_clear_line),
+        trial("cli::a_missing_file_is_named_once", cli::a_missing_file_is_named_once),
+        trial("cli::a_closed_stdout_ends_quietly", cli::a_closed_stdout_ends_quietly),
+        trial(
+            "cli::a_module_that_is_not_wasm_is_one_line_here_and_in_the_daemon",
+            cli::a_module_that_is_not_wasm_is_one_line_here_and_in_the_daemon,
+        ),
         trial("resources::json_agrees_with_the_kernel", resources::json_agrees_with_the_kernel),
         trial("resources::daemon_serves_the_same_machine", resources::daemon_serves_the_same_machine),
         trial_if(

@@ -1,6 +1,7 @@
 //! A consumer and two providers of different capacity, three agent processes on loopback: a job
 //! runs on the provider it fits best and its outputs come home byte-identical; cancel, an owner's
-//! pause and a provider killed mid-job all reach the consumer.
+//! pause (shown by `hearth job notices` at the consumer) and a provider killed mid-job all reach
+//! the consumer.
 
 use std::fs;
 use std::path::Path;
@@ -205,6 +206,19 @@ pub(crate) fn cancel_pause_and_a_vanished_provider_reach_the_consumer() -> Resul
     ensure!(
         paused["note"].as_str().is_some_and(|n| n.contains("owner")),
         "no reason came with the pause: {paused}"
+    );
+    // The consumer shows the provider's signed notices of the job, the pause with its reason.
+    let notices = json_array(&market.consumer, &["job", "notices", &id, "--json"])?;
+    ensure!(
+        notices.iter().any(|n| n["kind"] == "paused"
+            && n["job_id"] == id.as_str()
+            && n["reason"].as_str().is_some_and(|r| r.contains("owner"))),
+        "the pause is not among the remote job's notices: {notices:?}"
+    );
+    let text = market.consumer.cli(&["job", "notices", &id])?;
+    ensure!(
+        String::from_utf8_lossy(&text.stdout).lines().any(|l| l.contains("paused") && l.contains("owner")),
+        "notices for people: {text:?}"
     );
     ensure!(market.big.cli(&["resume"])?.status.success());
     wait_job(&market.consumer, &id, Duration::from_secs(20), |j| j["state"] == "running")?;

@@ -342,9 +342,17 @@ impl RawResponse {
 /// Sends `head` (request line and headers, without the blank line) to 127.0.0.1:`port` with
 /// `Connection: close`, and reads the answer. A `101` answer is returned without waiting for a body.
 pub fn raw_http(port: u16, head: &str) -> Result<RawResponse> {
+    raw_http_with_body(port, head, b"")
+}
+
+/// [`raw_http`] with a body after the head, its `Content-Length` set to its length.
+pub fn raw_http_with_body(port: u16, head: &str, body: &[u8]) -> Result<RawResponse> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "{head}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+    write!(stream, "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    // A server that refuses a body may answer and close before reading all of it: the answer
+    // is what matters, so a failed write of the rest is not the test's failure.
+    let _ = stream.write_all(body);
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

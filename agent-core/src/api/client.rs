@@ -284,6 +284,11 @@ impl Client {
         self.get(&format!("/api/v1/jobs/{id}/notices")).await
     }
 
+    /// `GET /api/v1/requests/{id}/notices`.
+    pub async fn remote_notices(&self, id: &str) -> Result<Vec<OwnerNotice>, ClientError> {
+        self.get(&format!("/api/v1/requests/{id}/notices")).await
+    }
+
     /// `POST /api/v1/blobs`: put a file or folder in the store, shared with `peers`.
     pub async fn add_blob(&self, path: &Path, peers: &[String]) -> Result<Imported, ClientError> {
         let body = AddBlob { path: path.to_owned(), share_with: peers.to_vec() };

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::session::LoginError;
-use crate::availability::PolicyError;
+use crate::availability::{OwnerError, PolicyError};
 use crate::jobs::SupervisorError;
 use crate::ledger::LedgerError;
 use crate::market::MarketError;
@@ -34,7 +34,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: &str) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, message: &str) -> Self {
         Self {
             status,
             body: ErrorBody { code: code.to_owned(), message: message.to_owned(), problems: Vec::new() },
@@ -83,6 +83,29 @@ impl ApiError {
 
     pub(crate) fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    pub(crate) fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
+    }
+
+    /// A value the client sent is outside what the API accepts; nothing was changed.
+    pub(crate) fn out_of_range(message: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "out_of_range", message)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    #[cfg(test)]
+    pub(crate) fn body(&self) -> &ErrorBody {
+        &self.body
     }
 }
 
@@ -171,6 +194,7 @@ impl From<MarketError> for ApiError {
             MarketError::Conflict(_) => (StatusCode::CONFLICT, "job_state_conflict"),
             MarketError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_failed"),
             MarketError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "not_saved"),
+            MarketError::Ledger(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ledger_failed"),
         };
         Self::new(status, code, &message)
     }
@@ -199,13 +223,16 @@ impl From<LedgerError> for ApiError {
     }
 }
 
-impl From<std::io::Error> for ApiError {
-    fn from(error: std::io::Error) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "not_saved",
-            &format!("cannot save the owner's pause: {error}"),
-        )
+impl From<OwnerError> for ApiError {
+    fn from(error: OwnerError) -> Self {
+        match &error {
+            OwnerError::PauseTooLong(_) | OwnerError::IdleTooLong(_) => {
+                Self::out_of_range(&error.to_string())
+            }
+            OwnerError::Io(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "not_saved", &error.to_string())
+            }
+        }
     }
 }
 

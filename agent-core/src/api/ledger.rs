@@ -3,11 +3,12 @@
 //! a daemon and never pass through memory whole.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::Deserialize;
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
+use super::extract::Query;
 use crate::ledger::earnings::{Earnings, Period};
 use crate::ledger::verify::Report;
 
@@ -25,6 +26,7 @@ pub(super) async fn verify(State(state): State<ApiState>) -> Result<Json<Report>
 
 /// How earnings are grouped.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub(super) struct EarningsQuery {
     /// `day`, `week` or `month`; all together when absent.
     by: Option<Period>,

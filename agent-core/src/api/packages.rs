@@ -3,17 +3,19 @@
 //! reservations this agent holds for other agents' packages (`/api/v1/reservations`).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
+use super::extract::{Body, Path};
 use crate::market::HeldReservation;
 use crate::requests::RequestStatus;
 
 /// A package to submit.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SubmitPackage {
     /// The package file, as an absolute path on this machine.
     #[schema(value_type = String)]
@@ -23,13 +25,15 @@ pub struct SubmitPackage {
 /// Validates a request package, queues it and its tasks, and answers at once with the request
 /// (its id); acquisition and the tasks go on in the background.
 #[utoipa::path(post, path = "/api/v1/packages", request_body = SubmitPackage, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 201, body = RequestStatus),
     (status = 400, body = ErrorBody, description = "the package is invalid; `problems` lists every problem and nothing was queued"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Json(body): Json<SubmitPackage>,
+    Body(body): Body<SubmitPackage>,
 ) -> Result<(StatusCode, Json<RequestStatus>), ApiError> {
     Ok((StatusCode::CREATED, Json(state.requests.submit(&body.path).await?)))
 }

@@ -2,27 +2,31 @@
 //! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::error::{ApiError, ErrorBody};
 use serde::Deserialize;
 
+use super::extract::{Body, Path, Query};
 use super::{ApiState, LogChunk, ResultsRequest, SubmitJob};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
+use crate::store::OwnerNotice;
 use crate::transfer::Imported;
 
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
 /// id is the request's.
 #[utoipa::path(post, path = "/api/v1/requests", request_body = SubmitJob, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 201, body = RemoteJob),
     (status = 400, body = ErrorBody, description = "the spec is invalid; nothing was sent"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Json(body): Json<SubmitJob>,
+    Body(body): Body<SubmitJob>,
 ) -> Result<(StatusCode, Json<RemoteJob>), ApiError> {
     Ok((StatusCode::CREATED, Json(state.market.submit(&body.spec).await?)))
 }
@@ -66,6 +70,7 @@ pub(super) async fn cancel(
 
 /// Where to start reading a remote job's log, and whether to wait for more.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RemoteLogQuery {
     /// Byte offset into the log; 0 when absent.
     #[serde(default)]
@@ -100,6 +105,8 @@ pub(super) async fn logs(
 /// Writes an ended remote job's outputs, fetched from its provider, into `out`.
 #[utoipa::path(post, path = "/api/v1/requests/{id}/results", params(("id" = String, Path, description = "The request's id")),
     request_body = ResultsRequest, responses(
+    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
     (status = 200, body = Imported),
     (status = 400, description = "`out` is missing or not an empty folder", body = ErrorBody),
     (status = 404, body = ErrorBody),
@@ -109,7 +116,7 @@ pub(super) async fn logs(
 pub(super) async fn results(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Json(body): Json<ResultsRequest>,
+    Body(body): Body<ResultsRequest>,
 ) -> Result<Json<Imported>, ApiError> {
     let Some(out) = body.out else {
         return Err(ApiError::bad_request(
@@ -118,4 +125,18 @@ pub(super) async fn results(
         ));
     };
     Ok(Json(state.market.results(&id, out).await?))
+}
+
+/// The signed notices the provider of a remote job sent about it, oldest first: each state the
+/// provider put the job in (`kind`) and why (`reason`, empty when it gave none), as it said them.
+#[utoipa::path(get, path = "/api/v1/requests/{id}/notices", params(("id" = String, Path, description = "The request's id")), responses(
+    (status = 200, body = Vec<OwnerNotice>),
+    (status = 404, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
+))]
+pub(super) async fn notices(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<OwnerNotice>>, ApiError> {
+    Ok(Json(state.market.notices(&id).await?))
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
+use super::extract::Query;
 use crate::clock::{self, unix_now};
 
 /// How long a login code may wait to be used.
@@ -178,6 +179,7 @@ pub struct LoginLink {
 
 /// What `GET /login` takes.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub(super) struct LoginQuery {
     /// The one-time code of a login link.
     code: String,

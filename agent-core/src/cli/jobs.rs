@@ -47,11 +47,33 @@ pub(super) fn exit_code(state: &JobState) -> ExitCode {
 }
 
 /// Hands the spec to the daemon, follows the job's output to its end, and returns its exit code.
+/// A reader that stops reading (`| head`) does not stop the job: its end is still waited for, so
+/// the exit code is the job's.
 pub(super) async fn run(client: &Client, spec: &Path) -> anyhow::Result<ExitCode> {
     let job = client.submit(spec).await?;
     eprintln!("hearth: job {} accepted", job.id);
-    let job = follow(client, &job.id, &[Stream::Stdout, Stream::Stderr], true).await?;
+    let job = match follow(client, &job.id, &[Stream::Stdout, Stream::Stderr], true).await {
+        Err(error) if error.is::<output::StdoutClosed>() => wait_for_end(client, &job.id).await?,
+        other => other?,
+    };
     Ok(exit_code(&job.state))
+}
+
+/// Waits, on the daemon's events, until job `id` has ended; as it stands if the daemon stops first.
+async fn wait_for_end(client: &Client, id: &str) -> anyhow::Result<JobRecord> {
+    // Subscribed before the read, so an end in between is announced.
+    let mut events = client.events().await?;
+    loop {
+        let job = client.job(id).await?;
+        if job.state.is_terminal() {
+            events.close().await;
+            return Ok(job);
+        }
+        let ended = |event: &Event| matches!(event, Event::JobChanged { job } if job.id == id);
+        if !events.changed(ended).await? {
+            return Ok(client.job(id).await?);
+        }
+    }
 }
 
 /// Prints the job's logs from the start; with `follow`, keeps printing until the job ends, reading
@@ -99,11 +121,14 @@ where
         let chunk = read(*stream, *offset).await?;
         *offset = chunk.next_offset;
         finished &= chunk.finished;
-        // A closed terminal or pipe must not stop the job or the loop's end.
-        let _ = match stream {
-            Stream::Stdout => std::io::stdout().lock().write_all(chunk.text.as_bytes()),
-            Stream::Stderr => std::io::stderr().lock().write_all(chunk.text.as_bytes()),
-        };
+        match stream {
+            // A reader that went away ends the printing (`StdoutClosed`); the job goes on.
+            Stream::Stdout => output::out(&chunk.text)?,
+            // Where stderr goes is the terminal's business; losing it stops nothing.
+            Stream::Stderr => {
+                let _ = std::io::stderr().lock().write_all(chunk.text.as_bytes());
+            }
+        }
     }
     Ok(finished)
 }

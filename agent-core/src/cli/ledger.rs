@@ -120,8 +120,8 @@ pub(super) fn export(
         None => {
             let stdout = std::io::stdout().lock();
             let mut writer = BufWriter::new(stdout);
-            let rows = export_file(&db, format, &mut writer)?;
-            writer.flush()?;
+            let rows = export_file(&db, format, &mut writer).map_err(|e| output::closed_in(e.into()))?;
+            writer.flush().map_err(output::closed)?;
             rows
         }
     };

@@ -14,15 +14,42 @@ use hearth::resources::{Gpu, Resources};
 use hearth::store::OwnerNotice;
 use hearth::transfer::{Fetch, FetchState, Format, Imported};
 
+/// Stdout was closed by its reader (`hearth jobs | head -1`). The command stops at once and
+/// `main` exits quietly: the reader has what it wanted.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub(crate) struct StdoutClosed;
+
 /// Prints `value` as pretty JSON, or through `human` as text.
 pub(super) fn print<T: Serialize>(value: &T, json: bool, human: fn(&T) -> String) -> anyhow::Result<()> {
     let text = if json { serde_json::to_string_pretty(value)? + "\n" } else { human(value) };
+    out(&text)
+}
+
+/// Writes `text` to stdout and flushes it; a closed pipe is [`StdoutClosed`]. Every write to
+/// stdout goes through here or [`out_bytes`]: `println!` would panic on a closed pipe.
+pub(super) fn out(text: &str) -> anyhow::Result<()> {
+    out_bytes(text.as_bytes())
+}
+
+/// [`out`] for bytes, such as a job's output.
+pub(super) fn out_bytes(bytes: &[u8]) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    // A closed pipe (`hearth status | head -1`) is not an error worth reporting.
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    stdout.write_all(bytes).and_then(|()| stdout.flush()).map_err(closed)
+}
+
+/// An error from writing stdout, as [`StdoutClosed`] when the reader went away.
+pub(super) fn closed(error: std::io::Error) -> anyhow::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe { StdoutClosed.into() } else { error.into() }
+}
+
+/// An error from a writer of stdout deeper down (an export), as [`StdoutClosed`] when any of its
+/// causes is the reader going away.
+pub(super) fn closed_in(error: anyhow::Error) -> anyhow::Error {
+    let broken = error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken { StdoutClosed.into() } else { error }
 }
 
 pub(super) fn status(s: &Status) -> String {

@@ -2,7 +2,6 @@
 //! `hearth reservations` (what this agent holds for other agents' packages).
 
 use std::fmt::Write as _;
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -23,8 +22,7 @@ pub(super) async fn submit(client: &Client, path: &Path, wait: bool, json: bool)
     let file = path.to_owned();
     tokio::task::spawn_blocking(move || Package::load(&file)).await??;
     let status = client.submit_package(path).await?;
-    println!("{}", status.id);
-    let _ = std::io::stdout().flush();
+    output::out(&format!("{}\n", status.id))?;
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }

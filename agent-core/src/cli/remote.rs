@@ -2,7 +2,7 @@
 //! `hearth job logs|cancel` and `hearth results` that reach a remote job when the id is not one
 //! of this agent's own jobs.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -49,8 +49,7 @@ pub(super) async fn submit(client: &Client, spec: &Path, wait: bool, json: bool)
     let path = spec.to_owned();
     tokio::task::spawn_blocking(move || JobSpec::load(&path)).await??;
     let job = client.submit_remote(spec).await?;
-    println!("{}", job.id);
-    let _ = std::io::stdout().flush();
+    output::out(&format!("{}\n", job.id))?;
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -158,15 +157,14 @@ pub(super) async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
         // One list: this agent's jobs, then the remote ones (which carry `provider`).
         let mut all = serde_json::to_value(&local)?.as_array().cloned().unwrap_or_default();
         all.extend(remote.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?);
-        println!("{}", serde_json::to_string_pretty(&all)?);
-        return Ok(());
+        return output::out(&(serde_json::to_string_pretty(&all)? + "\n"));
     }
-    print!("{}", output::jobs(&local));
+    let mut text = output::jobs(&local);
     if !remote.is_empty() {
-        println!();
-        print!("{}", remote_jobs(&remote));
+        text.push('\n');
+        text.push_str(&remote_jobs(&remote));
     }
-    Ok(())
+    output::out(&text)
 }
 
 fn remote_jobs(jobs: &[RemoteJob]) -> String {

@@ -50,7 +50,7 @@ pub(super) async fn get(client: &Client, get: Get<'_>) -> anyhow::Result<ExitCod
     let fetch = client.fetch(&request).await?;
     // The id alone on stdout's first line, for scripts; the rest goes to stderr.
     if !get.json {
-        println!("{}", fetch.id);
+        output::out(&format!("{}\n", fetch.id))?;
     }
     if get.detach {
         if get.json {

@@ -42,6 +42,7 @@ pub fn compile_cached(engine: &Engine, module: &Path, cache_dir: &Path) -> anyho
     if compiled.is_file() {
         return Ok(compiled);
     }
+    check_magic(module, &bytes)?;
     fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let code = wasm(engine.precompile_module(&bytes))
         .with_context(|| format!("{} is not a valid WebAssembly module", module.display()))?;
@@ -50,6 +51,27 @@ pub fn compile_cached(engine: &Engine, module: &Path, cache_dir: &Path) -> anyho
     std::io::Write::write_all(&mut temporary, &code).context("writing the compiled module")?;
     temporary.persist(&compiled).with_context(|| format!("writing {}", compiled.display()))?;
     Ok(compiled)
+}
+
+/// The first bytes of every WebAssembly module (binary format, section 5.5.16).
+const MAGIC: &[u8; 4] = b"\0asm";
+
+/// Refuses a file that is not a WebAssembly module at all (a text file, a native binary) with one
+/// line that shows how it starts, before wasmtime would answer with a dump of its bytes.
+fn check_magic(module: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if bytes.starts_with(MAGIC) {
+        return Ok(());
+    }
+    if bytes.is_empty() {
+        bail!("{} is not a valid WebAssembly module: it is empty", module.display());
+    }
+    let start = &bytes[..bytes.len().min(8)];
+    bail!(
+        "{} is not a valid WebAssembly module: it starts with \"{}\", not \"{}\"",
+        module.display(),
+        start.escape_ascii(),
+        MAGIC.escape_ascii()
+    )
 }
 
 /// wasmtime has its own error type; this brings it into `anyhow` so context can be added.
@@ -122,5 +144,42 @@ pub(crate) fn run_inside(
             }
             bail!("the module trapped: {error:#}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_wasm_is_one_line_that_shows_its_start() {
+        let cases: [(&[u8], &str); 3] = [
+            (
+                b"this is not WebAssembly",
+                r#"x.wasm is not a valid WebAssembly module: it starts with "this is ", not "\x00asm""#,
+            ),
+            (
+                b"\x7fELF\x02\x01\x01\x00\x00\x00",
+                r#"x.wasm is not a valid WebAssembly module: it starts with "\x7fELF\x02\x01\x01\x00", not "\x00asm""#,
+            ),
+            (b"", "x.wasm is not a valid WebAssembly module: it is empty"),
+        ];
+        for (bytes, line) in cases {
+            let error = check_magic(Path::new("x.wasm"), bytes).unwrap_err();
+            assert_eq!(format!("{error:#}"), line);
+        }
+        check_magic(Path::new("x.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    }
+
+    #[test]
+    fn compiling_random_bytes_fails_with_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("random.wasm");
+        fs::write(&module, [0x13, 0x37, 0xfe, 0xed, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+        let error = compile_cached(&engine().unwrap(), &module, &dir.path().join("cache")).unwrap_err();
+        let line = format!("{error:#}");
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.ends_with(r#"it starts with "\x137\xfe\xed\x00\x01\x02\x03", not "\x00asm""#), "{line}");
+        assert!(!dir.path().join("cache").exists(), "nothing is cached for it");
     }
 }

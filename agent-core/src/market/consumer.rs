@@ -32,8 +32,8 @@ use crate::transfer::{BlobRef, Imported};
 mod follow;
 mod logs;
 
-pub(super) use follow::on_notice;
 use follow::spawn_follow;
+pub(super) use follow::{notices, on_notice};
 pub(super) use logs::logs;
 
 /// How many providers are asked at once.

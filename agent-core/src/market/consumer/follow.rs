@@ -1,6 +1,7 @@
 //! Following a remote job once agreed: the provider's signed notices move its state (in `seq`
-//! order), the provider is asked for the latest every [`STATUS_EVERY`] and the job fails when it
-//! stops answering, and the outputs are fetched when the job ended there.
+//! order) and are kept in the ledger (read back by [`notices`]), the provider is asked for the
+//! latest every [`STATUS_EVERY`] and the job fails when it stops answering, and the outputs are
+//! fetched when the job ended there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,9 @@ const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 use crate::jobs::JobState;
 use crate::ledger::record::Kind;
 use crate::market::receipts;
-use crate::market::{Fetched, Inner, fetch_to_end, rejected};
+use crate::market::{Fetched, Inner, MarketError, fetch_to_end, rejected};
 use crate::net::negotiate::{Agreement, Message, NOTICE_TAG, Notice, Reply, Signed};
+use crate::store::OwnerNotice;
 use crate::transfer::{BlobRef, FetchRequest, Format};
 
 /// A notice from the provider of one of this agent's jobs.
@@ -28,6 +30,45 @@ pub(in crate::market) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signe
         },
         Err(rejection) => rejected("notice", &rejection),
     }
+}
+
+/// The provider's signed notices about remote job `id` that reached this agent (kept in the
+/// ledger), oldest first, each as the state the provider put the job in and why. Each is checked
+/// again against the provider's key: the ledger holds what was received, and only what verifies
+/// is shown.
+pub(in crate::market) async fn notices(
+    inner: &Arc<Inner>,
+    id: &str,
+) -> Result<Vec<OwnerNotice>, MarketError> {
+    let job = super::job_of(inner, id)?;
+    let provider = job.provider.as_deref().and_then(|p| p.parse::<PeerId>().ok());
+    let (Some(agreement_id), Some(provider)) = (job.agreement_id, provider) else {
+        // Not agreed yet: no provider has said anything.
+        return Ok(Vec::new());
+    };
+    let mut notices: Vec<Notice> = inner
+        .parts
+        .ledger
+        .bodies(Kind::Notice)
+        .await?
+        .iter()
+        .filter_map(|body| serde_json::from_str::<Signed>(body).ok())
+        // Cheap before the signature: most notices in a ledger are about other agreements.
+        .filter(|signed| signed.body.get("agreement_id").and_then(|a| a.as_str()) == Some(&agreement_id))
+        .filter_map(|signed| signed.open::<Notice>(NOTICE_TAG, &provider).ok())
+        .filter(|notice| notice.agreement_id == agreement_id)
+        .collect();
+    notices.sort_by_key(|notice| notice.seq);
+    notices.dedup_by_key(|notice| notice.seq);
+    Ok(notices
+        .into_iter()
+        .map(|notice| OwnerNotice {
+            job_id: id.to_owned(),
+            kind: notice.job.name().to_owned(),
+            reason: notice.reason.unwrap_or_default(),
+            at: notice.at,
+        })
+        .collect())
 }
 
 /// Moves the job to the notice's state (and records the notice); when the job ended there,

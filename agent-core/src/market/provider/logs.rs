@@ -128,7 +128,7 @@ async fn read(job_dir: Option<std::path::PathBuf>, stream: Stream, offset: u64, 
         bytes.truncate(error.valid_up_to());
     }
     Reply::Logs {
-        next_offset: offset + bytes.len() as u64,
+        next_offset: offset.saturating_add(bytes.len() as u64),
         text: String::from_utf8_lossy(&bytes).into_owned(),
         finished: ended && whole,
     }
