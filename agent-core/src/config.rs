@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::LedgerConfig;
 use crate::toml_file;
 
 /// File name of the configuration inside the config dir.
@@ -54,6 +53,9 @@ pub enum ConfigError {
         reason: String,
     },
 }
+
+/// The owner's sharing policy's file name, beside the configuration file.
+pub const POLICY_FILE: &str = "policy.toml";
 
 /// Where one agent's files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +102,7 @@ impl Paths {
     /// The owner's sharing policy, beside the configuration file.
     pub fn policy_file(&self) -> PathBuf {
         let dir = self.config_file.parent().unwrap_or(&self.data_dir);
-        dir.join(crate::availability::policy::POLICY_FILE)
+        dir.join(POLICY_FILE)
     }
 
     /// The API's bearer token (mode 0600).
@@ -165,6 +167,25 @@ impl TestingConfig {
             .map_or(24 << 30, |size| size.as_u64());
         (0..self.fake_gpus).map(|i| (format!("{FAKE_GPU_PREFIX}{i}"), memory)).collect()
     }
+}
+
+/// When the ledger appends its records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerMode {
+    /// Each record in its own transaction, as it happens.
+    #[default]
+    Realtime,
+    /// A job's records together, in one transaction, when it completes.
+    Batch,
+}
+
+/// The `[ledger]` section of the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// `realtime` or `batch`.
+    pub mode: LedgerMode,
 }
 
 /// The peer-to-peer network.

@@ -21,12 +21,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use libp2p_identity::PeerId;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use self::earnings::{Earnings, Period};
 use self::record::{CHECKPOINT_TAG, Checkpoint, Kind, Receipt, ReceiptBody, VERSION};
 use self::verify::{ExportFormat, Report, Verifier};
 use crate::clock::unix_now;
+pub use crate::config::{LedgerConfig, LedgerMode as Mode};
 use crate::identity::Identity;
 use crate::net::advert::canonical_json;
 use crate::net::negotiate::Signed;
@@ -34,25 +35,6 @@ use crate::store::{Head, LedgerReader, NewRow, Store, StoreError};
 
 /// In batch mode, how many records may wait before they are appended anyway.
 pub const BATCH_LIMIT: usize = 4096;
-
-/// When records are appended.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Each record in its own transaction, as it happens.
-    #[default]
-    Realtime,
-    /// A job's records together, in one transaction, when it completes.
-    Batch,
-}
-
-/// The `[ledger]` section of the configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LedgerConfig {
-    /// `realtime` or `batch`.
-    pub mode: Mode,
-}
 
 /// Why the ledger could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +176,18 @@ impl Ledger {
         document
             .map(|text| serde_json::from_str(&text).map_err(|e| LedgerError::Encode(e.to_string())))
             .transpose()
+    }
+
+    /// The bodies of every record of `kind`, those still waiting for their batch included, in
+    /// chain order. A record flushed while this reads may appear twice, never not at all.
+    pub async fn bodies(&self, kind: Kind) -> Result<Vec<String>, LedgerError> {
+        // The waiting ones first: a flush in between then duplicates a record instead of hiding it.
+        let waiting: Vec<String> =
+            self.waiting().iter().filter(|row| row.kind == kind).map(|row| row.body.clone()).collect();
+        let mut bodies: Vec<String> =
+            self.inner.store.ledger_bodies(kind).await?.into_iter().map(|(_, _, body)| body).collect();
+        bodies.extend(waiting);
+        Ok(bodies)
     }
 
     /// Every countersigned receipt in the chain, oldest first (unreadable ones are skipped: verify

@@ -39,9 +39,6 @@ pub const LAYERS: &[&[&str]] = &[
 
 /// Backward imports not undone yet, as `(from, to)`.
 pub const KNOWN: &[(&str, &str)] = &[
-    // `config` holds the ledger's mode and the default policy; each belongs with its service.
-    ("config", "availability"),
-    ("config", "ledger"),
     // One event type that knows every service, instead of each service publishing its own.
     ("events", "availability"),
     ("events", "jobs"),

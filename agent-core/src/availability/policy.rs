@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::toml_file;
 
-/// The policy file's name, beside the configuration file.
-pub const POLICY_FILE: &str = "policy.toml";
+pub use crate::config::POLICY_FILE;
 
 /// What a new policy file says: the defaults, each explained.
 pub const DEFAULT_FILE: &str = r#"# When this machine shares, and what it keeps for its owner.
