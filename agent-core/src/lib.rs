@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod market;
 pub mod net;
+pub mod proto;
 pub mod requests;
 pub mod resources;
 mod secret_file;

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 /// The layers, lowest first. Each module belongs to exactly one.
 pub const LAYERS: &[&[&str]] = &[
     // Shared formats and helpers that know nothing of the agent's parts.
-    &["clock", "secret_file", "toml_file"],
+    &["clock", "proto", "secret_file", "toml_file"],
     // Plain facts about the machine and the agent.
     &["identity", "resources", "config"],
     // The one place that writes SQL.
@@ -46,8 +46,6 @@ pub const KNOWN: &[(&str, &str)] = &[
     ("events", "net"),
     ("events", "requests"),
     ("events", "transfer"),
-    // The negotiation documents name blobs (`BlobRef`), a format shared by both.
-    ("net", "transfer"),
     // The store persists the job record and the ledger's row format, defined by their services.
     ("store", "jobs"),
     ("store", "ledger"),

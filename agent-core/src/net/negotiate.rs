@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::advert::{Prices, Rejection, canonical_json, public_key};
 use crate::identity::{self, DomainTag, Identity};
 use crate::jobs::{JobState, Stream};
-use crate::transfer::BlobRef;
+use crate::proto::BlobRef;
 
 /// The protocol's name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hearth/negotiate/1.0.0");
