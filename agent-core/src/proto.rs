@@ -1,12 +1,16 @@
 //! Formats that several parts of the agent share and that travel between agents or sit in its
-//! files: the blob reference a negotiation names, a tag keeps and a transfer fetches. A leaf:
+//! files: canonical JSON, the bytes every signature and the ledger's hash chain are taken over,
+//! the ledger's row format and hash (`docs/ledger.md`), and the blob reference a negotiation names, a tag keeps and a transfer fetches. A leaf:
 //! it imports nothing of the crate, so the network's documents and the blob store can both use
 //! it without one importing the other.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// A BLAKE3 hash: the address of a blob. Written as 64 lower-case hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,4 +110,148 @@ impl fmt::Display for BlobRef {
             Format::Folder => write!(f, "folder {}", self.hash),
         }
     }
+}
+
+/// Why a value has no canonical form here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotCanonical(pub String);
+
+/// RFC 8785 canonical JSON for the values Hearth signs and chains: no whitespace, object keys sorted by code
+/// point (all keys here are ASCII, where that equals JCS's UTF-16 order), strings escaped as JCS
+/// does (serde_json's escaping is the same), and only integers: a float is refused, since JCS's
+/// number form for them is not worth the risk.
+pub fn canonical_json(value: &Value) -> Result<Vec<u8>, NotCanonical> {
+    fn write(value: &Value, out: &mut Vec<u8>) -> Result<(), NotCanonical> {
+        match value {
+            Value::Object(map) => {
+                let sorted: BTreeMap<&String, &Value> = map.iter().collect();
+                out.push(b'{');
+                for (i, (key, value)) in sorted.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(serde_json::to_vec(key).map_err(|e| NotCanonical(e.to_string()))?);
+                    out.push(b':');
+                    write(value, out)?;
+                }
+                out.push(b'}');
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(item, out)?;
+                }
+                out.push(b']');
+            }
+            Value::Number(number) if number.is_f64() => {
+                return Err(NotCanonical(format!("{number} is not an integer")));
+            }
+            other => out.extend(serde_json::to_vec(other).map_err(|e| NotCanonical(e.to_string()))?),
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    write(value, &mut out)?;
+    Ok(out)
+}
+
+/// The `prev` of the first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// What a row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A signed job request, sent (consumer) or queued (provider).
+    Request,
+    /// Signed terms offered (provider) or received (consumer).
+    Offer,
+    /// Terms both sides signed.
+    Agreement,
+    /// Files of an agreement that arrived whole: the job's inputs (provider) or outputs (consumer).
+    Transfer,
+    /// A provider's signed notice of the job's state: running, paused, stopped by the owner, ended.
+    Notice,
+    /// The agreement ended and its resources were given back.
+    Release,
+    /// A receipt the provider signed and the consumer countersigned.
+    Receipt,
+    /// Resources held for a request package: the consumer's signed ask, the provider's signed
+    /// grant, the consumer's signed release, or the provider's note that it lapsed.
+    Reservation,
+}
+
+impl Kind {
+    /// Every kind, in the order above.
+    pub const ALL: [Self; 8] = [
+        Self::Request,
+        Self::Offer,
+        Self::Agreement,
+        Self::Transfer,
+        Self::Notice,
+        Self::Release,
+        Self::Receipt,
+        Self::Reservation,
+    ];
+
+    /// The kind's word, as stored.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Offer => "offer",
+            Self::Agreement => "agreement",
+            Self::Transfer => "transfer",
+            Self::Notice => "notice",
+            Self::Release => "release",
+            Self::Receipt => "receipt",
+            Self::Reservation => "reservation",
+        }
+    }
+
+    /// The kind a stored word names.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// One row of the chain, as stored and exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// 1, 2, 3, … without gaps.
+    pub seq: u64,
+    /// Unix seconds when it was appended.
+    pub at: i64,
+    /// What it records ([`Kind::name`]).
+    pub kind: String,
+    /// The record itself, canonical JSON text.
+    pub body: String,
+    /// `hash` of the row before (hex).
+    pub prev: String,
+    /// SHA-256 of `prev` and the entry (hex).
+    pub hash: String,
+}
+
+/// The canonical bytes of a row's entry: `{"at":…,"body":…,"kind":…,"seq":…}`.
+pub fn entry_bytes(seq: u64, at: i64, kind: &str, body: &Value) -> Result<Vec<u8>, NotCanonical> {
+    canonical_json(&serde_json::json!({ "seq": seq, "at": at, "kind": kind, "body": body }))
+}
+
+/// [`entry_bytes`] for a body already in canonical form (`body` is its canonical JSON text), as
+/// the appending side has it: no parse, the same bytes.
+pub fn entry_bytes_of_canonical(seq: u64, at: i64, kind: Kind, body: &str) -> Vec<u8> {
+    format!(r#"{{"at":{at},"body":{body},"kind":"{}","seq":{seq}}}"#, kind.name()).into_bytes()
+}
+
+/// The hash of a row whose predecessor's hash is `prev`.
+pub fn row_hash(prev: &[u8; 32], entry: &[u8]) -> [u8; 32] {
+    let mut message = Vec::with_capacity(32 + entry.len());
+    message.extend_from_slice(prev);
+    message.extend_from_slice(entry);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest(&SHA256, &message).as_ref());
+    out
 }

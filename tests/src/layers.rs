@@ -46,9 +46,8 @@ pub const KNOWN: &[(&str, &str)] = &[
     ("events", "net"),
     ("events", "requests"),
     ("events", "transfer"),
-    // The store persists the job record and the ledger's row format, defined by their services.
+    // The store persists the job record, defined by the jobs service.
     ("store", "jobs"),
-    ("store", "ledger"),
 ];
 
 /// Every top-level module's imports of other top-level modules.

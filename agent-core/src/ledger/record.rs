@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 
-use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::identity::{DomainTag, Identity};
-use crate::net::advert::{Prices, Rejection, canonical_json};
+use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Signed, peer_field, sign_detached, verify_detached};
+pub use crate::proto::{GENESIS, Kind, Row, entry_bytes, entry_bytes_of_canonical, row_hash};
 
 /// The format of every ledger document this code writes and reads.
 pub const VERSION: u64 = 1;
@@ -25,103 +25,6 @@ pub const RECEIPT_TAG: DomainTag = DomainTag::new(b"hearth/receipt/v1");
 
 /// Domain tag of a checkpoint: an agent's signed statement of its ledger's head.
 pub const CHECKPOINT_TAG: DomainTag = DomainTag::new(b"hearth/checkpoint/v1");
-
-/// The `prev` of the first row.
-pub const GENESIS: [u8; 32] = [0; 32];
-
-/// What a row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// A signed job request, sent (consumer) or queued (provider).
-    Request,
-    /// Signed terms offered (provider) or received (consumer).
-    Offer,
-    /// Terms both sides signed.
-    Agreement,
-    /// Files of an agreement that arrived whole: the job's inputs (provider) or outputs (consumer).
-    Transfer,
-    /// A provider's signed notice of the job's state: running, paused, stopped by the owner, ended.
-    Notice,
-    /// The agreement ended and its resources were given back.
-    Release,
-    /// A receipt the provider signed and the consumer countersigned.
-    Receipt,
-    /// Resources held for a request package: the consumer's signed ask, the provider's signed
-    /// grant, the consumer's signed release, or the provider's note that it lapsed.
-    Reservation,
-}
-
-impl Kind {
-    /// Every kind, in the order above.
-    pub const ALL: [Self; 8] = [
-        Self::Request,
-        Self::Offer,
-        Self::Agreement,
-        Self::Transfer,
-        Self::Notice,
-        Self::Release,
-        Self::Receipt,
-        Self::Reservation,
-    ];
-
-    /// The kind's word, as stored.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Request => "request",
-            Self::Offer => "offer",
-            Self::Agreement => "agreement",
-            Self::Transfer => "transfer",
-            Self::Notice => "notice",
-            Self::Release => "release",
-            Self::Receipt => "receipt",
-            Self::Reservation => "reservation",
-        }
-    }
-
-    /// The kind a stored word names.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-}
-
-/// One row of the chain, as stored and exported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Row {
-    /// 1, 2, 3, … without gaps.
-    pub seq: u64,
-    /// Unix seconds when it was appended.
-    pub at: i64,
-    /// What it records ([`Kind::name`]).
-    pub kind: String,
-    /// The record itself, canonical JSON text.
-    pub body: String,
-    /// `hash` of the row before (hex).
-    pub prev: String,
-    /// SHA-256 of `prev` and the entry (hex).
-    pub hash: String,
-}
-
-/// The canonical bytes of a row's entry: `{"at":…,"body":…,"kind":…,"seq":…}`.
-pub fn entry_bytes(seq: u64, at: i64, kind: &str, body: &Value) -> Result<Vec<u8>, Rejection> {
-    canonical_json(&serde_json::json!({ "seq": seq, "at": at, "kind": kind, "body": body }))
-}
-
-/// [`entry_bytes`] for a body already in canonical form (`body` is its canonical JSON text), as
-/// the appending side has it: no parse, the same bytes.
-pub fn entry_bytes_of_canonical(seq: u64, at: i64, kind: Kind, body: &str) -> Vec<u8> {
-    format!(r#"{{"at":{at},"body":{body},"kind":"{}","seq":{seq}}}"#, kind.name()).into_bytes()
-}
-
-/// The hash of a row whose predecessor's hash is `prev`.
-pub fn row_hash(prev: &[u8; 32], entry: &[u8]) -> [u8; 32] {
-    let mut message = Vec::with_capacity(32 + entry.len());
-    message.extend_from_slice(prev);
-    message.extend_from_slice(entry);
-    let mut out = [0; 32];
-    out.copy_from_slice(digest(&SHA256, &message).as_ref());
-    out
-}
 
 /// What a job used, as the provider measured it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -261,6 +164,8 @@ pub fn charges(prices: &Prices, cpu_millis: u64, memory_bytes: u64, gpus: u32, r
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::canonical_json;
+    use ring::digest::{SHA256, digest};
 
     #[test]
     fn kinds_round_trip_through_their_names() {

@@ -9,7 +9,6 @@
 //! receiver canonicalises the BODY it received, not a re-encoding of its own, so fields it does
 //! not know are still covered by the signature.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -19,6 +18,8 @@ use serde_json::Value;
 
 use crate::clock::{self, ClockError};
 use crate::identity::{self, DomainTag, Identity};
+use crate::proto::NotCanonical;
+pub use crate::proto::canonical_json;
 
 /// The domain-separation tag of adverts.
 pub const ADVERT_TAG: DomainTag = DomainTag::new(b"hearth/advert/v1");
@@ -153,6 +154,12 @@ pub enum Rejection {
     },
 }
 
+impl From<NotCanonical> for Rejection {
+    fn from(error: NotCanonical) -> Self {
+        Self::Malformed(error.to_string())
+    }
+}
+
 /// Signs `body` with the agent's key and returns the advert with its wire bytes.
 pub fn sign(identity: &Identity, body: AdvertBody) -> Result<Advert, Rejection> {
     let value = serde_json::to_value(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
@@ -213,48 +220,6 @@ pub(crate) fn public_key(peer: &PeerId) -> Option<PublicKey> {
         return None; // Not an identity multihash: the key is not in the id.
     }
     PublicKey::try_decode_protobuf(multihash.digest()).ok()
-}
-
-/// RFC 8785 canonical JSON for the values adverts hold: no whitespace, object keys sorted by code
-/// point (all keys here are ASCII, where that equals JCS's UTF-16 order), strings escaped as JCS
-/// does (serde_json's escaping is the same), and only integers: a float is refused, since JCS's
-/// number form for them is not worth the risk.
-pub fn canonical_json(value: &Value) -> Result<Vec<u8>, Rejection> {
-    fn write(value: &Value, out: &mut Vec<u8>) -> Result<(), Rejection> {
-        match value {
-            Value::Object(map) => {
-                let sorted: BTreeMap<&String, &Value> = map.iter().collect();
-                out.push(b'{');
-                for (i, (key, value)) in sorted.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend(serde_json::to_vec(key).map_err(|e| Rejection::Malformed(e.to_string()))?);
-                    out.push(b':');
-                    write(value, out)?;
-                }
-                out.push(b'}');
-            }
-            Value::Array(items) => {
-                out.push(b'[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    write(item, out)?;
-                }
-                out.push(b']');
-            }
-            Value::Number(number) if number.is_f64() => {
-                return Err(Rejection::Malformed(format!("{number} is not an integer")));
-            }
-            other => out.extend(serde_json::to_vec(other).map_err(|e| Rejection::Malformed(e.to_string()))?),
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    write(value, &mut out)?;
-    Ok(out)
 }
 
 #[cfg(test)]

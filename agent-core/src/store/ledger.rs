@@ -12,7 +12,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{Store, StoreError};
-use crate::ledger::record::{GENESIS, Kind, Row, entry_bytes_of_canonical, row_hash};
+use crate::proto::{GENESIS, Kind, Row, entry_bytes_of_canonical, row_hash};
 
 /// Migration 6: the chain and the checkpoints held for counterparties.
 pub(super) const MIGRATION: &str = "CREATE TABLE ledger (
