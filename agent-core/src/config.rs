@@ -198,11 +198,22 @@ impl Default for NetworkConfig {
 pub struct ApiConfig {
     /// TCP port on 127.0.0.1; 0 picks any free port.
     pub port: u16,
+    /// The most bytes one upload (a job spec's or a package's files, a blob) may hold in all.
+    pub upload_max_bytes: u64,
+    /// The most bytes one uploaded file may hold.
+    pub upload_max_file_bytes: u64,
+    /// The most files and folders one upload may hold.
+    pub upload_max_files: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { port: DEFAULT_API_PORT }
+        Self {
+            port: DEFAULT_API_PORT,
+            upload_max_bytes: 16 << 30,
+            upload_max_file_bytes: 16 << 30,
+            upload_max_files: 10_000,
+        }
     }
 }
 

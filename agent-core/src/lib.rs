@@ -21,3 +21,4 @@ mod secret_file;
 pub mod store;
 mod toml_file;
 pub mod transfer;
+pub mod uploads;

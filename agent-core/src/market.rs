@@ -42,6 +42,7 @@ use crate::net::negotiate::{Message, Reply, Reservation, ReserveRequest, Resourc
 use crate::net::{Inbound, Network};
 use crate::store::{Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
+use crate::uploads::Staged;
 
 /// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
 /// tenth per GiB of memory, ten per GPU. Adverts show these; offers use them.
@@ -178,10 +179,11 @@ impl Market {
         Ok((Self { inner: Arc::clone(&inner) }, MarketTask { inner }))
     }
 
-    /// Validates the spec at `spec_path`, imports its files, records the remote job and starts
-    /// looking for a provider; returns at once.
-    pub async fn submit(&self, spec_path: &Path) -> Result<RemoteJob, MarketError> {
-        consumer::submit(&self.inner, spec_path).await
+    /// Validates an uploaded spec, imports its files into the blob store, records the remote job
+    /// and starts looking for a provider; returns at once. The files are in the store when this
+    /// returns, so the staging folder may go.
+    pub async fn submit_staged(&self, staged: &Staged) -> Result<RemoteJob, MarketError> {
+        consumer::submit(&self.inner, &staged.spec(), &staged.files()).await
     }
 
     /// Records a task of request package `package` and asks `provider`, which holds
@@ -255,9 +257,9 @@ impl Market {
         consumer::logs(&self.inner, id, stream, offset).await
     }
 
-    /// Writes a finished remote job's outputs (already fetched from its provider) to `dest`.
-    pub async fn results(&self, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
-        consumer::results(&self.inner, id, dest).await
+    /// A finished remote job's outputs, already fetched from its provider: their folder blob.
+    pub async fn results(&self, id: &str) -> Result<Imported, MarketError> {
+        consumer::results(&self.inner, id).await
     }
 }
 

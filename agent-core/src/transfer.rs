@@ -21,7 +21,7 @@ pub mod store;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read as _};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -356,6 +356,54 @@ impl Transfers {
             })
         })
         .await?)
+    }
+
+    /// What the complete blob `blob` holds: its size and, for a folder, its files.
+    pub async fn summary(&self, blob: BlobRef) -> Result<Imported, TransferError> {
+        let blobs = self.inner.blobs.clone();
+        Ok(blocking(move || match blob.format {
+            Format::Raw => {
+                let size = blobs.size(blob.hash).ok_or(StoreError::Missing(blob.hash))?;
+                Ok::<_, StoreError>(Imported { blob, size, files: 1, skipped: Vec::new() })
+            }
+            Format::Folder => {
+                let manifest = blobs.manifest(blob.hash)?;
+                let (size, files) = (manifest.total_size(), manifest.files.len() as u64);
+                Ok(Imported { blob, size, files, skipped: Vec::new() })
+            }
+        })
+        .await?)
+    }
+
+    /// Writes the complete blob `blob` to `into`: a raw blob's bytes, or a folder as a tar
+    /// archive of its files (regular files only, by their manifest paths, mode 0644 or 0755).
+    /// Blocking: call it from a blocking task.
+    pub fn write_blob(&self, blob: BlobRef, into: impl io::Write) -> Result<(), StoreError> {
+        let blobs = &self.inner.blobs;
+        let sending =
+            |source| StoreError::Io { what: "cannot send", path: PathBuf::from(blob.hash.to_hex()), source };
+        match blob.format {
+            Format::Raw => {
+                let (mut file, _) = blobs.open_complete(blob.hash)?;
+                let mut into = into;
+                io::copy(&mut file, &mut into).map_err(sending)?;
+                into.flush().map_err(sending)
+            }
+            Format::Folder => {
+                let manifest = blobs.manifest(blob.hash)?;
+                let mut tar = tar::Builder::new(into);
+                for file in &manifest.files {
+                    let (data, _) = blobs.open_complete(file.hash)?;
+                    let mut header = tar::Header::new_gnu();
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(file.size);
+                    header.set_mode(if file.executable { 0o755 } else { 0o644 });
+                    header.set_mtime(0);
+                    tar.append_data(&mut header, &file.path, data.take(file.size)).map_err(sending)?;
+                }
+                tar.into_inner().map_err(sending)?.flush().map_err(sending)
+            }
+        }
     }
 
     /// Lets `peer` fetch `blob` (a folder: its manifest and every file in it).

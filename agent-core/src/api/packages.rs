@@ -2,36 +2,33 @@
 //! acquired in dependency order, their tasks run, their progress kept by request id; and the
 //! reservations this agent holds for other agents' packages (`/api/v1/reservations`).
 
-use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
-
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
+use super::upload::{self, Entry, PackageUpload};
 use crate::market::HeldReservation;
 use crate::requests::RequestStatus;
-
-/// A package to submit.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct SubmitPackage {
-    /// The package file, as an absolute path on this machine.
-    #[schema(value_type = String)]
-    pub path: std::path::PathBuf,
-}
+use axum::Json;
+use axum::extract::{Multipart, Path, State};
+use axum::http::StatusCode;
 
 /// Validates a request package, queues it and its tasks, and answers at once with the request
-/// (its id); acquisition and the tasks go on in the background.
-#[utoipa::path(post, path = "/api/v1/packages", request_body = SubmitPackage, responses(
+/// (its id); acquisition and the tasks go on in the background. The package comes with its task
+/// specs and their files, by content (see `PackageUpload`); they are staged under the data dir
+/// until the request ends, since each task's spec is read when the task starts.
+#[utoipa::path(post, path = "/api/v1/packages",
+    request_body(content = PackageUpload, content_type = "multipart/form-data"), responses(
     (status = 201, body = RequestStatus),
-    (status = 400, body = ErrorBody, description = "the package is invalid; `problems` lists every problem and nothing was queued"),
+    (status = 400, body = ErrorBody, description = "the package is invalid (`problems` lists every problem), an upload name is unsafe or a file it names was not uploaded; nothing was queued and nothing is kept"),
+    (status = 413, body = ErrorBody, description = "the upload is over a limit, which the message names"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Json(body): Json<SubmitPackage>,
+    multipart: Multipart,
 ) -> Result<(StatusCode, Json<RequestStatus>), ApiError> {
-    Ok((StatusCode::CREATED, Json(state.requests.submit(&body.path).await?)))
+    let staged =
+        upload::receive(&state.uploads, state.upload_limits, Entry::Package, multipart).await?.staged;
+    Ok((StatusCode::CREATED, Json(state.requests.submit_staged(staged).await?)))
 }
 
 /// Every request package, oldest first.

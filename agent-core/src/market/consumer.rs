@@ -178,8 +178,12 @@ pub(super) async fn resume(inner: &Arc<Inner>) {
 }
 
 /// Records the job and starts looking for a provider.
-pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<RemoteJob, MarketError> {
-    let (job, template) = prepare(inner, spec_path, None).await?;
+pub(super) async fn submit(
+    inner: &Arc<Inner>,
+    spec_path: &Path,
+    base: &Path,
+) -> Result<RemoteJob, MarketError> {
+    let (job, template) = prepare(inner, spec_path, base, None).await?;
     record(inner, &job, template).await;
     let (task_inner, id) = (Arc::clone(inner), job.id.clone());
     inner.tasks.spawn(async move { search(task_inner, id).await });
@@ -197,7 +201,8 @@ pub(super) async fn submit_in(
     reservation: &str,
     prices: Prices,
 ) -> Result<RemoteJob, MarketError> {
-    let (mut job, template) = prepare(inner, spec_path, Some(reservation.to_owned())).await?;
+    let base = spec_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (mut job, template) = prepare(inner, spec_path, base, Some(reservation.to_owned())).await?;
     job.request = Some(package.to_owned());
     job.note = Some(format!("asking {provider}, which holds resources for request {package}"));
     record(inner, &job, template.clone()).await;
@@ -235,11 +240,12 @@ pub(super) async fn submit_in(
 async fn prepare(
     inner: &Arc<Inner>,
     spec_path: &Path,
+    base: &Path,
     reservation: Option<String>,
 ) -> Result<(RemoteJob, JobRequest), MarketError> {
-    let path = spec_path.to_owned();
+    let (path, base) = (spec_path.to_owned(), base.to_owned());
     let (spec, text) = tokio::task::spawn_blocking(move || {
-        let spec = JobSpec::load(&path)?;
+        let spec = JobSpec::load_in(&path, &base)?;
         let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
         Ok::<_, SpecError>((spec, text))
     })
@@ -779,7 +785,7 @@ pub(super) async fn logs(
 }
 
 /// Writes the fetched outputs to `dest`.
-pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
+pub(super) async fn results(inner: &Arc<Inner>, id: &str) -> Result<Imported, MarketError> {
     let job = job_of(inner, id)?;
     let Some(outputs) = job.outputs.filter(|_| job.state.is_terminal()) else {
         return Err(MarketError::Conflict(format!(
@@ -787,7 +793,7 @@ pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Resu
             job.state.name()
         )));
     };
-    Ok(inner.parts.transfers.export(outputs, dest).await?)
+    Ok(inner.parts.transfers.summary(outputs).await?)
 }
 
 /// One remote job, or that there is none.
