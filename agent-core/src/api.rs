@@ -17,7 +17,7 @@ mod requests;
 mod security;
 mod upload;
 pub use blobs::{BlobQuery, BlobUpload};
-pub use upload::{MAX_SPEC_BYTES, PackageUpload, SpecUpload, UploadLimits};
+pub use upload::{EXECUTABLE, MAX_SPEC_BYTES, PackageUpload, SpecUpload, UploadLimits};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -353,7 +353,7 @@ async fn job_results(
             &format!("job {id} is {}; its results are complete once it has ended", job.state.name()),
         ));
     }
-    Ok(Json(state.transfers.results(&id, job.job_dir.join("out"), None).await?))
+    Ok(Json(state.transfers.results(&id, job.job_dir.join("out")).await?))
 }
 
 /// Every fetch this agent knows, oldest first.

@@ -152,7 +152,9 @@ pub struct FetchRequest {
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// Where to write the content when it is complete (a file, or a folder that must not exist
-    /// or be empty). Without it, the content stays in the store.
+    /// or be empty). Without it, the content stays in the store. A path on the daemon's machine:
+    /// a local-only convenience (`hearth blob get --out`, which may `--detach`); a remote client
+    /// leaves it out and reads the blob with `GET /api/v1/blobs/{hash}`.
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub out: Option<PathBuf>,
@@ -312,14 +314,8 @@ impl Transfers {
     }
 
     /// Keeps a finished job's outputs (the folder `outputs`) in the store under the tag
-    /// `results-JOB`, and writes them to `dest` when given. The same outputs imported twice are
-    /// stored once.
-    pub async fn results(
-        &self,
-        job: &str,
-        outputs: PathBuf,
-        dest: Option<PathBuf>,
-    ) -> Result<Imported, TransferError> {
+    /// `results-JOB`. The same outputs imported twice are stored once.
+    pub async fn results(&self, job: &str, outputs: PathBuf) -> Result<Imported, TransferError> {
         let blobs = self.inner.blobs.clone();
         let tag = format!("results-{job}");
         Ok(blocking(move || {
@@ -332,28 +328,7 @@ impl Transfers {
             }
             let imported = blobs.import_folder(&outputs)?;
             blobs.tag(&tag, imported.blob)?;
-            if let Some(dest) = dest {
-                blobs.export(imported.blob, &dest)?;
-            }
             Ok::<_, StoreError>(imported)
-        })
-        .await?)
-    }
-
-    /// Writes a folder blob held in the store (such as a remote job's fetched outputs) to `dest`,
-    /// which must not exist or be an empty folder; answers its hash, files and size.
-    pub async fn export(&self, blob: BlobRef, dest: PathBuf) -> Result<Imported, TransferError> {
-        let blobs = self.inner.blobs.clone();
-        Ok(blocking(move || {
-            let manifest = blobs.manifest(blob.hash)?;
-            blobs.export(blob, &dest)?;
-            let size = manifest.files.iter().map(|file| file.size).sum();
-            Ok::<_, StoreError>(Imported {
-                blob,
-                size,
-                files: manifest.files.len() as u64,
-                skipped: Vec::new(),
-            })
         })
         .await?)
     }

@@ -80,6 +80,10 @@ fn main() {
             submit_by_content::a_remote_job_from_a_folder_the_daemon_cannot_see_runs,
         ),
         trial(
+            "submit_by_content::a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_strays",
+            submit_by_content::a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_strays,
+        ),
+        trial(
             "submit_by_content::hostile_uploads_are_refused_and_leave_nothing",
             submit_by_content::hostile_uploads_are_refused_and_leave_nothing,
         ),

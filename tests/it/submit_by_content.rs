@@ -163,6 +163,39 @@ fn post(agent: &Agent, route: &str, pieces: Vec<Piece>) -> Result<(u16, Value)> 
     })
 }
 
+pub(crate) fn a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_strays() -> Result<()> {
+    let mut agent = Agent::start()?;
+    let work = tempfile::tempdir()?;
+    workdir(work.path(), &copy_spec("data/deep/data.bin", "data"))?;
+    // No provider is known: the request is recorded, then rolled back after its one try.
+    let package =
+        "retries = 0\n[resources.a]\nmemory = \"64MiB\"\n[[tasks]]\nresource = \"a\"\nspec = \"job.toml\"\n";
+    fs::write(work.path().join("package.toml"), package)?;
+    let request = runtime()?.block_on(client(&agent)?.submit_package(&work.path().join("package.toml")))?;
+    work.close()?;
+    let mut last = Value::Null;
+    eventually(
+        Duration::from_secs(60),
+        || {
+            last = json_of(&agent.cli(&["request", "status", &request.id, "--json"])?)?;
+            Ok(last["state"] == "rolled_back")
+        },
+        "the request never ended",
+    )?;
+    ensure!(last["task_list"][0]["state"] == "skipped", "{last}");
+    // Nothing will read its task specs again: the uploaded files go.
+    eventually(Duration::from_secs(10), || Ok(staged(&agent).is_empty()), "the package's upload was left")?;
+
+    // A staging folder left by a crash mid-upload is swept at the next start.
+    let stray = agent.data_dir().join("uploads/0123456789ab/files");
+    fs::create_dir_all(&stray)?;
+    fs::write(stray.join("half.bin"), b"half an upload")?;
+    ensure!(agent.terminate()?.success());
+    agent.restart()?;
+    ensure!(staged(&agent).is_empty(), "a stray upload survived the restart: {:?}", staged(&agent));
+    Ok(())
+}
+
 pub(crate) fn hostile_uploads_are_refused_and_leave_nothing() -> Result<()> {
     let agent = Agent::start_with_config(
         "[api]\nport = 0\nupload_max_file_bytes = 4096\nupload_max_bytes = 6000\nupload_max_files = 4\n",

@@ -25,6 +25,10 @@ use crate::uploads::{Staged, Uploads};
 /// The largest spec or package text.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
+/// The part header that marks an uploaded file executable (`true`): it is staged with the
+/// owner's execute bit, which a job's input and a folder blob's manifest keep.
+pub const EXECUTABLE: &str = "x-hearth-executable";
+
 /// The longest name of an uploaded file or folder, in bytes.
 const MAX_NAME_BYTES: usize = 1024;
 
@@ -60,7 +64,8 @@ pub struct SpecUpload {
     /// folders by their path under the upload root.
     pub spec: String,
     /// One part per file, its file name its path under the upload root (such as
-    /// `f/0/hello.wasm`): relative, no `.` or `..`, no NUL or backslash, each sent once.
+    /// `f/0/hello.wasm`): relative, no `.` or `..`, no NUL or backslash, each sent once. A part
+    /// header `x-hearth-executable: true` marks an executable file.
     #[schema(value_type = Vec<String>, format = Binary)]
     pub file: Vec<Vec<u8>>,
     /// An empty folder to make, one part each: its path under the upload root, as text.
@@ -351,10 +356,11 @@ async fn write_file(
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(|error| clash(name, &error))?;
     }
+    let executable = field.headers().get(EXECUTABLE).is_some_and(|value| value == "true");
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(if executable { 0o700 } else { 0o600 })
         .open(&path)
         .await
         .map_err(|error| clash(name, &error))?;

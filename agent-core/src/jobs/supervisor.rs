@@ -30,7 +30,8 @@ pub struct JobRecord {
     pub id: String,
     /// `wasi` or `native`.
     pub kind: String,
-    /// The spec file it came from.
+    /// The spec file it came from: for a job submitted through the API, its staged copy under
+    /// `DATA/uploads/`, removed when the job ends.
     #[schema(value_type = String)]
     pub spec_path: PathBuf,
     /// Its folder, holding `out/` and the logs.

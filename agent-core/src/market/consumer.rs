@@ -61,7 +61,8 @@ pub struct RemoteJob {
     pub id: String,
     /// `wasi` or `native`.
     pub kind: String,
-    /// The spec file it came from.
+    /// The spec file it came from: its staged copy under `DATA/uploads/` (gone once its files
+    /// were in the blob store), or a request package's task spec.
     #[schema(value_type = String)]
     pub spec_path: PathBuf,
     /// Where it is in its life, as its provider last said (or `queued` while no one agreed yet).

@@ -656,7 +656,7 @@ async fn execute(
     if let JobState::Cancelled { reason: Some(why) } = &state {
         reason = Some(why.clone());
     }
-    let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out"), None).await {
+    let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out")).await {
         Ok(imported) => match inner.parts.transfers.grant(consumer, imported.blob).await {
             Ok(()) => Some(imported),
             Err(error) => {

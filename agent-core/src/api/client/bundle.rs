@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use reqwest::multipart::{Form, Part};
 
+use crate::api::EXECUTABLE;
 use crate::jobs::spec::{Image, JobKind, JobSpec, SpecError};
 use crate::requests::{Package, PackageError};
 
@@ -39,8 +40,9 @@ pub enum BundleError {
 /// The files of an upload, and where each goes in it.
 #[derive(Debug, Default)]
 pub(super) struct Bundle {
-    /// Upload name and the file on this machine, in the order they are sent.
-    files: Vec<(String, PathBuf, u64)>,
+    /// Upload name, the file on this machine, its size and whether it is executable, in the
+    /// order they are sent.
+    files: Vec<(String, PathBuf, u64, bool)>,
     /// Files made here (a package's rewritten task specs): upload name and text.
     texts: Vec<(String, String)>,
     /// Empty folders, by upload name.
@@ -121,7 +123,8 @@ impl Bundle {
             if meta.is_dir() {
                 self.walk_folder(&path, &name, skipped)?;
             } else if meta.is_file() {
-                self.files.push((name, path, meta.len()));
+                let executable = is_executable(&meta);
+                self.files.push((name, path, meta.len(), executable));
             } else {
                 skipped.push(name);
             }
@@ -138,9 +141,14 @@ impl Bundle {
         for (name, text) in self.texts {
             form = form.part("file", Part::text(text).file_name(name));
         }
-        for (name, path, size) in self.files {
+        for (name, path, size, executable) in self.files {
             let file = tokio::fs::File::open(&path).await.map_err(|e| unsendable(&path, &e))?;
-            let part = Part::stream_with_length(reqwest::Body::from(file), size).file_name(name);
+            let mut part = Part::stream_with_length(reqwest::Body::from(file), size).file_name(name);
+            if executable {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(EXECUTABLE, reqwest::header::HeaderValue::from_static("true"));
+                part = part.headers(headers);
+            }
             form = form.part("file", part);
         }
         Ok(form)
@@ -188,7 +196,7 @@ impl Bundle {
         let meta = std::fs::symlink_metadata(path).map_err(|e| unsendable(path, &e))?;
         let kind = meta.file_type();
         if kind.is_file() {
-            self.files.push((name.to_owned(), path.to_owned(), meta.len()));
+            self.files.push((name.to_owned(), path.to_owned(), meta.len(), is_executable(&meta)));
             return Ok(());
         }
         if !kind.is_dir() {
@@ -213,6 +221,13 @@ impl Bundle {
     }
 }
 
+/// Whether a file has an executable bit: it travels with the file (a part header), as a folder
+/// blob's manifest keeps it.
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
 /// A file's own name, if the daemon can take it as part of an upload name.
 fn checked<'a>(path: &Path, name: &'a str) -> Result<&'a str, BundleError> {
     if name.contains(['\\', '"', '\r', '\n', '\0']) {
@@ -227,4 +242,70 @@ fn read(path: &Path) -> Result<String, BundleError> {
 
 fn unsendable(path: &Path, why: &dyn std::fmt::Display) -> BundleError {
     BundleError::Unsendable { path: path.to_owned(), why: why.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// A working folder: a module, a folder input with a nested file and an empty folder, a file
+    /// input, and a spec naming them.
+    fn workdir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("m.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        fs::create_dir_all(dir.path().join("data/deep")).unwrap();
+        fs::create_dir(dir.path().join("data/empty")).unwrap();
+        fs::write(dir.path().join("data/deep/a.bin"), b"a").unwrap();
+        fs::write(dir.path().join("one.txt"), b"1").unwrap();
+        let spec = "kind = \"wasi\"\nmodule = \"m.wasm\"\ninputs = [\"data\", \"one.txt\"]\n";
+        fs::write(dir.path().join("job.toml"), spec).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_spec_is_rewritten_to_the_names_its_files_are_sent_under() {
+        let dir = workdir();
+        let (text, bundle) = Bundle::job(&dir.path().join("job.toml")).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        assert_eq!(table["module"].as_str(), Some("f/0/m.wasm"));
+        let inputs: Vec<&str> =
+            table["inputs"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(inputs, ["f/1/data", "f/2/one.txt"], "each input keeps its own name");
+        let names: Vec<&str> = bundle.files.iter().map(|(name, ..)| name.as_str()).collect();
+        assert_eq!(names, ["f/0/m.wasm", "f/1/data/deep/a.bin", "f/2/one.txt"]);
+        assert_eq!(bundle.folders, ["f/1/data/empty"]);
+    }
+
+    #[test]
+    fn a_package_sends_each_task_spec_and_each_file_once() {
+        let dir = workdir();
+        let package = "[resources.a]\n[[tasks]]\nresource = \"a\"\nspec = \"job.toml\"\n\
+                       [[tasks]]\nresource = \"a\"\nspec = \"job.toml\"\n";
+        fs::write(dir.path().join("p.toml"), package).unwrap();
+        let (text, bundle) = Bundle::package(&dir.path().join("p.toml")).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        let specs: Vec<&str> =
+            table["tasks"].as_array().unwrap().iter().filter_map(|t| t["spec"].as_str()).collect();
+        assert_eq!(specs, ["task-0.toml", "task-1.toml"]);
+        assert_eq!(bundle.texts.len(), 2);
+        assert_eq!(bundle.files.len(), 3, "the shared module and inputs are sent once");
+    }
+
+    #[test]
+    fn links_and_special_files_in_a_folder_are_refused_by_name() {
+        let dir = workdir();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("data/link")).unwrap();
+        let error = Bundle::job(&dir.path().join("job.toml")).unwrap_err();
+        assert!(
+            matches!(&error, BundleError::Unsendable { path, .. } if path.ends_with("data/link")),
+            "{error}"
+        );
+        assert!(error.to_string().contains("symlink"), "{error}");
+        // A blob upload leaves them out and says so, as the store's own import does.
+        let (bundle, format, skipped) = Bundle::blob(&dir.path().join("data")).unwrap();
+        assert_eq!((format, skipped), ("folder", vec!["link".to_owned()]));
+        assert_eq!(bundle.files.len(), 1);
+    }
 }
