@@ -456,7 +456,7 @@ async fn list_jobs(State(state): State<ApiState>) -> Result<Json<Vec<JobRecord>>
 ))]
 async fn submit_job(
     State(state): State<ApiState>,
-    multipart: axum::extract::Multipart,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(axum::http::StatusCode, Json<JobRecord>), error::ApiError> {
     let upload = upload::receive(&state.uploads, state.upload_limits, upload::Entry::Spec, multipart).await?;
     let job = state.jobs.submit_staged(upload.staged).await?;

@@ -196,6 +196,18 @@ pub(crate) fn a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_stra
     Ok(())
 }
 
+/// Sends a JSON body to `route` on `agent`; the status and the body.
+fn post_json(agent: &Agent, route: &str, json: &Value) -> Result<(u16, Value)> {
+    let url = format!("http://127.0.0.1:{}{route}", agent.port()?);
+    let token = agent.token()?;
+    runtime()?.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let response = client.post(url).bearer_auth(token).json(json).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    })
+}
+
 pub(crate) fn hostile_uploads_are_refused_and_leave_nothing() -> Result<()> {
     let agent = Agent::start_with_config(
         "[api]\nport = 0\nupload_max_file_bytes = 4096\nupload_max_bytes = 6000\nupload_max_files = 4\n",
@@ -268,6 +280,12 @@ pub(crate) fn hostile_uploads_are_refused_and_leave_nothing() -> Result<()> {
             );
             ensure!(staged(&agent).is_empty(), "{what} to {route} left {:?}", staged(&agent));
         }
+    }
+    // The old form, a path on the daemon's machine, is refused with the API's error body.
+    for route in ["/api/v1/jobs", "/api/v1/requests", "/api/v1/packages", "/api/v1/blobs"] {
+        let (got, body) =
+            post_json(&agent, route, &serde_json::json!({ "spec": "/etc/passwd", "path": "/etc" }))?;
+        ensure!(got == 400 && body["code"] == "invalid_upload", "a path sent to {route}: {got} {body}");
     }
     // A package naming a task spec that was not sent.
     let package = "[resources.a]\n[[tasks]]\nresource = \"a\"\nspec = \"task.toml\"\n".to_owned();

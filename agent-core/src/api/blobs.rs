@@ -8,6 +8,7 @@ use std::io;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::header;
 use axum::response::Response;
@@ -57,7 +58,7 @@ const CHUNK: usize = 64 << 10;
 ))]
 pub(super) async fn add(
     State(state): State<ApiState>,
-    multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Imported>, ApiError> {
     let upload = upload::receive(&state.uploads, state.upload_limits, Entry::Blob, multipart).await?;
     let (mut format, mut peers) = (None, Vec::new());

@@ -8,6 +8,7 @@ use super::upload::{self, Entry, PackageUpload};
 use crate::market::HeldReservation;
 use crate::requests::RequestStatus;
 use axum::Json;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
 
@@ -24,7 +25,7 @@ use axum::http::StatusCode;
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<RequestStatus>), ApiError> {
     let staged =
         upload::receive(&state.uploads, state.upload_limits, Entry::Package, multipart).await?.staged;

@@ -2,6 +2,7 @@
 //! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
 
 use axum::Json;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::StatusCode;
 
@@ -24,7 +25,7 @@ use crate::transfer::Imported;
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<RemoteJob>), ApiError> {
     let staged = upload::receive(&state.uploads, state.upload_limits, Entry::Spec, multipart).await?.staged;
     let job = state.market.submit_staged(&staged).await;

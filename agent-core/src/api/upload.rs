@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
 use axum::extract::Multipart;
-use axum::extract::multipart::Field;
+use axum::extract::multipart::{Field, MultipartRejection};
 use axum::http::StatusCode;
 use tokio::io::AsyncWriteExt;
 
@@ -130,8 +130,15 @@ pub(super) async fn receive(
     uploads: &Uploads,
     limits: UploadLimits,
     entry: Entry,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Received, ApiError> {
+    // Refused before anything is staged, with the API's own error body.
+    let mut multipart = multipart.map_err(|rejection| {
+        ApiError::bad_request(
+            "invalid_upload",
+            &format!("the body must be multipart/form-data: {}", rejection.body_text()),
+        )
+    })?;
     let staged = uploads.create().map_err(|error| {
         ApiError::internal("upload_failed", &format!("cannot make a staging folder: {error}"))
     })?;
