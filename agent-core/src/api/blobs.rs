@@ -35,6 +35,7 @@ pub struct BlobUpload {
 
 /// How `GET /api/v1/blobs/{hash}` reads the blob.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct BlobQuery {
     /// The hash is a folder's manifest: answer a tar archive of its files.
     #[serde(default)]

@@ -10,11 +10,11 @@ mod download;
 use bundle::Bundle;
 pub use bundle::BundleError;
 pub use download::WriteError;
-use libp2p::futures::TryStreamExt as _;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use libp2p::futures::TryStreamExt as _;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
@@ -35,8 +35,9 @@ use crate::transfer::{Fetch, FetchRequest, Format, Imported};
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How long sending a spec with its files may take: inputs may be large.
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// How long sending a spec with its files, or receiving a job's outputs, may take: either may be
+/// large.
+const CONTENT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// How long a verification of the whole ledger may take (a million receipts take about a minute
 /// on two cores; witnesses get 10 s).
@@ -147,7 +148,7 @@ impl Client {
     /// read here, and sent with its files by content.
     pub async fn submit(&self, spec: &Path) -> Result<JobRecord, ClientError> {
         let form = self.bundle(spec, "spec", Bundle::job).await?;
-        self.send(self.http.post(self.url("/api/v1/jobs")).multipart(form).timeout(UPLOAD_TIMEOUT)).await
+        self.send(self.http.post(self.url("/api/v1/jobs")).multipart(form).timeout(CONTENT_TIMEOUT)).await
     }
 
     /// `POST /api/v1/jobs/{id}/{action}`.
@@ -173,14 +174,14 @@ impl Client {
     /// content.
     pub async fn submit_remote(&self, spec: &Path) -> Result<RemoteJob, ClientError> {
         let form = self.bundle(spec, "spec", Bundle::job).await?;
-        self.send(self.http.post(self.url("/api/v1/requests")).multipart(form).timeout(UPLOAD_TIMEOUT)).await
+        self.send(self.http.post(self.url("/api/v1/requests")).multipart(form).timeout(CONTENT_TIMEOUT)).await
     }
 
     /// `POST /api/v1/packages`: queues the request package at `path`, sent with its task specs
     /// and their files by content.
     pub async fn submit_package(&self, path: &Path) -> Result<RequestStatus, ClientError> {
         let form = self.bundle(path, "package", Bundle::package).await?;
-        self.send(self.http.post(self.url("/api/v1/packages")).multipart(form).timeout(UPLOAD_TIMEOUT)).await
+        self.send(self.http.post(self.url("/api/v1/packages")).multipart(form).timeout(CONTENT_TIMEOUT)).await
     }
 
     /// Reads and checks the spec or package at `path` on this machine (off the async threads)
@@ -307,7 +308,7 @@ impl Client {
             form = form.text("share_with", peer.clone());
         }
         let mut imported: Imported = self
-            .send(self.http.post(self.url("/api/v1/blobs")).multipart(form).timeout(UPLOAD_TIMEOUT))
+            .send(self.http.post(self.url("/api/v1/blobs")).multipart(form).timeout(CONTENT_TIMEOUT))
             .await?;
         imported.skipped.extend(skipped);
         Ok(imported)
@@ -328,7 +329,7 @@ impl Client {
     pub async fn download(&self, blob: &Imported, dest: &Path) -> Result<(), ClientError> {
         let folder = if blob.blob.format == Format::Folder { "?folder=true" } else { "" };
         let url = self.url(&format!("/api/v1/blobs/{}{folder}", blob.blob.hash));
-        let response = self.respond(self.http.get(url).timeout(UPLOAD_TIMEOUT)).await?;
+        let response = self.respond(self.http.get(url).timeout(CONTENT_TIMEOUT)).await?;
         let body = tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
         let (blob, dest) = (blob.clone(), dest.to_owned());
         tokio::task::spawn_blocking(move || {
