@@ -7,16 +7,19 @@
 //! the daemon's watch channels and streams its event [`Bus`]. [`serve`] runs until the shutdown
 //! token is cancelled, then closes open WebSockets and drains in-flight requests.
 
+mod blobs;
 pub mod client;
 pub mod discovery;
 mod error;
 mod extract;
 mod ledger;
 mod packages;
-pub use packages::SubmitPackage;
 mod requests;
 mod security;
 pub mod session;
+mod upload;
+pub use blobs::{BlobQuery, BlobUpload};
+pub use upload::{EXECUTABLE, MAX_SPEC_BYTES, PackageUpload, SpecUpload, UploadLimits};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +53,7 @@ use crate::requests::Requests;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
 use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
+use crate::uploads::Uploads;
 
 /// What the agent is doing, as `hearth status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -159,6 +163,10 @@ pub struct ApiState {
     pub ledger: Ledger,
     /// Request packages this agent asked for.
     pub requests: Requests,
+    /// Where uploaded specs and their files are staged.
+    pub uploads: Uploads,
+    /// What one upload may hold.
+    pub upload_limits: UploadLimits,
 }
 
 impl std::fmt::Display for AgentStatus {
@@ -229,22 +237,23 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_resources))
         .routes(routes!(get_peers, connect_peer))
         .routes(routes!(get_offers))
-        .routes(routes!(add_blob))
+        .routes(uploading(routes!(blobs::add)))
+        .routes(routes!(blobs::download))
         .routes(routes!(list_transfers, start_transfer))
         .routes(routes!(get_transfer, cancel_transfer))
-        .routes(routes!(list_jobs, submit_job))
+        .routes(uploading(routes!(list_jobs, submit_job)))
         .routes(routes!(get_job))
         .routes(routes!(job_results))
         .routes(routes!(act_on_job))
         .routes(routes!(job_log))
         .routes(routes!(job_notices))
-        .routes(routes!(requests::list, requests::submit))
+        .routes(uploading(routes!(requests::list, requests::submit)))
         .routes(routes!(requests::get))
         .routes(routes!(requests::cancel))
         .routes(routes!(requests::logs))
         .routes(routes!(requests::results))
         .routes(routes!(requests::notices))
-        .routes(routes!(packages::list, packages::submit))
+        .routes(uploading(routes!(packages::list, packages::submit)))
         .routes(routes!(packages::get))
         .routes(routes!(packages::reservations))
         .routes(routes!(ledger::verify))
@@ -269,6 +278,14 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .layer(middleware::from_fn_with_state(state.clone(), security::gate))
         .with_state(state);
     (router, doc)
+}
+
+/// Routes that take uploads stream their bodies and bound them by [`UploadLimits`] as they come,
+/// so axum's default limit for buffered bodies (2 MiB) does not apply to them.
+fn uploading(
+    (schemas, paths, router): utoipa_axum::router::UtoipaMethodRouter<ApiState>,
+) -> utoipa_axum::router::UtoipaMethodRouter<ApiState> {
+    (schemas, paths, router.layer(axum::extract::DefaultBodyLimit::disable()))
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits for in-flight requests.
@@ -332,52 +349,11 @@ async fn get_offers(State(state): State<ApiState>) -> Json<Vec<AdvertBody>> {
     Json(state.network.offers().await)
 }
 
-/// What `POST /api/v1/blobs` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AddBlob {
-    /// A file or folder on this machine, read by the agent.
-    #[schema(value_type = String)]
-    pub path: PathBuf,
-    /// Peers allowed to fetch it.
-    #[serde(default)]
-    pub share_with: Vec<String>,
-}
-
-/// Puts a file or folder into the blob store (kept until removed) and lets the named peers
-/// fetch it; answers with its hash.
-#[utoipa::path(post, path = "/api/v1/blobs", request_body = AddBlob, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
-    (status = 200, body = Imported),
-    (status = 400, description = "No such path, or a peer id that is not one", body = ErrorBody),
-    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
-))]
-async fn add_blob(
-    State(state): State<ApiState>,
-    Body(body): Body<AddBlob>,
-) -> Result<Json<Imported>, error::ApiError> {
-    Ok(Json(state.transfers.add(body.path, &body.share_with).await?))
-}
-
-/// What `POST /api/v1/jobs/{id}/results` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ResultsRequest {
-    /// A folder on this machine (absent or empty) to write the outputs into.
-    #[serde(default)]
-    #[schema(value_type = Option<String>)]
-    pub out: Option<PathBuf>,
-}
-
-/// Keeps an ended job's outputs in the blob store (a folder blob, tag `results-ID`) and, with
-/// `out`, writes them into that folder; answers the folder's hash, files and size.
+/// Keeps an ended job's outputs in the blob store (a folder blob, tag `results-ID`); answers the
+/// folder's hash, files and size. Read them with `GET /api/v1/blobs/{hash}?folder=true`.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/results", params(("id" = String, Path, description = "The job's id")),
-    request_body = ResultsRequest, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
+    responses(
     (status = 200, body = Imported),
-    (status = 400, description = "`out` is not an empty folder", body = ErrorBody),
     (status = 404, body = ErrorBody),
     (status = 409, description = "The job has not ended", body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
@@ -385,7 +361,6 @@ pub struct ResultsRequest {
 async fn job_results(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Body(body): Body<ResultsRequest>,
 ) -> Result<Json<Imported>, error::ApiError> {
     let job = state.jobs.get(&id).await?;
     if !job.state.is_terminal() {
@@ -394,7 +369,7 @@ async fn job_results(
             &format!("job {id} is {}; its results are complete once it has ended", job.state.name()),
         ));
     }
-    Ok(Json(state.transfers.results(&id, job.job_dir.join("out"), body.out).await?))
+    Ok(Json(state.transfers.results(&id, job.job_dir.join("out")).await?))
 }
 
 /// Every fetch this agent knows, oldest first.
@@ -459,15 +434,6 @@ async fn get_resources(State(state): State<ApiState>) -> Json<Resources> {
     Json(state.resources.borrow().clone())
 }
 
-/// What `POST /api/v1/jobs` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitJob {
-    /// Absolute path of the job spec on this machine; its inputs are read relative to it.
-    #[schema(value_type = String)]
-    pub spec: PathBuf,
-}
-
 /// A piece of a job's log, as `GET /api/v1/jobs/{id}/logs/{stream}` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogChunk {
@@ -497,19 +463,22 @@ async fn list_jobs(State(state): State<ApiState>) -> Result<Json<Vec<JobRecord>>
     Ok(Json(state.jobs.list().await?))
 }
 
-/// Runs a job spec on this machine under the sandbox.
-#[utoipa::path(post, path = "/api/v1/jobs", request_body = SubmitJob, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
+/// Runs a job spec on this machine under the sandbox. The spec comes with its files, by content
+/// (see `SpecUpload`); they are staged under the data dir until the job ends. No path on this
+/// machine is read on a client's word.
+#[utoipa::path(post, path = "/api/v1/jobs",
+    request_body(content = SpecUpload, content_type = "multipart/form-data"), responses(
     (status = 201, body = JobRecord),
-    (status = 400, body = ErrorBody, description = "the spec is invalid; nothing runs"),
+    (status = 400, body = ErrorBody, description = "the spec is invalid, an upload name is unsafe or a spec names a file that was not uploaded; nothing runs and nothing is kept"),
+    (status = 413, body = ErrorBody, description = "the upload is over a limit, which the message names"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 async fn submit_job(
     State(state): State<ApiState>,
-    Body(body): Body<SubmitJob>,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(axum::http::StatusCode, Json<JobRecord>), error::ApiError> {
-    let job = state.jobs.submit(&body.spec).await?;
+    let upload = upload::receive(&state.uploads, state.upload_limits, upload::Entry::Spec, multipart).await?;
+    let job = state.jobs.submit_staged(upload.staged).await?;
     Ok((axum::http::StatusCode::CREATED, Json(job)))
 }
 

@@ -219,11 +219,22 @@ impl Default for NetworkConfig {
 pub struct ApiConfig {
     /// TCP port on 127.0.0.1; 0 picks any free port.
     pub port: u16,
+    /// The most bytes one upload (a job spec's or a package's files, a blob) may hold in all.
+    pub upload_max_bytes: u64,
+    /// The most bytes one uploaded file may hold.
+    pub upload_max_file_bytes: u64,
+    /// The most files and folders one upload may hold.
+    pub upload_max_files: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { port: DEFAULT_API_PORT }
+        Self {
+            port: DEFAULT_API_PORT,
+            upload_max_bytes: 16 << 30,
+            upload_max_file_bytes: 16 << 30,
+            upload_max_files: 10_000,
+        }
     }
 }
 
@@ -282,6 +293,11 @@ pub const DEFAULT_FILE: &str = r#"# Hearth agent configuration. Every setting is
 # Port of the control API and web UI on 127.0.0.1 (0 picks any free port).
 # Overridden by --api-port or HEARTH_API_PORT.
 port = 7447
+# What one upload (a job spec or package with its files, or a blob) may hold: files and folders,
+# bytes of one file, bytes in all. Past a limit the API answers 413 upload_too_large.
+upload_max_files = 10000
+upload_max_file_bytes = 17179869184
+upload_max_bytes = 17179869184
 
 [resources]
 # How often CPU, memory, disk and GPU figures are refreshed.
@@ -388,6 +404,15 @@ impl HearthConfig {
                 format!("has {address:?}; expected it to end in /p2p/PEER_ID"),
             ));
         }
+        for (field, zero) in [
+            ("api.upload_max_files", self.api.upload_max_files == 0),
+            ("api.upload_max_file_bytes", self.api.upload_max_file_bytes == 0),
+            ("api.upload_max_bytes", self.api.upload_max_bytes == 0),
+        ] {
+            if zero {
+                return Err(invalid(field, "is 0; expected at least 1, or every upload is refused".into()));
+            }
+        }
         let interval = self.resources.refresh_interval;
         if interval < Duration::from_secs(1) || interval > Duration::from_secs(3600) {
             return Err(invalid(
@@ -441,6 +466,8 @@ mod tests {
             ("[resources]\nrefresh_interval = \"soon\"\n", "refresh_interval"),
             ("[resources]\nrefresh_interval = \"10ms\"\n", "resources.refresh_interval"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[api]\nupload_max_files = 0\n", "api.upload_max_files"),
+            ("[api]\nupload_max_bytes = -1\n", "upload_max_bytes"),
             ("[nope]\n", "nope"),
         ];
         for (text, field) in cases {

@@ -18,7 +18,7 @@ use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use lock::LockError;
 
-use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo};
+use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo, UploadLimits};
 use crate::availability::{OwnerControls, PolicyError};
 use crate::clock::unix_now;
 use crate::config::{HearthConfig, Paths};
@@ -42,6 +42,7 @@ use crate::net::{NetError, Network};
 use crate::requests::{RequestError, Requests};
 use crate::store::{RunId, Store, StoreError};
 use crate::transfer::{BlobStore, TransferError, Transfers};
+use crate::uploads::Uploads;
 use adverts::AdvertTask;
 use availability::{AvailabilityTask, Wiring};
 use lock::DataDirLock;
@@ -104,6 +105,24 @@ pub enum DaemonError {
     /// The request packages of earlier runs could not be read.
     #[error(transparent)]
     Requests(#[from] RequestError),
+}
+
+/// Removes the staging folders of uploads nothing needs any more: those of jobs that were waiting
+/// when the last run stopped (they were marked failed) and of uploads cut off by a crash. Only an
+/// unfinished request package still reads its uploaded task specs.
+async fn sweep_uploads(uploads: &Uploads, requests: &Requests) {
+    let in_use: Vec<PathBuf> = requests
+        .list()
+        .into_iter()
+        .filter(|request| !request.state.is_terminal())
+        .map(|request| request.path)
+        .collect();
+    let uploads = uploads.clone();
+    let removed =
+        tokio::task::spawn_blocking(move || uploads.sweep(in_use.iter().map(PathBuf::as_path))).await;
+    if let Ok(removed @ 1..) = removed {
+        tracing::info!(removed, "removed staging folders of uploads nothing needs any more");
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns `Ok` after a clean shutdown.
@@ -192,8 +211,17 @@ async fn serve(
         &cancel,
     )
     .await?;
-    let (requests, requests_task) =
-        Requests::spawn(store.clone(), market.clone(), events.clone(), identity.peer_id(), &cancel).await?;
+    let uploads = Uploads::in_data_dir(&paths.data_dir);
+    let (requests, requests_task) = Requests::spawn(
+        store.clone(),
+        market.clone(),
+        events.clone(),
+        identity.peer_id(),
+        uploads.clone(),
+        &cancel,
+    )
+    .await?;
+    sweep_uploads(&uploads, &requests).await;
     let adverts = AdvertTask::spawn(
         adverts::Sources {
             identity: identity.clone(),
@@ -226,6 +254,8 @@ async fn serve(
         market,
         ledger: ledger.clone(),
         requests,
+        uploads,
+        upload_limits: UploadLimits::from(&config.api),
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));

@@ -23,3 +23,4 @@ mod secret_file;
 pub mod store;
 mod toml_file;
 pub mod transfer;
+pub mod uploads;

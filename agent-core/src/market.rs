@@ -42,6 +42,7 @@ use crate::net::negotiate::{Message, Reply, Reservation, ReserveRequest, Resourc
 use crate::net::{Inbound, Network};
 use crate::store::{OwnerNotice, Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
+use crate::uploads::Staged;
 
 /// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
 /// tenth per GiB of memory, ten per GPU. Adverts show these; offers use them.
@@ -181,10 +182,11 @@ impl Market {
         Ok((Self { inner: Arc::clone(&inner) }, MarketTask { inner }))
     }
 
-    /// Validates the spec at `spec_path`, imports its files, records the remote job and starts
-    /// looking for a provider; returns at once.
-    pub async fn submit(&self, spec_path: &Path) -> Result<RemoteJob, MarketError> {
-        consumer::submit(&self.inner, spec_path).await
+    /// Validates an uploaded spec, imports its files into the blob store, records the remote job
+    /// and starts looking for a provider; returns at once. The files are in the store when this
+    /// returns, so the staging folder may go.
+    pub async fn submit_staged(&self, staged: &Staged) -> Result<RemoteJob, MarketError> {
+        consumer::submit(&self.inner, &staged.spec(), &staged.files()).await
     }
 
     /// Records a task of request package `package` and asks `provider`, which holds
@@ -266,9 +268,9 @@ impl Market {
         consumer::notices(&self.inner, id).await
     }
 
-    /// Writes a finished remote job's outputs (already fetched from its provider) to `dest`.
-    pub async fn results(&self, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
-        consumer::results(&self.inner, id, dest).await
+    /// A finished remote job's outputs, already fetched from its provider: their folder blob.
+    pub async fn results(&self, id: &str) -> Result<Imported, MarketError> {
+        consumer::results(&self.inner, id).await
     }
 }
 
@@ -370,21 +372,6 @@ pub fn credits(millis: u64) -> String {
     format!("{}.{:03}", millis / 1000, millis % 1000)
 }
 
-/// A new random id (16 bytes, hex) for requests, agreements and access keys.
-pub(crate) fn random_hex(len: usize) -> String {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut bytes = vec![0u8; len];
-    if SystemRandom::new().fill(&mut bytes).is_err() {
-        // Without randomness nothing here is safe; the time at least keeps ids apart.
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        for (byte, source) in bytes.iter_mut().zip(nanos.to_le_bytes().iter().cycle()) {
-            *byte = *source;
-        }
-    }
-    hex::encode(bytes)
-}
-
 /// A rejected document, as the peer is told.
 fn rejected(what: &str, rejection: &Rejection) -> Reply {
     Reply::Refused { reason: format!("{what} rejected: {rejection}") }
@@ -417,11 +404,5 @@ mod tests {
         assert_eq!(reputation((0, 0)), 0.5);
         assert!(reputation((10, 10)) > 0.9);
         assert!(reputation((10, 0)) < 0.1);
-    }
-
-    #[test]
-    fn random_ids_differ() {
-        assert_ne!(random_hex(16), random_hex(16));
-        assert_eq!(random_hex(16).len(), 32);
     }
 }

@@ -255,3 +255,43 @@ pub fn row_hash(prev: &[u8; 32], entry: &[u8]) -> [u8; 32] {
     out.copy_from_slice(digest(&SHA256, &message).as_ref());
     out
 }
+
+/// A fresh id of `bytes` random bytes, as lowercase hex: of a job or a transfer (6 bytes, short
+/// enough to type), a request (8) or an agreement (16). The one id generator of the agent. An id
+/// only has to be unique, so a system without randomness (never seen on Linux) falls back to the
+/// clock; a secret must use [`random_secret`] instead.
+pub fn random_id(bytes: usize) -> String {
+    random_secret(bytes).unwrap_or_else(|| {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let clock = nanos.to_le_bytes();
+        hex::encode((0..bytes).map(|i| clock[i % clock.len()]).collect::<Vec<u8>>())
+    })
+}
+
+/// `bytes` random bytes from the system, as lowercase hex, for a secret; `None` where the system
+/// has no randomness, since a guessable secret is worse than none.
+pub fn random_secret(bytes: usize) -> Option<String> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut buffer = vec![0u8; bytes];
+    SystemRandom::new().fill(&mut buffer).ok()?;
+    Some(hex::encode(buffer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_secrets_are_fresh_hex_of_the_asked_length() {
+        for bytes in [6, 8, 16, 32] {
+            let (a, b) = (random_id(bytes), random_id(bytes));
+            assert_eq!(a.len(), bytes * 2);
+            assert!(a.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{a}");
+            assert_ne!(a, b);
+        }
+        let secret = random_secret(32).unwrap();
+        assert_eq!(secret.len(), 64);
+        assert_ne!(Some(secret), random_secret(32));
+    }
+}

@@ -26,7 +26,7 @@
 pub mod package;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -44,6 +44,7 @@ use crate::market::{Market, MarketError};
 use crate::net::advert::Prices;
 use crate::net::negotiate::{ReserveRequest, VERSION};
 use crate::store::{Durability, RequestRow, Store, StoreError, TaskRow};
+use crate::uploads::{Staged, Uploads};
 
 /// How many requests acquire or run at once; the others wait on the queue, `queued`.
 const ACTIVE: usize = 64;
@@ -318,6 +319,8 @@ struct Inner {
     market: Market,
     events: Bus,
     me: PeerId,
+    /// Where uploaded packages are staged; a request's folder goes when the request ends.
+    uploads: Uploads,
     all: Mutex<HashMap<String, RequestStatus>>,
     active: Semaphore,
     tasks: TaskTracker,
@@ -382,6 +385,7 @@ impl Requests {
         market: Market,
         events: Bus,
         me: PeerId,
+        uploads: Uploads,
         cancel: &CancellationToken,
     ) -> Result<(Self, RequestsTask), RequestError> {
         let mut all = HashMap::new();
@@ -400,6 +404,7 @@ impl Requests {
             market,
             events,
             me,
+            uploads,
             all: Mutex::new(all),
             active: Semaphore::new(ACTIVE),
             tasks: TaskTracker::new(),
@@ -420,10 +425,13 @@ impl Requests {
         Ok((Self { inner: Arc::clone(&inner) }, RequestsTask { inner }))
     }
 
-    /// Validates the package at `path`, queues it and its tasks, and starts it; answers at once.
-    pub async fn submit(&self, path: &Path) -> Result<RequestStatus, RequestError> {
-        let file = path.to_owned();
-        let package = tokio::task::spawn_blocking(move || Package::load(&file))
+    /// Validates an uploaded package (its task specs and their files among the uploaded files),
+    /// queues it and its tasks, and starts it; answers at once. Its tasks' specs are read when
+    /// each task starts, so the staging folder stays until the request ends.
+    pub async fn submit_staged(&self, staged: Staged) -> Result<RequestStatus, RequestError> {
+        let (file, base) = (staged.spec(), staged.files());
+        let path = file.clone();
+        let package = tokio::task::spawn_blocking(move || Package::load_in(&file, &base))
             .await
             .map_err(|error| RequestError::Internal(error.to_string()))??;
         let now = unix_now();
@@ -479,6 +487,8 @@ impl Requests {
         status.recount();
         // On disk before the id is given out: a request answered is a request kept.
         self.inner.store.put_request(status.row()?, Durability::Synced).await?;
+        // Recorded: from here its driver removes the folder when the request ends.
+        let _ = staged.keep();
         self.inner.all().insert(status.id.clone(), status.clone());
         self.inner.events.publish(Event::RequestChanged { request: Box::new(status.clone()) });
         let (inner, id) = (Arc::clone(&self.inner), status.id.clone());
@@ -501,14 +511,7 @@ impl Requests {
 
 /// A new request id: 8 random bytes, hex.
 fn random_id() -> String {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut bytes = [0u8; 8];
-    if SystemRandom::new().fill(&mut bytes).is_err() {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        bytes = (nanos as u64).to_le_bytes();
-    }
-    hex::encode(bytes)
+    crate::proto::random_id(8)
 }
 
 fn now_ms() -> i64 {
@@ -592,6 +595,11 @@ async fn drive(inner: Arc<Inner>, id: String) {
         };
     }
     keeping.cancel();
+    if let Some(status) = inner.get(&id).filter(|status| status.state.is_terminal()) {
+        // No task will read its specs again: the uploaded files can go.
+        let uploads = inner.uploads.clone();
+        let _ = tokio::task::spawn_blocking(move || uploads.remove_folder_of(&status.path)).await;
+    }
 }
 
 /// Why a step did not complete.
@@ -1022,6 +1030,8 @@ async fn keep_alive(inner: Arc<Inner>, id: String, stop: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

@@ -21,7 +21,7 @@ pub mod store;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read as _};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,7 +154,9 @@ pub struct FetchRequest {
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// Where to write the content when it is complete (a file, or a folder that must not exist
-    /// or be empty). Without it, the content stays in the store.
+    /// or be empty). Without it, the content stays in the store. A path on the daemon's machine:
+    /// a local-only convenience (`hearth blob get --out`, which may `--detach`); a remote client
+    /// leaves it out and reads the blob with `GET /api/v1/blobs/{hash}`.
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub out: Option<PathBuf>,
@@ -314,14 +316,8 @@ impl Transfers {
     }
 
     /// Keeps a finished job's outputs (the folder `outputs`) in the store under the tag
-    /// `results-JOB`, and writes them to `dest` when given. The same outputs imported twice are
-    /// stored once.
-    pub async fn results(
-        &self,
-        job: &str,
-        outputs: PathBuf,
-        dest: Option<PathBuf>,
-    ) -> Result<Imported, TransferError> {
+    /// `results-JOB`. The same outputs imported twice are stored once.
+    pub async fn results(&self, job: &str, outputs: PathBuf) -> Result<Imported, TransferError> {
         let blobs = self.inner.blobs.clone();
         let tag = format!("results-{job}");
         Ok(blocking(move || {
@@ -334,30 +330,57 @@ impl Transfers {
             }
             let imported = blobs.import_folder(&outputs)?;
             blobs.tag(&tag, imported.blob)?;
-            if let Some(dest) = dest {
-                blobs.export(imported.blob, &dest)?;
-            }
             Ok::<_, StoreError>(imported)
         })
         .await?)
     }
 
-    /// Writes a folder blob held in the store (such as a remote job's fetched outputs) to `dest`,
-    /// which must not exist or be an empty folder; answers its hash, files and size.
-    pub async fn export(&self, blob: BlobRef, dest: PathBuf) -> Result<Imported, TransferError> {
+    /// What the complete blob `blob` holds: its size and, for a folder, its files.
+    pub async fn summary(&self, blob: BlobRef) -> Result<Imported, TransferError> {
         let blobs = self.inner.blobs.clone();
-        Ok(blocking(move || {
-            let manifest = blobs.manifest(blob.hash)?;
-            blobs.export(blob, &dest)?;
-            let size = manifest.files.iter().map(|file| file.size).sum();
-            Ok::<_, StoreError>(Imported {
-                blob,
-                size,
-                files: manifest.files.len() as u64,
-                skipped: Vec::new(),
-            })
+        Ok(blocking(move || match blob.format {
+            Format::Raw => {
+                let size = blobs.size(blob.hash).ok_or(StoreError::Missing(blob.hash))?;
+                Ok::<_, StoreError>(Imported { blob, size, files: 1, skipped: Vec::new() })
+            }
+            Format::Folder => {
+                let manifest = blobs.manifest(blob.hash)?;
+                let (size, files) = (manifest.total_size(), manifest.files.len() as u64);
+                Ok(Imported { blob, size, files, skipped: Vec::new() })
+            }
         })
         .await?)
+    }
+
+    /// Writes the complete blob `blob` to `into`: a raw blob's bytes, or a folder as a tar
+    /// archive of its files (regular files only, by their manifest paths, mode 0644 or 0755).
+    /// Blocking: call it from a blocking task.
+    pub fn write_blob(&self, blob: BlobRef, into: impl io::Write) -> Result<(), StoreError> {
+        let blobs = &self.inner.blobs;
+        let sending =
+            |source| StoreError::Io { what: "cannot send", path: PathBuf::from(blob.hash.to_hex()), source };
+        match blob.format {
+            Format::Raw => {
+                let (mut file, _) = blobs.open_complete(blob.hash)?;
+                let mut into = into;
+                io::copy(&mut file, &mut into).map_err(sending)?;
+                into.flush().map_err(sending)
+            }
+            Format::Folder => {
+                let manifest = blobs.manifest(blob.hash)?;
+                let mut tar = tar::Builder::new(into);
+                for file in &manifest.files {
+                    let (data, _) = blobs.open_complete(file.hash)?;
+                    let mut header = tar::Header::new_gnu();
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(file.size);
+                    header.set_mode(if file.executable { 0o755 } else { 0o644 });
+                    header.set_mtime(0);
+                    tar.append_data(&mut header, &file.path, data.take(file.size)).map_err(sending)?;
+                }
+                tar.into_inner().map_err(sending)?.flush().map_err(sending)
+            }
+        }
     }
 
     /// Lets `peer` fetch `blob` (a folder: its manifest and every file in it).
@@ -380,7 +403,7 @@ impl Transfers {
         }
         let now = unix_now();
         let record = Fetch {
-            id: crate::jobs::supervisor::random_id(),
+            id: crate::proto::random_id(6),
             peer: peer.to_string(),
             blob: request.blob,
             max_bytes: request.max_bytes,

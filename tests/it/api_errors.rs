@@ -12,21 +12,25 @@ use serde_json::Value;
 const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// Every route that takes a JSON body, with a body of the right shape for it.
-const BODY_ROUTES: [(&str, &str, &str); 10] = [
+const BODY_ROUTES: [(&str, &str, &str); 5] = [
     ("POST", "/api/v1/pause", r#"{"for_seconds": 60}"#),
     ("POST", "/api/v1/activity", r#"{"idle_seconds": 5}"#),
     ("POST", "/api/v1/peers", r#"{"target": "nobody"}"#),
-    ("POST", "/api/v1/blobs", r#"{"path": "/nonexistent"}"#),
     (
         "POST",
         "/api/v1/transfers",
         r#"{"peer": "nobody", "hash": "0000000000000000000000000000000000000000000000000000000000000000", "format": "raw"}"#,
     ),
-    ("POST", "/api/v1/jobs", r#"{"spec": "/nonexistent.toml"}"#),
-    ("POST", "/api/v1/requests", r#"{"spec": "/nonexistent.toml"}"#),
-    ("POST", "/api/v1/packages", r#"{"path": "/nonexistent.toml"}"#),
     ("PUT", "/api/v1/policy", r#"{"toml": ""}"#),
-    ("POST", "/api/v1/jobs/nope/results", r#"{"out": "/nonexistent"}"#),
+];
+
+/// The routes that take files by content, as `multipart/form-data`, with the JSON body that named
+/// a path on the daemon's disk before.
+const UPLOAD_ROUTES: [(&str, &str); 4] = [
+    ("/api/v1/blobs", r#"{"path": "/etc/hostname"}"#),
+    ("/api/v1/jobs", r#"{"spec": "/nonexistent.toml"}"#),
+    ("/api/v1/requests", r#"{"spec": "/nonexistent.toml"}"#),
+    ("/api/v1/packages", r#"{"path": "/nonexistent.toml"}"#),
 ];
 
 struct Api {
@@ -120,10 +124,15 @@ pub(crate) fn malformed_bodies_are_refused_with_an_error_body_and_change_nothing
         ("/api/v1/pause", r#"{"for_seconds": "banana"}"#, "for_seconds"),
         ("/api/v1/pause", r#"{"for_seconds": -1}"#, "for_seconds"),
         ("/api/v1/activity", r#"{"idle_seconds": 1.5}"#, "idle_seconds"),
-        ("/api/v1/jobs", r#"{"spec": 7}"#, "spec"),
     ] {
         refused(&api.json("POST", path, body)?, 422, "invalid_body", field, &format!("{path} {body}"))?;
     }
+    // A route that takes files by content refuses a body naming a path of this machine.
+    for (path, body) in UPLOAD_ROUTES {
+        refused(&api.json("POST", path, body)?, 400, "invalid_upload", "multipart/form-data", path)?;
+        refused(&api.send("POST", path, None, body.as_bytes())?, 400, "invalid_upload", "multipart", path)?;
+    }
+    api.unchanged("a path where files by content belong")?;
     // The issue's own case: a misspelt field used to pause until resumed.
     refused(
         &api.json("POST", "/api/v1/pause", r#"{"for": "banana"}"#)?,

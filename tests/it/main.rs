@@ -27,6 +27,7 @@ mod network;
 mod packages;
 mod protocol;
 mod resources;
+mod submit_by_content;
 mod transfer;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -75,6 +76,22 @@ fn main() {
     let python = python_present();
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
+        sandboxed(
+            "submit_by_content::a_job_from_a_folder_the_daemon_cannot_see_runs",
+            submit_by_content::a_job_from_a_folder_the_daemon_cannot_see_runs,
+        ),
+        sandboxed(
+            "submit_by_content::a_remote_job_from_a_folder_the_daemon_cannot_see_runs",
+            submit_by_content::a_remote_job_from_a_folder_the_daemon_cannot_see_runs,
+        ),
+        trial(
+            "submit_by_content::a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_strays",
+            submit_by_content::a_package_keeps_its_upload_until_it_ends_and_a_restart_sweeps_strays,
+        ),
+        trial(
+            "submit_by_content::hostile_uploads_are_refused_and_leave_nothing",
+            submit_by_content::hostile_uploads_are_refused_and_leave_nothing,
+        ),
         trial("daemon::second_daemon_on_the_same_dir_refuses", daemon::second_daemon_on_the_same_dir_refuses),
         trial(
             "daemon::sigterm_stops_cleanly_and_the_store_is_intact",

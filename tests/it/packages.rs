@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::StreamExt;
 use hearth_tests::jobs::{JobDir, wasm_module};
-use hearth_tests::{Agent, json_of, raw_http};
+use hearth_tests::{Agent, json_of};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -101,6 +101,10 @@ impl Files {
 
     fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
         self.dir.file(name, text.as_bytes())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 }
 
@@ -411,32 +415,31 @@ pub(crate) fn an_invalid_package_or_a_bad_token_is_refused_and_queues_nothing() 
 
     // The daemon refuses it the same way, listing every problem; and a wrong token gets a token
     // error and nothing else.
+    // The package goes by content, with the task spec and its module it names.
     let (port, token) = (consumer.port()?, consumer.token()?);
-    let body = serde_json::json!({ "path": bad }).to_string();
-    let post = |token: &str| {
-        raw_http(
-            port,
-            &format!(
-                "POST /api/v1/packages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ),
-        )
+    let (package, train, module) =
+        (fs::read_to_string(&bad)?, fs::read(files.path("train.toml"))?, fs::read(files.path("true.wasm"))?);
+    let post = |token: &str| -> Result<(u16, String)> {
+        let form = reqwest::multipart::Form::new()
+            .text("package", package.clone())
+            .part("file", reqwest::multipart::Part::bytes(train.clone()).file_name("train.toml"))
+            .part("file", reqwest::multipart::Part::bytes(module.clone()).file_name("true.wasm"));
+        let url = format!("http://127.0.0.1:{port}/api/v1/packages");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let client = reqwest::Client::builder().no_proxy().build()?;
+            let response = client.post(url).bearer_auth(token).multipart(form).send().await?;
+            Ok((response.status().as_u16(), response.text().await?))
+        })
     };
-    let refused = post(&token)?;
-    ensure!(
-        refused.status == 400 && refused.error_code().as_deref() == Some("invalid_package"),
-        "{refused:?}"
-    );
-    let problems: Value = serde_json::from_str(&refused.body)?;
+    let code = |body: &str| serde_json::from_str::<Value>(body).ok().map(|b| b["code"].clone());
+    let (status, body) = post(&token)?;
+    ensure!(status == 400 && code(&body) == Some(Value::from("invalid_package")), "{status} {body}");
+    let problems: Value = serde_json::from_str(&body)?;
     ensure!(problems["problems"].as_array().is_some_and(|p| p.len() >= 3), "{problems}");
-    let forged = post("0000000000000000000000000000000000000000000000000000000000000000")?;
-    ensure!(forged.status == 401 && forged.error_code().as_deref() == Some("unauthorized"), "{forged:?}");
-    ensure!(
-        !forged.body.contains("cycle") && !forged.body.contains("lots"),
-        "a token error told more: {}",
-        forged.body
-    );
+    let (status, forged) = post("0000000000000000000000000000000000000000000000000000000000000000")?;
+    ensure!(status == 401 && code(&forged) == Some(Value::from("unauthorized")), "{status} {forged}");
+    ensure!(!forged.contains("cycle") && !forged.contains("lots"), "a token error told more: {forged}");
 
     let list = json_of(&consumer.cli(&["request", "list", "--json"])?)?;
     ensure!(list.as_array().is_some_and(Vec::is_empty), "something was queued: {list}");

@@ -20,8 +20,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["clock", "proto", "secret_file", "toml_file"],
     // Plain facts about the machine and the agent.
     &["identity", "resources", "config"],
-    // The one place that writes SQL.
-    &["store"],
+    // The one place that writes SQL, and the folders uploads are staged in.
+    &["store", "uploads"],
     // The event bus every service publishes on.
     &["events"],
     // Services that own one concern each.

@@ -1,23 +1,30 @@
 //! The typed client of the control API, shared by the CLI and the desktop shell.
 //!
 //! It finds the daemon through the data dir's discovery files and turns every way of not reaching
-//! it into one clear error: no daemon, a refused token, or the API's own error body. Commands
-//! that wait for something subscribe to the daemon's event stream ([`Client::events`]).
+//! it into one clear error: no daemon, a refused token, or the API's own error body. Specs and
+//! packages are read here and sent by content ([`bundle`]). Commands that wait for something
+//! subscribe to the daemon's event stream ([`Client::events`]).
 
+mod bundle;
+mod download;
 mod events;
+
+use bundle::Bundle;
+pub use bundle::BundleError;
+pub use download::WriteError;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use events::{EventStream, Update};
 
+use libp2p::futures::TryStreamExt as _;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
 use super::{
-    AddBlob, ConnectRequest, ErrorBody, LogChunk, LoginLink, PauseRequest, PolicyDocument, PolicyText,
-    ResultsRequest, Status, SubmitJob, SubmitPackage,
+    ConnectRequest, ErrorBody, LogChunk, LoginLink, PauseRequest, PolicyDocument, PolicyText, Status,
 };
 use crate::availability::{Availability, OwnerPause};
 use crate::config::Paths;
@@ -29,10 +36,14 @@ use crate::net::{AdvertBody, PeerInfo};
 use crate::requests::RequestStatus;
 use crate::resources::Resources;
 use crate::store::OwnerNotice;
-use crate::transfer::{Fetch, FetchRequest, Imported};
+use crate::transfer::{Fetch, FetchRequest, Format, Imported};
 
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long sending a spec with its files, or receiving a job's outputs, may take: either may be
+/// large.
+const CONTENT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// How long a verification of the whole ledger may take (a million receipts take about a minute
 /// on two cores; witnesses get 10 s).
@@ -68,6 +79,12 @@ pub enum ClientError {
         /// The daemon's message.
         message: String,
     },
+    /// What the daemon sent could not be written here.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A spec or package could not be read or sent from this machine.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
     /// The connection failed after it was made, or the answer was not understood.
     #[error("talking to the daemon at {url}: {source}")]
     Http {
@@ -141,10 +158,11 @@ impl Client {
         self.get(&format!("/api/v1/jobs/{id}")).await
     }
 
-    /// `POST /api/v1/jobs`: runs the spec at `spec` (made absolute here) under the daemon.
+    /// `POST /api/v1/jobs`: runs the spec at `spec` under the daemon. The spec is checked and
+    /// read here, and sent with its files by content.
     pub async fn submit(&self, spec: &Path) -> Result<JobRecord, ClientError> {
-        let spec = std::path::absolute(spec).unwrap_or_else(|_| spec.to_owned());
-        self.send(self.http.post(self.url("/api/v1/jobs")).json(&SubmitJob { spec })).await
+        let form = self.bundle(spec, "spec", Bundle::job).await?;
+        self.send(self.http.post(self.url("/api/v1/jobs")).multipart(form).timeout(CONTENT_TIMEOUT)).await
     }
 
     /// `POST /api/v1/jobs/{id}/{action}`.
@@ -166,16 +184,33 @@ impl Client {
         self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
     }
 
-    /// `POST /api/v1/requests`: finds a provider for the spec at `spec` (made absolute here).
+    /// `POST /api/v1/requests`: finds a provider for the spec at `spec`, sent with its files by
+    /// content.
     pub async fn submit_remote(&self, spec: &Path) -> Result<RemoteJob, ClientError> {
-        let spec = std::path::absolute(spec).unwrap_or_else(|_| spec.to_owned());
-        self.send(self.http.post(self.url("/api/v1/requests")).json(&SubmitJob { spec })).await
+        let form = self.bundle(spec, "spec", Bundle::job).await?;
+        self.send(self.http.post(self.url("/api/v1/requests")).multipart(form).timeout(CONTENT_TIMEOUT)).await
     }
 
-    /// `POST /api/v1/packages`: queues the request package at `path` (made absolute here).
+    /// `POST /api/v1/packages`: queues the request package at `path`, sent with its task specs
+    /// and their files by content.
     pub async fn submit_package(&self, path: &Path) -> Result<RequestStatus, ClientError> {
-        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        self.send(self.http.post(self.url("/api/v1/packages")).json(&SubmitPackage { path })).await
+        let form = self.bundle(path, "package", Bundle::package).await?;
+        self.send(self.http.post(self.url("/api/v1/packages")).multipart(form).timeout(CONTENT_TIMEOUT)).await
+    }
+
+    /// Reads and checks the spec or package at `path` on this machine (off the async threads)
+    /// and builds its upload, the text sent as part `entry`.
+    async fn bundle(
+        &self,
+        path: &Path,
+        entry: &'static str,
+        read: fn(&Path) -> Result<(String, Bundle), BundleError>,
+    ) -> Result<reqwest::multipart::Form, ClientError> {
+        let path = path.to_owned();
+        let (text, bundle) = tokio::task::spawn_blocking(move || read(&path))
+            .await
+            .map_err(|error| BundleError::Unsendable { path: PathBuf::new(), why: error.to_string() })??;
+        Ok(bundle.form(entry, text).await?)
     }
 
     /// `GET /api/v1/packages`.
@@ -226,10 +261,14 @@ impl Client {
         self.get(&format!("/api/v1/requests/{id}/logs/{stream}?offset={offset}{wait}")).await
     }
 
-    /// `POST /api/v1/requests/{id}/results`: write a remote job's fetched outputs to `out`.
+    /// `POST /api/v1/requests/{id}/results`, then the folder: writes a remote job's fetched
+    /// outputs to `out` on this machine.
     pub async fn remote_results(&self, id: &str, out: &Path) -> Result<Imported, ClientError> {
-        let body = ResultsRequest { out: Some(out.to_owned()) };
-        self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/results"))).json(&body)).await
+        download::check_free(out)?;
+        let blob: Imported =
+            self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/results")))).await?;
+        self.download(&blob, out).await?;
+        Ok(blob)
     }
 
     /// `GET /api/v1/peers`.
@@ -289,16 +328,49 @@ impl Client {
         self.get(&format!("/api/v1/requests/{id}/notices")).await
     }
 
-    /// `POST /api/v1/blobs`: put a file or folder in the store, shared with `peers`.
+    /// `POST /api/v1/blobs`: put a file or folder of this machine in the store, sent by content,
+    /// shared with `peers`. Entries of a folder that are not regular files or folders are left
+    /// out and listed in `skipped`, as the store's own import does.
     pub async fn add_blob(&self, path: &Path, peers: &[String]) -> Result<Imported, ClientError> {
-        let body = AddBlob { path: path.to_owned(), share_with: peers.to_vec() };
-        self.send(self.http.post(self.url("/api/v1/blobs")).json(&body)).await
+        let path = path.to_owned();
+        let (bundle, format, skipped) = tokio::task::spawn_blocking(move || Bundle::blob(&path))
+            .await
+            .map_err(|error| BundleError::Unsendable { path: PathBuf::new(), why: error.to_string() })??;
+        let mut form = bundle.form("format", format.to_owned()).await?;
+        for peer in peers {
+            form = form.text("share_with", peer.clone());
+        }
+        let mut imported: Imported = self
+            .send(self.http.post(self.url("/api/v1/blobs")).multipart(form).timeout(CONTENT_TIMEOUT))
+            .await?;
+        imported.skipped.extend(skipped);
+        Ok(imported)
     }
 
-    /// `POST /api/v1/jobs/{id}/results`: keep an ended job's outputs and write them to `out`.
+    /// `POST /api/v1/jobs/{id}/results` (keeps an ended job's outputs as a folder blob), then the
+    /// folder: writes them to `out` on this machine.
     pub async fn results(&self, id: &str, out: &Path) -> Result<Imported, ClientError> {
-        let body = ResultsRequest { out: Some(out.to_owned()) };
-        self.send(self.http.post(self.url(&format!("/api/v1/jobs/{id}/results"))).json(&body)).await
+        download::check_free(out)?;
+        let blob: Imported =
+            self.send(self.http.post(self.url(&format!("/api/v1/jobs/{id}/results")))).await?;
+        self.download(&blob, out).await?;
+        Ok(blob)
+    }
+
+    /// `GET /api/v1/blobs/{hash}`: writes a complete blob of the daemon's store to `dest` here
+    /// (a file, or a folder that must not exist or be empty).
+    pub async fn download(&self, blob: &Imported, dest: &Path) -> Result<(), ClientError> {
+        let folder = if blob.blob.format == Format::Folder { "?folder=true" } else { "" };
+        let url = self.url(&format!("/api/v1/blobs/{}{folder}", blob.blob.hash));
+        let response = self.respond(self.http.get(url).timeout(CONTENT_TIMEOUT)).await?;
+        let body = tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
+        let (blob, dest) = (blob.clone(), dest.to_owned());
+        tokio::task::spawn_blocking(move || {
+            download::write(tokio_util::io::SyncIoBridge::new(body), &blob, &dest)
+        })
+        .await
+        .map_err(|error| download::WriteError { path: PathBuf::new(), message: error.to_string() })??;
+        Ok(())
     }
 
     /// `POST /api/v1/transfers`: start fetching.
@@ -346,6 +418,12 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.respond(request).await?;
+        response.json().await.map_err(|source| ClientError::Http { url: self.info.url.clone(), source })
+    }
+
+    /// Sends `request` with the token; the response when it succeeded, else the error it says.
+    async fn respond(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let http_err = |source| ClientError::Http { url: self.info.url.clone(), source };
         let response = request.bearer_auth(self.token.as_str()).send().await.map_err(|e| {
             if e.is_connect() {
@@ -356,7 +434,7 @@ impl Client {
             }
         })?;
         match response.status() {
-            status if status.is_success() => response.json().await.map_err(http_err),
+            status if status.is_success() => Ok(response),
             StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized {
                 url: self.info.url.clone(),
                 token_path: self.paths.api_token(),

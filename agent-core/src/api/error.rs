@@ -77,8 +77,18 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub(crate) fn internal(message: &str) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    pub(crate) fn with_status(status: StatusCode, code: &str, message: &str) -> Self {
+        Self::new(status, code, message)
+    }
+
+    pub(crate) fn internal(code: &str, message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
+    }
+
+    /// The stable error code.
+    #[cfg(test)]
+    pub(crate) fn code(&self) -> &str {
+        &self.body.code
     }
 
     pub(crate) fn not_found() -> Self {

@@ -3,39 +3,35 @@
 //! reservations this agent holds for other agents' packages (`/api/v1/reservations`).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Body, Path};
+use super::extract::Path;
+use super::upload::{self, Entry, PackageUpload};
 use crate::market::HeldReservation;
 use crate::requests::RequestStatus;
 
-/// A package to submit.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitPackage {
-    /// The package file, as an absolute path on this machine.
-    #[schema(value_type = String)]
-    pub path: std::path::PathBuf,
-}
-
 /// Validates a request package, queues it and its tasks, and answers at once with the request
-/// (its id); acquisition and the tasks go on in the background.
-#[utoipa::path(post, path = "/api/v1/packages", request_body = SubmitPackage, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
+/// (its id); acquisition and the tasks go on in the background. The package comes with its task
+/// specs and their files, by content (see `PackageUpload`); they are staged under the data dir
+/// until the request ends, since each task's spec is read when the task starts.
+#[utoipa::path(post, path = "/api/v1/packages",
+    request_body(content = PackageUpload, content_type = "multipart/form-data"), responses(
     (status = 201, body = RequestStatus),
-    (status = 400, body = ErrorBody, description = "the package is invalid; `problems` lists every problem and nothing was queued"),
+    (status = 400, body = ErrorBody, description = "the package is invalid (`problems` lists every problem), an upload name is unsafe or a file it names was not uploaded; nothing was queued and nothing is kept"),
+    (status = 413, body = ErrorBody, description = "the upload is over a limit, which the message names"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Body(body): Body<SubmitPackage>,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<RequestStatus>), ApiError> {
-    Ok((StatusCode::CREATED, Json(state.requests.submit(&body.path).await?)))
+    let staged =
+        upload::receive(&state.uploads, state.upload_limits, Entry::Package, multipart).await?.staged;
+    Ok((StatusCode::CREATED, Json(state.requests.submit_staged(staged).await?)))
 }
 
 /// Every request package, oldest first.

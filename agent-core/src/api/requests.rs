@@ -2,33 +2,39 @@
 //! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
-
-use super::error::{ApiError, ErrorBody};
 use serde::Deserialize;
 
-use super::extract::{Body, Path, Query};
-use super::{ApiState, LogChunk, ResultsRequest, SubmitJob};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Path, Query};
+use super::upload::{self, Entry, SpecUpload};
+use super::{ApiState, LogChunk};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
 use crate::store::OwnerNotice;
 use crate::transfer::Imported;
 
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
-/// id is the request's.
-#[utoipa::path(post, path = "/api/v1/requests", request_body = SubmitJob, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
+/// id is the request's. The spec comes with its files, by content (see `SpecUpload`); they go
+/// into the blob store before this answers, and the staged copy is removed.
+#[utoipa::path(post, path = "/api/v1/requests",
+    request_body(content = SpecUpload, content_type = "multipart/form-data"), responses(
     (status = 201, body = RemoteJob),
-    (status = 400, body = ErrorBody, description = "the spec is invalid; nothing was sent"),
+    (status = 400, body = ErrorBody, description = "the spec is invalid, an upload name is unsafe or a spec names a file that was not uploaded; nothing was sent and nothing is kept"),
+    (status = 413, body = ErrorBody, description = "the upload is over a limit, which the message names"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
-    Body(body): Body<SubmitJob>,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<RemoteJob>), ApiError> {
-    Ok((StatusCode::CREATED, Json(state.market.submit(&body.spec).await?)))
+    let staged = upload::receive(&state.uploads, state.upload_limits, Entry::Spec, multipart).await?.staged;
+    let job = state.market.submit_staged(&staged).await;
+    // The files are in the blob store (or the job was refused): the staged copy can go.
+    let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+    Ok((StatusCode::CREATED, Json(job?)))
 }
 
 /// Every remote job, oldest first.
@@ -102,13 +108,11 @@ pub(super) async fn logs(
     Ok(Json(LogChunk { text, next_offset, finished }))
 }
 
-/// Writes an ended remote job's outputs, fetched from its provider, into `out`.
+/// Answers an ended remote job's outputs, fetched from its provider, as a folder blob (its hash,
+/// files and size); read them with `GET /api/v1/blobs/{hash}?folder=true`.
 #[utoipa::path(post, path = "/api/v1/requests/{id}/results", params(("id" = String, Path, description = "The request's id")),
-    request_body = ResultsRequest, responses(
-    (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
-    (status = 422, description = "The body is not of this shape; the field is named", body = ErrorBody),
+    responses(
     (status = 200, body = Imported),
-    (status = 400, description = "`out` is missing or not an empty folder", body = ErrorBody),
     (status = 404, body = ErrorBody),
     (status = 409, description = "the job has not ended or its outputs are not here", body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
@@ -116,15 +120,8 @@ pub(super) async fn logs(
 pub(super) async fn results(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Body(body): Body<ResultsRequest>,
 ) -> Result<Json<Imported>, ApiError> {
-    let Some(out) = body.out else {
-        return Err(ApiError::bad_request(
-            "missing_out",
-            "name the folder to write the outputs into (`out`)",
-        ));
-    };
-    Ok(Json(state.market.results(&id, out).await?))
+    Ok(Json(state.market.results(&id).await?))
 }
 
 /// The signed notices the provider of a remote job sent about it, oldest first: each state the

@@ -221,7 +221,7 @@ pub(super) async fn login(State(state): State<ApiState>, Query(query): Query<Log
             [(header::SET_COOKIE, cookie), (header::LOCATION, HeaderValue::from_static(AFTER_LOGIN))],
         )
             .into_response(),
-        Err(_) => ApiError::internal("the session cookie could not be made").into_response(),
+        Err(_) => ApiError::internal("internal", "the session cookie could not be made").into_response(),
     }
 }
 
@@ -241,7 +241,7 @@ pub(super) async fn logout(State(state): State<ApiState>, headers: HeaderMap) ->
     let clear = format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     match HeaderValue::from_str(&clear) {
         Ok(clear) => ([(header::SET_COOKIE, clear)], Json(())).into_response(),
-        Err(_) => ApiError::internal("the session cookie could not be cleared").into_response(),
+        Err(_) => ApiError::internal("internal", "the session cookie could not be cleared").into_response(),
     }
 }
 

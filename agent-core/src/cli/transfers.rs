@@ -28,9 +28,8 @@ pub(super) struct Get<'a> {
 
 /// `hearth blob add PATH [--share PEER]…`.
 pub(super) async fn add(client: &Client, path: &Path, share: &[String], json: bool) -> anyhow::Result<()> {
-    // The daemon reads the path, so it must not depend on this shell's working folder.
-    let path = std::path::absolute(path)?;
-    let imported = client.add_blob(&path, share).await?;
+    // Read here and sent by content: the daemon never reads a path this command names.
+    let imported = client.add_blob(path, share).await?;
     for skipped in &imported.skipped {
         eprintln!("hearth: left out {skipped} (not a file or a folder)");
     }

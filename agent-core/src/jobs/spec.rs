@@ -221,9 +221,15 @@ pub struct Limits {
 impl JobSpec {
     /// Reads and validates the spec at `path`; relative paths in it are relative to its folder.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Self::load_in(path, base)
+    }
+
+    /// Reads and validates the spec at `path`; relative paths in it are relative to `base` (an
+    /// upload's staged spec lies beside the folder of its files, not in it).
+    pub fn load_in(path: &Path, base: &Path) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| SpecError::Read { path: path.to_owned(), source })?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Self::parse(&text, path, base)
     }
 

@@ -23,6 +23,7 @@ use super::{JobState, Transition};
 use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::store::{OwnerNotice, Store, StoreError};
+use crate::uploads::Staged;
 
 /// A job as the store keeps it and the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -31,7 +32,8 @@ pub struct JobRecord {
     pub id: String,
     /// `wasi` or `native`.
     pub kind: String,
-    /// The spec file it came from.
+    /// The spec file it came from: for a job submitted through the API, its staged copy under
+    /// `DATA/uploads/`, removed when the job ends.
     #[schema(value_type = String)]
     pub spec_path: PathBuf,
     /// Its folder, holding `out/` and the logs.
@@ -158,8 +160,26 @@ impl Supervisor {
 
     /// Validates the spec at `spec_path`, records the job and starts it.
     pub async fn submit(&self, spec_path: &Path) -> Result<JobRecord, SupervisorError> {
+        let base = spec_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        self.submit_in(spec_path, base.to_owned(), None).await
+    }
+
+    /// Validates an uploaded spec and its files, records the job and starts it. The staging
+    /// folder is kept until the job ends (the runner reads the files when the job starts, which
+    /// may be long after, while the owner's pause lasts), then removed.
+    pub async fn submit_staged(&self, staged: Staged) -> Result<JobRecord, SupervisorError> {
+        let (spec, files) = (staged.spec(), staged.files());
+        self.submit_in(&spec, files, Some(staged)).await
+    }
+
+    async fn submit_in(
+        &self,
+        spec_path: &Path,
+        base: PathBuf,
+        staged: Option<Staged>,
+    ) -> Result<JobRecord, SupervisorError> {
         let path = spec_path.to_owned();
-        let spec = tokio::task::spawn_blocking(move || JobSpec::load(&path))
+        let spec = tokio::task::spawn_blocking(move || JobSpec::load_in(&path, &base))
             .await
             .map_err(|error| SupervisorError::Control { id: String::new(), message: error.to_string() })??;
         if spec.resources.gpus > 0 {
@@ -191,7 +211,11 @@ impl Supervisor {
         let inner = Arc::clone(&self.inner);
         let request = JobRequest { id, spec, gpus: Vec::new() };
         let first = record.clone();
-        self.inner.tasks.spawn(async move { inner.drive(first, request, control_rx).await });
+        self.inner.tasks.spawn(async move {
+            inner.drive(first, request, control_rx).await;
+            // Removing the uploaded files is disk work; keep it off the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(staged)).await;
+        });
         Ok(record)
     }
 
@@ -448,15 +472,7 @@ pub fn read_log(job_dir: &Path, stream: Stream, offset: u64) -> std::io::Result<
     Ok(bytes)
 }
 
-/// A fresh random id (of a job, of a transfer): 12 hex digits, short enough to type.
+/// A fresh random id of a job or a transfer: 12 hex digits, short enough to type.
 pub(crate) fn random_id() -> String {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut bytes = [0u8; 6];
-    // SystemRandom only fails if the OS has no randomness at all; the time is unique enough then.
-    if SystemRandom::new().fill(&mut bytes).is_err() {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
-    }
-    hex::encode(bytes)
+    crate::proto::random_id(6)
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::matching::{self, Amount, Candidate};
-use super::{Inner, MarketError, credits, price_per_hour, random_hex};
+use super::{Inner, MarketError, credits, price_per_hour};
 use crate::clock::{self, unix_now};
 use crate::events::Event;
 use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError};
@@ -72,7 +72,8 @@ pub struct RemoteJob {
     pub id: String,
     /// `wasi` or `native`.
     pub kind: String,
-    /// The spec file it came from.
+    /// The spec file it came from: its staged copy under `DATA/uploads/` (gone once its files
+    /// were in the blob store), or a request package's task spec.
     #[schema(value_type = String)]
     pub spec_path: PathBuf,
     /// Where it is in its life, as its provider last said (or `queued` while no one agreed yet).
@@ -189,8 +190,12 @@ pub(super) async fn resume(inner: &Arc<Inner>) {
 }
 
 /// Records the job and starts looking for a provider.
-pub(super) async fn submit(inner: &Arc<Inner>, spec_path: &Path) -> Result<RemoteJob, MarketError> {
-    let (job, template) = prepare(inner, spec_path, None).await?;
+pub(super) async fn submit(
+    inner: &Arc<Inner>,
+    spec_path: &Path,
+    base: &Path,
+) -> Result<RemoteJob, MarketError> {
+    let (job, template) = prepare(inner, spec_path, base, None).await?;
     record(inner, &job, template).await;
     let (task_inner, id) = (Arc::clone(inner), job.id.clone());
     inner.tasks.spawn(async move { search(task_inner, id).await });
@@ -208,7 +213,8 @@ pub(super) async fn submit_in(
     reservation: &str,
     prices: Prices,
 ) -> Result<RemoteJob, MarketError> {
-    let (mut job, template) = prepare(inner, spec_path, Some(reservation.to_owned())).await?;
+    let base = spec_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (mut job, template) = prepare(inner, spec_path, base, Some(reservation.to_owned())).await?;
     job.request = Some(package.to_owned());
     job.note = Some(format!("asking {provider}, which holds resources for request {package}"));
     record(inner, &job, template.clone()).await;
@@ -246,18 +252,19 @@ pub(super) async fn submit_in(
 async fn prepare(
     inner: &Arc<Inner>,
     spec_path: &Path,
+    base: &Path,
     reservation: Option<String>,
 ) -> Result<(RemoteJob, JobRequest), MarketError> {
-    let path = spec_path.to_owned();
+    let (path, base) = (spec_path.to_owned(), base.to_owned());
     let (spec, text) = tokio::task::spawn_blocking(move || {
-        let spec = JobSpec::load(&path)?;
+        let spec = JobSpec::load_in(&path, &base)?;
         let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
         Ok::<_, SpecError>((spec, text))
     })
     .await
     .map_err(|error| MarketError::Conflict(error.to_string()))??;
     let (spec_text, files) = package(inner, &spec, &text, spec_path).await?;
-    let id = random_hex(6);
+    let id = crate::proto::random_id(6);
     let now = unix_now();
     let resources = Resources {
         cpu_millis: u64::from(spec.resources.cpu_millis),
@@ -787,7 +794,7 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
 }
 
 /// Writes the fetched outputs to `dest`.
-pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Result<Imported, MarketError> {
+pub(super) async fn results(inner: &Arc<Inner>, id: &str) -> Result<Imported, MarketError> {
     let job = job_of(inner, id)?;
     let Some(outputs) = job.outputs.filter(|_| job.state.is_terminal()) else {
         return Err(MarketError::Conflict(format!(
@@ -795,7 +802,7 @@ pub(super) async fn results(inner: &Arc<Inner>, id: &str, dest: PathBuf) -> Resu
             job.state.name()
         )));
     };
-    Ok(inner.parts.transfers.export(outputs, dest).await?)
+    Ok(inner.parts.transfers.summary(outputs).await?)
 }
 
 /// One remote job, or that there is none.

@@ -17,8 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::matching::{self, Amount, Class, Pending, Weights};
 use super::reservations::{self, Reservations};
 use super::{
-    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, random_hex, receipts, rejected,
-    reputation,
+    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, receipts, rejected, reputation,
 };
 use crate::availability::{Availability, Capacity};
 use crate::clock::{self, unix_now};
@@ -381,10 +380,17 @@ pub(super) fn capacity_amount(capacity: &Capacity) -> Amount {
 /// Offers signed terms for a chosen request; on acceptance, records the agreement and runs it.
 async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     let request = waiting.request;
+    // A guessable access key would let anyone open sessions under the agreement: no offer then.
+    let Some(access_key) = crate::proto::random_secret(32) else {
+        tracing::error!(consumer = %waiting.consumer, "no randomness for an access key; no offer made");
+        inner.provider().offering.remove(&(waiting.consumer, request.request_id.clone()));
+        inner.wake.notify_one();
+        return;
+    };
     let now = unix_now();
     let terms = Terms {
         version: VERSION,
-        agreement_id: random_hex(16),
+        agreement_id: crate::proto::random_id(16),
         request_id: request.request_id.clone(),
         request_hash: waiting.hash,
         provider: inner.parts.identity.peer_id().to_string(),
@@ -393,7 +399,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         prices: PRICES,
         price_per_hour: price_per_hour(&PRICES, &request.resources),
         window: [now, now.saturating_add(i64::try_from(request.time_limit_s).unwrap_or(i64::MAX))],
-        access_key: random_hex(32),
+        access_key,
         hosted: request.hosted,
         network: request.network,
         gpus: Vec::new(),
@@ -610,7 +616,7 @@ async fn execute(
     if let JobState::Cancelled { reason: Some(why) } = &state {
         reason = Some(why.clone());
     }
-    let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out"), None).await {
+    let outputs = match inner.parts.transfers.results(&job.id, job.job_dir.join("out")).await {
         Ok(imported) => match inner.parts.transfers.grant(consumer, imported.blob).await {
             Ok(()) => Some(imported),
             Err(error) => {

@@ -118,9 +118,14 @@ fn joined(problems: &[Problem]) -> String {
 impl Package {
     /// Reads and validates the package at `path`; spec paths in it are relative to its folder.
     pub fn load(path: &Path) -> Result<Self, PackageError> {
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Self::load_in(path, base)
+    }
+
+    /// Reads and validates the package at `path`; spec paths in it are relative to `base`.
+    pub fn load_in(path: &Path, base: &Path) -> Result<Self, PackageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| PackageError::Read { path: path.to_owned(), source })?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Self::parse(&text, path, base)
     }
 
