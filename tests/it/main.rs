@@ -226,6 +226,10 @@ fn main() {
             follow::submit_wait_and_remote_logs_follow_end_with_the_remote_job,
         ),
         sandboxed(
+            "follow::a_job_submitted_before_any_provider_shares_runs_once_one_appears",
+            follow::a_job_submitted_before_any_provider_shares_runs_once_one_appears,
+        ),
+        sandboxed(
             "daemon_jobs::pause_resume_and_cancel_from_the_cli",
             daemon_jobs::pause_resume_and_cancel_from_the_cli,
         ),

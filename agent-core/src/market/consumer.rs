@@ -370,6 +370,8 @@ async fn search(inner: Arc<Inner>, id: String) {
     let deadline = Instant::now() + SEARCH_FOR;
     let mut refused: BTreeMap<PeerId, String> = BTreeMap::new();
     let mut seen_any = false;
+    // Subscribed before each look at the adverts, so one that arrives after it wakes the search.
+    let mut changes = inner.parts.events.subscribe();
     loop {
         let Some(template) = template_of(&inner, &id) else { return };
         let mut adverts = sharing(&inner).await;
@@ -390,10 +392,21 @@ async fn search(inner: Arc<Inner>, id: String) {
                 update(&inner, &id, |job| job.state = JobState::Failed { reason }).await;
                 return;
             }
-            tokio::select! {
-                () = inner.stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            // Until an advert arrives or changes (a provider starts sharing, or frees capacity),
+            // or the search's time is up.
+            let until = tokio::time::Instant::from_std(deadline);
+            loop {
+                tokio::select! {
+                    () = inner.stop.cancelled() => return,
+                    () = tokio::time::sleep_until(until) => break,
+                    event = changes.recv() => match event {
+                        Ok(Event::OfferChanged { .. }) | Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return,
+                        Ok(_) => {}
+                    },
+                }
             }
+            continue;
         }
         let chosen: Vec<(PeerId, Prices)> =
             ranked.iter().take(ASK_AT_ONCE).map(|&i| (adverts[i].0, adverts[i].1.prices.clone())).collect();

@@ -1,7 +1,8 @@
 //! Following a remote job once agreed: the provider's signed notices move its state (in `seq`
 //! order) and are kept in the ledger (read back by [`notices`]), the provider is asked for the
 //! latest every [`STATUS_EVERY`] and the job fails when it stops answering, and the outputs are
-//! fetched when the job ended there.
+//! fetched when the job ended there. The notices are what moves the job; the status question is
+//! the liveness check that finds a provider gone (or a notice lost), so it stays on a timer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +11,6 @@ use libp2p::PeerId;
 
 use super::{MIN_OUTPUTS_CAP, MISSED_STATUS, STATUS_EVERY, update};
 use crate::clock::unix_now;
-
-/// How long past the agreed window a job may go without its provider ending it.
-const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 use crate::jobs::JobState;
 use crate::ledger::record::Kind;
 use crate::market::receipts;
@@ -20,6 +18,9 @@ use crate::market::{Fetched, Inner, MarketError, fetch_to_end, rejected};
 use crate::net::negotiate::{Agreement, Message, NOTICE_TAG, Notice, Reply, Signed};
 use crate::store::OwnerNotice;
 use crate::transfer::{BlobRef, FetchRequest, Format};
+
+/// How long past the agreed window a job may go without its provider ending it.
+const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);
 
 /// A notice from the provider of one of this agent's jobs.
 pub(in crate::market) async fn on_notice(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -> Reply {
