@@ -52,12 +52,12 @@ pub const LOGGED_EVERY: Duration = Duration::from_millis(100);
 /// How often the scratch disk is measured.
 const DISK_CHECK: Duration = Duration::from_millis(200);
 
-/// The file in the job folder where a run leaves what the job used ([`Usage`]).
+/// The file in the job folder where a run leaves what the job used ([`Measured`]).
 pub const USAGE_FILE: &str = "usage.json";
 
 /// What a job used, as measured on this machine: the basis of a receipt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
+pub struct Measured {
     /// Wall-clock time from `running` to the end, paused time excluded, in milliseconds.
     pub running_ms: u64,
     /// CPU time of every process of the job, as its cgroup counted it, in microseconds.
@@ -70,7 +70,7 @@ pub struct Usage {
     pub network_bytes: u64,
 }
 
-impl Usage {
+impl Measured {
     /// What the run of the job in `job_dir` left; `None` when it never ran (or left nothing).
     pub fn read(job_dir: &Path) -> Option<Self> {
         serde_json::from_slice(&fs::read(job_dir.join(USAGE_FILE)).ok()?).ok()
@@ -431,7 +431,7 @@ impl Runner {
             .saturating_sub(paused_for + paused_since.map_or(Duration::ZERO, |since| since.elapsed()));
         // Whatever ended the run, nothing of the job may be left; this also closes the pipes.
         let killed = blocking(cgroup, JobCgroup::kill_all).await;
-        let usage = Usage {
+        let usage = Measured {
             running_ms: u64::try_from(running.as_millis()).unwrap_or(u64::MAX),
             cpu_usec: cgroup
                 .cpu_usage()

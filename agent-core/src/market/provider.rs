@@ -22,7 +22,7 @@ use super::{
 use crate::availability::{Availability, Capacity};
 use crate::clock::{self, unix_now};
 use crate::events::Event;
-use crate::jobs::runner::Usage;
+use crate::jobs::runner::Measured;
 use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState};
 use crate::ledger::record::Kind;
 use crate::net::negotiate::{
@@ -494,7 +494,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     let outcome = state.name();
     let job_dir =
         inner.provider().agreements.get(&id).and_then(|running| running.job.clone()).map(|(_, dir)| dir);
-    let measured = job_dir.as_deref().and_then(Usage::read);
+    let measured = job_dir.as_deref().and_then(Measured::read);
     let receipt = receipts::issue(&inner, &agreement, &terms, &state, measured, outputs.as_ref());
     notify(&inner, &id, state, reason, outputs.map(|imported| imported.blob), receipt).await;
     if let Some(running) = inner.provider().agreements.get_mut(&id) {

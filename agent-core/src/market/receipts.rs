@@ -1,6 +1,6 @@
 //! Receipts for work done under an agreement, and the checkpoints traded with them.
 //!
-//! When a job ends, its provider measures what it used ([`Usage`] from the job folder), prices it
+//! When a job ends, its provider measures what it used ([`Measured`] from the job folder), prices it
 //! by the agreement ([`record::charges`]), signs the receipt and sends it with the last notice.
 //! The consumer, once it has fetched the outputs, checks the receipt against the agreement and
 //! the outputs' root ([`check`]), countersigns it, appends it to its ledger and returns the
@@ -19,7 +19,7 @@ use serde_json::json;
 use super::Inner;
 use crate::clock::unix_now;
 use crate::jobs::JobState;
-use crate::jobs::runner::Usage as Measured;
+use crate::jobs::runner::Measured;
 use crate::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage};
 use crate::net::negotiate::{Agreement, Message, Reply, Signed, Terms};
 use crate::transfer::Imported;
