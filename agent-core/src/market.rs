@@ -38,7 +38,7 @@ use crate::identity::Identity;
 use crate::jobs::{SpecError, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
-use crate::net::negotiate::{Message, Reply, Reservation, ReserveRequest, Resources, Signed};
+use crate::net::negotiate::{Allocation, Message, Reply, Reservation, ReserveRequest, Signed};
 use crate::net::{Inbound, Network};
 use crate::store::{OwnerNotice, Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
@@ -222,7 +222,7 @@ impl Market {
     /// best first, with the prices their adverts show.
     pub async fn providers_for(
         &self,
-        demand: &Resources,
+        demand: &Allocation,
         time_s: u64,
         max_price_per_hour: Option<u64>,
     ) -> Vec<(PeerId, Prices)> {
@@ -349,7 +349,7 @@ async fn fetch_to_end(transfers: &Transfers, request: FetchRequest, stop: &Cance
 }
 
 /// What matching weighs of a request's or an agreement's resources.
-fn amount(resources: &Resources) -> matching::Amount {
+fn amount(resources: &Allocation) -> matching::Amount {
     matching::Amount {
         cpu_millis: resources.cpu_millis,
         memory_bytes: resources.memory_bytes,
@@ -359,7 +359,7 @@ fn amount(resources: &Resources) -> matching::Amount {
 }
 
 /// The price of `resources` for an hour at `prices`, in thousandths of a credit, rounded up.
-pub fn price_per_hour(prices: &Prices, resources: &Resources) -> u64 {
+pub fn price_per_hour(prices: &Prices, resources: &Allocation) -> u64 {
     const GIB: u128 = 1 << 30;
     let cores = (u128::from(prices.core_hour) * u128::from(resources.cpu_millis)).div_ceil(1000);
     let memory = (u128::from(prices.memory_gib_hour) * u128::from(resources.memory_bytes)).div_ceil(GIB);
@@ -389,11 +389,11 @@ mod tests {
 
     #[test]
     fn prices_add_up_per_resource_and_round_up() {
-        let one_core = Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ..Resources::default() };
+        let one_core = Allocation { cpu_millis: 1000, memory_bytes: 1 << 30, ..Allocation::default() };
         assert_eq!(price_per_hour(&PRICES, &one_core), 1100);
-        let tiny = Resources { cpu_millis: 1, memory_bytes: 1, ..Resources::default() };
+        let tiny = Allocation { cpu_millis: 1, memory_bytes: 1, ..Allocation::default() };
         assert_eq!(price_per_hour(&PRICES, &tiny), 2);
-        let gpu = Resources { gpus: 2, ..Resources::default() };
+        let gpu = Allocation { gpus: 2, ..Allocation::default() };
         assert_eq!(price_per_hour(&PRICES, &gpu), 20_000);
         assert_eq!(credits(1025), "1.025");
         assert_eq!(credits(20_000), "20.000");

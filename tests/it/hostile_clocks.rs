@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use hearth::net::advert::sign;
 use hearth::net::negotiate::{
-    JobRequest, Message, REQUEST_TAG, RESERVE_TAG, Reply, ReserveRequest, Resources, Signed, VERSION,
+    Allocation, JobRequest, Message, REQUEST_TAG, RESERVE_TAG, Reply, ReserveRequest, Signed, VERSION,
 };
 use hearth_tests::Agent;
 use libp2p::{Multiaddr, PeerId};
@@ -53,11 +53,11 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
                 expires_at,
                 spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
                 files: BTreeMap::new(),
-                resources: Resources {
+                resources: Allocation {
                     cpu_millis: 100,
                     memory_bytes: 64 << 20,
                     disk_bytes: 16 << 20,
-                    ..Resources::default()
+                    ..Allocation::default()
                 },
                 time_limit_s: 60,
                 network: false,
@@ -85,11 +85,11 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
                 consumer: me.peer_id().to_string(),
                 provider: provider.to_string(),
                 issued_at,
-                resources: Resources {
+                resources: Allocation {
                     cpu_millis: 100,
                     memory_bytes: 64 << 20,
                     disk_bytes: 16 << 20,
-                    ..Resources::default()
+                    ..Allocation::default()
                 },
                 network: false,
                 max_price_per_hour: None,

@@ -13,8 +13,8 @@ use hearth::identity::Identity;
 use hearth::jobs::JobState;
 use hearth::net::advert::Prices;
 use hearth::net::negotiate::{
-    self, AGREEMENT_TAG, JobRequest, Message, NOTICE_TAG, Notice, RELEASE_TAG, REQUEST_TAG, RESERVATION_TAG,
-    RESERVE_TAG, Release, Reply, Reservation, ReserveRequest, Resources, Signed, Terms, VERSION,
+    self, AGREEMENT_TAG, Allocation, JobRequest, Message, NOTICE_TAG, Notice, RELEASE_TAG, REQUEST_TAG,
+    RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation, ReserveRequest, Signed, Terms, VERSION,
 };
 use hearth_tests::{Agent, json_of};
 use libp2p::futures::StreamExt;
@@ -86,7 +86,7 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
             expires_at: now() + 600,
             spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
             files: BTreeMap::new(),
-            resources: Resources { cpu_millis: 100, memory_bytes: 64 << 20, disk_bytes: 16 << 20, ..Resources::default() },
+            resources: Allocation { cpu_millis: 100, memory_bytes: 64 << 20, disk_bytes: 16 << 20, ..Allocation::default() },
             time_limit_s: 60,
             network: false,
             hosted: false,
@@ -301,11 +301,11 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
         consumer: me.peer_id().to_string(),
         provider: provider.to_string(),
         issued_at: now(),
-        resources: Resources {
+        resources: Allocation {
             cpu_millis: 500,
             memory_bytes: 64 << 20,
             disk_bytes: 16 << 20,
-            ..Resources::default()
+            ..Allocation::default()
         },
         network: false,
         max_price_per_hour: None,
@@ -333,7 +333,7 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
         let reply = ask(&mut theirs, provider, Message::Reserve { request: forged }).await?;
         ensure!(matches!(&reply, Reply::Refused { reason } if reason.contains("came from")), "{reply:?}");
         let huge = ReserveRequest {
-            resources: Resources { cpu_millis: 1 << 40, memory_bytes: 1 << 20, ..Resources::default() },
+            resources: Allocation { cpu_millis: 1 << 40, memory_bytes: 1 << 20, ..Allocation::default() },
             ..ask_for("hostile-r3")
         };
         let reply =
@@ -388,11 +388,11 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
             expires_at: now() + 600,
             spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
             files: BTreeMap::new(),
-            resources: Resources {
+            resources: Allocation {
                 cpu_millis,
                 memory_bytes: 64 << 20,
                 disk_bytes: 16 << 20,
-                ..Resources::default()
+                ..Allocation::default()
             },
             time_limit_s: 60,
             network: false,

@@ -23,7 +23,7 @@ use crate::jobs::{Image, JobKind, JobSpec, JobState, SpecError};
 use crate::ledger::record::Kind;
 use crate::net::advert::{AdvertBody, Prices};
 use crate::net::negotiate::{
-    AGREEMENT_TAG, Agreement, JobRequest, Message, REQUEST_TAG, Reply, Resources, Signed, Terms, VERSION,
+    AGREEMENT_TAG, Agreement, Allocation, JobRequest, Message, REQUEST_TAG, Reply, Signed, Terms, VERSION,
     sign_detached,
 };
 use crate::store::Store;
@@ -266,7 +266,7 @@ async fn prepare(
     let (spec_text, files) = package(inner, &spec, &text, spec_path).await?;
     let id = crate::proto::random_id(6);
     let now = unix_now();
-    let resources = Resources {
+    let resources = Allocation {
         cpu_millis: u64::from(spec.resources.cpu_millis),
         memory_bytes: spec.resources.memory_bytes,
         disk_bytes: spec.resources.disk_bytes,
@@ -530,7 +530,7 @@ fn template_of(inner: &Arc<Inner>, id: &str) -> Option<JobRequest> {
 /// The sharing providers whose adverts fit `demand`, best first, with their advertised prices.
 pub(super) async fn providers_for(
     inner: &Arc<Inner>,
-    demand: &Resources,
+    demand: &Allocation,
     time_s: u64,
     max_price_per_hour: Option<u64>,
 ) -> Vec<(PeerId, Prices)> {
@@ -558,7 +558,7 @@ async fn sharing(inner: &Arc<Inner>) -> Vec<(PeerId, AdvertBody)> {
 /// The adverts that fit `resources` for `time_s` under the price ceiling, best first (see
 /// [`matching::rank`]).
 fn rank(
-    resources: &Resources,
+    resources: &Allocation,
     time_s: u64,
     max_price_per_hour: Option<u64>,
     adverts: &[(PeerId, AdvertBody)],
@@ -861,11 +861,11 @@ mod tests {
             expires_at: 1000,
             spec: String::new(),
             files: BTreeMap::new(),
-            resources: Resources {
+            resources: Allocation {
                 cpu_millis: 1000,
                 memory_bytes: 1 << 28,
                 disk_bytes: 1 << 30,
-                ..Resources::default()
+                ..Allocation::default()
             },
             time_limit_s: 60,
             network: false,
@@ -879,11 +879,11 @@ mod tests {
     }
 
     fn terms(provider: &PeerId, consumer: &PeerId) -> Terms {
-        let resources = Resources {
+        let resources = Allocation {
             cpu_millis: 1000,
             memory_bytes: 1 << 28,
             disk_bytes: 1 << 30,
-            ..Resources::default()
+            ..Allocation::default()
         };
         Terms {
             version: VERSION,
@@ -912,7 +912,7 @@ mod tests {
         let good = terms(&provider, &me);
         assert_eq!(check_offer(&good, &provider, &me, &n, 50), Ok(()));
 
-        let less = Resources { cpu_millis: 500, ..good.resources };
+        let less = Allocation { cpu_millis: 500, ..good.resources };
         let cases: Vec<(Terms, PeerId, i64, &str)> = vec![
             (good.clone(), stranger, 50, "not sent to you"),
             (Terms { consumer: stranger.to_string(), ..good.clone() }, provider, 50, "other parties"),
@@ -926,7 +926,7 @@ mod tests {
             ),
             (Terms { network: true, ..good.clone() }, provider, 50, "network"),
             (
-                Terms { resources: Resources { disk_bytes: u64::MAX, ..good.resources }, ..good.clone() },
+                Terms { resources: Allocation { disk_bytes: u64::MAX, ..good.resources }, ..good.clone() },
                 provider,
                 50,
                 "other resources than the request",

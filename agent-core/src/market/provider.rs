@@ -26,8 +26,8 @@ use crate::jobs::runner::Measured;
 use crate::jobs::{Image, JobAction, JobKind, JobSpec, JobState};
 use crate::ledger::record::Kind;
 use crate::net::negotiate::{
-    AGREEMENT_TAG, Agreement, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply, Resources, Signed,
-    Terms, VERSION, verify_detached,
+    AGREEMENT_TAG, Agreement, Allocation, JobRequest, Message, NOTICE_TAG, Notice, REQUEST_TAG, Reply,
+    Signed, Terms, VERSION, verify_detached,
 };
 use crate::transfer::{BlobRef, FetchRequest, Imported};
 
@@ -70,7 +70,7 @@ pub(super) struct State {
     /// In arrival order.
     pending: Vec<Waiting>,
     /// Capacity set aside for offers not answered yet, by consumer and request id.
-    offering: HashMap<(PeerId, String), Resources>,
+    offering: HashMap<(PeerId, String), Allocation>,
     /// Agreements of this run, by id; ended ones stay for their last notice and logs.
     agreements: HashMap<String, Running>,
     /// Resources held for other agents' request packages.
@@ -102,7 +102,7 @@ struct Waiting {
 
 struct Running {
     consumer: PeerId,
-    resources: Resources,
+    resources: Allocation,
     job: Option<(String, PathBuf)>,
     seq: u64,
     latest: Option<Signed>,
@@ -199,7 +199,7 @@ async fn in_reservation(
             return refused("terms for this request are on their way to you".into());
         }
         // Nothing beside the reservation: the task runs in what it holds.
-        state.offering.insert(key, Resources::default());
+        state.offering.insert(key, Allocation::default());
     }
     inner.parts.ledger.note(Kind::Request, signed).await;
     let waiting = Waiting { request, hash, consumer: peer, arrived: Instant::now(), reputation: 0.5 };
@@ -453,7 +453,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
                 consumer: waiting.consumer,
                 // A task in a reservation takes nothing beside it.
                 resources: if request.reservation.is_some() {
-                    Resources::default()
+                    Allocation::default()
                 } else {
                     request.resources
                 },
@@ -733,7 +733,7 @@ mod tests {
             expires_at: 2000,
             spec: String::new(),
             files: BTreeMap::new(),
-            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ..Resources::default() },
+            resources: Allocation { cpu_millis: 1000, memory_bytes: 1 << 30, ..Allocation::default() },
             time_limit_s: 60,
             network: false,
             hosted: false,
@@ -761,19 +761,19 @@ mod tests {
                 "leaves the job's folder",
             ),
             (
-                JobRequest { resources: Resources { cpu_millis: 3000, ..ok.resources }, ..ok.clone() },
+                JobRequest { resources: Allocation { cpu_millis: 3000, ..ok.resources }, ..ok.clone() },
                 consumer,
                 1500,
                 "needs 3 cores; this agent offers at most 2",
             ),
             (
-                JobRequest { resources: Resources { memory_bytes: 3 << 30, ..ok.resources }, ..ok.clone() },
+                JobRequest { resources: Allocation { memory_bytes: 3 << 30, ..ok.resources }, ..ok.clone() },
                 consumer,
                 1500,
                 "3.00 GiB of memory",
             ),
             (
-                JobRequest { resources: Resources { gpus: 1, ..ok.resources }, ..ok.clone() },
+                JobRequest { resources: Allocation { gpus: 1, ..ok.resources }, ..ok.clone() },
                 consumer,
                 1500,
                 "GPU",

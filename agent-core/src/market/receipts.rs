@@ -318,7 +318,7 @@ mod tests {
     use super::*;
     use crate::identity::Identity;
     use crate::net::advert::Prices;
-    use crate::net::negotiate::{AGREEMENT_TAG, Resources, VERSION, sign_detached};
+    use crate::net::negotiate::{AGREEMENT_TAG, Allocation, VERSION, sign_detached};
     use crate::transfer::{BlobRef, Format};
 
     fn identity() -> Identity {
@@ -334,11 +334,11 @@ mod tests {
             request_hash: "00".repeat(32),
             provider: provider.peer_id().to_string(),
             consumer: consumer.peer_id().to_string(),
-            resources: Resources {
+            resources: Allocation {
                 cpu_millis: 2000,
                 memory_bytes: 1 << 30,
                 disk_bytes: 1 << 30,
-                ..Resources::default()
+                ..Allocation::default()
             },
             prices: Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 },
             price_per_hour: 2100,

@@ -18,8 +18,8 @@ use crate::availability::Availability;
 use crate::clock::{self, unix_now};
 use crate::ledger::record::Kind;
 use crate::net::negotiate::{
-    JobRequest, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation, ReserveRequest,
-    Resources, Signed, VERSION,
+    Allocation, JobRequest, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation,
+    ReserveRequest, Signed, VERSION,
 };
 
 /// The longest a reservation may be held idle between two keeps.
@@ -41,7 +41,7 @@ pub(super) struct Held {
     pub(super) consumer: PeerId,
     pub(super) request_id: String,
     pub(super) resource: String,
-    pub(super) resources: Resources,
+    pub(super) resources: Allocation,
     pub(super) network: bool,
     pub(super) gpus: Vec<String>,
     hold_s: u64,
@@ -221,7 +221,7 @@ fn check(ask: &ReserveRequest, from: &PeerId, me: &PeerId, now: i64) -> Result<(
     Ok(())
 }
 
-fn short(resources: &Resources) -> String {
+fn short(resources: &Allocation) -> String {
     let mut parts = vec![format!("{} cores", resources.cpu_millis as f64 / 1000.0)];
     parts.push(format!("{:.2} GiB", resources.memory_bytes as f64 / f64::from(1u32 << 30)));
     if resources.gpus > 0 {
@@ -230,7 +230,7 @@ fn short(resources: &Resources) -> String {
     parts.join(", ")
 }
 
-fn too_big(resources: &Resources, whole: &Amount) -> String {
+fn too_big(resources: &Allocation, whole: &Amount) -> String {
     format!(
         "it asks {}; this agent offers at most {} cores, {:.2} GiB and {} GPUs",
         short(resources),
@@ -383,7 +383,12 @@ mod tests {
             consumer: consumer.to_string(),
             provider: provider.to_string(),
             issued_at: 1000,
-            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, gpus: 2, ..Resources::default() },
+            resources: Allocation {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                gpus: 2,
+                ..Allocation::default()
+            },
             network: false,
             max_price_per_hour: None,
             hold_s: 600,
@@ -410,7 +415,7 @@ mod tests {
             (ReserveRequest { hold_s: 0, ..ok.clone() }, consumer, 1000, "held idle"),
             (ReserveRequest { hold_s: MAX_HOLD_S + 1, ..ok.clone() }, consumer, 1000, "held idle"),
             (
-                ReserveRequest { resources: Resources { cpu_millis: 0, ..ok.resources }, ..ok.clone() },
+                ReserveRequest { resources: Allocation { cpu_millis: 0, ..ok.resources }, ..ok.clone() },
                 consumer,
                 1000,
                 "no cores",

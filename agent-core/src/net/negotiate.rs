@@ -97,9 +97,11 @@ pub fn verify_detached(
     }
 }
 
-/// The resources of a request or an agreement.
+/// An amount of each resource: what a request asks for, an agreement sets aside, a reservation
+/// holds. (What a machine has is `resources::Resources`.) On the wire it is the documents'
+/// `resources` field.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Resources {
+pub struct Allocation {
     /// Thousandths of a core.
     pub cpu_millis: u64,
     /// Memory in bytes.
@@ -134,7 +136,7 @@ pub struct JobRequest {
     /// provider fetches from the consumer once they agree.
     pub files: BTreeMap<String, BlobRef>,
     /// What the job needs.
-    pub resources: Resources,
+    pub resources: Allocation,
     /// The wall-clock limit of the job, in seconds.
     pub time_limit_s: u64,
     /// Whether the job asks for outbound network.
@@ -170,7 +172,7 @@ pub struct ReserveRequest {
     /// Unix seconds.
     pub issued_at: i64,
     /// What to hold.
-    pub resources: Resources,
+    pub resources: Allocation,
     /// Whether the tasks run in it may open outbound connections.
     pub network: bool,
     /// The most the consumer pays for `resources`, in thousandths of a credit per hour.
@@ -195,7 +197,7 @@ pub struct Reservation {
     /// For whom.
     pub consumer: String,
     /// What is held.
-    pub resources: Resources,
+    pub resources: Allocation,
     /// The prices the tasks run in it are offered at, per resource-hour.
     pub prices: Prices,
     /// The GPUs held, by UUID.
@@ -242,7 +244,7 @@ pub struct Terms {
     /// Whose job it is.
     pub consumer: String,
     /// What the provider sets aside for the job.
-    pub resources: Resources,
+    pub resources: Allocation,
     /// The provider's prices per resource-hour.
     pub prices: Prices,
     /// The price of `resources` for an hour, in thousandths of a credit.
@@ -478,7 +480,7 @@ mod tests {
             request_hash: "00".repeat(32),
             provider: provider.peer_id().to_string(),
             consumer: consumer.peer_id().to_string(),
-            resources: Resources { cpu_millis: 1000, memory_bytes: 1 << 28, ..Resources::default() },
+            resources: Allocation { cpu_millis: 1000, memory_bytes: 1 << 28, ..Allocation::default() },
             prices: Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 0 },
             price_per_hour: 1025,
             window: [100, 200],
@@ -558,7 +560,7 @@ mod tests {
             expires_at: 2,
             spec: String::new(),
             files: BTreeMap::new(),
-            resources: Resources::default(),
+            resources: Allocation::default(),
             time_limit_s: 60,
             network: false,
             hosted: false,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::spec::{JobSpec, Problem, SpecError};
-use crate::net::negotiate::Resources;
+use crate::net::negotiate::Allocation;
 use crate::toml_file;
 
 /// The most resources one package may have.
@@ -61,7 +61,7 @@ pub struct Resource {
     /// Its name in the package.
     pub name: String,
     /// What the machine must set aside (`vram_bytes` is 0).
-    pub demand: Resources,
+    pub demand: Allocation,
     /// Names of the resources acquired, and whose tasks finish, before this one.
     pub after: Vec<String>,
     /// Whether tasks on it may open outbound connections.
@@ -405,7 +405,7 @@ impl RawResource {
         }
         let demand = match (cpu_millis, memory_bytes, disk_bytes, gpus) {
             (Some(cpu_millis), Some(memory_bytes), Some(disk_bytes), Some(gpus)) => {
-                Some(Resources { cpu_millis, memory_bytes, disk_bytes, gpus, vram_bytes: 0 })
+                Some(Allocation { cpu_millis, memory_bytes, disk_bytes, gpus, vram_bytes: 0 })
             }
             _ => None,
         };
@@ -552,8 +552,8 @@ mod tests {
         }
     }
 
-    fn demand(cpu_millis: u64, memory_bytes: u64, disk_bytes: u64, gpus: u32) -> Resources {
-        Resources { cpu_millis, memory_bytes, disk_bytes, gpus, vram_bytes: 0 }
+    fn demand(cpu_millis: u64, memory_bytes: u64, disk_bytes: u64, gpus: u32) -> Allocation {
+        Allocation { cpu_millis, memory_bytes, disk_bytes, gpus, vram_bytes: 0 }
     }
 
     const EXAMPLE: &str = r#"
