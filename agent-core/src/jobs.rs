@@ -19,6 +19,6 @@ pub mod supervisor;
 pub mod wasi;
 
 pub use lifecycle::{JobState, Transition, TransitionError};
-pub use runner::{Control, GpuGrant, JobRequest, Outcome, RunEvent, Runner, Stream};
+pub use runner::{Control, GpuGrant, Job, Outcome, RunEvent, Runner, Stream};
 pub use spec::{Demand, Image, JobKind, JobSpec, Limits, SpecError};
 pub use supervisor::{JobAction, JobRecord, Supervisor, SupervisorError};

@@ -6,7 +6,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hearth::jobs::{Control, JobRequest, JobSpec, JobState, RunEvent, Runner};
+use hearth::jobs::{Control, Job, JobSpec, JobState, RunEvent, Runner};
 use hearth_tests::hearth_bin;
 use hearth_tests::jobs::{JobDir, probe_bin, wasm_module};
 use tokio::sync::{mpsc, oneshot};
@@ -197,7 +197,7 @@ time = "120s"
     runtime.block_on(async {
         let (controls, control_rx) = mpsc::channel(4);
         let (events, mut event_rx) = mpsc::unbounded_channel();
-        let request = JobRequest { id: "pausing".into(), spec, gpus: Vec::new() };
+        let request = Job { id: "pausing".into(), spec, gpus: Vec::new() };
         let run = tokio::spawn(async move { runner.run(request, control_rx, events).await });
 
         let until = Instant::now() + Duration::from_secs(30);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tokio::sync::mpsc;
 
 use hearth::config::Paths;
-use hearth::jobs::{Control, GpuGrant, JobRequest, JobSpec, RunEvent, Runner, Stream};
+use hearth::jobs::{Control, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
 use hearth::resources;
 
 pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
@@ -15,7 +15,7 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let gpus = grant_gpus(paths, spec.resources.gpus)?;
     let runner = Runner::for_data_dir(&paths.data_dir);
     let id = format!("local-{}-{}", unix_seconds(), std::process::id());
-    let request = JobRequest { id, spec, gpus };
+    let request = Job { id, spec, gpus };
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {

@@ -143,7 +143,7 @@ pub struct GpuGrant {
 
 /// A job to run.
 #[derive(Debug, Clone)]
-pub struct JobRequest {
+pub struct Job {
     /// Unique among this agent's jobs; names the job folder and cgroup.
     pub id: String,
     /// What to run.
@@ -191,7 +191,7 @@ impl Runner {
     /// Runs the job to its end. Errors are reported as a `failed` outcome, never lost.
     pub async fn run(
         &self,
-        request: JobRequest,
+        request: Job,
         controls: mpsc::Receiver<Control>,
         events: mpsc::UnboundedSender<RunEvent>,
     ) -> Outcome {
@@ -215,7 +215,7 @@ impl Runner {
 
     async fn try_run(
         &self,
-        request: &JobRequest,
+        request: &Job,
         job_dir: &Path,
         mut controls: mpsc::Receiver<Control>,
         events: &mpsc::UnboundedSender<RunEvent>,
@@ -317,7 +317,7 @@ impl Runner {
 
     async fn supervise(
         &self,
-        request: &JobRequest,
+        request: &Job,
         plan: Plan,
         cgroup: &Arc<JobCgroup>,
         controls: &mut mpsc::Receiver<Control>,
@@ -611,7 +611,7 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 
 /// What the shim needs to build the job's sandbox.
 fn sandbox_plan(
-    request: &JobRequest,
+    request: &Job,
     job_dir: &Path,
     payload: Payload,
     cgroup: &JobCgroup,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
-use super::runner::{Control, JobRequest, RunEvent, Runner, Stream};
+use super::runner::{Control, Job, RunEvent, Runner, Stream};
 use super::spec::{JobKind, JobSpec, SpecError};
 use super::{JobState, Transition};
 use crate::clock::unix_now;
@@ -209,7 +209,7 @@ impl Supervisor {
         let (controls, control_rx) = mpsc::channel(8);
         self.lock_live().insert(id.clone(), controls);
         let inner = Arc::clone(&self.inner);
-        let request = JobRequest { id, spec, gpus: Vec::new() };
+        let request = Job { id, spec, gpus: Vec::new() };
         let first = record.clone();
         self.inner.tasks.spawn(async move {
             inner.drive(first, request, control_rx).await;
@@ -391,7 +391,7 @@ impl Inner {
     }
 
     /// Runs one job, recording and publishing every state it passes through.
-    async fn drive(&self, mut record: JobRecord, request: JobRequest, mut controls: mpsc::Receiver<Control>) {
+    async fn drive(&self, mut record: JobRecord, request: Job, mut controls: mpsc::Receiver<Control>) {
         let id = request.id.clone();
         if let Some(reason) = self.wait_for_sharing(&mut controls).await {
             record.state = JobState::Cancelled { reason };
