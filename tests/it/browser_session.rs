@@ -3,36 +3,20 @@
 //! works once; foreign origins, a missing Origin on a change and a missing cookie are refused; a
 //! refused change changes nothing; signing out ends the session.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use futures_util::StreamExt;
-use hearth_tests::{Agent, RawResponse, raw_http};
+use hearth_tests::{Agent, RawResponse, raw_http, raw_http_with_body};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 /// Sends one request with `headers` (each ending in CRLF) and `body` to the agent, and reads the
 /// whole answer.
 fn send(port: u16, method: &str, path: &str, headers: &str, body: &str) -> Result<RawResponse> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut received = String::new();
-    stream.read_to_string(&mut received)?;
-    let (head, body) = received.split_once("\r\n\r\n").context("no end of headers")?;
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok(RawResponse { status: status.context("no status line")?, headers, body: body.to_owned() })
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Type: application/json"
+    );
+    raw_http_with_body(port, &head, body.as_bytes())
 }
 
 fn header<'r>(response: &'r RawResponse, name: &str) -> Option<&'r str> {

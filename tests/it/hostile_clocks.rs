@@ -4,18 +4,18 @@
 //! goes on serving honest peers afterwards (its swarm task did not die).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use hearth::net::advert::sign;
 use hearth::net::negotiate::{
     Allocation, JobRequest, Message, REQUEST_TAG, RESERVE_TAG, Reply, ReserveRequest, Signed, VERSION,
 };
-use hearth_tests::Agent;
+use hearth_tests::{Agent, eventually};
 use libp2p::{Multiaddr, PeerId};
 
 use crate::hostile_market::{ask, now, raw_peer};
-use crate::network::{advert_body, hostile_identity, publish_from, wait_to_know_offer};
+use crate::network::{advert_body, hostile_identity, publish_from, rejections, wait_to_know_offer};
 
 /// The extremes a hostile peer may choose, as `(issued_at, expires_at)`.
 fn extremes(now: i64) -> [(i64, i64); 4] {
@@ -113,15 +113,8 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
         let body = hearth::net::AdvertBody { issued_at, expires_at, ..advert_body(&identity, 1, now, 7) };
         let before = rejections(&agent);
         publish_from(&identity, &address, sign(&identity, body)?.wire)?;
-        let until = Instant::now() + Duration::from_secs(10);
-        while rejections(&agent) == before {
-            ensure!(
-                Instant::now() < until,
-                "the agent never judged the advert issued {issued_at}, expiring {expires_at}:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let judged = format!("the agent to judge the advert issued {issued_at}, expiring {expires_at}");
+        eventually(Duration::from_secs(10), &judged, || Ok((rejections(&agent) > before).then_some(())))?;
         let last =
             agent.log().lines().rfind(|l| l.contains("advert rejected")).unwrap_or_default().to_owned();
         ensure!(
@@ -138,8 +131,4 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
     ensure!(!log.contains("panicked"), "the agent panicked:\n{log}");
     ensure!(agent.terminate()?.success(), "the agent did not stop cleanly:\n{}", agent.log());
     Ok(())
-}
-
-fn rejections(agent: &Agent) -> usize {
-    agent.log().lines().filter(|line| line.contains("advert rejected")).count()
 }

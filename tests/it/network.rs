@@ -272,7 +272,7 @@ pub(crate) fn bad_adverts_are_rejected_and_not_forwarded_to_a_third_agent() -> R
     Ok(())
 }
 
-fn rejections(agent: &Agent) -> usize {
+pub(crate) fn rejections(agent: &Agent) -> usize {
     agent.log().lines().filter(|line| line.contains("advert rejected")).count()
 }
 

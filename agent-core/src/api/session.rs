@@ -16,7 +16,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::ApiState;
@@ -140,9 +139,7 @@ fn evict_oldest(map: &mut HashMap<Digest, i64>, max: usize) {
 }
 
 fn secret() -> Result<String, LoginError> {
-    let mut bytes = [0u8; SECRET_BYTES];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| LoginError::NoRandomness)?;
-    Ok(hex::encode(bytes))
+    crate::proto::random_secret(SECRET_BYTES).ok_or(LoginError::NoRandomness)
 }
 
 fn digest(secret: &str) -> Digest {
