@@ -8,7 +8,6 @@
 //! token is cancelled, then closes open WebSockets and drains in-flight requests.
 
 mod blobs;
-pub mod client;
 pub mod discovery;
 mod error;
 mod extract;
@@ -40,82 +39,24 @@ pub use discovery::{ApiInfo, ApiToken};
 pub use error::ErrorBody;
 pub use extract::MAX_BODY_BYTES;
 use extract::{Body, Path, Query};
+pub use hearth_api::client;
+pub use hearth_api::events::StreamMessage;
+pub use hearth_api::jobs::LogChunk;
+pub use hearth_api::status::{AgentStatus, ConnectRequest, PauseRequest, PolicyDocument, PolicyText, Status};
 pub use session::{LoginLink, Sessions};
 
-use crate::availability::{Availability, OwnerControls, OwnerPause, Policy, Reason};
+use crate::availability::{Availability, OwnerControls, OwnerPause};
 use crate::events::{AgentState, Bus, Event};
 use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::Market;
-use crate::net::{AdvertBody, Network, PeerInfo, Reachability};
+use crate::net::{AdvertBody, Network, PeerInfo};
 use crate::requests::Requests;
 use crate::resources::Resources;
-use crate::store::OwnerNotice;
 use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
 use crate::uploads::Uploads;
-
-/// What the agent is doing, as `hearth status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentStatus {
-    /// Opening its files and starting its parts.
-    Starting,
-    /// Running, and the machine is shared.
-    Sharing,
-    /// Running, and sharing is paused (see the reasons).
-    Paused,
-    /// Shutting down.
-    Stopping,
-}
-
-/// What `GET /api/v1/status` answers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Status {
-    /// The agent's peer id: its network name and signing identity.
-    pub peer_id: String,
-    /// The agent's state.
-    pub state: AgentStatus,
-    /// Why sharing is paused; empty while sharing.
-    pub reasons: Vec<Reason>,
-    /// What the machine offers now, or why it offers nothing.
-    pub availability: Availability,
-    /// Where peers reach this agent, each ending in `/p2p/PEER_ID`: ready for another agent's
-    /// `--bootstrap`. An address through a relay contains `/p2p-circuit`.
-    pub listen_addrs: Vec<String>,
-    /// Whether other agents can dial this one directly, as AutoNAT last found.
-    pub reachability: Reachability,
-    /// The daemon's version.
-    pub version: String,
-    /// The daemon's process id.
-    pub pid: u32,
-    /// Where this agent keeps its files.
-    #[schema(value_type = String)]
-    pub data_dir: PathBuf,
-    /// When the daemon started, in Unix seconds.
-    pub started_at: i64,
-}
-
-/// A message on the event stream (`/api/v1/events`), tagged by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum StreamMessage {
-    /// Always the first message: everything a fresh watcher needs to draw the screen.
-    Snapshot {
-        /// As from `GET /api/v1/status`.
-        status: Status,
-        /// As from `GET /api/v1/resources`.
-        resources: Box<Resources>,
-    },
-    /// This watcher fell behind and `missed` events were dropped; re-read the state.
-    Lagged {
-        /// How many events were dropped.
-        missed: u64,
-    },
-    /// Something changed.
-    #[serde(untagged)]
-    Event(Event),
-}
+use hearth_api::jobs::OwnerNotice;
 
 /// What stays fixed for one daemon run; the rest of [`Status`] is read when asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,17 +108,6 @@ pub struct ApiState {
     pub uploads: Uploads,
     /// What one upload may hold.
     pub upload_limits: UploadLimits,
-}
-
-impl std::fmt::Display for AgentStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Starting => "starting",
-            Self::Sharing => "sharing",
-            Self::Paused => "paused",
-            Self::Stopping => "stopping",
-        })
-    }
 }
 
 impl ApiState {
@@ -315,14 +245,6 @@ async fn get_peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
     Json(state.network.peers().await)
 }
 
-/// What `POST /api/v1/peers` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ConnectRequest {
-    /// A peer id, found through the DHT, or a multiaddr ending in `/p2p/PEER_ID`.
-    pub target: String,
-}
-
 /// Connects to a peer (reusing a connection there is), directly or through its relay; answers
 /// when connected, or within about ten seconds with why not.
 #[utoipa::path(post, path = "/api/v1/peers", request_body = ConnectRequest, responses(
@@ -432,17 +354,6 @@ async fn cancel_transfer(
 ))]
 async fn get_resources(State(state): State<ApiState>) -> Json<Resources> {
     Json(state.resources.borrow().clone())
-}
-
-/// A piece of a job's log, as `GET /api/v1/jobs/{id}/logs/{stream}` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LogChunk {
-    /// The bytes from `offset` on, as text (invalid UTF-8 replaced).
-    pub text: String,
-    /// The offset to ask from next time.
-    pub next_offset: u64,
-    /// True once the job has ended, so nothing more will come.
-    pub finished: bool,
 }
 
 /// Where to start reading a log.
@@ -570,16 +481,6 @@ async fn get_availability(State(state): State<ApiState>) -> Json<Availability> {
     Json(state.availability.borrow().clone())
 }
 
-/// What `POST /api/v1/pause` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PauseRequest {
-    /// End the pause by itself after this many seconds (at most ten years); absent for a pause
-    /// until resumed.
-    #[serde(default)]
-    pub for_seconds: Option<u64>,
-}
-
 /// Pauses sharing at once: every running job is frozen. The tray's "pause" button.
 #[utoipa::path(post, path = "/api/v1/pause", request_body = PauseRequest, responses(
     (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
@@ -605,21 +506,6 @@ async fn pause_sharing(
 async fn resume_sharing(State(state): State<ApiState>) -> Result<Json<()>, error::ApiError> {
     state.owner.resume()?;
     Ok(Json(()))
-}
-
-/// The policy in force and its file's text.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PolicyDocument {
-    /// The policy, every default filled in.
-    pub policy: Policy,
-}
-
-/// What `PUT /api/v1/policy` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyText {
-    /// The whole policy file, TOML.
-    pub toml: String,
 }
 
 /// The sharing policy in force.

@@ -12,10 +12,10 @@
 //! Paused and thaws them when sharing returns (see `daemon::availability`).
 
 pub mod evaluate;
-pub mod policy;
 pub mod signals;
 
 pub use evaluate::{Availability, Capacity, Memory, OwnerPause, Reason, Signals, evaluate};
+pub use hearth_api::policy;
 pub use policy::{Policy, PolicyError};
 
 use std::path::{Path, PathBuf};

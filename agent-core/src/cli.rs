@@ -21,13 +21,14 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use hearth::api::client::Client;
-use hearth::availability::{MAX_PAUSE, Policy};
+use hearth::availability::MAX_PAUSE;
 use hearth::config::{HearthConfig, LOG_LEVELS, Overrides, Paths};
-use hearth::jobs::{JobAction, Stream};
-use hearth::ledger::earnings::Period;
 use hearth::ledger::verify::ExportFormat;
 use hearth::resources::{self, nvidia};
+use hearth_api::Client;
+use hearth_api::jobs::{JobAction, Stream};
+use hearth_api::ledger::Period;
+use hearth_api::policy::Policy;
 
 /// Hearth: lend your idle GPUs and CPUs, and borrow others', with no company in the middle.
 #[derive(Debug, Parser)]
@@ -352,7 +353,8 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            let status = runtime(false)?.block_on(async { Client::discover(&paths)?.status().await })?;
+            let status =
+                runtime(false)?.block_on(async { Client::discover(&paths.data_dir)?.status().await })?;
             output::print(&status, args.json, output::status)?;
         }
         Command::Resources(args) => {
@@ -371,18 +373,19 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                 return run_local::run(&paths, &args.spec);
             }
             return runtime(false)?
-                .block_on(async { jobs::run(&Client::discover(&paths)?, &args.spec).await });
+                .block_on(async { jobs::run(&Client::discover(&paths.data_dir)?, &args.spec).await });
         }
         Command::Submit(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             return runtime(false)?.block_on(async {
-                remote::submit(&Client::discover(&paths)?, &args.spec, args.wait, args.read.json).await
+                remote::submit(&Client::discover(&paths.data_dir)?, &args.spec, args.wait, args.read.json)
+                    .await
             });
         }
         Command::Request(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             runtime(false)?.block_on(async {
-                let client = Client::discover(&paths)?;
+                let client = Client::discover(&paths.data_dir)?;
                 match command {
                     RequestCommand::Status { id, read } => packages::status(&client, &id, read.json).await,
                     RequestCommand::List(read) => packages::list(&client, read.json).await,
@@ -391,17 +394,19 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Reservations(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            runtime(false)?
-                .block_on(async { packages::reservations(&Client::discover(&paths)?, args.json).await })?;
+            runtime(false)?.block_on(async {
+                packages::reservations(&Client::discover(&paths.data_dir)?, args.json).await
+            })?;
         }
         Command::Jobs(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            runtime(false)?.block_on(async { remote::list(&Client::discover(&paths)?, args.json).await })?;
+            runtime(false)?
+                .block_on(async { remote::list(&Client::discover(&paths.data_dir)?, args.json).await })?;
         }
         Command::Job(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             runtime(false)?.block_on(async {
-                let client = Client::discover(&paths)?;
+                let client = Client::discover(&paths.data_dir)?;
                 match command {
                     JobCommand::Logs { id, follow, stream } => {
                         let streams = match stream.as_deref() {
@@ -440,23 +445,26 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Peers(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            let peers = runtime(false)?.block_on(async { Client::discover(&paths)?.peers().await })?;
+            let peers =
+                runtime(false)?.block_on(async { Client::discover(&paths.data_dir)?.peers().await })?;
             output::print(&peers, args.json, output::peers)?;
         }
         Command::Connect(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            let peer =
-                runtime(false)?.block_on(async { Client::discover(&paths)?.connect(&args.target).await })?;
+            let peer = runtime(false)?
+                .block_on(async { Client::discover(&paths.data_dir)?.connect(&args.target).await })?;
             output::print(&peer, args.read.json, output::peer)?;
         }
         Command::Offers(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            let offers = runtime(false)?.block_on(async { Client::discover(&paths)?.offers().await })?;
+            let offers =
+                runtime(false)?.block_on(async { Client::discover(&paths.data_dir)?.offers().await })?;
             output::print(&offers, args.json, output::offers)?;
         }
         Command::Ui(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            let link = runtime(false)?.block_on(async { Client::discover(&paths)?.login_link().await })?;
+            let link =
+                runtime(false)?.block_on(async { Client::discover(&paths.data_dir)?.login_link().await })?;
             output::print(&link, args.read.json, output::login_link)?;
             if !args.no_open && !args.read.json {
                 open_in_browser(&link.url);
@@ -472,14 +480,14 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                     humantime::format_duration(MAX_PAUSE)
                 );
             }
-            let pause =
-                runtime(false)?.block_on(async { Client::discover(&paths)?.pause(args.length).await })?;
+            let pause = runtime(false)?
+                .block_on(async { Client::discover(&paths.data_dir)?.pause(args.length).await })?;
             output::print(&pause, args.read.json, output::pause)?;
         }
         Command::Resume(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             let status = runtime(false)?.block_on(async {
-                let client = Client::discover(&paths)?;
+                let client = Client::discover(&paths.data_dir)?;
                 client.resume().await?;
                 client.status().await
             })?;
@@ -492,7 +500,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Blob(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             return runtime(false)?.block_on(async {
-                let client = Client::discover(&paths)?;
+                let client = Client::discover(&paths.data_dir)?;
                 match command {
                     BlobCommand::Add { path, share, read } => {
                         transfers::add(&client, &path, &share, read.json).await?;
@@ -518,7 +526,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             let out = std::path::absolute(out.unwrap_or_else(|| PathBuf::from(format!("results-{id}"))))?;
             let imported = runtime(false)?.block_on(async {
-                let client = Client::discover(&paths)?;
+                let client = Client::discover(&paths.data_dir)?;
                 match remote::locate(&client, &id).await? {
                     remote::Where::Here => Ok::<_, anyhow::Error>(client.results(&id, &out).await?),
                     remote::Where::Remote => Ok(client.remote_results(&id, &out).await?),
@@ -539,7 +547,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Transfers(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             runtime(false)?
-                .block_on(async { transfers::list(&Client::discover(&paths)?, args.json).await })?;
+                .block_on(async { transfers::list(&Client::discover(&paths.data_dir)?, args.json).await })?;
         }
         Command::Ledger(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
@@ -557,8 +565,9 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Earnings { by, read } => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
-            runtime(false)?
-                .block_on(async { ledger::earnings(&Client::discover(&paths)?, by, read.json).await })?;
+            runtime(false)?.block_on(async {
+                ledger::earnings(&Client::discover(&paths.data_dir)?, by, read.json).await
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -567,7 +576,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
 /// `hearth policy`: through the running agent where there is one, so it applies the change at
 /// once; on the file itself otherwise.
 fn policy(paths: &Paths, command: PolicyCommand) -> anyhow::Result<()> {
-    let client = Client::discover(paths).ok();
+    let client = Client::discover(&paths.data_dir).ok();
     match command {
         PolicyCommand::Show(args) => {
             let policy = match &client {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::toml_file;
+use hearth_api::toml_file;
 
 /// File name of the configuration inside the config dir.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -54,8 +54,7 @@ pub enum ConfigError {
     },
 }
 
-/// The owner's sharing policy's file name, beside the configuration file.
-pub const POLICY_FILE: &str = "policy.toml";
+pub use hearth_api::policy::POLICY_FILE;
 
 /// Where one agent's files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +95,7 @@ impl Paths {
 
     /// Where the daemon announces its API address.
     pub fn api_info(&self) -> PathBuf {
-        self.data_dir.join("api.json")
+        self.data_dir.join(hearth_api::discovery::API_INFO_FILE)
     }
 
     /// The owner's sharing policy, beside the configuration file.
@@ -107,7 +106,7 @@ impl Paths {
 
     /// The API's bearer token (mode 0600).
     pub fn api_token(&self) -> PathBuf {
-        self.data_dir.join("api.token")
+        self.data_dir.join(hearth_api::discovery::API_TOKEN_FILE)
     }
 
     /// The blob store's folder.

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use lock::LockError;
 
-use crate::api::{self, ApiInfo, ApiState, ApiToken, RunInfo, UploadLimits};
+use crate::api::{self, ApiInfo, ApiState, RunInfo, UploadLimits};
 use crate::availability::{OwnerControls, PolicyError};
 use crate::clock::unix_now;
 use crate::config::{HearthConfig, Paths};
@@ -233,7 +233,7 @@ async fn serve(
         },
         &cancel,
     );
-    let token = ApiToken::load_or_create(&paths.api_token())?;
+    let token = api::discovery::load_or_create_token(&paths.api_token())?;
     let port = listener.local_addr().map_err(DaemonError::Serve)?.port();
     let url = format!("http://127.0.0.1:{port}");
     let peer_id = identity.peer_id().to_string();

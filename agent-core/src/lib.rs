@@ -21,6 +21,5 @@ pub mod requests;
 pub mod resources;
 mod secret_file;
 pub mod store;
-mod toml_file;
 pub mod transfer;
 pub mod uploads;

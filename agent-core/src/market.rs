@@ -40,9 +40,11 @@ use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Allocation, Message, Reply, Reservation, ReserveRequest, Signed};
 use crate::net::{Inbound, Network};
-use crate::store::{OwnerNotice, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
 use crate::uploads::Staged;
+use hearth_api::jobs::OwnerNotice;
+pub use hearth_api::market::credits;
 
 /// What this agent charges, in thousandths of a credit per resource-hour: one credit per core, a
 /// tenth per GiB of memory, ten per GPU. Adverts show these; offers use them.
@@ -365,11 +367,6 @@ pub fn price_per_hour(prices: &Prices, resources: &Allocation) -> u64 {
     let memory = (u128::from(prices.memory_gib_hour) * u128::from(resources.memory_bytes)).div_ceil(GIB);
     let gpus = u128::from(prices.gpu_hour) * u128::from(resources.gpus);
     u64::try_from(cores + memory + gpus).unwrap_or(u64::MAX)
-}
-
-/// Thousandths of a credit as people read them: `1.025 credits/h`.
-pub fn credits(millis: u64) -> String {
-    format!("{}.{:03}", millis / 1000, millis % 1000)
 }
 
 /// A rejected document, as the peer is told.

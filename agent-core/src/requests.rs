@@ -23,25 +23,25 @@
 //! never recorded is released and asked again, a held reservation is kept (or asked again if it
 //! lapsed), a running task is followed, and a request that was releasing finishes releasing.
 
-pub mod package;
+pub use hearth_api::package;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use package::{Package, PackageError};
+pub use hearth_api::jobs::ended;
+pub use package::{
+    Acquisition, HoldState, Package, PackageError, RequestState, RequestStatus, TaskState, TaskStatus,
+};
 
 use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::market::{Market, MarketError};
-use crate::net::advert::Prices;
 use crate::net::negotiate::{ReserveRequest, VERSION};
 use crate::store::{Durability, RequestRow, Store, StoreError, TaskRow};
 use crate::uploads::{Staged, Uploads};
@@ -76,195 +76,16 @@ pub enum RequestError {
     Internal(String),
 }
 
-/// Where a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestState {
-    /// On the queue, not started.
-    Queued,
-    /// Its resources are being acquired.
-    Acquiring,
-    /// All acquired; its tasks run.
-    Running,
-    /// Its tasks ended; the reservations are being released.
-    Releasing,
-    /// Every task succeeded and everything was released.
-    Completed,
-    /// A task failed; everything was released.
-    Failed,
-    /// A resource could not be acquired; what was acquired was released in reverse order.
-    RolledBack,
+/// What the queue does to a request's status.
+trait Bookkeeping {
+    /// Counts the tasks, the succeeded and failed ones, and words the failures.
+    fn recount(&mut self);
+
+    /// The status as the store keeps it.
+    fn row(&self) -> Result<RequestRow, RequestError>;
 }
 
-impl RequestState {
-    /// Whether nothing more happens to it.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::RolledBack)
-    }
-
-    /// Its name, as in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Acquiring => "acquiring",
-            Self::Running => "running",
-            Self::Releasing => "releasing",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::RolledBack => "rolled_back",
-        }
-    }
-}
-
-/// Where one resource's acquisition is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldState {
-    /// Not asked yet (or asked again after a refusal).
-    Waiting,
-    /// An ask is out; its answer is not recorded yet.
-    Asking,
-    /// The provider holds it.
-    Held,
-    /// Released to the provider.
-    Released,
-    /// The provider let it lapse (it was not kept in time).
-    Lapsed,
-    /// Not acquired after every try.
-    Failed,
-}
-
-impl HoldState {
-    /// Its name, as in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Waiting => "waiting",
-            Self::Asking => "asking",
-            Self::Held => "held",
-            Self::Released => "released",
-            Self::Lapsed => "lapsed",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// One resource of a request and its acquisition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Acquisition {
-    /// The package's name for it.
-    pub resource: String,
-    /// Where its acquisition is.
-    pub state: HoldState,
-    /// The provider asked or holding it.
-    pub provider: Option<String>,
-    /// The reservation's id (chosen here before asking).
-    pub reservation_id: Option<String>,
-    /// Tries so far.
-    pub attempts: u32,
-    /// Why the last try failed.
-    pub error: Option<String>,
-    /// 1 for the first resource acquired, 2 for the next…: rollback releases in reverse.
-    pub order: Option<u32>,
-    /// The prices the provider's tasks are offered at.
-    #[schema(value_type = Option<Object>)]
-    pub prices: Option<Prices>,
-    /// The GPUs held, by UUID.
-    pub gpus: Vec<String>,
-    /// When it was acquired, in Unix milliseconds.
-    pub acquired_at_ms: Option<i64>,
-    /// When it was released or lapsed, in Unix milliseconds.
-    pub released_at_ms: Option<i64>,
-}
-
-/// Where one task is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskState {
-    /// Not started.
-    Waiting,
-    /// Its remote job runs.
-    Running,
-    /// Its job finished with exit code 0.
-    Succeeded,
-    /// Its job did not finish well.
-    Failed,
-    /// Not run: an earlier task failed, or the resources were not acquired.
-    Skipped,
-}
-
-impl TaskState {
-    /// Its name, as in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Waiting => "waiting",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Skipped => "skipped",
-        }
-    }
-}
-
-/// One task of a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TaskStatus {
-    /// Its place in the package's `tasks`.
-    pub index: u32,
-    /// The resource it runs on.
-    pub resource: String,
-    /// Its job spec.
-    #[schema(value_type = String)]
-    pub spec_path: PathBuf,
-    /// Where it is.
-    pub state: TaskState,
-    /// The remote job running it (`hearth job logs ID`, `hearth results ID`).
-    pub job_id: Option<String>,
-    /// Why it failed or was skipped.
-    pub reason: Option<String>,
-    /// When its job was submitted, in Unix milliseconds.
-    pub started_at_ms: Option<i64>,
-    /// When it ended, in Unix milliseconds.
-    pub ended_at_ms: Option<i64>,
-}
-
-/// A request package and its progress, as `hearth request status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RequestStatus {
-    /// Its id.
-    pub id: String,
-    /// The package's name, if it has one.
-    pub name: Option<String>,
-    /// The package file it came from.
-    #[schema(value_type = String)]
-    pub path: PathBuf,
-    /// Where it is.
-    pub state: RequestState,
-    /// Why it failed or was rolled back.
-    pub reason: Option<String>,
-    /// How many tasks it has.
-    pub tasks: u32,
-    /// How many succeeded.
-    pub succeeded: u32,
-    /// How many failed (skipped ones not counted).
-    pub failed: u32,
-    /// Each failed task and why.
-    pub failures: Vec<String>,
-    /// Its resources, in acquisition order.
-    pub resources: Vec<Acquisition>,
-    /// Its tasks, in file order.
-    pub task_list: Vec<TaskStatus>,
-    /// Once releasing: the state it ends in.
-    pub outcome: Option<RequestState>,
-    /// The package as validated.
-    #[schema(value_type = Object)]
-    pub package: Package,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub updated_at: i64,
-}
-
-impl RequestStatus {
+impl Bookkeeping for RequestStatus {
     fn recount(&mut self) {
         self.tasks = self.task_list.len() as u32;
         self.succeeded = self.task_list.iter().filter(|t| t.state == TaskState::Succeeded).count() as u32;
@@ -935,17 +756,6 @@ async fn run_on(inner: &Arc<Inner>, id: &str, index: usize) -> Result<(), Stop> 
     Ok(())
 }
 
-/// A job's end, for people.
-pub fn ended(state: &crate::jobs::JobState) -> String {
-    use crate::jobs::JobState;
-    match state {
-        JobState::Finished { exit_code } => format!("exited with code {exit_code}"),
-        JobState::Failed { reason } => format!("failed: {reason}"),
-        JobState::Cancelled { reason: Some(reason) } => format!("cancelled: {reason}"),
-        other => other.name().to_owned(),
-    }
-}
-
 /// Submits task `task` to the provider holding resource `index`; the remote job's id.
 async fn submit_task(
     inner: &Arc<Inner>,
@@ -1031,6 +841,8 @@ async fn keep_alive(inner: Arc<Inner>, id: String, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use std::path::PathBuf;
 
     use super::*;
 

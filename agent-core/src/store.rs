@@ -24,7 +24,7 @@ use rusqlite_migration::{M, Migrations};
 pub use ledger::{Head, LedgerReader, NewRow};
 pub use requests::{Durability, RequestRow, TaskRow};
 
-use crate::jobs::{JobRecord, JobState};
+use hearth_api::jobs::{JobRecord, JobState, OwnerNotice};
 use tokio::sync::{mpsc, oneshot};
 
 /// Bound on operations waiting for the writer; senders wait when it is full.
@@ -151,19 +151,6 @@ pub fn migrations() -> Migrations<'static> {
         // Request packages: the request queue and the task queue.
         M::up(requests::MIGRATION),
     ])
-}
-
-/// What the owner did to a job, for its consumer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct OwnerNotice {
-    /// The job.
-    pub job_id: String,
-    /// `paused`, `resumed` or `stopped`.
-    pub kind: String,
-    /// Why, for people.
-    pub reason: String,
-    /// When, in Unix seconds.
-    pub at: i64,
 }
 
 /// What [`Store::begin_run`] learnt about the run before this one.

@@ -35,7 +35,6 @@ use bao_tree::{BaoTree, ChunkRanges};
 use libp2p::PeerId;
 use libp2p::futures::{AsyncWriteExt as _, StreamExt, TryStreamExt, stream};
 use positioned_io::WriteAt;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -47,6 +46,7 @@ use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::net::Network;
 use crate::store::Store;
+pub use hearth_api::transfer::{Fetch, FetchRequest, FetchState};
 pub use store::{BlobHash, BlobRef, BlobStore, Format, Imported, Manifest, StoreError};
 use wire::{Answer, BLOB_PROTOCOL, Request, Status};
 
@@ -68,99 +68,6 @@ pub const STRIKES_TO_REFUSE: u32 = 3;
 pub const REFUSE_FOR: Duration = Duration::from_secs(3600);
 /// How often a running fetch reports its progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Where a fetch stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FetchState {
-    /// Recorded, not started.
-    Queued,
-    /// Downloading.
-    Running,
-    /// Every byte arrived and was verified (and was written to `out` when one was given).
-    Finished,
-    /// Given up; `error` says why.
-    Failed,
-    /// Cancelled by its owner; what it had downloaded was dropped.
-    Cancelled,
-}
-
-impl FetchState {
-    /// The state's word, as in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Finished => "finished",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    /// Whether the fetch has ended.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Finished | Self::Failed | Self::Cancelled)
-    }
-}
-
-/// One fetch as the API and the CLI show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Fetch {
-    /// Its id, 12 hex digits.
-    pub id: String,
-    /// The peer fetched from.
-    pub peer: String,
-    /// What is fetched.
-    pub blob: BlobRef,
-    /// The most bytes accepted (for a folder, of all its files together).
-    pub max_bytes: Option<u64>,
-    /// Where the content is written when it is complete.
-    #[schema(value_type = Option<String>)]
-    pub out: Option<PathBuf>,
-    /// Where it stands.
-    pub state: FetchState,
-    /// Bytes in all, once known.
-    pub bytes_total: Option<u64>,
-    /// Verified bytes held.
-    pub bytes_done: u64,
-    /// Verified bytes that were already held when the latest run of the fetch started (a resume).
-    pub resumed_from: u64,
-    /// Bytes of content received over the network in the latest run.
-    pub bytes_received: u64,
-    /// Recent rate, bytes per second.
-    pub rate_bytes_per_s: u64,
-    /// Seconds left at that rate.
-    pub eta_s: Option<u64>,
-    /// Groups that failed verification and were asked for again.
-    pub bad_chunks: u64,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub updated_at: i64,
-}
-
-/// What to fetch.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FetchRequest {
-    /// The peer holding it.
-    pub peer: String,
-    /// The blob.
-    #[serde(flatten)]
-    pub blob: BlobRef,
-    /// The most bytes accepted; a larger blob fails before any data arrives.
-    #[serde(default)]
-    pub max_bytes: Option<u64>,
-    /// Where to write the content when it is complete (a file, or a folder that must not exist
-    /// or be empty). Without it, the content stays in the store. A path on the daemon's machine:
-    /// a local-only convenience (`hearth blob get --out`, which may `--detach`); a remote client
-    /// leaves it out and reads the blob with `GET /api/v1/blobs/{hash}`.
-    #[serde(default)]
-    #[schema(value_type = Option<String>)]
-    pub out: Option<PathBuf>,
-}
 
 /// Why a transfer request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -876,7 +783,7 @@ async fn attempt(
     let decoded = tokio::task::spawn_blocking(move || {
         let tree = BaoTree::new(size, store::BLOCK_SIZE);
         let reader = BufReader::with_capacity(256 * 1024, reader);
-        for item in DecodeResponseIter::new(hash.to_blake3(), tree, reader, &ranges) {
+        for item in DecodeResponseIter::new(crate::proto::to_blake3(hash), tree, reader, &ranges) {
             if cancel_in.is_cancelled() {
                 return Err(Attempt::Stopped);
             }

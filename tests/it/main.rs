@@ -9,6 +9,7 @@ mod api_security;
 mod availability;
 mod browser_session;
 mod cli;
+mod client_crate;
 mod daemon;
 mod daemon_jobs;
 mod escape;
@@ -76,6 +77,10 @@ fn main() {
     let python = python_present();
     let trials = vec![
         trial("daemon::identity_persists_across_restarts", daemon::identity_persists_across_restarts),
+        sandboxed(
+            "client_crate::a_client_of_the_client_crate_alone_does_what_the_cli_does",
+            client_crate::a_client_of_the_client_crate_alone_does_what_the_cli_does,
+        ),
         sandboxed(
             "submit_by_content::a_job_from_a_folder_the_daemon_cannot_see_runs",
             submit_by_content::a_job_from_a_folder_the_daemon_cannot_see_runs,
@@ -340,6 +345,7 @@ fn main() {
             "layers::dependencies_point_down_the_layers_and_the_map_shows_them",
             layers::dependencies_point_down_the_layers_and_the_map_shows_them,
         ),
+        trial("layers::the_client_crate_links_no_engine", layers::the_client_crate_links_no_engine),
         trial(
             "hostile_clocks::extreme_clock_fields_are_refused_without_a_panic",
             hostile_clocks::extreme_clock_fields_are_refused_without_a_panic,

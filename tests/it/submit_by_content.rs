@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use hearth::api::client::Client;
-use hearth::config::Paths;
+use hearth_api::Client;
 use hearth_tests::jobs::wasm_module;
 use hearth_tests::{Agent, json_of, pseudo_random};
 use serde_json::Value;
@@ -25,7 +24,7 @@ fn copy_spec(input: &str, inputs: &str) -> String {
 
 /// The typed client of `agent`, as the CLI and the desktop shell use it.
 fn client(agent: &Agent) -> Result<Client> {
-    Ok(Client::discover(&Paths::resolve(Some(agent.data_dir()), None)?)?)
+    Ok(Client::discover(&agent.data_dir())?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -1,155 +1,39 @@
-//! How clients find a running daemon: `<data-dir>/api.json` says where the API listens, and
-//! `<data-dir>/api.token` (mode 0600) holds the bearer token.
-//!
-//! The token persists across restarts, so a browser tab or script that holds it keeps working,
-//! and only the owner's account can read it. `api.json` is written atomically when the API is up
-//! and removed on clean shutdown; a stale one left by a crash is harmless, because clients treat a
-//! refused connection as "no daemon".
+//! The agent's side of discovery: the API token it creates once and keeps. Clients read it, and
+//! `api.json`, with `hearth_api::discovery`.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
+
+pub use hearth_api::discovery::{ApiInfo, ApiToken, DiscoveryError, TOKEN_BYTES};
 
 use crate::secret_file;
 
-/// Random bytes in a token; it is stored and sent as lowercase hex.
-const TOKEN_BYTES: usize = 32;
-
-/// Why a discovery file could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum DiscoveryError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the OS said.
-        source: io::Error,
-    },
-    /// A file exists but its content is not what Hearth writes.
-    #[error("{path} is malformed ({reason}); delete it and restart the daemon to make a new one")]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// The content of `api.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiInfo {
-    /// Base URL of the API, such as `http://127.0.0.1:7447`.
-    pub url: String,
-    /// The daemon's process id.
-    pub pid: u32,
-    /// The daemon's peer id.
-    pub peer_id: String,
-}
-
-/// The API's bearer token.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiToken(String);
-
-impl std::fmt::Debug for ApiToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiToken(..)")
-    }
-}
-
-impl ApiToken {
-    /// The token as sent in `Authorization: Bearer …`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in constant time, so response timing tells an attacker nothing about the token.
-    pub fn matches(&self, candidate: &[u8]) -> bool {
-        self.0.as_bytes().ct_eq(candidate).into()
-    }
-
-    /// Reads the token file.
-    pub fn read(path: &Path) -> Result<Self, DiscoveryError> {
-        let text = fs::read_to_string(path)
-            .map_err(|source| DiscoveryError::Io { path: path.to_owned(), source })?;
-        let token = text.trim();
-        if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(DiscoveryError::Malformed {
-                path: path.to_owned(),
-                reason: format!("expected {} hex digits", TOKEN_BYTES * 2),
-            });
+/// Reads the token file, creating it with a fresh random token (mode 0600) when absent. The
+/// file appears whole or not at all: it is written to a private temporary file, synced, and
+/// hard-linked into place, which never replaces a token another process wrote first.
+pub fn load_or_create_token(path: &Path) -> Result<ApiToken, DiscoveryError> {
+    let io_err = |source| DiscoveryError::Io { path: path.to_owned(), source };
+    if path.exists() {
+        let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            // The file holds a secret: tighten it rather than serve with an exposed token.
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+            tracing::warn!(path = %path.display(), "api.token was accessible to others; set it to 0600");
         }
-        // Kept exactly as written: clients send the file's content, and it is compared byte for byte.
-        Ok(Self(token.to_owned()))
+        return ApiToken::read(path);
     }
-
-    /// Reads the token file, creating it with a fresh random token (mode 0600) when absent. The
-    /// file appears whole or not at all: it is written to a private temporary file, synced, and
-    /// hard-linked into place, which never replaces a token another process wrote first.
-    pub fn load_or_create(path: &Path) -> Result<Self, DiscoveryError> {
-        let io_err = |source| DiscoveryError::Io { path: path.to_owned(), source };
-        if path.exists() {
-            let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                // The file holds a secret: tighten it rather than serve with an exposed token.
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-                tracing::warn!(path = %path.display(), "api.token was accessible to others; set it to 0600");
-            }
-            return Self::read(path);
-        }
-        let mut bytes = [0u8; TOKEN_BYTES];
-        SystemRandom::new().fill(&mut bytes).map_err(|_| io_err(io::Error::other("no randomness")))?;
-        let fresh = hex::encode(bytes);
-        let written = secret_file::create(path, fresh.as_bytes());
-        match written {
-            Ok(()) => Ok(Self(fresh)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::read(path),
-            Err(e) => Err(io_err(e)),
-        }
-    }
-}
-
-impl ApiInfo {
-    /// Writes `api.json` atomically (temporary file, then rename).
-    pub fn write(&self, path: &Path) -> Result<(), DiscoveryError> {
-        let io_err = |source| DiscoveryError::Io { path: path.to_owned(), source };
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-        let json = serde_json::to_vec_pretty(self).map_err(|e| io_err(io::Error::other(e)))?;
-        let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(io_err)
-    }
-
-    /// Reads `api.json`; `Ok(None)` when there is none.
-    pub fn read(path: &Path) -> Result<Option<Self>, DiscoveryError> {
-        match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| DiscoveryError::Malformed { path: path.to_owned(), reason: e.to_string() }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(DiscoveryError::Io { path: path.to_owned(), source }),
-        }
-    }
-
-    /// Removes `api.json` if it still describes this process, so a newer daemon's file survives.
-    pub fn remove_if_ours(path: &Path) {
-        if let Ok(Some(info)) = Self::read(path)
-            && info.pid == std::process::id()
-        {
-            let _ = fs::remove_file(path);
-        }
+    let mut bytes = [0u8; TOKEN_BYTES];
+    SystemRandom::new().fill(&mut bytes).map_err(|_| io_err(io::Error::other("no randomness")))?;
+    let fresh = hex::encode(bytes);
+    let written = secret_file::create(path, fresh.as_bytes());
+    match written {
+        Ok(()) => ApiToken::read(path),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ApiToken::read(path),
+        Err(e) => Err(io_err(e)),
     }
 }
 
@@ -161,9 +45,9 @@ mod tests {
     fn the_token_is_private_stable_and_compared_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.token");
-        let token = ApiToken::load_or_create(&path).unwrap();
+        let token = load_or_create_token(&path).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(ApiToken::load_or_create(&path).unwrap(), token);
+        assert_eq!(load_or_create_token(&path).unwrap(), token);
         assert!(token.matches(token.as_str().as_bytes()));
         assert!(!token.matches(b""));
         assert!(!token.matches(&token.as_str().as_bytes()[1..]));
@@ -178,24 +62,8 @@ mod tests {
         let path = dir.path().join("api.token");
         fs::write(&path, "not a token").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        let err = ApiToken::load_or_create(&path).unwrap_err().to_string();
+        let err = load_or_create_token(&path).unwrap_err().to_string();
         assert!(err.contains("api.token"), "{err}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "not a token");
-    }
-
-    #[test]
-    fn api_info_round_trips_and_is_removed_only_by_its_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.json");
-        assert_eq!(ApiInfo::read(&path).unwrap(), None);
-        let mut info = ApiInfo { url: "http://127.0.0.1:1".into(), pid: 1, peer_id: "p".into() };
-        info.write(&path).unwrap();
-        assert_eq!(ApiInfo::read(&path).unwrap(), Some(info.clone()));
-        ApiInfo::remove_if_ours(&path);
-        assert!(path.exists(), "pid 1 is not us");
-        info.pid = std::process::id();
-        info.write(&path).unwrap();
-        ApiInfo::remove_if_ours(&path);
-        assert!(!path.exists());
     }
 }

@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+
+pub use hearth_api::error::ErrorBody;
 
 use super::session::LoginError;
 use crate::availability::{OwnerError, PolicyError};
@@ -13,18 +14,6 @@ use crate::market::MarketError;
 use crate::net::ConnectError;
 use crate::requests::{PackageError, RequestError};
 use crate::transfer::{StoreError, TransferError};
-
-/// An error as the API returns it, with its HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// Stable identifier for scripts, such as `unauthorized`.
-    pub code: String,
-    /// One line for people.
-    pub message: String,
-    /// Every problem found, when the input had several (an invalid request package).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<String>,
-}
 
 /// An error response.
 #[derive(Debug)]

@@ -13,8 +13,8 @@ use super::upload::{self, Entry, SpecUpload};
 use super::{ApiState, LogChunk};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
-use crate::store::OwnerNotice;
 use crate::transfer::Imported;
+use hearth_api::jobs::OwnerNotice;
 
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
 /// id is the request's. The spec comes with its files, by content (see `SpecUpload`); they go

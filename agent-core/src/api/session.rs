@@ -16,12 +16,13 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::Query;
 use crate::clock::{self, unix_now};
+pub use hearth_api::status::LoginLink;
 
 /// How long a login code may wait to be used.
 pub const CODE_LIFETIME: Duration = Duration::from_secs(60);
@@ -163,15 +164,6 @@ pub(super) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> 
         .flat_map(|line| line.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find_map(|(key, value)| (key == name).then_some(value))
-}
-
-/// What `POST /api/v1/login-links` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LoginLink {
-    /// Open it in a browser on this machine; it works once, within a minute.
-    pub url: String,
-    /// When it stops working, in Unix seconds.
-    pub expires_at: i64,
 }
 
 /// What `GET /login` takes.

@@ -21,13 +21,7 @@ use super::error::ApiError;
 use crate::config::ApiConfig;
 use crate::jobs::spec::RawSpec;
 use crate::uploads::{Staged, Uploads};
-
-/// The largest spec or package text.
-pub const MAX_SPEC_BYTES: usize = 1 << 20;
-
-/// The part header that marks an uploaded file executable (`true`): it is staged with the
-/// owner's execute bit, which a job's input and a folder blob's manifest keep.
-pub const EXECUTABLE: &str = "x-hearth-executable";
+pub use hearth_api::upload::{EXECUTABLE, MAX_SPEC_BYTES, PackageUpload, SpecUpload};
 
 /// The longest name of an uploaded file or folder, in bytes.
 const MAX_NAME_BYTES: usize = 1024;
@@ -54,35 +48,6 @@ impl From<&ApiConfig> for UploadLimits {
             max_total_bytes: config.upload_max_bytes,
         }
     }
-}
-
-/// The `multipart/form-data` body of `POST /api/v1/jobs` and `POST /api/v1/requests` (for the
-/// OpenAPI document; the handlers read the parts as they stream in).
-#[derive(Debug, utoipa::ToSchema)]
-pub struct SpecUpload {
-    /// The job spec's TOML text. Its `module`, `image` and `inputs` name uploaded files or
-    /// folders by their path under the upload root.
-    pub spec: String,
-    /// One part per file, its file name its path under the upload root (such as
-    /// `f/0/hello.wasm`): relative, no `.` or `..`, no NUL or backslash, each sent once. A part
-    /// header `x-hearth-executable: true` marks an executable file.
-    #[schema(value_type = Vec<String>, format = Binary)]
-    pub file: Vec<Vec<u8>>,
-    /// An empty folder to make, one part each: its path under the upload root, as text.
-    pub folder: Vec<String>,
-}
-
-/// The `multipart/form-data` body of `POST /api/v1/packages`.
-#[derive(Debug, utoipa::ToSchema)]
-pub struct PackageUpload {
-    /// The package's TOML text. Each task's `spec` names an uploaded job spec, whose own paths are
-    /// relative to its folder under the upload root.
-    pub package: String,
-    /// One part per file (task specs included), as in `SpecUpload`.
-    #[schema(value_type = Vec<String>, format = Binary)]
-    pub file: Vec<Vec<u8>>,
-    /// An empty folder to make, one part each: its path under the upload root, as text.
-    pub folder: Vec<String>,
 }
 
 /// Which text part an upload carries.
@@ -249,7 +214,7 @@ impl Uploaded<'_> {
     /// uploaded, as a file or a folder. A spec that does not parse is left to the spec's own
     /// validation, which names what is wrong.
     fn check_spec(&self, text: &str, folder: &Path, prefix: &str) -> Result<(), ApiError> {
-        let Ok(raw) = crate::toml_file::parse::<RawSpec>(text) else { return Ok(()) };
+        let Ok(raw) = hearth_api::toml_file::parse::<RawSpec>(text) else { return Ok(()) };
         let mut named: Vec<(String, PathBuf)> = Vec::new();
         if let Some(module) = raw.module {
             named.push(("module".into(), module));

@@ -8,10 +8,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use hearth::api::LogChunk;
-use hearth::api::client::{Client, ClientError};
-use hearth::events::Event;
-use hearth::jobs::{JobAction, JobRecord, JobState, Stream};
+use hearth_api::jobs::{JobAction, JobRecord, JobState, LogChunk, Stream};
+use hearth_api::{Client, ClientError, Event};
 
 use super::output;
 

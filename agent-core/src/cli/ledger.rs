@@ -12,12 +12,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use hearth::api::client::{Client, ClientError};
 use hearth::config::Paths;
-use hearth::ledger::earnings::{Earnings, Period, Totals};
-use hearth::ledger::verify::{ExportFormat, Report, Witnessed, verify_export};
+use hearth::ledger::verify::{ExportFormat, verify_export};
 use hearth::ledger::{export_file, verify_file};
-use hearth::market::credits;
+use hearth_api::ledger::{Earnings, Period, Report, Totals, Witnessed};
+use hearth_api::market::credits;
+use hearth_api::{Client, ClientError};
 
 use super::output;
 
@@ -34,7 +34,7 @@ pub(super) enum Source {
 /// Verifies and prints the verdict; exit 1 when a row is bad.
 pub(super) async fn verify(paths: &Paths, source: Source, json: bool) -> anyhow::Result<ExitCode> {
     let (report, note) = match source {
-        Source::Agent => match Client::discover(paths) {
+        Source::Agent => match Client::discover(&paths.data_dir) {
             Ok(client) => match client.verify_ledger().await {
                 Ok(report) => (report, None),
                 Err(ClientError::NoDaemon { .. }) => offline(&paths.store())?,

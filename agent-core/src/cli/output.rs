@@ -6,13 +6,15 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use hearth::api::{AgentStatus, LoginLink, Status};
-use hearth::availability::{Availability, OwnerPause, Policy};
-use hearth::jobs::{JobRecord, JobState};
-use hearth::net::{AdvertBody, HolePunch, Path, PeerInfo, Reachability};
-use hearth::resources::{Gpu, Resources};
-use hearth::store::OwnerNotice;
-use hearth::transfer::{Fetch, FetchState, Format, Imported};
+use hearth_api::availability::{Availability, OwnerPause};
+use hearth_api::blob::Format;
+use hearth_api::jobs::{JobRecord, JobState, OwnerNotice};
+use hearth_api::market::AdvertBody;
+use hearth_api::peers::{HolePunch, Path, PeerInfo, Reachability};
+use hearth_api::policy::Policy;
+use hearth_api::resources::{Gpu, Resources};
+use hearth_api::status::{AgentStatus, LoginLink, Status};
+use hearth_api::transfer::{Fetch, FetchState, Imported};
 
 /// Stdout was closed by its reader (`hearth jobs | head -1`). The command stops at once and
 /// `main` exits quietly: the reader has what it wanted.

@@ -5,11 +5,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use hearth::api::client::Client;
-use hearth::events::Event;
-use hearth::jobs::JobState;
-use hearth::market::{HeldReservation, RemoteJob};
-use hearth::requests::{self, HoldState, Package, RequestState, RequestStatus};
+use hearth_api::jobs::JobState;
+use hearth_api::market::{HeldReservation, RemoteJob};
+use hearth_api::package::{HoldState, Package, RequestState, RequestStatus};
+use hearth_api::{Client, Event};
 use serde::Serialize;
 
 use super::output;
@@ -76,7 +75,7 @@ pub(super) async fn status(client: &Client, id: &str, json: bool) -> anyhow::Res
                     _ => (0, 0),
                 };
                 let failures = if failed == 1 {
-                    vec![format!("task 0: {}", requests::ended(&job.state))]
+                    vec![format!("task 0: {}", hearth_api::jobs::ended(&job.state))]
                 } else {
                     Vec::new()
                 };

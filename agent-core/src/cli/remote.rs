@@ -7,11 +7,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hearth::api::client::Client;
-use hearth::events::Event;
-use hearth::jobs::{JobSpec, JobState, Stream};
-use hearth::market::{RemoteJob, credits};
-use hearth::requests::package::is_package;
+use hearth_api::jobs::{JobState, Stream};
+use hearth_api::market::{RemoteJob, credits};
+use hearth_api::package::is_package;
+use hearth_api::spec::JobSpec;
+use hearth_api::{Client, Event};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{jobs, output, packages};

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use hearth::api::client::Client;
-use hearth::events::Event;
-use hearth::transfer::{BlobHash, BlobRef, Fetch, FetchRequest, FetchState, Format};
+use hearth_api::blob::{BlobHash, BlobRef, Format};
+use hearth_api::transfer::{Fetch, FetchRequest, FetchState};
+use hearth_api::{Client, Event};
 
 use super::output;
 

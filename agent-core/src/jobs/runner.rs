@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytesize::ByteSize;
+use hearth_api::jobs::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -74,26 +75,6 @@ impl Measured {
     /// What the run of the job in `job_dir` left; `None` when it never ran (or left nothing).
     pub fn read(job_dir: &Path) -> Option<Self> {
         serde_json::from_slice(&fs::read(job_dir.join(USAGE_FILE)).ok()?).ok()
-    }
-}
-
-/// Which output stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Stream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-impl Stream {
-    /// The log file's name in the job folder.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            Self::Stdout => "stdout.log",
-            Self::Stderr => "stderr.log",
-        }
     }
 }
 

@@ -13,40 +13,17 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
-use super::runner::{Control, Job, RunEvent, Runner, Stream};
+use super::JobState;
+use super::runner::{Control, Job, RunEvent, Runner};
 use super::spec::{JobKind, JobSpec, SpecError};
-use super::{JobState, Transition};
 use crate::clock::unix_now;
 use crate::events::{Bus, Event};
-use crate::store::{OwnerNotice, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::uploads::Staged;
-
-/// A job as the store keeps it and the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobRecord {
-    /// The job's id on this agent.
-    pub id: String,
-    /// `wasi` or `native`.
-    pub kind: String,
-    /// The spec file it came from: for a job submitted through the API, its staged copy under
-    /// `DATA/uploads/`, removed when the job ends.
-    #[schema(value_type = String)]
-    pub spec_path: PathBuf,
-    /// Its folder, holding `out/` and the logs.
-    #[schema(value_type = String)]
-    pub job_dir: PathBuf,
-    /// Where it is in its life, with the exit code or failure reason once it ended.
-    #[serde(flatten)]
-    pub state: JobState,
-    /// When it was accepted, in Unix seconds.
-    pub created_at: i64,
-    /// When its state last changed, in Unix seconds.
-    pub updated_at: i64,
-}
+use hearth_api::jobs::{JobAction, JobRecord, OwnerNotice, Stream};
 
 /// Why a request about a job was refused.
 #[derive(Debug, thiserror::Error)]
@@ -81,36 +58,6 @@ pub enum SupervisorError {
         /// What went wrong.
         message: String,
     },
-}
-
-/// What an owner may ask of a running job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JobAction {
-    /// Freeze it.
-    Pause,
-    /// Thaw it.
-    Resume,
-    /// Stop it for good.
-    Cancel,
-}
-
-impl JobAction {
-    fn transition(self) -> Transition {
-        match self {
-            Self::Pause => Transition::Pause,
-            Self::Resume => Transition::Resume,
-            Self::Cancel => Transition::Cancel,
-        }
-    }
-
-    fn past_tense(self) -> &'static str {
-        match self {
-            Self::Pause => "paused",
-            Self::Resume => "resumed",
-            Self::Cancel => "cancelled",
-        }
-    }
 }
 
 /// The supervisor. Cheap to clone.

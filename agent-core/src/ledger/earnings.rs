@@ -4,68 +4,20 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+pub use hearth_api::ledger::{Earnings, Period, PeriodEarnings, Totals};
 
-use super::record::{Charges, ReceiptBody};
+use super::record::ReceiptBody;
 
-/// How earnings are grouped in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    /// UTC calendar days: `2026-12-05`.
-    Day,
-    /// ISO weeks: `2026-W49`.
-    Week,
-    /// Calendar months: `2026-12`.
-    Month,
-}
-
-/// Credits of one side (earned or spent), in thousandths of a credit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Totals {
-    /// Everything together.
-    pub amount: u64,
-    /// How many receipts.
-    pub receipts: u64,
-    /// By resource kind.
-    pub by_kind: Charges,
-    /// By the other side's peer id.
-    pub by_peer: BTreeMap<String, u64>,
-}
-
-impl Totals {
-    fn add(&mut self, receipt: &ReceiptBody, peer: &str) {
-        self.amount = self.amount.saturating_add(receipt.amount);
-        self.receipts += 1;
-        let kinds = &mut self.by_kind;
-        kinds.cpu = kinds.cpu.saturating_add(receipt.charges.cpu);
-        kinds.memory = kinds.memory.saturating_add(receipt.charges.memory);
-        kinds.gpu = kinds.gpu.saturating_add(receipt.charges.gpu);
-        let by_peer = self.by_peer.entry(peer.to_owned()).or_default();
-        *by_peer = by_peer.saturating_add(receipt.amount);
-    }
-}
-
-/// One period's credits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PeriodEarnings {
-    /// The period's name (see [`Period`]); `all` when not grouped.
-    pub period: String,
-    /// As a provider.
-    pub earned: Totals,
-    /// As a consumer.
-    pub spent: Totals,
-}
-
-/// What `hearth earnings` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Earnings {
-    /// Whose.
-    pub owner: String,
-    /// Oldest first; one `all` entry when not grouped by period.
-    pub periods: Vec<PeriodEarnings>,
-    /// Every period together.
-    pub total: PeriodEarnings,
+/// Adds `receipt`, whose other side is `peer`, to `totals`.
+fn add(totals: &mut Totals, receipt: &ReceiptBody, peer: &str) {
+    totals.amount = totals.amount.saturating_add(receipt.amount);
+    totals.receipts += 1;
+    let kinds = &mut totals.by_kind;
+    kinds.cpu = kinds.cpu.saturating_add(receipt.charges.cpu);
+    kinds.memory = kinds.memory.saturating_add(receipt.charges.memory);
+    kinds.gpu = kinds.gpu.saturating_add(receipt.charges.gpu);
+    let by_peer = totals.by_peer.entry(peer.to_owned()).or_default();
+    *by_peer = by_peer.saturating_add(receipt.amount);
 }
 
 /// Sums `receipts` from `owner`'s point of view. Receipts `owner` is no party to are left out.
@@ -78,11 +30,11 @@ pub fn summarize(owner: &str, receipts: &[ReceiptBody], by: Option<Period>) -> E
             .entry(name.clone())
             .or_insert_with(|| PeriodEarnings { period: name, ..PeriodEarnings::default() });
         if receipt.provider == owner {
-            entry.earned.add(receipt, &receipt.consumer);
-            total.earned.add(receipt, &receipt.consumer);
+            add(&mut entry.earned, receipt, &receipt.consumer);
+            add(&mut total.earned, receipt, &receipt.consumer);
         } else if receipt.consumer == owner {
-            entry.spent.add(receipt, &receipt.provider);
-            total.spent.add(receipt, &receipt.provider);
+            add(&mut entry.spent, receipt, &receipt.provider);
+            add(&mut total.spent, receipt, &receipt.provider);
         }
     }
     Earnings { owner: owner.to_owned(), periods: periods.into_values().collect(), total }
@@ -105,7 +57,7 @@ pub fn period_of(at: i64, by: Period) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::record::{Usage, VERSION};
+    use crate::ledger::record::{Charges, Usage, VERSION};
     use crate::net::advert::Prices;
 
     fn receipt(provider: &str, consumer: &str, ended_at: i64, charges: Charges) -> ReceiptBody {

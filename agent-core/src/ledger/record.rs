@@ -16,6 +16,7 @@ use crate::identity::{DomainTag, Identity};
 use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Signed, peer_field, sign_detached, verify_detached};
 pub use crate::proto::{GENESIS, Kind, Row, entry_bytes, entry_bytes_of_canonical, row_hash};
+pub use hearth_api::ledger::Charges;
 
 /// The format of every ledger document this code writes and reads.
 pub const VERSION: u64 = 1;
@@ -45,24 +46,6 @@ pub struct Usage {
     pub outputs_bytes: u64,
     /// Bytes the job sent and received over its granted network; 0 without network.
     pub network_bytes: u64,
-}
-
-/// What a receipt charges, per resource kind, in thousandths of a credit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Charges {
-    /// For the cores.
-    pub cpu: u64,
-    /// For the memory.
-    pub memory: u64,
-    /// For the GPUs.
-    pub gpu: u64,
-}
-
-impl Charges {
-    /// The three together.
-    pub fn total(&self) -> u64 {
-        self.cpu.saturating_add(self.memory).saturating_add(self.gpu)
-    }
 }
 
 /// What finished (or stopped, or failed) work used and costs. The provider signs it under

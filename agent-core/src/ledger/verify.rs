@@ -13,6 +13,8 @@ use libp2p_identity::{PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use hearth_api::ledger::{Broken, Report, WitnessCheck, Witnessed};
+
 use super::record::{
     CHECKPOINT_TAG, Checkpoint, GENESIS, Kind, RECEIPT_TAG, Row, VERSION, entry_bytes_of_canonical, row_hash,
 };
@@ -27,70 +29,6 @@ const CHUNK: usize = 8192;
 
 /// The first line of a JSON Lines export.
 pub const EXPORT_FORMAT: &str = "hearth-ledger";
-
-/// The first bad row, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Broken {
-    /// The row's sequence number (for a missing row, the number it should have had).
-    pub seq: u64,
-    /// What is wrong, for people.
-    pub problem: String,
-}
-
-/// What a checkpoint another agent holds says about this ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Witnessed {
-    /// The ledger holds the checkpoint's row with the same hash.
-    Matches,
-    /// The ledger ends before the checkpoint's row: rows were removed from its end.
-    Truncated,
-    /// The checkpoint's row has another hash: the history was rewritten.
-    Forked,
-    /// The witness answered with something this ledger's owner did not sign.
-    Invalid,
-    /// The witness holds no checkpoint of this ledger.
-    None,
-    /// The witness could not be asked.
-    Unreachable,
-}
-
-/// One witness's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct WitnessCheck {
-    /// The agent that holds the checkpoint.
-    pub peer: String,
-    /// The checkpoint's row, when there was one.
-    pub seq: Option<u64>,
-    /// What it says.
-    pub verdict: Witnessed,
-    /// For people.
-    pub detail: String,
-}
-
-/// The outcome of a verification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Report {
-    /// Whose ledger.
-    pub owner: String,
-    /// Rows read.
-    pub rows: u64,
-    /// Countersigned receipts among them.
-    pub receipts: u64,
-    /// The last row's hash.
-    pub head: Option<String>,
-    /// The first bad row; `None` when the chain and every signature hold.
-    pub broken: Option<Broken>,
-    /// What the checkpoints held by other agents say.
-    pub witnesses: Vec<WitnessCheck>,
-}
-
-impl Report {
-    /// Whether the ledger verified: intact, and no witness saw another history.
-    pub fn ok(&self) -> bool {
-        self.broken.is_none()
-    }
-}
 
 /// Checks rows in chain order. Feed it every row with [`Verifier::push`], then [`Verifier::finish`].
 pub struct Verifier {

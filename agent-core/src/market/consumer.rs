@@ -7,12 +7,12 @@
 //! asks the job fails with the reason. The outputs are fetched when the job ends.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use hearth_api::market::RemoteJob;
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::matching::{self, Amount, Candidate};
@@ -64,45 +64,6 @@ const MISSED_STATUS: u32 = 3;
 
 /// The least the outputs may add up to, whatever scratch disk the job asked for.
 const MIN_OUTPUTS_CAP: u64 = 1 << 30;
-
-/// A job this agent asked another agent to run, as `hearth jobs` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RemoteJob {
-    /// Its id here (also the request's id).
-    pub id: String,
-    /// `wasi` or `native`.
-    pub kind: String,
-    /// The spec file it came from: its staged copy under `DATA/uploads/` (gone once its files
-    /// were in the blob store), or a request package's task spec.
-    #[schema(value_type = String)]
-    pub spec_path: PathBuf,
-    /// Where it is in its life, as its provider last said (or `queued` while no one agreed yet).
-    #[serde(flatten)]
-    pub state: JobState,
-    /// What is going on, for people: the search, the agreement, the provider owner's reason.
-    pub note: Option<String>,
-    /// The provider running it, once agreed.
-    pub provider: Option<String>,
-    /// The agreement's id.
-    pub agreement_id: Option<String>,
-    /// The agreed price, in thousandths of a credit per hour.
-    pub price_per_hour: Option<u64>,
-    /// The agreement both sides signed.
-    pub agreement: Option<Agreement>,
-    /// Providers that refused the request, with their reasons.
-    pub refusals: Vec<String>,
-    /// The job's outputs (a folder blob), once fetched.
-    pub outputs: Option<BlobRef>,
-    /// What the countersigned receipt charged, in thousandths of a credit.
-    pub charged: Option<u64>,
-    /// The request package it is a task of, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
-    /// When it was submitted, in Unix seconds.
-    pub created_at: i64,
-    /// When it last changed, in Unix seconds.
-    pub updated_at: i64,
-}
 
 /// The remote jobs of this run.
 pub(super) struct State {

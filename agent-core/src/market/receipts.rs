@@ -21,7 +21,7 @@ use crate::clock::unix_now;
 use crate::jobs::JobState;
 use crate::jobs::runner::Measured;
 use crate::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage};
-use crate::net::negotiate::{Agreement, Message, Reply, Signed, Terms};
+use crate::net::negotiate::{Agreement, Countersigned, Message, Reply, Signed, Terms};
 use crate::transfer::Imported;
 
 /// How often a countersignature is offered to a provider that does not answer.
@@ -365,7 +365,10 @@ mod tests {
         let (provider, consumer) = (identity(), identity());
         let (agreement, terms) = agreement(&provider, &consumer);
         let outputs = Imported {
-            blob: BlobRef { hash: bao_tree::blake3::hash(b"outputs").into(), format: Format::Folder },
+            blob: BlobRef {
+                hash: crate::proto::blob_hash(bao_tree::blake3::hash(b"outputs")),
+                format: Format::Folder,
+            },
             size: 7,
             files: 1,
             skipped: Vec::new(),

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use hearth_api::market::HeldReservation;
 use libp2p::PeerId;
 
 use super::matching::Amount;
@@ -50,31 +51,6 @@ pub(super) struct Held {
     grant: Signed,
     /// Agreements of tasks running in it.
     pub(super) in_use: u32,
-}
-
-/// A reservation as the owner's API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct HeldReservation {
-    /// The consumer's id for it.
-    pub id: String,
-    /// For whom.
-    pub consumer: String,
-    /// The consumer's request package.
-    pub request_id: String,
-    /// The package's name for the resource.
-    pub resource: String,
-    /// Thousandths of a core held.
-    pub cpu_millis: u64,
-    /// Memory held, in bytes.
-    pub memory_bytes: u64,
-    /// Scratch disk held, in bytes.
-    pub disk_bytes: u64,
-    /// GPUs held, by UUID.
-    pub gpus: Vec<String>,
-    /// Tasks running in it now.
-    pub in_use: u32,
-    /// When it lapses unless kept or in use, in Unix seconds.
-    pub expires_at: i64,
 }
 
 /// The reservations held now, by id.

@@ -20,6 +20,7 @@ use crate::clock::{self, ClockError};
 use crate::identity::{self, DomainTag, Identity};
 use crate::proto::NotCanonical;
 pub use crate::proto::canonical_json;
+pub use hearth_api::market::{AdvertBody, AdvertGpu, Free, Prices, Reputation};
 
 /// The domain-separation tag of adverts.
 pub const ADVERT_TAG: DomainTag = DomainTag::new(b"hearth/advert/v1");
@@ -36,77 +37,6 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// What an advert may claim about its own time.
 const CLOCK_RULES: clock::Rules =
     clock::Rules { max_skew: clock::MAX_SKEW, max_lifetime: MAX_LIFETIME, max_age: None };
-
-/// What is signed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AdvertBody {
-    /// [`ADVERT_VERSION`].
-    pub version: u64,
-    /// The advertiser, as its base58 peer id; must be the key that signed.
-    pub peer_id: String,
-    /// Grows with every advert of this peer; an older or equal one is a replay.
-    pub seq: u64,
-    /// Unix seconds.
-    pub issued_at: i64,
-    /// Unix seconds; at most [`MAX_LIFETIME`] after `issued_at`.
-    pub expires_at: i64,
-    /// `sharing` or `paused`.
-    pub state: String,
-    /// Why it is paused, for people; empty while sharing.
-    pub paused_because: Vec<String>,
-    /// What is free now (zero while paused).
-    pub free: Free,
-    /// When it shares in the next 7 days: `[from, to)` spans in Unix seconds, in order.
-    pub windows: Vec<[i64; 2]>,
-    /// Prices per resource-hour, in thousandths of a credit.
-    pub prices: Prices,
-    /// What its own ledger says of its past work.
-    pub reputation: Reputation,
-}
-
-/// Free capacity.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Free {
-    /// Thousandths of a core.
-    pub cpu_millis: u64,
-    /// Memory.
-    pub memory_bytes: u64,
-    /// Scratch disk.
-    pub disk_bytes: u64,
-    /// Each free GPU.
-    pub gpus: Vec<AdvertGpu>,
-}
-
-/// One GPU on offer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AdvertGpu {
-    /// Its model, as NVML names it.
-    pub model: String,
-    /// Memory on offer.
-    pub memory_bytes: u64,
-    /// CUDA compute capability, such as `"8.9"`; empty when unknown.
-    pub compute_capability: String,
-}
-
-/// Prices per hour, in thousandths of a credit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Prices {
-    /// One core for an hour.
-    pub core_hour: u64,
-    /// One GiB of memory for an hour.
-    pub memory_gib_hour: u64,
-    /// One GPU for an hour.
-    pub gpu_hour: u64,
-}
-
-/// A summary of past work.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Reputation {
-    /// Jobs finished.
-    pub completed: u64,
-    /// Jobs that failed on the provider's side.
-    pub failed: u64,
-}
 
 /// An advert whose signature, age and sequence were checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -19,6 +19,8 @@ use super::advert::{Prices, Rejection, canonical_json, public_key};
 use crate::identity::{self, DomainTag, Identity};
 use crate::jobs::{JobState, Stream};
 use crate::proto::BlobRef;
+pub use hearth_api::market::Agreement;
+pub use hearth_api::resources::Allocation;
 
 /// The protocol's name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hearth/negotiate/1.0.0");
@@ -95,23 +97,6 @@ pub fn verify_detached(
     } else {
         Err(Rejection::BadSignature)
     }
-}
-
-/// An amount of each resource: what a request asks for, an agreement sets aside, a reservation
-/// holds. (What a machine has is `resources::Resources`.) On the wire it is the documents'
-/// `resources` field.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Allocation {
-    /// Thousandths of a core.
-    pub cpu_millis: u64,
-    /// Memory in bytes.
-    pub memory_bytes: u64,
-    /// Scratch disk in bytes.
-    pub disk_bytes: u64,
-    /// Whole GPUs.
-    pub gpus: u32,
-    /// GPU memory in bytes, summed over the GPUs.
-    pub vram_bytes: u64,
 }
 
 /// A consumer's request for a job to run, addressed to one provider. Signed under [`REQUEST_TAG`]
@@ -265,26 +250,21 @@ pub struct Terms {
     pub expires_at: i64,
 }
 
-/// Terms signed by both sides.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Agreement {
-    /// The terms as the provider signed them.
-    #[schema(value_type = Object)]
-    pub terms: Value,
-    /// The provider's signature (hex) under [`AGREEMENT_TAG`].
-    pub provider_signature: String,
-    /// The consumer's signature (hex) over the same bytes.
-    pub consumer_signature: String,
+/// What the agent does with an agreement both sides signed.
+pub trait Countersigned {
+    /// BLAKE3 (hex) of the canonical terms: what a receipt cites the agreement by.
+    fn hash(&self) -> Result<String, Rejection>;
+
+    /// Checks both signatures against the peers the terms name, and reads the terms.
+    fn verify(&self) -> Result<Terms, Rejection>;
 }
 
-impl Agreement {
-    /// BLAKE3 (hex) of the canonical terms: what a receipt cites the agreement by.
-    pub fn hash(&self) -> Result<String, Rejection> {
+impl Countersigned for Agreement {
+    fn hash(&self) -> Result<String, Rejection> {
         Ok(bao_tree::blake3::hash(&canonical_json(&self.terms)?).to_hex().to_string())
     }
 
-    /// Checks both signatures against the peers the terms name, and reads the terms.
-    pub fn verify(&self) -> Result<Terms, Rejection> {
+    fn verify(&self) -> Result<Terms, Rejection> {
         let offer = Signed { body: self.terms.clone(), signature: self.provider_signature.clone() };
         let provider = peer_field(&self.terms, "provider")?;
         let terms: Terms = offer.open(AGREEMENT_TAG, &provider)?;

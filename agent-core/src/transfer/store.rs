@@ -33,6 +33,7 @@ use bao_tree::{BaoTree, BlockSize, ChunkRanges};
 use serde::{Deserialize, Serialize};
 
 pub use crate::proto::{BlobHash, BlobRef, Format};
+pub use hearth_api::transfer::Imported;
 
 /// The chunk group: 16 chunks of 1 KiB. Each is verified on its own, so it is also the most a
 /// download can lose to a crash, and what a corrupt byte costs a retry.
@@ -146,21 +147,6 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreE
     move |source| StoreError::Io { what, path, source }
 }
 
-/// What an import put in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Imported {
-    /// The blob (for a folder, its manifest).
-    #[serde(flatten)]
-    pub blob: BlobRef,
-    /// Bytes of content (for a folder, of every file).
-    pub size: u64,
-    /// Files imported (1 for a file).
-    pub files: u64,
-    /// Entries of a folder left out because they are neither files nor folders (symlinks,
-    /// devices, sockets), as relative paths.
-    pub skipped: Vec<String>,
-}
-
 /// A download in progress: what has been verified so far.
 #[derive(Debug, Clone)]
 pub struct Partial {
@@ -268,7 +254,11 @@ impl BlobStore {
         })?;
         Ok((
             data,
-            PreOrderOutboard { root: hash.to_blake3(), tree: BaoTree::new(size, BLOCK_SIZE), data: outboard },
+            PreOrderOutboard {
+                root: crate::proto::to_blake3(hash),
+                tree: BaoTree::new(size, BLOCK_SIZE),
+                data: outboard,
+            },
         ))
     }
 
@@ -347,7 +337,7 @@ impl BlobStore {
             let reader = io::BufReader::with_capacity(1 << 20, &data);
             let root = bao_tree::io::sync::outboard(reader, tree, &mut outboard)
                 .map_err(io_error("cannot hash", tmp))?;
-            let hash = BlobHash::from(root);
+            let hash = crate::proto::blob_hash(root);
             if self.size(hash).is_none() {
                 outboard.data.sync_all().map_err(io_error("cannot sync", &ob_tmp))?;
                 data.sync_all().map_err(io_error("cannot sync", tmp))?;
@@ -551,7 +541,11 @@ impl BlobStore {
         let outboard = open(self.partial_outboard(hash))?;
         Ok((
             data,
-            PreOrderOutboard { root: hash.to_blake3(), tree: BaoTree::new(size, BLOCK_SIZE), data: outboard },
+            PreOrderOutboard {
+                root: crate::proto::to_blake3(hash),
+                tree: BaoTree::new(size, BLOCK_SIZE),
+                data: outboard,
+            },
         ))
     }
 
@@ -699,7 +693,11 @@ mod tests {
         let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
         let bytes = random_bytes(100_000, 1);
         let (hash, size) = store.import_bytes(&bytes).unwrap();
-        assert_eq!(hash, BlobHash::from(bao_tree::blake3::hash(&bytes)), "the same hash b3sum prints");
+        assert_eq!(
+            hash,
+            crate::proto::blob_hash(bao_tree::blake3::hash(&bytes)),
+            "the same hash b3sum prints"
+        );
         assert_eq!(size, 100_000);
         let (again, _) = store.import_bytes(&bytes).unwrap();
         assert_eq!(again, hash);
@@ -726,7 +724,7 @@ mod tests {
         let (mut target, mut ob) = receiver.begin_partial(hash, size).unwrap();
         let tree = BaoTree::new(size, BLOCK_SIZE);
         let ranges = ChunkRanges::all();
-        let iter = DecodeResponseIter::new(hash.to_blake3(), tree, encoded.as_slice(), &ranges);
+        let iter = DecodeResponseIter::new(crate::proto::to_blake3(hash), tree, encoded.as_slice(), &ranges);
         for item in iter.take(30) {
             match item.unwrap() {
                 bao_tree::io::BaoContentItem::Parent(p) => {
@@ -759,7 +757,8 @@ mod tests {
         let (mut target, mut ob) = receiver.begin_partial(hash, size).unwrap();
         let ranges = ChunkRanges::all();
         let tree = BaoTree::new(size, BLOCK_SIZE);
-        for item in DecodeResponseIter::new(hash.to_blake3(), tree, encoded.as_slice(), &ranges) {
+        for item in DecodeResponseIter::new(crate::proto::to_blake3(hash), tree, encoded.as_slice(), &ranges)
+        {
             match item.unwrap() {
                 bao_tree::io::BaoContentItem::Parent(p) => {
                     bao_tree::io::sync::OutboardMut::save(&mut ob, p.node, &p.pair).unwrap()

@@ -16,8 +16,8 @@ use crate::ledger::record::Kind;
 use crate::market::receipts;
 use crate::market::{Fetched, Inner, MarketError, fetch_to_end, rejected};
 use crate::net::negotiate::{Agreement, Message, NOTICE_TAG, Notice, Reply, Signed};
-use crate::store::OwnerNotice;
 use crate::transfer::{BlobRef, FetchRequest, Format};
+use hearth_api::jobs::OwnerNotice;
 
 /// How long past the agreed window a job may go without its provider ending it.
 const OVERDUE_AFTER: Duration = Duration::from_secs(10 * 60);

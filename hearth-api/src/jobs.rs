@@ -1,4 +1,5 @@
-//! A job's life cycle as one pure transition function, shown identically to both sides.
+//! Jobs as the API shows them: the [`JobRecord`], its log chunks and owner notices, and the job's
+//! life cycle as one pure transition function, shown identically to both sides.
 //!
 //! ```text
 //! queued ─▶ transferring ─▶ running ⇄ paused
@@ -12,6 +13,8 @@
 //! the owner. The three are terminal. Everything that changes a job's state goes through
 //! [`JobState::apply`], so an impossible change (resuming a finished job) is an error, never a
 //! silently wrong state.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -210,5 +213,114 @@ mod tests {
         assert_eq!(json, serde_json::json!({"state": "finished", "exit_code": 0}));
         let back: JobState = serde_json::from_value(serde_json::json!({"state": "paused"})).unwrap();
         assert_eq!(back, JobState::Paused);
+    }
+}
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// The log file's name in the job folder.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout.log",
+            Self::Stderr => "stderr.log",
+        }
+    }
+}
+
+/// A job as the store keeps it and the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobRecord {
+    /// The job's id on this agent.
+    pub id: String,
+    /// `wasi` or `native`.
+    pub kind: String,
+    /// The spec file it came from: for a job submitted through the API, its staged copy under
+    /// `DATA/uploads/`, removed when the job ends.
+    #[schema(value_type = String)]
+    pub spec_path: PathBuf,
+    /// Its folder, holding `out/` and the logs.
+    #[schema(value_type = String)]
+    pub job_dir: PathBuf,
+    /// Where it is in its life, with the exit code or failure reason once it ended.
+    #[serde(flatten)]
+    pub state: JobState,
+    /// When it was accepted, in Unix seconds.
+    pub created_at: i64,
+    /// When its state last changed, in Unix seconds.
+    pub updated_at: i64,
+}
+
+/// What an owner may ask of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobAction {
+    /// Freeze it.
+    Pause,
+    /// Thaw it.
+    Resume,
+    /// Stop it for good.
+    Cancel,
+}
+
+impl JobAction {
+    /// The life-cycle step it asks for.
+    pub fn transition(self) -> Transition {
+        match self {
+            Self::Pause => Transition::Pause,
+            Self::Resume => Transition::Resume,
+            Self::Cancel => Transition::Cancel,
+        }
+    }
+
+    /// What it did, as a past participle: `paused`, `resumed`, `cancelled`.
+    pub fn past_tense(self) -> &'static str {
+        match self {
+            Self::Pause => "paused",
+            Self::Resume => "resumed",
+            Self::Cancel => "cancelled",
+        }
+    }
+}
+
+/// What the owner did to a job, for its consumer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OwnerNotice {
+    /// The job.
+    pub job_id: String,
+    /// `paused`, `resumed` or `stopped`.
+    pub kind: String,
+    /// Why, for people.
+    pub reason: String,
+    /// When, in Unix seconds.
+    pub at: i64,
+}
+
+/// A piece of a job's log, as `GET /api/v1/jobs/{id}/logs/{stream}` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LogChunk {
+    /// The bytes from `offset` on, as text (invalid UTF-8 replaced).
+    pub text: String,
+    /// The offset to ask from next time.
+    pub next_offset: u64,
+    /// True once the job has ended, so nothing more will come.
+    pub finished: bool,
+}
+
+/// A job's end, for people.
+pub fn ended(state: &JobState) -> String {
+    match state {
+        JobState::Finished { exit_code } => format!("exited with code {exit_code}"),
+        JobState::Failed { reason } => format!("failed: {reason}"),
+        JobState::Cancelled { reason: Some(reason) } => format!("cancelled: {reason}"),
+        other => other.name().to_owned(),
     }
 }

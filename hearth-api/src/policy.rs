@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::toml_file;
 
-pub use crate::config::POLICY_FILE;
+/// The policy file's name in a data dir.
+pub const POLICY_FILE: &str = "policy.toml";
 
 /// What a new policy file says: the defaults, each explained.
 pub const DEFAULT_FILE: &str = r#"# When this machine shares, and what it keeps for its owner.
@@ -325,7 +326,7 @@ impl Policy {
 
 /// Replaces `path` with `bytes` through a synced temporary file renamed into place (creating the
 /// folder if needed), so a crash leaves the old file or the new one, never a mix.
-pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let mut temporary = tempfile::NamedTempFile::new_in(dir)?;
@@ -337,16 +338,18 @@ pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// A window with its days and times parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ParsedWindow {
+pub struct ParsedWindow {
     /// Bit `n` set: the window starts on the weekday `n` days after Monday.
     pub days: u8,
+    /// When it starts, local time.
     pub from: Time,
+    /// When it ends, local time.
     pub to: Time,
 }
 
 impl Window {
     /// The window's days and times; the error starts with the field's name.
-    pub(super) fn parsed(&self) -> Result<ParsedWindow, String> {
+    pub fn parsed(&self) -> Result<ParsedWindow, String> {
         let mut days = 0u8;
         for day in &self.days {
             days |= match day.to_ascii_lowercase().as_str() {
@@ -374,7 +377,7 @@ impl Window {
 const DAYS: [&str; 7] = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
 
 /// Monday = 0 … Sunday = 6.
-pub(super) fn day_bit(day: Weekday) -> u8 {
+pub fn day_bit(day: Weekday) -> u8 {
     1 << (day.to_monday_zero_offset() as u8)
 }
 

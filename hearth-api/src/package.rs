@@ -1,10 +1,13 @@
 //! The request package: several resources, each one machine, asked for in one request, with
 //! `after` dependencies between them and the tasks (job specs) to run on each.
 //!
-//! Parsing follows the job spec ([`crate::jobs::spec`]): the TOML is read into a raw form that
+//! Parsing follows the job spec ([`crate::spec`]): the TOML is read into a raw form that
 //! mirrors the file, then validated into a [`Package`]. Validation collects every problem rather
 //! than stopping at the first, each naming its dotted field. Every task's job spec is loaded and
 //! checked against the resource it runs on, so a package that parses can be acquired as written.
+//!
+//! A submitted package becomes a request, whose progress the API shows as a [`RequestStatus`]:
+//! each resource's acquisition and each task's state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -12,8 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::spec::{JobSpec, Problem, SpecError};
-use crate::net::negotiate::Allocation;
+use crate::market::Prices;
+use crate::resources::Allocation;
+use crate::spec::{JobSpec, Problem, SpecError};
 use crate::toml_file;
 
 /// The most resources one package may have.
@@ -522,6 +526,194 @@ fn size(bytes: u64) -> String {
         }
     }
     format!("{bytes} bytes")
+}
+
+/// Where a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// On the queue, not started.
+    Queued,
+    /// Its resources are being acquired.
+    Acquiring,
+    /// All acquired; its tasks run.
+    Running,
+    /// Its tasks ended; the reservations are being released.
+    Releasing,
+    /// Every task succeeded and everything was released.
+    Completed,
+    /// A task failed; everything was released.
+    Failed,
+    /// A resource could not be acquired; what was acquired was released in reverse order.
+    RolledBack,
+}
+
+impl RequestState {
+    /// Whether nothing more happens to it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::RolledBack)
+    }
+
+    /// Its name, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Acquiring => "acquiring",
+            Self::Running => "running",
+            Self::Releasing => "releasing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Where one resource's acquisition is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldState {
+    /// Not asked yet (or asked again after a refusal).
+    Waiting,
+    /// An ask is out; its answer is not recorded yet.
+    Asking,
+    /// The provider holds it.
+    Held,
+    /// Released to the provider.
+    Released,
+    /// The provider let it lapse (it was not kept in time).
+    Lapsed,
+    /// Not acquired after every try.
+    Failed,
+}
+
+impl HoldState {
+    /// Its name, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Asking => "asking",
+            Self::Held => "held",
+            Self::Released => "released",
+            Self::Lapsed => "lapsed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One resource of a request and its acquisition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Acquisition {
+    /// The package's name for it.
+    pub resource: String,
+    /// Where its acquisition is.
+    pub state: HoldState,
+    /// The provider asked or holding it.
+    pub provider: Option<String>,
+    /// The reservation's id (chosen here before asking).
+    pub reservation_id: Option<String>,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Why the last try failed.
+    pub error: Option<String>,
+    /// 1 for the first resource acquired, 2 for the next…: rollback releases in reverse.
+    pub order: Option<u32>,
+    /// The prices the provider's tasks are offered at.
+    #[schema(value_type = Option<Object>)]
+    pub prices: Option<Prices>,
+    /// The GPUs held, by UUID.
+    pub gpus: Vec<String>,
+    /// When it was acquired, in Unix milliseconds.
+    pub acquired_at_ms: Option<i64>,
+    /// When it was released or lapsed, in Unix milliseconds.
+    pub released_at_ms: Option<i64>,
+}
+
+/// Where one task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Not started.
+    Waiting,
+    /// Its remote job runs.
+    Running,
+    /// Its job finished with exit code 0.
+    Succeeded,
+    /// Its job did not finish well.
+    Failed,
+    /// Not run: an earlier task failed, or the resources were not acquired.
+    Skipped,
+}
+
+impl TaskState {
+    /// Its name, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// One task of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskStatus {
+    /// Its place in the package's `tasks`.
+    pub index: u32,
+    /// The resource it runs on.
+    pub resource: String,
+    /// Its job spec.
+    #[schema(value_type = String)]
+    pub spec_path: PathBuf,
+    /// Where it is.
+    pub state: TaskState,
+    /// The remote job running it (`hearth job logs ID`, `hearth results ID`).
+    pub job_id: Option<String>,
+    /// Why it failed or was skipped.
+    pub reason: Option<String>,
+    /// When its job was submitted, in Unix milliseconds.
+    pub started_at_ms: Option<i64>,
+    /// When it ended, in Unix milliseconds.
+    pub ended_at_ms: Option<i64>,
+}
+
+/// A request package and its progress, as `hearth request status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RequestStatus {
+    /// Its id.
+    pub id: String,
+    /// The package's name, if it has one.
+    pub name: Option<String>,
+    /// The package file it came from.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Where it is.
+    pub state: RequestState,
+    /// Why it failed or was rolled back.
+    pub reason: Option<String>,
+    /// How many tasks it has.
+    pub tasks: u32,
+    /// How many succeeded.
+    pub succeeded: u32,
+    /// How many failed (skipped ones not counted).
+    pub failed: u32,
+    /// Each failed task and why.
+    pub failures: Vec<String>,
+    /// Its resources, in acquisition order.
+    pub resources: Vec<Acquisition>,
+    /// Its tasks, in file order.
+    pub task_list: Vec<TaskStatus>,
+    /// Once releasing: the state it ends in.
+    pub outcome: Option<RequestState>,
+    /// The package as validated.
+    #[schema(value_type = Object)]
+    pub package: Package,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
 }
 
 #[cfg(test)]

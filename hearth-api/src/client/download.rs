@@ -11,7 +11,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path};
 
-use crate::transfer::{Format, Imported};
+use crate::blob::Format;
+use crate::transfer::Imported;
 
 /// Why a download could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,7 @@ fn write_file(body: impl Read, path: &Path, mode: u32, size: u64) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transfer::{BlobHash, BlobRef};
+    use crate::blob::{BlobHash, BlobRef};
 
     fn folder(files: u64, size: u64) -> Imported {
         Imported {

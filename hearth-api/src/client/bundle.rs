@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 
 use reqwest::multipart::{Form, Part};
 
-use crate::api::EXECUTABLE;
-use crate::jobs::spec::{Image, JobKind, JobSpec, SpecError};
-use crate::requests::{Package, PackageError};
+use crate::package::{Package, PackageError};
+use crate::spec::{Image, JobKind, JobSpec, SpecError};
+use crate::upload::EXECUTABLE;
 
 /// Why a spec or package could not be sent.
 #[derive(Debug, thiserror::Error)]

@@ -18,25 +18,22 @@ use std::time::Duration;
 
 pub use events::{EventStream, Update};
 
-use libp2p::futures::TryStreamExt as _;
+use futures_util::TryStreamExt as _;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::discovery::{ApiInfo, ApiToken, DiscoveryError};
-use super::{
-    ConnectRequest, ErrorBody, LogChunk, LoginLink, PauseRequest, PolicyDocument, PolicyText, Status,
-};
 use crate::availability::{Availability, OwnerPause};
-use crate::config::Paths;
-use crate::jobs::{JobAction, JobRecord, Stream};
-use crate::ledger::earnings::{Earnings, Period};
-use crate::ledger::verify::Report;
-use crate::market::{HeldReservation, RemoteJob};
-use crate::net::{AdvertBody, PeerInfo};
-use crate::requests::RequestStatus;
+use crate::blob::Format;
+use crate::discovery::{API_INFO_FILE, API_TOKEN_FILE, ApiInfo, ApiToken, DiscoveryError};
+use crate::error::ErrorBody;
+use crate::jobs::{JobAction, JobRecord, LogChunk, OwnerNotice, Stream};
+use crate::ledger::{Earnings, Period, Report};
+use crate::market::{AdvertBody, HeldReservation, RemoteJob};
+use crate::package::RequestStatus;
+use crate::peers::PeerInfo;
 use crate::resources::Resources;
-use crate::store::OwnerNotice;
-use crate::transfer::{Fetch, FetchRequest, Format, Imported};
+use crate::status::{ConnectRequest, LoginLink, PauseRequest, PolicyDocument, PolicyText, Status};
+use crate::transfer::{Fetch, FetchRequest, Imported};
 
 /// How long a call may take before the daemon is considered unresponsive.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -116,15 +113,16 @@ pub struct Client {
     http: reqwest::Client,
     info: ApiInfo,
     token: ApiToken,
-    paths: Paths,
+    data_dir: PathBuf,
 }
 
 impl Client {
-    /// Finds the daemon of the agent at `paths`.
-    pub fn discover(paths: &Paths) -> Result<Self, ClientError> {
-        let no_daemon = || ClientError::NoDaemon { data_dir: paths.data_dir.clone() };
-        let info = ApiInfo::read(&paths.api_info())?.ok_or_else(no_daemon)?;
-        let token = match ApiToken::read(&paths.api_token()) {
+    /// Finds the daemon of the agent whose data dir is `data_dir`, through its `api.json` and
+    /// `api.token`.
+    pub fn discover(data_dir: &Path) -> Result<Self, ClientError> {
+        let no_daemon = || ClientError::NoDaemon { data_dir: data_dir.to_owned() };
+        let info = ApiInfo::read(&data_dir.join(API_INFO_FILE))?.ok_or_else(no_daemon)?;
+        let token = match ApiToken::read(&data_dir.join(API_TOKEN_FILE)) {
             Err(DiscoveryError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(no_daemon());
             }
@@ -135,7 +133,7 @@ impl Client {
             .no_proxy()
             .build()
             .map_err(|source| ClientError::Http { url: info.url.clone(), source })?;
-        Ok(Self { http, info, token, paths: paths.clone() })
+        Ok(Self { http, info, token, data_dir: data_dir.to_owned() })
     }
 
     /// `GET /api/v1/status`.
@@ -244,7 +242,7 @@ impl Client {
     }
 
     /// `GET /api/v1/requests/{id}/logs/{stream}?offset=N[&wait=true]`: with `wait`, the daemon
-    /// holds the answer (up to [`LOG_WAIT`](crate::net::negotiate::LOG_WAIT)) until the provider has
+    /// holds the answer (up to the agent's `net::negotiate::LOG_WAIT`) until the provider has
     /// bytes past `offset` or the job ended.
     pub async fn remote_log(
         &self,
@@ -428,7 +426,7 @@ impl Client {
         let response = request.bearer_auth(self.token.as_str()).send().await.map_err(|e| {
             if e.is_connect() {
                 // A stale api.json from a daemon that was killed: nobody listens there.
-                ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() }
+                ClientError::NoDaemon { data_dir: self.data_dir.clone() }
             } else {
                 http_err(e)
             }
@@ -437,7 +435,7 @@ impl Client {
             status if status.is_success() => Ok(response),
             StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized {
                 url: self.info.url.clone(),
-                token_path: self.paths.api_token(),
+                token_path: self.data_dir.join(API_TOKEN_FILE),
             }),
             status => {
                 let body: Option<ErrorBody> = response.json().await.ok();

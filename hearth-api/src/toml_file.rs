@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 
 /// Parses `text` as `T`. The error names the field (such as `` `api.port`: invalid type… ``) and,
 /// where the parser knows it, the byte offset; it never spans several lines.
-pub(crate) fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+pub fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     let deserializer = toml::Deserializer::parse(text).map_err(|e| one_line(&e))?;
     // serde_path_to_error adds the dotted path of the field, which toml's own message leaves out
     // for type and range errors.

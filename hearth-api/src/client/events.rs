@@ -6,7 +6,7 @@
 //! exactly what changed (this watcher fell behind, or a message is not understood) it yields
 //! [`Update::Reread`]: the caller reads the state again, as it did after subscribing.
 
-use libp2p::futures::{SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{Client, ClientError};
-use crate::api::StreamMessage;
-use crate::events::Event;
+use crate::discovery::API_TOKEN_FILE;
+use crate::events::{Event, StreamMessage};
 
 /// The largest message taken from the daemon. Events are small (a job's output comes in chunks
 /// of at most 16 KiB); a request package's status with many tasks is the largest.
@@ -70,12 +70,12 @@ impl Client {
             Ok(Err(tungstenite::Error::Io(error)))
                 if error.kind() == std::io::ErrorKind::ConnectionRefused =>
             {
-                return Err(ClientError::NoDaemon { data_dir: self.paths.data_dir.clone() });
+                return Err(ClientError::NoDaemon { data_dir: self.data_dir.clone() });
             }
             Ok(Err(tungstenite::Error::Http(response))) if response.status() == 401 => {
                 return Err(ClientError::Unauthorized {
                     url: self.info.url.clone(),
-                    token_path: self.paths.api_token(),
+                    token_path: self.data_dir.join(API_TOKEN_FILE),
                 });
             }
             Ok(Err(error)) => return Err(stream_err(error)),
