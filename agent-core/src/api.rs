@@ -13,7 +13,7 @@ mod error;
 mod extract;
 mod ledger;
 mod packages;
-mod requests;
+mod remote_jobs;
 mod security;
 pub mod session;
 mod upload;
@@ -52,7 +52,7 @@ use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::Market;
 use crate::net::{AdvertBody, Network, PeerInfo};
-use crate::requests::Requests;
+use crate::packages::Packages;
 use crate::resources::Resources;
 use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
 use crate::uploads::Uploads;
@@ -103,7 +103,7 @@ pub struct ApiState {
     /// Records, receipts and checkpoints.
     pub ledger: Ledger,
     /// Request packages this agent asked for.
-    pub requests: Requests,
+    pub packages: Packages,
     /// Where uploaded specs and their files are staged.
     pub uploads: Uploads,
     /// What one upload may hold.
@@ -177,12 +177,12 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(act_on_job))
         .routes(routes!(job_log))
         .routes(routes!(job_notices))
-        .routes(uploading(routes!(requests::list, requests::submit)))
-        .routes(routes!(requests::get))
-        .routes(routes!(requests::cancel))
-        .routes(routes!(requests::logs))
-        .routes(routes!(requests::results))
-        .routes(routes!(requests::notices))
+        .routes(uploading(routes!(remote_jobs::list, remote_jobs::submit)))
+        .routes(routes!(remote_jobs::get))
+        .routes(routes!(remote_jobs::cancel))
+        .routes(routes!(remote_jobs::logs))
+        .routes(routes!(remote_jobs::results))
+        .routes(routes!(remote_jobs::notices))
         .routes(uploading(routes!(packages::list, packages::submit)))
         .routes(routes!(packages::get))
         .routes(routes!(packages::reservations))
@@ -201,6 +201,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .split_for_parts();
     let doc_for_route = Arc::new(doc.clone());
     let router = api
+        .merge(remote_jobs::aliases())
         .fallback(|| async { error::ApiError::not_found() })
         .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -215,7 +216,12 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
 fn uploading(
     (schemas, paths, router): utoipa_axum::router::UtoipaMethodRouter<ApiState>,
 ) -> utoipa_axum::router::UtoipaMethodRouter<ApiState> {
-    (schemas, paths, router.layer(axum::extract::DefaultBodyLimit::disable()))
+    (schemas, paths, router.layer(uploading_body()))
+}
+
+/// Lifts axum's limit for buffered bodies from a route that streams its upload.
+fn uploading_body() -> DefaultBodyLimit {
+    DefaultBodyLimit::disable()
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits for in-flight requests.

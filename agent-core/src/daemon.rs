@@ -39,7 +39,7 @@ use crate::jobs::{Runner, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::{self, Market, MarketError};
 use crate::net::{NetError, Network};
-use crate::requests::{RequestError, Requests};
+use crate::packages::{Packages, RequestError};
 use crate::store::{RunId, Store, StoreError};
 use crate::transfer::{BlobStore, TransferError, Transfers};
 use crate::uploads::Uploads;
@@ -110,8 +110,8 @@ pub enum DaemonError {
 /// Removes the staging folders of uploads nothing needs any more: those of jobs that were waiting
 /// when the last run stopped (they were marked failed) and of uploads cut off by a crash. Only an
 /// unfinished request package still reads its uploaded task specs.
-async fn sweep_uploads(uploads: &Uploads, requests: &Requests) {
-    let in_use: Vec<PathBuf> = requests
+async fn sweep_uploads(uploads: &Uploads, packages: &Packages) {
+    let in_use: Vec<PathBuf> = packages
         .list()
         .into_iter()
         .filter(|request| !request.state.is_terminal())
@@ -212,7 +212,7 @@ async fn serve(
     )
     .await?;
     let uploads = Uploads::in_data_dir(&paths.data_dir);
-    let (requests, requests_task) = Requests::spawn(
+    let (packages, packages_task) = Packages::spawn(
         store.clone(),
         market.clone(),
         events.clone(),
@@ -221,7 +221,7 @@ async fn serve(
         &cancel,
     )
     .await?;
-    sweep_uploads(&uploads, &requests).await;
+    sweep_uploads(&uploads, &packages).await;
     let adverts = AdvertTask::spawn(
         adverts::Sources {
             identity: identity.clone(),
@@ -253,7 +253,7 @@ async fn serve(
         transfers,
         market,
         ledger: ledger.clone(),
-        requests,
+        packages,
         uploads,
         upload_limits: UploadLimits::from(&config.api),
     };
@@ -282,7 +282,7 @@ async fn serve(
     }
     ApiInfo::remove_if_ours(&paths.api_info());
     adverts.shutdown().await;
-    requests_task.shutdown().await;
+    packages_task.shutdown().await;
     market_task.shutdown().await;
     // Batch mode: records of jobs still running are kept, not lost with the process.
     if let Err(error) = ledger.flush().await {

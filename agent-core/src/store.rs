@@ -12,7 +12,7 @@
 //! for and refuses to open under another identity, so one agent's records never mix with another's.
 
 mod ledger;
-mod requests;
+mod packages;
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 pub use ledger::{Head, LedgerReader, NewRow};
-pub use requests::{Durability, RequestRow, TaskRow};
+pub use packages::{Durability, RequestRow, TaskRow};
 
 use hearth_api::jobs::{JobRecord, JobState, OwnerNotice};
 use tokio::sync::{mpsc, oneshot};
@@ -149,7 +149,7 @@ pub fn migrations() -> Migrations<'static> {
         // signed of theirs.
         M::up(ledger::MIGRATION),
         // Request packages: the request queue and the task queue.
-        M::up(requests::MIGRATION),
+        M::up(packages::MIGRATION),
     ])
 }
 

@@ -182,11 +182,12 @@ impl Client {
         self.get(&format!("/api/v1/jobs/{id}/logs/{stream}?offset={offset}")).await
     }
 
-    /// `POST /api/v1/requests`: finds a provider for the spec at `spec`, sent with its files by
+    /// `POST /api/v1/remote-jobs`: finds a provider for the spec at `spec`, sent with its files by
     /// content.
     pub async fn submit_remote(&self, spec: &Path) -> Result<RemoteJob, ClientError> {
         let form = self.bundle(spec, "spec", Bundle::job).await?;
-        self.send(self.http.post(self.url("/api/v1/requests")).multipart(form).timeout(CONTENT_TIMEOUT)).await
+        self.send(self.http.post(self.url("/api/v1/remote-jobs")).multipart(form).timeout(CONTENT_TIMEOUT))
+            .await
     }
 
     /// `POST /api/v1/packages`: queues the request package at `path`, sent with its task specs
@@ -226,22 +227,22 @@ impl Client {
         self.get("/api/v1/reservations").await
     }
 
-    /// `GET /api/v1/requests`.
+    /// `GET /api/v1/remote-jobs`.
     pub async fn remote_jobs(&self) -> Result<Vec<RemoteJob>, ClientError> {
-        self.get("/api/v1/requests").await
+        self.get("/api/v1/remote-jobs").await
     }
 
-    /// `GET /api/v1/requests/{id}`.
+    /// `GET /api/v1/remote-jobs/{id}`.
     pub async fn remote_job(&self, id: &str) -> Result<RemoteJob, ClientError> {
-        self.get(&format!("/api/v1/requests/{id}")).await
+        self.get(&format!("/api/v1/remote-jobs/{id}")).await
     }
 
-    /// `POST /api/v1/requests/{id}/cancel`.
+    /// `POST /api/v1/remote-jobs/{id}/cancel`.
     pub async fn cancel_remote(&self, id: &str) -> Result<RemoteJob, ClientError> {
-        self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/cancel")))).await
+        self.send(self.http.post(self.url(&format!("/api/v1/remote-jobs/{id}/cancel")))).await
     }
 
-    /// `GET /api/v1/requests/{id}/logs/{stream}?offset=N[&wait=true]`: with `wait`, the daemon
+    /// `GET /api/v1/remote-jobs/{id}/logs/{stream}?offset=N[&wait=true]`: with `wait`, the daemon
     /// holds the answer (up to the agent's `net::negotiate::LOG_WAIT`) until the provider has
     /// bytes past `offset` or the job ended.
     pub async fn remote_log(
@@ -256,15 +257,15 @@ impl Client {
             Stream::Stderr => "stderr",
         };
         let wait = if wait { "&wait=true" } else { "" };
-        self.get(&format!("/api/v1/requests/{id}/logs/{stream}?offset={offset}{wait}")).await
+        self.get(&format!("/api/v1/remote-jobs/{id}/logs/{stream}?offset={offset}{wait}")).await
     }
 
-    /// `POST /api/v1/requests/{id}/results`, then the folder: writes a remote job's fetched
+    /// `POST /api/v1/remote-jobs/{id}/results`, then the folder: writes a remote job's fetched
     /// outputs to `out` on this machine.
     pub async fn remote_results(&self, id: &str, out: &Path) -> Result<Imported, ClientError> {
         download::check_free(out)?;
         let blob: Imported =
-            self.send(self.http.post(self.url(&format!("/api/v1/requests/{id}/results")))).await?;
+            self.send(self.http.post(self.url(&format!("/api/v1/remote-jobs/{id}/results")))).await?;
         self.download(&blob, out).await?;
         Ok(blob)
     }
@@ -321,9 +322,9 @@ impl Client {
         self.get(&format!("/api/v1/jobs/{id}/notices")).await
     }
 
-    /// `GET /api/v1/requests/{id}/notices`.
+    /// `GET /api/v1/remote-jobs/{id}/notices`.
     pub async fn remote_notices(&self, id: &str) -> Result<Vec<OwnerNotice>, ClientError> {
-        self.get(&format!("/api/v1/requests/{id}/notices")).await
+        self.get(&format!("/api/v1/remote-jobs/{id}/notices")).await
     }
 
     /// `POST /api/v1/blobs`: put a file or folder of this machine in the store, sent by content,

@@ -8,7 +8,7 @@ pub const MAX_SPEC_BYTES: usize = 1 << 20;
 /// owner's execute bit, which a job's input and a folder blob's manifest keep.
 pub const EXECUTABLE: &str = "x-hearth-executable";
 
-/// The `multipart/form-data` body of `POST /api/v1/jobs` and `POST /api/v1/requests` (for the
+/// The `multipart/form-data` body of `POST /api/v1/jobs` and `POST /api/v1/remote-jobs` (for the
 /// OpenAPI document; the handlers read the parts as they stream in).
 #[derive(Debug, utoipa::ToSchema)]
 pub struct SpecUpload {

@@ -26,9 +26,10 @@ const BODY_ROUTES: [(&str, &str, &str); 5] = [
 
 /// The routes that take files by content, as `multipart/form-data`, with the JSON body that named
 /// a path on the daemon's disk before.
-const UPLOAD_ROUTES: [(&str, &str); 4] = [
+const UPLOAD_ROUTES: [(&str, &str); 5] = [
     ("/api/v1/blobs", r#"{"path": "/etc/hostname"}"#),
     ("/api/v1/jobs", r#"{"spec": "/nonexistent.toml"}"#),
+    ("/api/v1/remote-jobs", r#"{"spec": "/nonexistent.toml"}"#),
     ("/api/v1/requests", r#"{"spec": "/nonexistent.toml"}"#),
     ("/api/v1/packages", r#"{"path": "/nonexistent.toml"}"#),
 ];
@@ -69,7 +70,10 @@ impl Api {
         let availability = self.get("/api/v1/availability")?;
         ensure!(availability["state"] == "sharing", "{what} changed the availability: {availability}");
         ensure!(self.get("/api/v1/jobs")?.as_array().is_some_and(Vec::is_empty), "{what} created a job");
-        ensure!(self.get("/api/v1/requests")?.as_array().is_some_and(Vec::is_empty), "{what} sent a request");
+        ensure!(
+            self.get("/api/v1/remote-jobs")?.as_array().is_some_and(Vec::is_empty),
+            "{what} sent a request"
+        );
         ensure!(
             self.get("/api/v1/packages")?.as_array().is_some_and(Vec::is_empty),
             "{what} queued a package"
@@ -157,12 +161,13 @@ pub(crate) fn paths_and_queries_that_do_not_parse_are_400_with_an_error_body() -
     let api = Api::of(&agent)?;
     for (method, path, code, says) in [
         ("GET", "/api/v1/jobs/X/logs/banana", "invalid_path", "banana"),
+        ("GET", "/api/v1/remote-jobs/X/logs/banana", "invalid_path", "banana"),
         ("GET", "/api/v1/requests/X/logs/banana", "invalid_path", "banana"),
         ("POST", "/api/v1/jobs/X/banana", "invalid_path", "banana"),
         ("GET", "/api/v1/jobs/X/logs/stdout?offset=-1", "invalid_query", "offset"),
         ("GET", "/api/v1/jobs/X/logs/stdout?offset=banana", "invalid_query", "offset"),
         ("GET", "/api/v1/jobs/X/logs/stdout?offset=99999999999999999999999", "invalid_query", "offset"),
-        ("GET", "/api/v1/requests/X/logs/stdout?offset=-1", "invalid_query", "offset"),
+        ("GET", "/api/v1/remote-jobs/X/logs/stdout?offset=-1", "invalid_query", "offset"),
         ("GET", "/api/v1/earnings?by=year", "invalid_query", "year"),
         ("GET", "/api/v1/earnings?banana=1", "invalid_query", "banana"),
     ] {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use hearth_tests::jobs::JobDir;
-use hearth_tests::{Agent, PROCESS_DEADLINE, command, eventually, json_of, wait_deadline};
+use hearth_tests::{Agent, PROCESS_DEADLINE, command, eventually, json_of, raw_http, wait_deadline};
 
 use crate::network::{address, joining, wait_to_know};
 
@@ -115,6 +115,20 @@ pub(crate) fn submit_wait_and_remote_logs_follow_end_with_the_remote_job() -> Re
     let (out, err) = (follower_out.join().unwrap_or_default(), follower_err.join().unwrap_or_default());
     ensure!(followed.success(), "job logs -f of the remote job: {followed}: {err}");
     ensure!(out == "first\nthird\n" && err == "second\n", "the remote follower printed {out:?} and {err:?}");
+    // The routes' old prefix answers as the new one does.
+    let (port, token) = (consumer.port()?, consumer.token()?);
+    let read = |path: &str| {
+        raw_http(
+            port,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}"),
+        )
+    };
+    let (new, old) = (read(&format!("/api/v1/remote-jobs/{id}"))?, read(&format!("/api/v1/requests/{id}"))?);
+    ensure!(new.status == 200 && new.body.contains(&id), "{new:?}");
+    ensure!(
+        (old.status, &old.body) == (new.status, &new.body),
+        "the alias answered {old:?}, the route {new:?}"
+    );
     Ok(())
 }
 

@@ -257,7 +257,7 @@ pub(crate) fn hostile_uploads_are_refused_and_leave_nothing() -> Result<()> {
     ];
     let attempts = cases.len();
     for (what, pieces, status, code) in cases {
-        for route in ["/api/v1/jobs", "/api/v1/requests"] {
+        for route in ["/api/v1/jobs", "/api/v1/remote-jobs"] {
             let pieces = pieces
                 .iter()
                 .map(|piece| match piece {
@@ -275,7 +275,9 @@ pub(crate) fn hostile_uploads_are_refused_and_leave_nothing() -> Result<()> {
         }
     }
     // The old form, a path on the daemon's machine, is refused with the API's error body.
-    for route in ["/api/v1/jobs", "/api/v1/requests", "/api/v1/packages", "/api/v1/blobs"] {
+    for route in
+        ["/api/v1/jobs", "/api/v1/remote-jobs", "/api/v1/requests", "/api/v1/packages", "/api/v1/blobs"]
+    {
         let (got, body) =
             post_json(&agent, route, &serde_json::json!({ "spec": "/etc/passwd", "path": "/etc" }))?;
         ensure!(got == 400 && body["code"] == "invalid_upload", "a path sent to {route}: {got} {body}");

@@ -30,7 +30,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["transfer", "ledger"],
     // Coordinators of several services.
     &["market"],
-    &["requests"],
+    &["packages"],
     // Clients' way in, then the wiring and the binary.
     &["api"],
     &["daemon"],

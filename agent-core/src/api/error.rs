@@ -12,7 +12,7 @@ use crate::jobs::SupervisorError;
 use crate::ledger::LedgerError;
 use crate::market::MarketError;
 use crate::net::ConnectError;
-use crate::requests::{PackageError, RequestError};
+use crate::packages::{PackageError, RequestError};
 use crate::transfer::{StoreError, TransferError};
 
 /// An error response.

@@ -12,7 +12,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::Path;
 use super::upload::{self, Entry, PackageUpload};
 use crate::market::HeldReservation;
-use crate::requests::RequestStatus;
+use crate::packages::RequestStatus;
 
 /// Validates a request package, queues it and its tasks, and answers at once with the request
 /// (its id); acquisition and the tasks go on in the background. The package comes with its task
@@ -31,7 +31,7 @@ pub(super) async fn submit(
 ) -> Result<(StatusCode, Json<RequestStatus>), ApiError> {
     let staged =
         upload::receive(&state.uploads, state.upload_limits, Entry::Package, multipart).await?.staged;
-    Ok((StatusCode::CREATED, Json(state.requests.submit_staged(staged).await?)))
+    Ok((StatusCode::CREATED, Json(state.packages.submit_staged(staged).await?)))
 }
 
 /// Every request package, oldest first.
@@ -40,7 +40,7 @@ pub(super) async fn submit(
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
 pub(super) async fn list(State(state): State<ApiState>) -> Json<Vec<RequestStatus>> {
-    Json(state.requests.list())
+    Json(state.packages.list())
 }
 
 /// One request package and its progress: its resources, its tasks, how many succeeded and
@@ -54,7 +54,7 @@ pub(super) async fn get(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<RequestStatus>, ApiError> {
-    Ok(Json(state.requests.get(&id)?))
+    Ok(Json(state.packages.get(&id)?))
 }
 
 /// The resources this agent holds now for other agents' request packages.

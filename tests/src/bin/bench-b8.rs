@@ -170,7 +170,7 @@ fn main() -> Result<()> {
     let mut providers = HashSet::new();
     for _ in 0..trials {
         while agreed.try_recv().is_ok() {}
-        let answer = api_post(consumer.port()?, &consumer.token()?, "/api/v1/requests", &body)?;
+        let answer = api_post(consumer.port()?, &consumer.token()?, "/api/v1/remote-jobs", &body)?;
         let start = Instant::now();
         let id = serde_json::from_str::<Value>(&answer)?["id"].as_str().context("no id")?.to_owned();
         let deadline = start + Duration::from_secs(10);

@@ -1,16 +1,18 @@
 //! Routes of remote jobs: jobs this agent asks other agents to run (`hearth submit`). They live
-//! under `/api/v1/requests`, beside `/api/v1/jobs` (the jobs this agent runs itself).
+//! under `/api/v1/remote-jobs`, beside `/api/v1/jobs` (the jobs this agent runs itself).
+//! `/api/v1/requests…`, their name before, stays as an alias of each (see [`aliases`]).
 
-use axum::Json;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
+use axum::routing::{get as on_get, post as on_post};
+use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Path, Query};
 use super::upload::{self, Entry, SpecUpload};
-use super::{ApiState, LogChunk};
+use super::{ApiState, LogChunk, uploading_body};
 use crate::jobs::Stream;
 use crate::market::RemoteJob;
 use crate::transfer::Imported;
@@ -19,7 +21,7 @@ use hearth_api::jobs::OwnerNotice;
 /// Finds a provider for a job spec and runs it there; answers at once with the remote job, whose
 /// id is the request's. The spec comes with its files, by content (see `SpecUpload`); they go
 /// into the blob store before this answers, and the staged copy is removed.
-#[utoipa::path(post, path = "/api/v1/requests",
+#[utoipa::path(post, path = "/api/v1/remote-jobs",
     request_body(content = SpecUpload, content_type = "multipart/form-data"), responses(
     (status = 201, body = RemoteJob),
     (status = 400, body = ErrorBody, description = "the spec is invalid, an upload name is unsafe or a spec names a file that was not uploaded; nothing was sent and nothing is kept"),
@@ -38,7 +40,7 @@ pub(super) async fn submit(
 }
 
 /// Every remote job, oldest first.
-#[utoipa::path(get, path = "/api/v1/requests", responses(
+#[utoipa::path(get, path = "/api/v1/remote-jobs", responses(
     (status = 200, body = Vec<RemoteJob>),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
@@ -47,7 +49,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<Vec<RemoteJob>> 
 }
 
 /// One remote job.
-#[utoipa::path(get, path = "/api/v1/requests/{id}", params(("id" = String, Path, description = "The request's id")), responses(
+#[utoipa::path(get, path = "/api/v1/remote-jobs/{id}", params(("id" = String, Path, description = "The remote job's id")), responses(
     (status = 200, body = RemoteJob),
     (status = 404, body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
@@ -60,7 +62,7 @@ pub(super) async fn get(
 }
 
 /// Stops a remote job: withdraws its requests, or has its provider cancel it.
-#[utoipa::path(post, path = "/api/v1/requests/{id}/cancel", params(("id" = String, Path, description = "The request's id")), responses(
+#[utoipa::path(post, path = "/api/v1/remote-jobs/{id}/cancel", params(("id" = String, Path, description = "The remote job's id")), responses(
     (status = 200, body = RemoteJob),
     (status = 404, body = ErrorBody),
     (status = 409, body = ErrorBody, description = "it has ended"),
@@ -89,8 +91,8 @@ pub(super) struct RemoteLogQuery {
 
 /// A remote job's stdout or stderr from a byte offset on, read from its provider; with `wait`,
 /// the answer waits for more (a long poll: follow a job by asking again from `next_offset`).
-#[utoipa::path(get, path = "/api/v1/requests/{id}/logs/{stream}", params(
-    ("id" = String, Path, description = "The request's id"),
+#[utoipa::path(get, path = "/api/v1/remote-jobs/{id}/logs/{stream}", params(
+    ("id" = String, Path, description = "The remote job's id"),
     ("stream" = Stream, Path, description = "stdout or stderr"),
     RemoteLogQuery
 ), responses(
@@ -110,7 +112,7 @@ pub(super) async fn logs(
 
 /// Answers an ended remote job's outputs, fetched from its provider, as a folder blob (its hash,
 /// files and size); read them with `GET /api/v1/blobs/{hash}?folder=true`.
-#[utoipa::path(post, path = "/api/v1/requests/{id}/results", params(("id" = String, Path, description = "The request's id")),
+#[utoipa::path(post, path = "/api/v1/remote-jobs/{id}/results", params(("id" = String, Path, description = "The remote job's id")),
     responses(
     (status = 200, body = Imported),
     (status = 404, body = ErrorBody),
@@ -126,7 +128,7 @@ pub(super) async fn results(
 
 /// The signed notices the provider of a remote job sent about it, oldest first: each state the
 /// provider put the job in (`kind`) and why (`reason`, empty when it gave none), as it said them.
-#[utoipa::path(get, path = "/api/v1/requests/{id}/notices", params(("id" = String, Path, description = "The request's id")), responses(
+#[utoipa::path(get, path = "/api/v1/remote-jobs/{id}/notices", params(("id" = String, Path, description = "The remote job's id")), responses(
     (status = 200, body = Vec<OwnerNotice>),
     (status = 404, body = ErrorBody),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
@@ -136,4 +138,16 @@ pub(super) async fn notices(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<OwnerNotice>>, ApiError> {
     Ok(Json(state.market.notices(&id).await?))
+}
+
+/// The routes under their old prefix, `/api/v1/requests`, answering exactly as the new ones do.
+/// They are kept for scripts written against it and left out of the OpenAPI document.
+pub(super) fn aliases() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/requests", on_get(list).post(submit).layer(uploading_body()))
+        .route("/api/v1/requests/{id}", on_get(get))
+        .route("/api/v1/requests/{id}/cancel", on_post(cancel))
+        .route("/api/v1/requests/{id}/logs/{stream}", on_get(logs))
+        .route("/api/v1/requests/{id}/results", on_post(results))
+        .route("/api/v1/requests/{id}/notices", on_get(notices))
 }
