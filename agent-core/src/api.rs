@@ -124,7 +124,7 @@ impl ApiState {
             Availability::Sharing { .. } => Vec::new(),
         };
         Status {
-            peer_id: self.run.peer_id.clone(),
+            peer_id: self.run.peer_id.clone().into(),
             state,
             reasons,
             availability,

@@ -259,7 +259,7 @@ async fn serve(
     };
     let (router, _doc) = api::router(state);
     let mut server = tokio::spawn(api::serve(listener, router, cancel.clone()));
-    let info = ApiInfo { url: url.clone(), pid: std::process::id(), peer_id: peer_id.clone() };
+    let info = ApiInfo { url: url.clone(), pid: std::process::id(), peer_id: peer_id.clone().into() };
     info.write(&paths.api_info())?;
 
     set_state(&state_tx, &events, AgentState::Ready);

@@ -144,7 +144,7 @@ impl Ledger {
         let Some(head) = self.inner.store.ledger_head().await? else { return Ok(None) };
         let checkpoint = Checkpoint {
             version: VERSION,
-            peer: self.inner.identity.peer_id().to_string(),
+            peer: self.inner.identity.peer_id().to_string().into(),
             seq: head.seq,
             head: head.hash,
             at: unix_now(),

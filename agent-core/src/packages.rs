@@ -45,6 +45,7 @@ use crate::events::{Bus, Event};
 use crate::market::Market;
 use crate::store::{Durability, RequestRow, Store, StoreError, TaskRow};
 use crate::uploads::{Staged, Uploads};
+use hearth_api::ids::RequestId;
 
 /// How many requests acquire or run at once; the others wait on the queue, `queued`.
 const ACTIVE: usize = 64;
@@ -92,7 +93,7 @@ impl Bookkeeping for RequestStatus {
 
     fn row(&self) -> Result<RequestRow, RequestError> {
         Ok(RequestRow {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             state: self.state.name().to_owned(),
             record: serde_json::to_string(self).map_err(|e| RequestError::Internal(e.to_string()))?,
             created_at: self.created_at,
@@ -105,7 +106,7 @@ impl Bookkeeping for RequestStatus {
                     resource: task.resource.clone(),
                     spec_path: task.spec_path.to_string_lossy().into_owned(),
                     state: task.state.name().to_owned(),
-                    job_id: task.job_id.clone(),
+                    job_id: task.job_id.clone().map(String::from),
                     reason: task.reason.clone(),
                 })
                 .collect(),
@@ -132,14 +133,14 @@ struct Inner {
     me: PeerId,
     /// Where uploaded packages are staged; a request's folder goes when the request ends.
     uploads: Uploads,
-    all: Mutex<HashMap<String, RequestStatus>>,
+    all: Mutex<HashMap<RequestId, RequestStatus>>,
     active: Semaphore,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
 impl Inner {
-    fn all(&self) -> MutexGuard<'_, HashMap<String, RequestStatus>> {
+    fn all(&self) -> MutexGuard<'_, HashMap<RequestId, RequestStatus>> {
         self.all.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -221,7 +222,7 @@ impl Packages {
             tasks: TaskTracker::new(),
             stop: cancel.child_token(),
         });
-        let mut unfinished: Vec<(i64, String)> = inner
+        let mut unfinished: Vec<(i64, RequestId)> = inner
             .all()
             .values()
             .filter(|status| !status.state.is_terminal())
@@ -279,7 +280,7 @@ impl Packages {
             })
             .collect();
         let mut status = RequestStatus {
-            id: random_id(),
+            id: crate::proto::new_id(),
             name: package.name.clone(),
             path: path.to_owned(),
             state: RequestState::Queued,
@@ -318,11 +319,6 @@ impl Packages {
         all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         all
     }
-}
-
-/// A new request id: 8 random bytes, hex.
-fn random_id() -> String {
-    crate::proto::random_id(8)
 }
 
 #[cfg(test)]

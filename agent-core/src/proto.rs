@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use hearth_api::blob::{BlobHash, BlobRef, Format};
+use hearth_api::ids::Minted;
 
 /// The hash as bao-tree's type.
 pub fn to_blake3(hash: BlobHash) -> bao_tree::blake3::Hash {
@@ -165,6 +166,12 @@ pub fn row_hash(prev: &[u8; 32], entry: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(digest(&SHA256, &message).as_ref());
     out
+}
+
+/// A new id of the type `I`: [`Minted::BYTES`] random bytes as lowercase hex. Every job,
+/// request and agreement id the agent makes comes from here.
+pub fn new_id<I: Minted>() -> I {
+    I::from(random_id(I::BYTES))
 }
 
 /// A fresh id of `bytes` random bytes, as lowercase hex: of a job or a transfer (6 bytes, short

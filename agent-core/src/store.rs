@@ -272,7 +272,7 @@ impl Store {
                 "INSERT INTO jobs (id, kind, spec_path, job_dir, state, exit_code, reason, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
-                    job.id,
+                    job.id.as_str(),
                     job.kind,
                     job.spec_path.to_string_lossy(),
                     job.job_dir.to_string_lossy(),
@@ -308,7 +308,7 @@ impl Store {
         self.call(move |conn| {
             conn.execute(
                 "INSERT INTO owner_notices (job_id, kind, reason, at) VALUES (?1, ?2, ?3, ?4)",
-                params![notice.job_id, notice.kind, notice.reason, notice.at],
+                params![notice.job_id.as_str(), notice.kind, notice.reason, notice.at],
             )?;
             Ok(())
         })
@@ -325,7 +325,7 @@ impl Store {
             statement
                 .query_map([job_id], |row| {
                     Ok(OwnerNotice {
-                        job_id: row.get(0)?,
+                        job_id: row.get::<_, String>(0)?.into(),
                         kind: row.get(1)?,
                         reason: row.get(2)?,
                         at: row.get(3)?,
@@ -563,7 +563,7 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         },
     };
     Ok(JobRecord {
-        id: row.get(0)?,
+        id: row.get::<_, String>(0)?.into(),
         kind: row.get(1)?,
         spec_path: PathBuf::from(row.get::<_, String>(2)?),
         job_dir: PathBuf::from(row.get::<_, String>(3)?),

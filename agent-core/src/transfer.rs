@@ -292,7 +292,7 @@ impl Transfers {
         let now = unix_now();
         let record = Fetch {
             id: crate::proto::random_id(6),
-            peer: peer.to_string(),
+            peer: peer.to_string().into(),
             blob: request.blob,
             max_bytes: request.max_bytes,
             out: request.out,

@@ -6,6 +6,7 @@
 //! and removed on clean shutdown; a stale one left by a crash is harmless, because clients treat a
 //! refused connection as "no daemon".
 
+use crate::ids::PeerId;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ pub struct ApiInfo {
     /// The daemon's process id.
     pub pid: u32,
     /// The daemon's peer id.
-    pub peer_id: String,
+    pub peer_id: PeerId,
 }
 
 /// The API's bearer token.

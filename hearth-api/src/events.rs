@@ -1,6 +1,7 @@
 //! What the agent tells its watchers: the [`Event`]s the daemon publishes and the messages of the
 //! event stream (`/api/v1/events`), JSON objects tagged by `type`.
 
+use crate::ids::JobId;
 use serde::{Deserialize, Serialize};
 
 use crate::availability::Availability;
@@ -88,7 +89,7 @@ pub enum Event {
     /// A job wrote to stdout or stderr (invalid UTF-8 is replaced).
     JobOutput {
         /// The job's id.
-        id: String,
+        id: JobId,
         /// Which stream.
         stream: Stream,
         /// What it wrote.
@@ -99,7 +100,7 @@ pub enum Event {
     /// sent, none once the log is full.
     JobLog {
         /// The job's id.
-        id: String,
+        id: JobId,
         /// Which stream.
         stream: Stream,
         /// The log's length in bytes.

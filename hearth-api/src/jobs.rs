@@ -14,6 +14,7 @@
 //! [`JobState::apply`], so an impossible change (resuming a finished job) is an error, never a
 //! silently wrong state.
 
+use crate::ids::JobId;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -240,7 +241,7 @@ impl Stream {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     /// The job's id on this agent.
-    pub id: String,
+    pub id: JobId,
     /// `wasi` or `native`.
     pub kind: String,
     /// The spec file it came from: for a job submitted through the API, its staged copy under
@@ -295,7 +296,7 @@ impl JobAction {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct OwnerNotice {
     /// The job.
-    pub job_id: String,
+    pub job_id: JobId,
     /// `paused`, `resumed` or `stopped`.
     pub kind: String,
     /// Why, for people.

@@ -1,6 +1,7 @@
 //! What the ledger's routes answer: earnings by period, resource kind and peer, and the report of
 //! a verification with what each witness said.
 
+use crate::ids::PeerId;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,7 @@ pub struct Totals {
     /// By resource kind.
     pub by_kind: Charges,
     /// By the other side's peer id.
-    pub by_peer: BTreeMap<String, u64>,
+    pub by_peer: BTreeMap<PeerId, u64>,
 }
 
 /// One period's credits.
@@ -64,7 +65,7 @@ pub struct PeriodEarnings {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Earnings {
     /// Whose.
-    pub owner: String,
+    pub owner: PeerId,
     /// Oldest first; one `all` entry when not grouped by period.
     pub periods: Vec<PeriodEarnings>,
     /// Every period together.
@@ -102,7 +103,7 @@ pub enum Witnessed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WitnessCheck {
     /// The agent that holds the checkpoint.
-    pub peer: String,
+    pub peer: PeerId,
     /// The checkpoint's row, when there was one.
     pub seq: Option<u64>,
     /// What it says.
@@ -115,7 +116,7 @@ pub struct WitnessCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
     /// Whose ledger.
-    pub owner: String,
+    pub owner: PeerId,
     /// Rows read.
     pub rows: u64,
     /// Countersigned receipts among them.

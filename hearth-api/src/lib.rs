@@ -14,6 +14,7 @@ pub mod client;
 pub mod discovery;
 pub mod error;
 pub mod events;
+pub mod ids;
 pub mod jobs;
 pub mod ledger;
 pub mod market;

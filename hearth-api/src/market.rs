@@ -2,6 +2,7 @@
 //! asked others to run ([`RemoteJob`]) with the agreements both sides signed, and the
 //! reservations this agent holds for others.
 
+use crate::ids::{AgreementId, JobId, PeerId, RequestId};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ pub struct AdvertBody {
     /// The advert format's version (the agent's `net::advert::ADVERT_VERSION`).
     pub version: u64,
     /// The advertiser, as its base58 peer id; must be the key that signed.
-    pub peer_id: String,
+    pub peer_id: PeerId,
     /// Grows with every advert of this peer; an older or equal one is a replay.
     pub seq: u64,
     /// Unix seconds.
@@ -99,9 +100,9 @@ pub struct HeldReservation {
     /// The consumer's id for it.
     pub id: String,
     /// For whom.
-    pub consumer: String,
+    pub consumer: PeerId,
     /// The consumer's request package.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The package's name for the resource.
     pub resource: String,
     /// Thousandths of a core held.
@@ -122,7 +123,7 @@ pub struct HeldReservation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RemoteJob {
     /// Its id here (also the request's id).
-    pub id: String,
+    pub id: JobId,
     /// `wasi` or `native`.
     pub kind: String,
     /// The spec file it came from: its staged copy under `DATA/uploads/` (gone once its files
@@ -135,9 +136,9 @@ pub struct RemoteJob {
     /// What is going on, for people: the search, the agreement, the provider owner's reason.
     pub note: Option<String>,
     /// The provider running it, once agreed.
-    pub provider: Option<String>,
+    pub provider: Option<PeerId>,
     /// The agreement's id.
-    pub agreement_id: Option<String>,
+    pub agreement_id: Option<AgreementId>,
     /// The agreed price, in thousandths of a credit per hour.
     pub price_per_hour: Option<u64>,
     /// The agreement both sides signed.
@@ -150,7 +151,7 @@ pub struct RemoteJob {
     pub charged: Option<u64>,
     /// The request package it is a task of, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
+    pub request: Option<RequestId>,
     /// When it was submitted, in Unix seconds.
     pub created_at: i64,
     /// When it last changed, in Unix seconds.

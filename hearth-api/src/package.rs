@@ -9,6 +9,7 @@
 //! A submitted package becomes a request, whose progress the API shows as a [`RequestStatus`]:
 //! each resource's acquisition and each task's state.
 
+use crate::ids::{JobId, RequestId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -670,7 +671,7 @@ pub struct TaskStatus {
     /// Where it is.
     pub state: TaskState,
     /// The remote job running it (`hearth job logs ID`, `hearth results ID`).
-    pub job_id: Option<String>,
+    pub job_id: Option<JobId>,
     /// Why it failed or was skipped.
     pub reason: Option<String>,
     /// When its job was submitted, in Unix milliseconds.
@@ -683,7 +684,7 @@ pub struct TaskStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RequestStatus {
     /// Its id.
-    pub id: String,
+    pub id: RequestId,
     /// The package's name, if it has one.
     pub name: Option<String>,
     /// The package file it came from.

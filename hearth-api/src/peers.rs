@@ -1,12 +1,13 @@
 //! The agents this one is connected to, and whether others can reach it.
 
+use crate::ids::PeerId;
 use serde::{Deserialize, Serialize};
 
 /// A connected peer, as `hearth peers` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerInfo {
     /// Its peer id.
-    pub peer_id: String,
+    pub peer_id: PeerId,
     /// The addresses of its connections; a relayed one contains `/p2p-circuit`.
     pub addresses: Vec<String>,
     /// Whether any connection to it is direct, or every one goes through a relay.

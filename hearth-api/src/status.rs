@@ -1,5 +1,6 @@
 //! What `GET /api/v1/status` answers, and the small request bodies of the owner's controls.
 
+use crate::ids::PeerId;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,7 @@ pub enum AgentStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     /// The agent's peer id: its network name and signing identity.
-    pub peer_id: String,
+    pub peer_id: PeerId,
     /// The agent's state.
     pub state: AgentStatus,
     /// Why sharing is paused; empty while sharing.

@@ -1,6 +1,7 @@
 //! Blobs moving between agents: a fetch from a peer as it progresses, what asks for one, and a
 //! blob imported into this agent's store.
 
+use crate::ids::PeerId;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,7 @@ pub struct Fetch {
     /// Its id, 12 hex digits.
     pub id: String,
     /// The peer fetched from.
-    pub peer: String,
+    pub peer: PeerId,
     /// What is fetched.
     pub blob: BlobRef,
     /// The most bytes accepted (for a folder, of all its files together).
@@ -84,7 +85,7 @@ pub struct Fetch {
 #[serde(deny_unknown_fields)]
 pub struct FetchRequest {
     /// The peer holding it.
-    pub peer: String,
+    pub peer: PeerId,
     /// The blob.
     #[serde(flatten)]
     pub blob: BlobRef,

@@ -46,9 +46,9 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
         for (i, (issued_at, expires_at)) in extremes(now()).into_iter().enumerate() {
             let request = JobRequest {
                 version: VERSION,
-                request_id: format!("clock-{i}"),
-                consumer: me.peer_id().to_string(),
-                provider: provider.to_string(),
+                request_id: format!("clock-{i}").into(),
+                consumer: me.peer_id().to_string().into(),
+                provider: provider.to_string().into(),
                 issued_at,
                 expires_at,
                 spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
@@ -82,8 +82,8 @@ pub(crate) fn extreme_clock_fields_are_refused_without_a_panic() -> Result<()> {
                 reservation_id: format!("clock-ask-{}", issued_at.rem_euclid(1000)),
                 request_id: "clock-package".into(),
                 resource: "prep".into(),
-                consumer: me.peer_id().to_string(),
-                provider: provider.to_string(),
+                consumer: me.peer_id().to_string().into(),
+                provider: provider.to_string().into(),
                 issued_at,
                 resources: Allocation {
                     cpu_millis: 100,

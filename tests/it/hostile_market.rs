@@ -80,8 +80,8 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
         let request = JobRequest {
             version: VERSION,
             request_id: "hostile-1".into(),
-            consumer: me.peer_id().to_string(),
-            provider: provider.to_string(),
+            consumer: me.peer_id().to_string().into(),
+            provider: provider.to_string().into(),
             issued_at: now(),
             expires_at: now() + 600,
             spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),
@@ -110,8 +110,8 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
             agreement_id: "hostile-a".into(),
             request_id: "nothing".into(),
             request_hash: "00".repeat(32),
-            provider: me.peer_id().to_string(),
-            consumer: provider.to_string(),
+            provider: me.peer_id().to_string().into(),
+            consumer: provider.to_string().into(),
             resources: request.resources,
             prices: Prices::default(),
             price_per_hour: 0,
@@ -130,8 +130,8 @@ pub(crate) fn tampered_and_unsigned_documents_are_rejected() -> Result<()> {
         let notice = Notice {
             version: VERSION,
             agreement_id: "hostile-a".into(),
-            provider: me.peer_id().to_string(),
-            consumer: provider.to_string(),
+            provider: me.peer_id().to_string().into(),
+            consumer: provider.to_string().into(),
             seq: 1,
             at: now(),
             job: JobState::Running,
@@ -298,8 +298,8 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
         reservation_id: id.into(),
         request_id: "hostile-package".into(),
         resource: "prep".into(),
-        consumer: me.peer_id().to_string(),
-        provider: provider.to_string(),
+        consumer: me.peer_id().to_string().into(),
+        provider: provider.to_string().into(),
         issued_at: now(),
         resources: Allocation {
             cpu_millis: 500,
@@ -362,8 +362,8 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
         let release = |consumer: &Identity| Release {
             version: VERSION,
             reservation_id: "hostile-r1".into(),
-            consumer: consumer.peer_id().to_string(),
-            provider: provider.to_string(),
+            consumer: consumer.peer_id().to_string().into(),
+            provider: provider.to_string().into(),
             at: now(),
             reason: "hostile".into(),
         };
@@ -381,9 +381,9 @@ pub(crate) fn reservations_hold_only_for_their_signer_and_only_what_they_say() -
         // A task in it asking more than it holds is refused; so is one from the stranger.
         let task = |consumer: &Identity, cpu_millis: u64| JobRequest {
             version: VERSION,
-            request_id: format!("hostile-task-{cpu_millis}"),
-            consumer: consumer.peer_id().to_string(),
-            provider: provider.to_string(),
+            request_id: format!("hostile-task-{cpu_millis}").into(),
+            consumer: consumer.peer_id().to_string().into(),
+            provider: provider.to_string().into(),
             issued_at: now(),
             expires_at: now() + 600,
             spec: "kind = \"native\"\ncommand = [\"/bin/true\"]\n".into(),

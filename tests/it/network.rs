@@ -180,7 +180,7 @@ pub(crate) fn advert_body(
     use hearth::net::advert::*;
     AdvertBody {
         version: ADVERT_VERSION,
-        peer_id: identity.peer_id().to_string(),
+        peer_id: identity.peer_id().to_string().into(),
         seq,
         issued_at,
         expires_at: issued_at + 600,

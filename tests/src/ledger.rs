@@ -20,10 +20,10 @@ pub fn receipt(
     let charges = record::charges(&prices, 1000, 1 << 30, 0, running_ms);
     let body = ReceiptBody {
         version: VERSION,
-        agreement_id: agreement_id.to_owned(),
+        agreement_id: agreement_id.to_owned().into(),
         agreement_hash: agreement_hash.to_owned(),
-        provider: provider.peer_id().to_string(),
-        consumer: consumer.peer_id().to_string(),
+        provider: provider.peer_id().to_string().into(),
+        consumer: consumer.peer_id().to_string().into(),
         outcome: "finished".into(),
         exit_code: Some(0),
         result: Some("cd".repeat(32)),

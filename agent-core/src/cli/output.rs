@@ -73,7 +73,7 @@ pub(super) fn status(s: &Status) -> String {
         _ => s.state.to_string(),
     };
     table(&[
-        ("Peer ID", s.peer_id.clone()),
+        ("Peer ID", s.peer_id.to_string()),
         ("State", state),
         ("Reachable", reachable(s)),
         ("Version", s.version.clone()),

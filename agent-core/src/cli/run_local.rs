@@ -15,7 +15,7 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let gpus = grant_gpus(paths, spec.resources.gpus)?;
     let runner = Runner::for_data_dir(&paths.data_dir);
     let id = format!("local-{}-{}", unix_seconds(), std::process::id());
-    let request = Job { id, spec, gpus };
+    let request = Job { id: id.into(), spec, gpus };
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {

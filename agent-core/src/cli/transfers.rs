@@ -41,7 +41,7 @@ pub(super) async fn get(client: &Client, get: Get<'_>) -> anyhow::Result<ExitCod
     let hash: BlobHash = get.hash.parse().map_err(anyhow::Error::msg)?;
     let out = get.out.map(std::path::absolute).transpose()?;
     let request = FetchRequest {
-        peer: get.peer.to_owned(),
+        peer: get.peer.to_owned().into(),
         blob: BlobRef { hash, format: if get.folder { Format::Folder } else { Format::Raw } },
         max_bytes: get.max_bytes,
         out: out.clone(),

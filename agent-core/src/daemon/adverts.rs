@@ -155,7 +155,7 @@ async fn body(sources: &Sources) -> AdvertBody {
     };
     AdvertBody {
         version: ADVERT_VERSION,
-        peer_id: sources.identity.peer_id().to_string(),
+        peer_id: sources.identity.peer_id().to_string().into(),
         seq: 0,
         issued_at: now,
         expires_at: now + LIFETIME.as_secs() as i64,

@@ -35,6 +35,7 @@ use super::sandbox::network::NetworkPlan;
 use super::sandbox::nvidia::DriverFiles;
 use super::sandbox::{self, Payload, Plan, RootFs};
 use super::{Image, JobKind, JobSpec, JobState, image, wasi};
+use hearth_api::ids::JobId;
 
 /// Most bytes of each of stdout and stderr kept in the job folder; the stream goes on beyond it.
 pub const LOG_LIMIT: u64 = 8 << 20;
@@ -126,7 +127,7 @@ pub struct GpuGrant {
 #[derive(Debug, Clone)]
 pub struct Job {
     /// Unique among this agent's jobs; names the job folder and cgroup.
-    pub id: String,
+    pub id: JobId,
     /// What to run.
     pub spec: JobSpec,
     /// The GPUs granted, as many as the spec asked for.

@@ -23,6 +23,7 @@ use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::store::{Store, StoreError};
 use crate::uploads::Staged;
+use hearth_api::ids::JobId;
 use hearth_api::jobs::{JobAction, JobRecord, OwnerNotice, Stream};
 
 /// Why a request about a job was refused.
@@ -72,12 +73,12 @@ struct Inner {
     store: Store,
     events: Bus,
     /// Control channels of the jobs whose task is running.
-    live: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    live: Mutex<HashMap<JobId, mpsc::Sender<Control>>>,
     tasks: TaskTracker,
     /// Whether the owner lets jobs run now; a job waits for it before it starts.
     sharing: watch::Receiver<bool>,
     /// The jobs the owner's pause froze: thawed or stopped when it ends.
-    owner_paused: Mutex<HashSet<String>>,
+    owner_paused: Mutex<HashSet<JobId>>,
 }
 
 impl Supervisor {
@@ -135,7 +136,7 @@ impl Supervisor {
                     .into(),
             ));
         }
-        let id = random_id();
+        let id: JobId = crate::proto::new_id();
         let now = unix_now();
         let record = JobRecord {
             kind: match spec.kind {
@@ -223,7 +224,7 @@ impl Supervisor {
     /// `reason` for each, and returns once all are frozen. Jobs that start later while the owner's
     /// pause lasts are frozen as they start.
     pub async fn owner_pause(&self, reason: &str) {
-        let running: Vec<String> = match self.list().await {
+        let running: Vec<JobId> = match self.list().await {
             Ok(jobs) => {
                 jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect()
             }
@@ -257,7 +258,7 @@ impl Supervisor {
 
     /// Sharing is back: thaws the jobs the owner's pause froze.
     pub async fn owner_resume(&self, reason: &str) {
-        let paused: Vec<String> = self.inner.lock_owner_paused().drain().collect();
+        let paused: Vec<JobId> = self.inner.lock_owner_paused().drain().collect();
         for id in paused {
             let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
             let (reply, answer) = oneshot::channel();
@@ -269,7 +270,7 @@ impl Supervisor {
 
     /// The owner's pause outlasted its grace: stops the jobs it froze, as cancelled with `reason`.
     pub async fn owner_stop(&self, reason: &str) {
-        let paused: Vec<String> = self.inner.lock_owner_paused().drain().collect();
+        let paused: Vec<JobId> = self.inner.lock_owner_paused().drain().collect();
         for id in paused {
             let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
             if controls.send(Control::Stop(reason.to_owned())).await.is_ok() {
@@ -293,20 +294,20 @@ impl Supervisor {
         self.inner.tasks.wait().await;
     }
 
-    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Control>>> {
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, mpsc::Sender<Control>>> {
         self.inner.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Inner {
-    fn lock_owner_paused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock_owner_paused(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
         self.owner_paused.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a notice for the job's consumer and publishes it.
     async fn notice(&self, id: &str, kind: &str, reason: &str) {
         let notice = OwnerNotice {
-            job_id: id.to_owned(),
+            job_id: id.to_owned().into(),
             kind: kind.to_owned(),
             reason: reason.to_owned(),
             at: unix_now(),
@@ -395,11 +396,11 @@ impl Inner {
     /// A job that reached `running` while the owner's pause lasts (it was still starting when the
     /// pause came) is frozen like the others. Its own task must keep driving the runner meanwhile,
     /// so the freeze is asked for from a task of its own.
-    fn freeze_late_starter(&self, id: &str) {
+    fn freeze_late_starter(&self, id: &JobId) {
         let Some(controls) = self.live.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned() else {
             return;
         };
-        self.lock_owner_paused().insert(id.to_owned());
+        self.lock_owner_paused().insert(id.clone());
         tokio::spawn(async move {
             let (reply, answer) = oneshot::channel();
             if controls.send(Control::Pause(reply)).await.is_ok() {
@@ -417,9 +418,4 @@ pub fn read_log(job_dir: &Path, stream: Stream, offset: u64) -> std::io::Result<
     let mut bytes = Vec::new();
     file.take(super::runner::LOG_LIMIT).read_to_end(&mut bytes)?;
     Ok(bytes)
-}
-
-/// A fresh random id of a job or a transfer: 12 hex digits, short enough to type.
-pub(crate) fn random_id() -> String {
-    crate::proto::random_id(6)
 }

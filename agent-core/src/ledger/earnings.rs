@@ -16,7 +16,7 @@ fn add(totals: &mut Totals, receipt: &ReceiptBody, peer: &str) {
     kinds.cpu = kinds.cpu.saturating_add(receipt.charges.cpu);
     kinds.memory = kinds.memory.saturating_add(receipt.charges.memory);
     kinds.gpu = kinds.gpu.saturating_add(receipt.charges.gpu);
-    let by_peer = totals.by_peer.entry(peer.to_owned()).or_default();
+    let by_peer = totals.by_peer.entry(peer.to_owned().into()).or_default();
     *by_peer = by_peer.saturating_add(receipt.amount);
 }
 
@@ -37,7 +37,7 @@ pub fn summarize(owner: &str, receipts: &[ReceiptBody], by: Option<Period>) -> E
             add(&mut total.spent, receipt, &receipt.provider);
         }
     }
-    Earnings { owner: owner.to_owned(), periods: periods.into_values().collect(), total }
+    Earnings { owner: owner.to_owned().into(), periods: periods.into_values().collect(), total }
 }
 
 /// The name of the period holding `at` (Unix seconds, UTC).
@@ -63,7 +63,7 @@ mod tests {
     fn receipt(provider: &str, consumer: &str, ended_at: i64, charges: Charges) -> ReceiptBody {
         ReceiptBody {
             version: VERSION,
-            agreement_id: format!("{provider}{consumer}{ended_at}"),
+            agreement_id: format!("{provider}{consumer}{ended_at}").into(),
             agreement_hash: "00".repeat(32),
             provider: provider.into(),
             consumer: consumer.into(),

@@ -16,6 +16,7 @@ use crate::identity::{DomainTag, Identity};
 use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Signed, peer_field, sign_detached, verify_detached};
 pub use crate::proto::{GENESIS, Kind, Row, entry_bytes, entry_bytes_of_canonical, row_hash};
+use hearth_api::ids::{self, AgreementId};
 pub use hearth_api::ledger::Charges;
 
 /// The format of every ledger document this code writes and reads.
@@ -55,13 +56,13 @@ pub struct ReceiptBody {
     /// [`VERSION`].
     pub version: u64,
     /// The agreement the work was done under.
-    pub agreement_id: String,
+    pub agreement_id: AgreementId,
     /// BLAKE3 (hex) of the agreement's canonical terms, as both signed them.
     pub agreement_hash: String,
     /// Who did the work.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// Whose work it was.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// `finished`, `failed` or `cancelled`.
     pub outcome: String,
     /// The job's exit code, when it finished.
@@ -118,7 +119,7 @@ pub struct Checkpoint {
     /// [`VERSION`].
     pub version: u64,
     /// Whose ledger.
-    pub peer: String,
+    pub peer: ids::PeerId,
     /// Its last row.
     pub seq: u64,
     /// That row's hash (hex).

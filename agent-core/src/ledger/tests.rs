@@ -24,10 +24,10 @@ pub(super) fn receipt(provider: &Identity, consumer: &Identity, n: u64) -> Recei
     let charges = record::charges(&prices, 1000, 1 << 30, 0, 60_000 + n);
     let body = ReceiptBody {
         version: VERSION,
-        agreement_id: format!("agreement-{n}"),
+        agreement_id: format!("agreement-{n}").into(),
         agreement_hash: "ab".repeat(32),
-        provider: provider.peer_id().to_string(),
-        consumer: consumer.peer_id().to_string(),
+        provider: provider.peer_id().to_string().into(),
+        consumer: consumer.peer_id().to_string().into(),
         outcome: "finished".into(),
         exit_code: Some(0),
         result: Some("cd".repeat(32)),
@@ -241,7 +241,7 @@ async fn a_checkpoint_not_signed_by_the_owner_proves_nothing() {
         record::CHECKPOINT_TAG,
         &Checkpoint {
             version: VERSION,
-            peer: fixture.owner.peer_id().to_string(),
+            peer: fixture.owner.peer_id().to_string().into(),
             seq: 99,
             head: "00".repeat(32),
             at: 0,

@@ -65,8 +65,12 @@ impl Verifier {
     /// Holds the chain against a checkpoint `witness` holds (its signed document), or records
     /// that the witness had none or could not be asked.
     pub fn witness(&mut self, witness: &str, answer: Result<Option<Signed>, String>) {
-        let check =
-            |verdict, seq, detail: String| WitnessCheck { peer: witness.to_owned(), seq, verdict, detail };
+        let check = |verdict, seq, detail: String| WitnessCheck {
+            peer: witness.to_owned().into(),
+            seq,
+            verdict,
+            detail,
+        };
         match answer {
             Err(error) => self.witnesses.push(check(Witnessed::Unreachable, None, error)),
             Ok(None) => {
@@ -119,7 +123,7 @@ impl Verifier {
                 ),
             );
             self.witnesses.push(WitnessCheck {
-                peer: witness,
+                peer: witness.into(),
                 seq: Some(checkpoint.seq),
                 verdict: Witnessed::Truncated,
                 detail: format!(
@@ -129,7 +133,7 @@ impl Verifier {
             });
         }
         Report {
-            owner: self.owner,
+            owner: self.owner.into(),
             rows: self.rows,
             receipts: self.receipts,
             head: (self.rows > 0).then_some(self.prev),
@@ -192,7 +196,7 @@ impl Verifier {
                         (Witnessed::Forked, format!("its checkpoint at row {} has another hash", row.seq))
                     };
                     self.witnesses.push(WitnessCheck {
-                        peer: witness.clone(),
+                        peer: witness.clone().into(),
                         seq: Some(row.seq),
                         verdict: verdict.clone(),
                         detail,

@@ -28,6 +28,7 @@ use crate::net::negotiate::{
 };
 use crate::store::Store;
 use crate::transfer::{BlobRef, Imported};
+use hearth_api::ids::{self, JobId, RequestId};
 
 mod follow;
 mod logs;
@@ -67,7 +68,7 @@ const MIN_OUTPUTS_CAP: u64 = 1 << 30;
 
 /// The remote jobs of this run.
 pub(super) struct State {
-    jobs: HashMap<String, Entry>,
+    jobs: HashMap<JobId, Entry>,
 }
 
 struct Entry {
@@ -176,10 +177,10 @@ pub(super) async fn submit_in(
 ) -> Result<RemoteJob, MarketError> {
     let base = spec_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let (mut job, template) = prepare(inner, spec_path, base, Some(reservation.to_owned())).await?;
-    job.request = Some(package.to_owned());
+    job.request = Some(package.to_owned().into());
     job.note = Some(format!("asking {provider}, which holds resources for request {package}"));
     record(inner, &job, template.clone()).await;
-    let request = JobRequest { provider: provider.to_string(), ..template };
+    let request = JobRequest { provider: provider.to_string().into(), ..template };
     let signed = Signed::sign(&inner.parts.identity, REQUEST_TAG, &request)
         .map_err(|error| MarketError::Provider(error.to_string()))?;
     inner.parts.ledger.note(Kind::Request, &signed).await;
@@ -225,7 +226,8 @@ async fn prepare(
     .await
     .map_err(|error| MarketError::Conflict(error.to_string()))??;
     let (spec_text, files) = package(inner, &spec, &text, spec_path).await?;
-    let id = crate::proto::random_id(6);
+    // The remote job's id is also the id of the request that looks for its provider.
+    let id: JobId = crate::proto::new_id();
     let now = unix_now();
     let resources = Allocation {
         cpu_millis: u64::from(spec.resources.cpu_millis),
@@ -236,9 +238,9 @@ async fn prepare(
     };
     let template = JobRequest {
         version: VERSION,
-        request_id: id.clone(),
-        consumer: inner.parts.identity.peer_id().to_string(),
-        provider: String::new(),
+        request_id: RequestId::from(id.as_str()),
+        consumer: inner.parts.identity.peer_id().to_string().into(),
+        provider: ids::PeerId::default(),
         issued_at: now,
         expires_at: now + REQUEST_LIFETIME.as_secs() as i64,
         spec: spec_text,
@@ -327,7 +329,7 @@ async fn package(
 
 /// Looks for providers and asks the best ones, until one is asked that queues the request, or
 /// [`SEARCH_FOR`] has passed.
-async fn search(inner: Arc<Inner>, id: String) {
+async fn search(inner: Arc<Inner>, id: JobId) {
     let deadline = Instant::now() + SEARCH_FOR;
     let mut refused: BTreeMap<PeerId, String> = BTreeMap::new();
     let mut seen_any = false;
@@ -374,7 +376,7 @@ async fn search(inner: Arc<Inner>, id: String) {
         let mut sends = Vec::new();
         for (peer, prices) in chosen {
             let peer = &peer;
-            let request = JobRequest { provider: peer.to_string(), ..template.clone() };
+            let request = JobRequest { provider: peer.to_string().into(), ..template.clone() };
             let signed = match Signed::sign(&inner.parts.identity, REQUEST_TAG, &request) {
                 Ok(signed) => signed,
                 Err(error) => {
@@ -423,7 +425,7 @@ async fn search(inner: Arc<Inner>, id: String) {
                     entry.negotiation.as_mut().and_then(|n| n.asked.iter_mut().find(|a| a.peer == peer))
                 {
                     asked.refused = true;
-                }
+                        }
             }
         }
         if queued > 0 {
@@ -559,7 +561,9 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
     let declined = |reason: String| Reply::Declined { reason };
     let rank = {
         let state = inner.consumer();
-        let Some(negotiation) = state.jobs.get(&terms.request_id).and_then(|e| e.negotiation.as_ref()) else {
+        let Some(negotiation) =
+            state.jobs.get(terms.request_id.as_str()).and_then(|e| e.negotiation.as_ref())
+        else {
             return declined(format!("no request {} is looking for a provider", terms.request_id));
         };
         if let Err(reason) =
@@ -576,7 +580,7 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
         {
             let mut state = inner.consumer();
             let Some(negotiation) =
-                state.jobs.get_mut(&terms.request_id).and_then(|e| e.negotiation.as_mut())
+                state.jobs.get_mut(terms.request_id.as_str()).and_then(|e| e.negotiation.as_mut())
             else {
                 return declined("the job no longer looks for a provider".into());
             };
@@ -595,7 +599,7 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
         Ok(signature) => Reply::Accepted { signature },
         Err(reason) => {
             if let Some(negotiation) =
-                inner.consumer().jobs.get_mut(&terms.request_id).and_then(|e| e.negotiation.as_mut())
+                inner.consumer().jobs.get_mut(terms.request_id.as_str()).and_then(|e| e.negotiation.as_mut())
             {
                 negotiation.decided = false;
             }
@@ -655,7 +659,7 @@ fn check_offer(
 async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) -> Result<String, String> {
     let files: Vec<BlobRef> = {
         let state = inner.consumer();
-        let entry = state.jobs.get(&terms.request_id).ok_or("the job is gone")?;
+        let entry = state.jobs.get(terms.request_id.as_str()).ok_or("the job is gone")?;
         entry.negotiation.as_ref().map(|n| n.template.files.values().copied().collect()).unwrap_or_default()
     };
     for blob in files {
@@ -678,11 +682,11 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
     inner.parts.ledger.note(Kind::Agreement, &agreement).await;
     let others: Vec<PeerId> = {
         let mut state = inner.consumer();
-        let entry = state.jobs.get_mut(&terms.request_id).ok_or("the job is gone")?;
+        let entry = state.jobs.get_mut(terms.request_id.as_str()).ok_or("the job is gone")?;
         let negotiation = entry.negotiation.take().ok_or("the job no longer looks for a provider")?;
         let others =
             negotiation.asked.into_iter().filter(|a| a.peer != peer && !a.refused).map(|a| a.peer).collect();
-        entry.job.provider = Some(peer.to_string());
+        entry.job.provider = Some(peer.to_string().into());
         entry.job.agreement_id = Some(terms.agreement_id.clone());
         entry.job.price_per_hour = Some(terms.price_per_hour);
         entry.job.agreement = Some(agreement);
@@ -697,7 +701,7 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
             let _ = network.negotiate(other, Message::Withdraw { request_id }).await;
         });
     }
-    spawn_follow(inner, terms.request_id.clone(), terms.agreement_id.clone());
+    spawn_follow(inner, JobId::from(terms.request_id.as_str()), terms.agreement_id.clone());
     Ok(signature)
 }
 
@@ -727,8 +731,11 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
     };
     let (Some(provider), Some(agreement_id)) = (job.provider.as_deref(), job.agreement_id.clone()) else {
         for peer in asked {
-            let _ =
-                inner.parts.network.negotiate(peer, Message::Withdraw { request_id: id.to_owned() }).await;
+            let _ = inner
+                .parts
+                .network
+                .negotiate(peer, Message::Withdraw { request_id: id.to_owned().into() })
+                .await;
         }
         update(inner, id, |job| job.state = JobState::Cancelled { reason: None }).await;
         return job_of(inner, id);
@@ -816,8 +823,8 @@ mod tests {
         let template = JobRequest {
             version: VERSION,
             request_id: "r".into(),
-            consumer: consumer.to_string(),
-            provider: String::new(),
+            consumer: consumer.to_string().into(),
+            provider: String::new().into(),
             issued_at: 0,
             expires_at: 1000,
             spec: String::new(),
@@ -851,8 +858,8 @@ mod tests {
             agreement_id: "a".into(),
             request_id: "r".into(),
             request_hash: "h".into(),
-            provider: provider.to_string(),
-            consumer: consumer.to_string(),
+            provider: provider.to_string().into(),
+            consumer: consumer.to_string().into(),
             resources,
             prices: PRICES,
             price_per_hour: price_per_hour(&PRICES, &resources),
@@ -876,7 +883,7 @@ mod tests {
         let less = Allocation { cpu_millis: 500, ..good.resources };
         let cases: Vec<(Terms, PeerId, i64, &str)> = vec![
             (good.clone(), stranger, 50, "not sent to you"),
-            (Terms { consumer: stranger.to_string(), ..good.clone() }, provider, 50, "other parties"),
+            (Terms { consumer: stranger.to_string().into(), ..good.clone() }, provider, 50, "other parties"),
             (Terms { request_hash: "other".into(), ..good.clone() }, provider, 50, "another request"),
             (good.clone(), provider, 100, "expired"),
             (

@@ -116,8 +116,8 @@ pub(super) async fn release(
     let release = Release {
         version: VERSION,
         reservation_id: id.to_owned(),
-        consumer: inner.parts.identity.peer_id().to_string(),
-        provider: provider.to_string(),
+        consumer: inner.parts.identity.peer_id().to_string().into(),
+        provider: provider.to_string().into(),
         at: unix_now(),
         reason: reason.to_owned(),
     };

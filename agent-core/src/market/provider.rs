@@ -30,6 +30,7 @@ use crate::net::negotiate::{
     Signed, Terms, VERSION, verify_detached,
 };
 use crate::transfer::{BlobRef, FetchRequest, Imported};
+use hearth_api::ids::{AgreementId, JobId, RequestId};
 
 mod logs;
 pub(super) use logs::on_logs;
@@ -70,9 +71,9 @@ pub(super) struct State {
     /// In arrival order.
     pending: Vec<Waiting>,
     /// Capacity set aside for offers not answered yet, by consumer and request id.
-    offering: HashMap<(PeerId, String), Allocation>,
+    offering: HashMap<(PeerId, RequestId), Allocation>,
     /// Agreements of this run, by id; ended ones stay for their last notice and logs.
-    agreements: HashMap<String, Running>,
+    agreements: HashMap<AgreementId, Running>,
     /// Resources held for other agents' request packages.
     pub(super) reservations: Reservations,
 }
@@ -103,7 +104,7 @@ struct Waiting {
 struct Running {
     consumer: PeerId,
     resources: Allocation,
-    job: Option<(String, PathBuf)>,
+    job: Option<(JobId, PathBuf)>,
     seq: u64,
     latest: Option<Signed>,
     cancel: CancellationToken,
@@ -390,10 +391,10 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     let now = unix_now();
     let terms = Terms {
         version: VERSION,
-        agreement_id: crate::proto::random_id(16),
+        agreement_id: crate::proto::new_id(),
         request_id: request.request_id.clone(),
         request_hash: waiting.hash,
-        provider: inner.parts.identity.peer_id().to_string(),
+        provider: inner.parts.identity.peer_id().to_string().into(),
         consumer: request.consumer.clone(),
         resources: request.resources,
         prices: PRICES,
@@ -485,7 +486,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         state = JobState::Failed { reason: "the provider's agent stopped".into() };
         reason = None;
     }
-    let folder = inner.parts.dir.join(&id);
+    let folder = inner.parts.dir.join(id.as_str());
     if let Err(error) = tokio::fs::remove_dir_all(&folder).await
         && error.kind() != std::io::ErrorKind::NotFound
     {
@@ -533,8 +534,12 @@ async fn execute(
         {
             return failed(format!("cannot create the folder of {path}: {error}"));
         }
-        let fetch =
-            FetchRequest { peer: consumer.to_string(), blob: *blob, max_bytes: Some(left), out: Some(out) };
+        let fetch = FetchRequest {
+            peer: consumer.to_string().into(),
+            blob: *blob,
+            max_bytes: Some(left),
+            out: Some(out),
+        };
         match fetch_to_end(&inner.parts.transfers, fetch, cancel).await {
             Fetched::Done(size) => left = left.saturating_sub(size),
             Fetched::Stopped(fetch) => {
@@ -681,9 +686,9 @@ async fn notify(
         running.seq += 1;
         let notice = Notice {
             version: VERSION,
-            agreement_id: agreement_id.to_owned(),
-            provider: inner.parts.identity.peer_id().to_string(),
-            consumer: running.consumer.to_string(),
+            agreement_id: agreement_id.to_owned().into(),
+            provider: inner.parts.identity.peer_id().to_string().into(),
+            consumer: running.consumer.to_string().into(),
             seq: running.seq,
             at: unix_now(),
             job,
@@ -727,8 +732,8 @@ mod tests {
         JobRequest {
             version: VERSION,
             request_id: "r".into(),
-            consumer: consumer.to_string(),
-            provider: provider.to_string(),
+            consumer: consumer.to_string().into(),
+            provider: provider.to_string().into(),
             issued_at: 1000,
             expires_at: 2000,
             spec: String::new(),

@@ -23,6 +23,7 @@ use crate::jobs::runner::Measured;
 use crate::ledger::record::{self, Kind, RECEIPT_TAG, Receipt, ReceiptBody, Usage};
 use crate::net::negotiate::{Agreement, Countersigned, Message, Reply, Signed, Terms};
 use crate::transfer::Imported;
+use hearth_api::ids::AgreementId;
 
 /// How often a countersignature is offered to a provider that does not answer.
 const COUNTERSIGN_TRIES: u32 = 3;
@@ -35,7 +36,7 @@ const COUNTERSIGN_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Receipts this agent issued as a provider in the last [`COUNTERSIGN_WAIT`], by agreement.
 #[derive(Default)]
-pub(super) struct Issued(HashMap<String, IssuedReceipt>);
+pub(super) struct Issued(HashMap<AgreementId, IssuedReceipt>);
 
 struct IssuedReceipt {
     consumer: PeerId,
@@ -332,8 +333,8 @@ mod tests {
             agreement_id: "a1".into(),
             request_id: "r1".into(),
             request_hash: "00".repeat(32),
-            provider: provider.peer_id().to_string(),
-            consumer: consumer.peer_id().to_string(),
+            provider: provider.peer_id().to_string().into(),
+            consumer: consumer.peer_id().to_string().into(),
             resources: Allocation {
                 cpu_millis: 2000,
                 memory_bytes: 1 << 30,

@@ -22,6 +22,7 @@ use crate::net::negotiate::{
     Allocation, JobRequest, RELEASE_TAG, RESERVATION_TAG, RESERVE_TAG, Release, Reply, Reservation,
     ReserveRequest, Signed, VERSION,
 };
+use hearth_api::ids::RequestId;
 
 /// The longest a reservation may be held idle between two keeps.
 pub const MAX_HOLD_S: u64 = 60 * 60;
@@ -40,7 +41,7 @@ const MAX_HELD: usize = 4096;
 #[derive(Debug, Clone)]
 pub(super) struct Held {
     pub(super) consumer: PeerId,
-    pub(super) request_id: String,
+    pub(super) request_id: RequestId,
     pub(super) resource: String,
     pub(super) resources: Allocation,
     pub(super) network: bool,
@@ -120,8 +121,8 @@ pub(super) async fn on_reserve(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
             version: VERSION,
             reservation_id: ask.reservation_id.clone(),
             request_hash,
-            provider: inner.parts.identity.peer_id().to_string(),
-            consumer: peer.to_string(),
+            provider: inner.parts.identity.peer_id().to_string().into(),
+            consumer: peer.to_string().into(),
             resources: ask.resources,
             prices: PRICES,
             gpus: gpus.clone(),
@@ -331,7 +332,7 @@ pub(super) fn list(inner: &Inner) -> Vec<HeldReservation> {
         .iter()
         .map(|(id, held)| HeldReservation {
             id: id.clone(),
-            consumer: held.consumer.to_string(),
+            consumer: held.consumer.to_string().into(),
             request_id: held.request_id.clone(),
             resource: held.resource.clone(),
             cpu_millis: held.resources.cpu_millis,
@@ -356,8 +357,8 @@ mod tests {
             reservation_id: "0123456789abcdef".into(),
             request_id: "r".into(),
             resource: "train".into(),
-            consumer: consumer.to_string(),
-            provider: provider.to_string(),
+            consumer: consumer.to_string().into(),
+            provider: provider.to_string().into(),
             issued_at: 1000,
             resources: Allocation {
                 cpu_millis: 1000,
@@ -378,7 +379,12 @@ mod tests {
         assert_eq!(check(&ok, &consumer, &me, 1000), Ok(()));
         let cases: Vec<(ReserveRequest, PeerId, i64, &str)> = vec![
             (ok.clone(), other, 1000, "came from"),
-            (ReserveRequest { provider: other.to_string(), ..ok.clone() }, consumer, 1000, "addressed to"),
+            (
+                ReserveRequest { provider: other.to_string().into(), ..ok.clone() },
+                consumer,
+                1000,
+                "addressed to",
+            ),
             (ok.clone(), consumer, 1000 + 3600, "stale"),
             (ReserveRequest { issued_at: 5000, ..ok.clone() }, consumer, 1000, "future"),
             (ReserveRequest { reservation_id: "x".into(), ..ok.clone() }, consumer, 1000, "8 to 64"),
@@ -419,8 +425,8 @@ mod tests {
             version: VERSION,
             reservation_id: "0123456789abcdef".into(),
             request_hash: "00".repeat(32),
-            provider: provider.peer_id().to_string(),
-            consumer: consumer.to_string(),
+            provider: provider.peer_id().to_string().into(),
+            consumer: consumer.to_string().into(),
             resources: ask(&consumer, &provider.peer_id()).resources,
             prices: PRICES,
             gpus: vec!["FAKE-GPU-0".into(), "FAKE-GPU-1".into()],

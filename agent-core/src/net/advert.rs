@@ -125,7 +125,7 @@ pub fn verify(
     let advertiser: PeerId = body.peer_id.parse().map_err(|_| Rejection::Malformed("peer_id".into()))?;
     if advertiser != *source {
         return Err(Rejection::WrongPeer {
-            advertised: body.peer_id.clone(),
+            advertised: body.peer_id.to_string(),
             source_peer: source.to_string(),
         });
     }
@@ -168,7 +168,7 @@ mod tests {
     fn body(identity: &Identity, seq: u64, now: i64) -> AdvertBody {
         AdvertBody {
             version: ADVERT_VERSION,
-            peer_id: identity.peer_id().to_string(),
+            peer_id: identity.peer_id().to_string().into(),
             seq,
             issued_at: now,
             expires_at: now + 600,

@@ -57,7 +57,7 @@ impl PeerState {
         }
         let direct = self.connections.iter().any(|(_, address)| !is_relayed(address));
         PeerInfo {
-            peer_id: peer.to_string(),
+            peer_id: peer.to_string().into(),
             addresses,
             path: if direct { Path::Direct } else { Path::Relayed },
             rtt_us: self.rtt.map(|rtt| rtt.as_micros() as u64),

@@ -19,6 +19,7 @@ use super::advert::{Prices, Rejection, canonical_json, public_key};
 use crate::identity::{self, DomainTag, Identity};
 use crate::jobs::{JobState, Stream};
 use crate::proto::BlobRef;
+use hearth_api::ids::{self, AgreementId, RequestId};
 pub use hearth_api::market::Agreement;
 pub use hearth_api::resources::Allocation;
 
@@ -106,11 +107,11 @@ pub struct JobRequest {
     /// [`VERSION`].
     pub version: u64,
     /// The consumer's id for the request (and the remote job it becomes).
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Who asks.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// Whom it is addressed to: another provider refuses it.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// Unix seconds.
     pub issued_at: i64,
     /// Unix seconds; an offer for it is not made after this.
@@ -147,13 +148,13 @@ pub struct ReserveRequest {
     /// released.
     pub reservation_id: String,
     /// The request package it is for.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The package's name for the resource.
     pub resource: String,
     /// Who asks.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// Whom it is addressed to.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// Unix seconds.
     pub issued_at: i64,
     /// What to hold.
@@ -178,9 +179,9 @@ pub struct Reservation {
     /// [`Signed::hash`] of the ask.
     pub request_hash: String,
     /// Who holds the resources.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// For whom.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// What is held.
     pub resources: Allocation,
     /// The prices the tasks run in it are offered at, per resource-hour.
@@ -203,9 +204,9 @@ pub struct Release {
     /// The reservation.
     pub reservation_id: String,
     /// Who releases it.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// Who held it.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// Unix seconds.
     pub at: i64,
     /// Why, for people: `completed`, `rolled back: …`, `cancelled`.
@@ -219,15 +220,15 @@ pub struct Terms {
     /// [`VERSION`].
     pub version: u64,
     /// The agreement's id, chosen by the provider.
-    pub agreement_id: String,
+    pub agreement_id: AgreementId,
     /// The request it answers.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// [`Signed::hash`] of the request: the job, its files and its limits are bound by it.
     pub request_hash: String,
     /// Who runs the job.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// Whose job it is.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// What the provider sets aside for the job.
     pub resources: Allocation,
     /// The provider's prices per resource-hour.
@@ -289,11 +290,11 @@ pub struct Notice {
     /// [`VERSION`].
     pub version: u64,
     /// The agreement.
-    pub agreement_id: String,
+    pub agreement_id: AgreementId,
     /// Who sends it.
-    pub provider: String,
+    pub provider: ids::PeerId,
     /// To whom.
-    pub consumer: String,
+    pub consumer: ids::PeerId,
     /// Grows with each notice of the agreement: an older one changes nothing.
     pub seq: u64,
     /// Unix seconds.
@@ -327,12 +328,12 @@ pub enum Message {
     /// Consumer to provider: the request is no longer wanted. Answered `done`.
     Withdraw {
         /// The request.
-        request_id: String,
+        request_id: RequestId,
     },
     /// Consumer to provider: stop the job. Answered `done` or `refused`.
     Cancel {
         /// The agreement.
-        agreement_id: String,
+        agreement_id: AgreementId,
     },
     /// Provider to consumer: a signed [`Notice`]. Answered `done`.
     Notice {
@@ -343,14 +344,14 @@ pub enum Message {
     /// Answered `notice` or `refused`.
     Status {
         /// The agreement.
-        agreement_id: String,
+        agreement_id: AgreementId,
     },
     /// Consumer to provider: its countersignature of the receipt in the last notice, and its own
     /// ledger's checkpoint (which now holds the receipt) for the provider to keep. Answered
     /// `checkpoint` (the provider's, once the receipt is in its ledger too) or `refused`.
     Countersign {
         /// The agreement.
-        agreement_id: String,
+        agreement_id: AgreementId,
         /// Hex Ed25519 by the consumer over the receipt under `hearth/receipt/v1`.
         signature: String,
         /// The consumer's signed checkpoint.
@@ -380,7 +381,7 @@ pub enum Message {
     /// Consumer to provider: the job's output from a byte offset. Answered `logs` or `refused`.
     Logs {
         /// The agreement.
-        agreement_id: String,
+        agreement_id: AgreementId,
         /// Which stream.
         stream: Stream,
         /// From where.
@@ -458,8 +459,8 @@ mod tests {
             agreement_id: "a1".into(),
             request_id: "r1".into(),
             request_hash: "00".repeat(32),
-            provider: provider.peer_id().to_string(),
-            consumer: consumer.peer_id().to_string(),
+            provider: provider.peer_id().to_string().into(),
+            consumer: consumer.peer_id().to_string().into(),
             resources: Allocation { cpu_millis: 1000, memory_bytes: 1 << 28, ..Allocation::default() },
             prices: Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 0 },
             price_per_hour: 1025,

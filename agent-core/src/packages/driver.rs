@@ -10,11 +10,12 @@ use libp2p::PeerId;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{Acquisition, HoldState, Inner, RequestState, RequestStatus, TaskState, ended, random_id};
+use super::{Acquisition, HoldState, Inner, RequestState, RequestStatus, TaskState, ended};
 use crate::clock::unix_now;
 use crate::events::Event;
 use crate::market::MarketError;
 use crate::net::negotiate::{ReserveRequest, VERSION};
+use hearth_api::ids::{JobId, RequestId};
 
 /// How many fitting providers one try of an acquisition asks, one after the other, before it
 /// waits for the next try.
@@ -28,7 +29,7 @@ const RELEASE_TRIES: u32 = 3;
 
 /// Takes one request from wherever its record says it is to its end. Returns early, leaving the
 /// record as it is, when the agent stops.
-pub(super) async fn drive(inner: Arc<Inner>, id: String) {
+pub(super) async fn drive(inner: Arc<Inner>, id: RequestId) {
     let permit = tokio::select! {
         () = inner.stop.cancelled() => return,
         permit = inner.active.acquire() => permit,
@@ -225,14 +226,14 @@ async fn ask(
 ) -> Result<(), String> {
     let Some(status) = inner.get(id) else { return Err("the request is gone".into()) };
     let resource = &status.package.resources[index];
-    let reservation_id = random_id() + &random_id();
+    let reservation_id = crate::proto::random_id(16);
     let ask = ReserveRequest {
         version: VERSION,
         reservation_id: reservation_id.clone(),
-        request_id: id.to_owned(),
+        request_id: id.to_owned().into(),
         resource: resource.name.clone(),
-        consumer: inner.me.to_string(),
-        provider: provider.to_string(),
+        consumer: inner.me.to_string().into(),
+        provider: provider.to_string().into(),
         issued_at: unix_now(),
         resources: resource.demand,
         network: resource.network,
@@ -447,7 +448,7 @@ async fn submit_task(
     status: &RequestStatus,
     index: usize,
     task: usize,
-) -> Result<String, String> {
+) -> Result<JobId, String> {
     let acquisition = &status.resources[index];
     let (HoldState::Held, Some(provider), Some(reservation), Some(prices)) = (
         acquisition.state,
@@ -488,7 +489,7 @@ async fn end_task(inner: &Inner, id: &str, task: usize, state: TaskState, reason
 
 /// Keeps every reservation of request `id` held, every third of the hold period, until `stop`.
 /// One the provider no longer holds is marked lapsed: no task is sent to it.
-async fn keep_alive(inner: Arc<Inner>, id: String, stop: CancellationToken) {
+async fn keep_alive(inner: Arc<Inner>, id: RequestId, stop: CancellationToken) {
     let Some(status) = inner.get(&id) else { return };
     let every = Duration::from_secs(status.package.hold_s).div_f64(3.0).max(Duration::from_millis(500));
     loop {

@@ -17,6 +17,7 @@ use crate::market::receipts;
 use crate::market::{Fetched, Inner, MarketError, fetch_to_end, rejected};
 use crate::net::negotiate::{Agreement, Message, NOTICE_TAG, Notice, Reply, Signed};
 use crate::transfer::{BlobRef, FetchRequest, Format};
+use hearth_api::ids::{AgreementId, JobId};
 use hearth_api::jobs::OwnerNotice;
 
 /// How long past the agreed window a job may go without its provider ending it.
@@ -64,7 +65,7 @@ pub(in crate::market) async fn notices(
     Ok(notices
         .into_iter()
         .map(|notice| OwnerNotice {
-            job_id: id.to_owned(),
+            job_id: id.to_owned().into(),
             kind: notice.job.name().to_owned(),
             reason: notice.reason.unwrap_or_default(),
             at: notice.at,
@@ -135,7 +136,7 @@ struct Ending {
 /// and gives the job its final state.
 async fn fetch_outputs(
     inner: Arc<Inner>,
-    id: String,
+    id: JobId,
     provider: PeerId,
     outputs: Option<BlobRef>,
     ending: Ending,
@@ -149,7 +150,8 @@ async fn fetch_outputs(
     let cap = disk.unwrap_or(0).max(MIN_OUTPUTS_CAP);
     let fetched = match outputs.filter(|blob| blob.format == Format::Folder) {
         Some(blob) => {
-            let request = FetchRequest { peer: provider.to_string(), blob, max_bytes: Some(cap), out: None };
+            let request =
+                FetchRequest { peer: provider.to_string().into(), blob, max_bytes: Some(cap), out: None };
             match fetch_to_end(&inner.parts.transfers, request, &inner.stop).await {
                 Fetched::Done(size) => Ok(Some((blob, size))),
                 Fetched::Failed(error) => Err(error),
@@ -220,14 +222,14 @@ async fn fetch_outputs(
     .await;
 }
 
-pub(super) fn spawn_follow(inner: &Arc<Inner>, id: String, agreement_id: String) {
+pub(super) fn spawn_follow(inner: &Arc<Inner>, id: JobId, agreement_id: AgreementId) {
     let task_inner = Arc::clone(inner);
     inner.tasks.spawn(async move { follow(task_inner, id, agreement_id).await });
 }
 
 /// Asks the provider for the latest notice every [`STATUS_EVERY`] until the job ended there; a
 /// provider that stops answering fails the job.
-async fn follow(inner: Arc<Inner>, id: String, agreement_id: String) {
+async fn follow(inner: Arc<Inner>, id: JobId, agreement_id: AgreementId) {
     let mut missed = 0;
     loop {
         tokio::select! {
