@@ -117,6 +117,10 @@ struct Inner {
     issued: Mutex<receipts::Issued>,
     /// Wakes the matcher: a request arrived or capacity was freed.
     wake: Notify,
+    /// Wakes offers that wait for a better-ranked provider (see `consumer::on_offer`): a
+    /// negotiation changed (a provider refused, an offer was taken or let go, the job was
+    /// cancelled).
+    negotiated: Notify,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -156,6 +160,7 @@ impl Market {
             consumer: Mutex::new(consumer::State::new(remote)),
             issued: Mutex::default(),
             wake: Notify::new(),
+            negotiated: Notify::new(),
             tasks: TaskTracker::new(),
             stop: cancel.child_token(),
         });

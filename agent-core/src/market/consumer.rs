@@ -425,7 +425,8 @@ async fn search(inner: Arc<Inner>, id: JobId) {
                     entry.negotiation.as_mut().and_then(|n| n.asked.iter_mut().find(|a| a.peer == peer))
                 {
                     asked.refused = true;
-                        }
+                    inner.negotiated.notify_waiters();
+                }
             }
         }
         if queued > 0 {
@@ -574,9 +575,12 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
         negotiation.asked.iter().find(|a| a.peer == peer).map_or(usize::MAX, |a| a.rank)
     };
     // Wait while a better-ranked provider may still offer, then take this offer unless one was
-    // taken meanwhile.
-    let waiting_since = Instant::now();
+    // taken meanwhile. Each change of the negotiation wakes the wait; the grace bounds it.
+    let deadline = tokio::time::Instant::now() + BETTER_OFFER_GRACE;
     loop {
+        let changed = inner.negotiated.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         {
             let mut state = inner.consumer();
             let Some(negotiation) =
@@ -588,12 +592,14 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
                 return declined("the consumer took another offer".into());
             }
             let better = negotiation.asked.iter().any(|a| a.rank < rank && !a.refused);
-            if !better || waiting_since.elapsed() >= BETTER_OFFER_GRACE {
+            if !better || tokio::time::Instant::now() >= deadline {
                 negotiation.decided = true;
+                inner.negotiated.notify_waiters();
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Woken early or not, the loop looks again.
+        let _ = tokio::time::timeout_at(deadline, changed).await;
     }
     match accept(inner, peer, &terms, signed).await {
         Ok(signature) => Reply::Accepted { signature },
@@ -603,6 +609,7 @@ pub(super) async fn on_offer(inner: &Arc<Inner>, peer: PeerId, signed: Signed) -
             {
                 negotiation.decided = false;
             }
+            inner.negotiated.notify_waiters();
             declined(reason)
         }
     }
@@ -684,6 +691,7 @@ async fn accept(inner: &Arc<Inner>, peer: PeerId, terms: &Terms, offer: Signed) 
         let mut state = inner.consumer();
         let entry = state.jobs.get_mut(terms.request_id.as_str()).ok_or("the job is gone")?;
         let negotiation = entry.negotiation.take().ok_or("the job no longer looks for a provider")?;
+        inner.negotiated.notify_waiters();
         let others =
             negotiation.asked.into_iter().filter(|a| a.peer != peer && !a.refused).map(|a| a.peer).collect();
         entry.job.provider = Some(peer.to_string().into());
@@ -727,6 +735,7 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<RemoteJob, Ma
             .take()
             .map(|n| n.asked.into_iter().map(|a| a.peer).collect())
             .unwrap_or_default();
+        inner.negotiated.notify_waiters();
         (entry.job.clone(), asked)
     };
     let (Some(provider), Some(agreement_id)) = (job.provider.as_deref(), job.agreement_id.clone()) else {
