@@ -1,7 +1,8 @@
 //! The local control API: HTTP + WebSocket on 127.0.0.1, used by the CLI, the web UI and the
 //! desktop shell alike.
 //!
-//! Every route sits behind [`security`]'s gate (Host, Origin, bearer token). Routes are declared
+//! Every route sits behind [`security`]'s gate (Host, Origin, and the bearer token or a browser's
+//! session cookie). Routes are declared
 //! with `utoipa` so that the OpenAPI document served at `/api/v1/openapi.json` is generated from
 //! the same code that handles requests and cannot drift from it. The API owns no state: it reads
 //! the daemon's watch channels and streams its event [`Bus`]. [`serve`] runs until the shutdown
@@ -23,6 +24,7 @@ pub use upload::{EXECUTABLE, MAX_SPEC_BYTES, PackageUpload, SpecUpload, UploadLi
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
@@ -578,12 +580,22 @@ async fn openapi_json(
 /// At shutdown the events already published (such as `stopping`) are sent before the close frame.
 #[utoipa::path(get, path = "/api/v1/events", responses(
     (status = 101, description = "Switching to the WebSocket protocol; then a stream of messages", body = StreamMessage),
+    (status = 400, body = ErrorBody, description = "not a WebSocket upgrade (`not_websocket`)"),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
-async fn events(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
+async fn events(
+    State(state): State<ApiState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, error::ApiError> {
+    let upgrade = upgrade.map_err(|rejection| {
+        error::ApiError::bad_request(
+            "not_websocket",
+            &format!("the event stream is a WebSocket: {rejection}"),
+        )
+    })?;
     // Subscribe before the upgrade completes, so nothing published in between is lost.
     let rx = state.events.subscribe();
-    upgrade.on_upgrade(move |socket| stream_events(socket, state, rx)).into_response()
+    Ok(upgrade.on_upgrade(move |socket| stream_events(socket, state, rx)).into_response())
 }
 
 async fn stream_events(mut socket: WebSocket, state: ApiState, mut rx: broadcast::Receiver<Event>) {

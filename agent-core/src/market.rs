@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use libp2p::PeerId;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,7 +33,7 @@ pub use holding::Failure;
 pub use reservations::{HeldReservation, MAX_HOLD_S};
 
 use crate::availability::Availability;
-use crate::events::Bus;
+use crate::events::{Bus, Event};
 use crate::identity::Identity;
 use crate::jobs::{SpecError, Stream, Supervisor};
 use crate::ledger::Ledger;
@@ -331,8 +331,16 @@ enum Fetched {
     Stopped(String),
 }
 
-/// Starts a fetch and waits until it ends or `stop` fires.
-async fn fetch_to_end(transfers: &Transfers, request: FetchRequest, stop: &CancellationToken) -> Fetched {
+/// Starts a fetch and waits until it ends or `stop` fires, woken by the fetch's own
+/// `transfer_changed` events.
+async fn fetch_to_end(
+    transfers: &Transfers,
+    events: &Bus,
+    request: FetchRequest,
+    stop: &CancellationToken,
+) -> Fetched {
+    // Subscribed before the fetch starts: no change after it goes unseen.
+    let mut changes = events.subscribe();
     let fetch = match transfers.fetch(request).await {
         Ok(fetch) => fetch,
         Err(error) => return Fetched::Failed(error.to_string()),
@@ -350,7 +358,24 @@ async fn fetch_to_end(transfers: &Transfers, request: FetchRequest, stop: &Cance
         }
         tokio::select! {
             () = stop.cancelled() => return Fetched::Stopped(fetch.id),
-            () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            changed = changed(&mut changes, &fetch.id) => {
+                if !changed {
+                    return Fetched::Stopped(fetch.id);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a change of the fetch `id`: true once one came (or events were missed, so one may
+/// have), false when the bus is gone with the agent.
+async fn changed(changes: &mut broadcast::Receiver<Event>, id: &str) -> bool {
+    loop {
+        match changes.recv().await {
+            Ok(Event::TransferChanged { transfer }) if transfer.id == id => return true,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(broadcast::error::RecvError::Closed) => return false,
         }
     }
 }

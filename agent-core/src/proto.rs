@@ -174,9 +174,9 @@ pub fn new_id<I: Minted>() -> I {
     I::from(random_id(I::BYTES))
 }
 
-/// A fresh id of `bytes` random bytes, as lowercase hex: of a job or a transfer (6 bytes, short
-/// enough to type), a request (8) or an agreement (16). The one id generator of the agent. An id
-/// only has to be unique, so a system without randomness (never seen on Linux) falls back to the
+/// A fresh id of `bytes` random bytes, as lowercase hex, under [`new_id`] (jobs, requests,
+/// agreements) and for what has no id type: a transfer (6 bytes, short enough to type), a
+/// reservation (16), a staging folder (6). An id only has to be unique, so a system without randomness (never seen on Linux) falls back to the
 /// clock; a secret must use [`random_secret`] instead.
 pub fn random_id(bytes: usize) -> String {
     random_secret(bytes).unwrap_or_else(|| {

@@ -170,6 +170,8 @@ pub(crate) fn paths_and_queries_that_do_not_parse_are_400_with_an_error_body() -
         ("GET", "/api/v1/remote-jobs/X/logs/stdout?offset=-1", "invalid_query", "offset"),
         ("GET", "/api/v1/earnings?by=year", "invalid_query", "year"),
         ("GET", "/api/v1/earnings?banana=1", "invalid_query", "banana"),
+        ("GET", &format!("/api/v1/blobs/{}?folder=banana", "0".repeat(64)), "invalid_query", "folder"),
+        ("GET", "/api/v1/events", "not_websocket", "WebSocket"),
     ] {
         let response = api.send(method, path, None, b"")?;
         refused(&response, 400, code, says, &format!("{method} {path}"))?;

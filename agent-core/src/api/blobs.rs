@@ -9,7 +9,7 @@ use std::io;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Multipart, State};
 use axum::http::header;
 use axum::response::Response;
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
+use super::extract::{Path, Query};
 use super::upload::{self, Entry};
 use crate::transfer::{BlobHash, BlobRef, Format, Imported};
 

@@ -234,7 +234,7 @@ pub(super) fn policy(p: &Policy) -> String {
 
 pub(super) fn notices(notices: &Vec<OwnerNotice>) -> String {
     if notices.is_empty() {
-        return "no notices: the owner has not paused or stopped this job\n".to_owned();
+        return "no notices yet about this job\n".to_owned();
     }
     let mut text = String::new();
     for notice in notices {

@@ -140,7 +140,7 @@ pub(super) async fn logs(client: &Client, id: &str, streams: &[Stream], follow: 
             }
         }
     };
-    libp2p::futures::future::try_join_all(streams.iter().map(|&stream| one(stream))).await?;
+    futures_util::future::try_join_all(streams.iter().map(|&stream| one(stream))).await?;
     Ok(())
 }
 

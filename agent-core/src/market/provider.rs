@@ -540,7 +540,7 @@ async fn execute(
             max_bytes: Some(left),
             out: Some(out),
         };
-        match fetch_to_end(&inner.parts.transfers, fetch, cancel).await {
+        match fetch_to_end(&inner.parts.transfers, &inner.parts.events, fetch, cancel).await {
             Fetched::Done(size) => left = left.saturating_sub(size),
             Fetched::Stopped(fetch) => {
                 // What it downloaded goes with it.

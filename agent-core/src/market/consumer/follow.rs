@@ -152,7 +152,7 @@ async fn fetch_outputs(
         Some(blob) => {
             let request =
                 FetchRequest { peer: provider.to_string().into(), blob, max_bytes: Some(cap), out: None };
-            match fetch_to_end(&inner.parts.transfers, request, &inner.stop).await {
+            match fetch_to_end(&inner.parts.transfers, &inner.parts.events, request, &inner.stop).await {
                 Fetched::Done(size) => Ok(Some((blob, size))),
                 Fetched::Failed(error) => Err(error),
                 // Left to resume with the agent: returned from just below.
