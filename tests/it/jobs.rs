@@ -6,7 +6,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hearth::jobs::{Control, Job, JobSpec, JobState, RunEvent, Runner};
+use hearth::jobs::{Control, EVENT_BUFFER, Job, JobSpec, JobState, RunEvent, Runner};
 use hearth_tests::hearth_bin;
 use hearth_tests::jobs::{JobDir, probe_bin, wasm_module};
 use tokio::sync::{mpsc, oneshot};
@@ -196,9 +196,19 @@ time = "120s"
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let (controls, control_rx) = mpsc::channel(4);
-        let (events, mut event_rx) = mpsc::unbounded_channel();
+        let (events, mut event_rx) = mpsc::channel(EVENT_BUFFER);
         let request = Job { id: "pausing".into(), spec, gpus: Vec::new() };
         let run = tokio::spawn(async move { runner.run(request, control_rx, events).await });
+        // Read as they come, as the supervisor does: a run waits for room in its event channel.
+        let states = tokio::spawn(async move {
+            let mut states = Vec::new();
+            while let Some(event) = event_rx.recv().await {
+                if let RunEvent::State(state) = event {
+                    states.push(state.name());
+                }
+            }
+            states
+        });
 
         let until = Instant::now() + Duration::from_secs(30);
         while counters(&out).is_none() {
@@ -255,12 +265,7 @@ time = "120s"
         controls.send(Control::Cancel).await?;
         let outcome = run.await?;
         ensure!(matches!(outcome.state, JobState::Cancelled { reason: None }), "{:?}", outcome.state);
-        let mut states = Vec::new();
-        while let Ok(event) = event_rx.try_recv() {
-            if let RunEvent::State(state) = event {
-                states.push(state.name());
-            }
-        }
+        let states = states.await?;
         let expected = ["transferring", "running"]
             .into_iter()
             .chain(std::iter::repeat_n(["paused", "running"], 5).flatten())

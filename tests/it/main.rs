@@ -17,6 +17,7 @@ mod events;
 mod flood;
 mod follow;
 mod hostile_clocks;
+mod hostile_jobs;
 mod hostile_market;
 mod job_network;
 mod jobs;
@@ -107,6 +108,10 @@ fn main() {
         sandboxed(
             "ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers",
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
+        ),
+        sandboxed(
+            "hostile_jobs::a_job_that_floods_its_output_leaves_the_provider_memory_bounded",
+            hostile_jobs::a_job_that_floods_its_output_leaves_the_provider_memory_bounded,
         ),
         trial(
             "hostile_market::reservations_hold_only_for_their_signer_and_only_what_they_say",

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tokio::sync::mpsc;
 
 use hearth::config::Paths;
-use hearth::jobs::{Control, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
+use hearth::jobs::{Control, EVENT_BUFFER, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
 use hearth::resources;
 
 pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
@@ -20,9 +20,9 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {
         let (control_tx, control_rx) = mpsc::channel(4);
-        let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-        // A thread of its own: a terminal or pipe that stops reading blocks only the printing,
-        // never the runtime that enforces the job's deadline and limits.
+        let (event_tx, mut event_rx) = mpsc::channel(EVENT_BUFFER);
+        // A thread of its own: a terminal or pipe that stops reading slows the job's output (the
+        // pumps wait for room), never the runtime that enforces the job's deadline and limits.
         let printer = tokio::task::spawn_blocking(move || {
             while let Some(event) = event_rx.blocking_recv() {
                 if let RunEvent::Output { stream, data } = event {

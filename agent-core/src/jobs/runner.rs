@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,15 @@ pub const MAX_PROCESSES: u64 = 512;
 /// Memory the WASI runtime itself (wasmtime, its compiled code and threads) may use on top of the
 /// module's linear memory, which the store's limiter caps at the spec's `memory`.
 pub const WASI_RUNTIME_MEMORY: u64 = 64 << 20;
+
+/// Events of one run in flight to whoever follows it. The pumps wait when it is full, so a
+/// job that writes faster than its follower reads is slowed, never buffered: a run holds at most
+/// this many reads of its output (16 KiB each) in memory.
+pub const EVENT_BUFFER: usize = 64;
+
+/// How long the pumps may take, once the job is dead, to hand the last of its output to a
+/// follower that has stopped reading; past it the rest is only in the log files.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The least time between two [`RunEvent::Logged`] of one stream: a job writing fast must not
 /// flood the event bus, and a follower is a tenth of a second behind at most.
@@ -175,7 +184,7 @@ impl Runner {
         &self,
         request: Job,
         controls: mpsc::Receiver<Control>,
-        events: mpsc::UnboundedSender<RunEvent>,
+        events: mpsc::Sender<RunEvent>,
     ) -> Outcome {
         let job_dir = self.job_dir(&request.id);
         let state = match self.try_run(&request, &job_dir, controls, &events).await {
@@ -191,7 +200,7 @@ impl Runner {
         for name in ["in", "work", "tmp", "root"] {
             let _ = fs::remove_dir_all(job_dir.join(name));
         }
-        let _ = events.send(RunEvent::State(state.clone()));
+        let _ = events.send(RunEvent::State(state.clone())).await;
         Outcome { state, job_dir }
     }
 
@@ -200,10 +209,10 @@ impl Runner {
         request: &Job,
         job_dir: &Path,
         mut controls: mpsc::Receiver<Control>,
-        events: &mpsc::UnboundedSender<RunEvent>,
+        events: &mpsc::Sender<RunEvent>,
     ) -> anyhow::Result<JobState> {
         let spec = &request.spec;
-        let _ = events.send(RunEvent::State(JobState::Transferring));
+        let _ = events.send(RunEvent::State(JobState::Transferring)).await;
         // Planned before anything is created, so a missing slirp4netns fails the job at once.
         let network = match spec.limits.network {
             true => Some(tokio::task::spawn_blocking(NetworkPlan::for_this_host).await??),
@@ -303,7 +312,7 @@ impl Runner {
         plan: Plan,
         cgroup: &Arc<JobCgroup>,
         controls: &mut mpsc::Receiver<Control>,
-        events: &mpsc::UnboundedSender<RunEvent>,
+        events: &mpsc::Sender<RunEvent>,
     ) -> anyhow::Result<JobState> {
         let spec = &request.spec;
         let job_dir = plan.job_dir.as_path();
@@ -356,7 +365,7 @@ impl Runner {
             })
             .await?;
         }
-        let _ = events.send(RunEvent::State(JobState::Running));
+        let _ = events.send(RunEvent::State(JobState::Running)).await;
 
         let started = Instant::now();
         let mut paused_for = Duration::ZERO;
@@ -384,7 +393,7 @@ impl Runner {
                         let result = blocking(cgroup, JobCgroup::freeze).await;
                         if result.is_ok() && paused_since.is_none() {
                             paused_since = Some(Instant::now());
-                            let _ = events.send(RunEvent::State(JobState::Paused));
+                            let _ = events.send(RunEvent::State(JobState::Paused)).await;
                         }
                         let _ = reply.send(result);
                     }
@@ -393,7 +402,7 @@ impl Runner {
                         if result.is_ok() && let Some(since) = paused_since.take() {
                             deadline += since.elapsed();
                             paused_for += since.elapsed();
-                            let _ = events.send(RunEvent::State(JobState::Running));
+                            let _ = events.send(RunEvent::State(JobState::Running)).await;
                         }
                         let _ = reply.send(result);
                     }
@@ -432,7 +441,11 @@ impl Runner {
             warn!(job = %request.id, "the sandbox did not exit after being killed");
         }
         for pump in pumps {
-            let _ = pump.await;
+            let abort = pump.abort_handle();
+            if tokio::time::timeout(DRAIN_TIMEOUT, pump).await.is_err() {
+                abort.abort();
+                warn!(job = %request.id, "the job's follower stopped reading; the rest of its output is in the logs");
+            }
         }
         killed.context("killing the job")?;
         debug!(job = %request.id, ?ending, "job ended");
@@ -455,7 +468,7 @@ impl Runner {
                 failed(reason)
             }
             Ending::DiskFull(used) => failed(format!(
-                "disk limit of {} exceeded (over {} in /out, /work and /tmp)",
+                "disk limit of {} exceeded (over {} in /out, /work, /tmp and the logs)",
                 ByteSize(spec.resources.disk_bytes),
                 ByteSize(used)
             )),
@@ -493,14 +506,21 @@ enum Ending {
     Cancelled(Option<String>),
 }
 
-/// Measures the scratch every [`DISK_CHECK`] on the blocking pool, apart from the watch loop so a
-/// slow walk never delays a cancel or a deadline; returns once the job is over its limit.
+/// Measures the scratch and the job's two log files every [`DISK_CHECK`] on the blocking pool,
+/// apart from the watch loop so a slow walk never delays a cancel or a deadline; returns once the
+/// job is over its limit. The logs are the job's writing too, so they count against its disk.
 async fn watch_disk(job_dir: PathBuf, limit: u64, peak: Arc<AtomicU64>) -> Ending {
     let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
+    let logs = [Stream::Stdout, Stream::Stderr].map(|stream| job_dir.join(stream.file_name()));
     loop {
         tokio::time::sleep(DISK_CHECK).await;
-        let dirs = dirs.clone();
-        let result = tokio::task::spawn_blocking(move || scratch::usage(&dirs, limit)).await;
+        let (dirs, logs) = (dirs.clone(), logs.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let logged: u64 =
+                logs.iter().filter_map(|log| fs::metadata(log).ok()).map(|m| m.blocks() * 512).sum();
+            scratch::usage(&dirs, limit.saturating_sub(logged)).map(|used| used.saturating_add(logged))
+        })
+        .await;
         if let Ok(Ok(used)) = &result {
             peak.fetch_max(*used, Ordering::Relaxed);
         }
@@ -655,7 +675,7 @@ async fn pump(
     mut reader: impl AsyncRead + Unpin,
     stream: Stream,
     path: PathBuf,
-    events: mpsc::UnboundedSender<RunEvent>,
+    events: mpsc::Sender<RunEvent>,
 ) -> io::Result<()> {
     let mut file = tokio::fs::File::create(&path).await?;
     // The job's own bytes kept, and the file's length (with the truncation note).
@@ -670,7 +690,7 @@ async fn pump(
             // Cancel-safe: a read that loses the race has read nothing.
             read = reader.read(&mut buffer) => read?,
             () = tokio::time::sleep_until(next_say), if unsaid => {
-                let _ = events.send(RunEvent::Logged { stream, length });
+                let _ = events.send(RunEvent::Logged { stream, length }).await;
                 unsaid = false;
                 next_say = tokio::time::Instant::now() + LOGGED_EVERY;
                 continue;
@@ -698,17 +718,17 @@ async fn pump(
             file.flush().await?;
             unsaid = true;
         }
-        let _ = events.send(RunEvent::Output { stream, data: data.to_vec() });
+        let _ = events.send(RunEvent::Output { stream, data: data.to_vec() }).await;
         let now = tokio::time::Instant::now();
         if unsaid && now >= next_say {
-            let _ = events.send(RunEvent::Logged { stream, length });
+            let _ = events.send(RunEvent::Logged { stream, length }).await;
             unsaid = false;
             next_say = now + LOGGED_EVERY;
         }
     }
     file.flush().await?;
     if unsaid {
-        let _ = events.send(RunEvent::Logged { stream, length });
+        let _ = events.send(RunEvent::Logged { stream, length }).await;
     }
     Ok(())
 }

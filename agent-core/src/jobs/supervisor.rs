@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use super::JobState;
-use super::runner::{Control, Job, RunEvent, Runner};
+use super::runner::{Control, EVENT_BUFFER, Job, RunEvent, Runner};
 use super::spec::{JobKind, JobSpec, SpecError};
 use crate::clock::unix_now;
 use crate::events::{Bus, Event};
@@ -351,7 +351,7 @@ impl Inner {
             self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
             return;
         }
-        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (events_tx, mut events_rx) = mpsc::channel(EVENT_BUFFER);
         let run = self.runner.run(request, controls, events_tx);
         tokio::pin!(run);
         let mut outcome = None;

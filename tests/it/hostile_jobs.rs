@@ -1,0 +1,131 @@
+//! A stranger's job against the machine that lends it: each attack goes to a real provider as a
+//! market job from a real consumer, both agents on loopback. Afterwards the provider's memory is
+//! back within bounds and an honest job still runs there.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use hearth_tests::jobs::JobDir;
+use hearth_tests::{Agent, eventually, json_of, rss_bytes};
+use serde_json::Value;
+
+use crate::network::{address, joining, wait_to_know, wait_to_know_offer};
+
+/// How long one hostile or honest job may take from submission to its end, search included.
+const JOB_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How much the provider's resident memory may grow while it runs a hostile job: the bounded
+/// buffers of one run and the event bus, with room to spare. The attacks below grow it by
+/// gigabytes when they are not contained.
+const RSS_ALLOWANCE: u64 = 192 << 20;
+
+/// A consumer and one provider that joined it, the consumer knowing the provider's advert.
+struct Lender {
+    consumer: Agent,
+    provider: Agent,
+    work: JobDir,
+}
+
+impl Lender {
+    fn start() -> Result<Self> {
+        let consumer = Agent::start()?;
+        let (bootstrap, consumer_id) = address(&consumer)?;
+        let provider = joining(&bootstrap)?;
+        let (_, provider_id) = address(&provider)?;
+        wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
+        wait_to_know(&provider, &[&consumer_id], Duration::from_secs(30))?;
+        wait_to_know_offer(&consumer, &provider_id)?;
+        Ok(Self { consumer, provider, work: JobDir::new()? })
+    }
+
+    /// Submits the spec `text` at the consumer; the remote job's id.
+    fn submit(&self, name: &str, text: &str) -> Result<String> {
+        let spec = self.work.file(name, text.as_bytes())?;
+        let output = self.consumer.cli(&["submit", spec.to_str().context("path")?])?;
+        ensure!(output.status.success(), "submit: {}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8(output.stdout)?;
+        Ok(stdout.lines().next().context("no id")?.trim().to_owned())
+    }
+
+    /// The remote job as the consumer lists it.
+    fn job(&self, id: &str) -> Result<Value> {
+        let jobs = json_of(&self.consumer.cli(&["jobs", "--json"])?)?;
+        jobs.as_array().and_then(|all| all.iter().find(|job| job["id"] == id).cloned()).context("no such job")
+    }
+
+    /// Waits for the remote job to end, calling `watch` every tenth of a second meanwhile.
+    fn until_ended(&self, id: &str, mut watch: impl FnMut() -> Result<()>) -> Result<Value> {
+        let until = Instant::now() + JOB_DEADLINE;
+        loop {
+            watch()?;
+            let job = self.job(id)?;
+            if matches!(job["state"].as_str(), Some("finished" | "failed" | "cancelled")) {
+                return Ok(job);
+            }
+            ensure!(
+                Instant::now() < until,
+                "job {id} never ended: {job}\n--- provider log ---\n{}",
+                self.provider.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The provider's resident memory now.
+    fn provider_rss(&self) -> Result<u64> {
+        rss_bytes(self.provider.pid().context("the provider is not running")?).context("the provider's RSS")
+    }
+
+    /// An honest job still runs on the provider and its output comes home.
+    fn honest_job_runs(&self) -> Result<()> {
+        let id = self.submit(
+            "honest.toml",
+            "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"echo honest\"]\nmax_price = 50\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n[limits]\ntime = \"30s\"\n",
+        )?;
+        let job = self.until_ended(&id, || Ok(()))?;
+        ensure!(job["state"] == "finished" && job["exit_code"] == 0, "the honest job: {job}");
+        let logs = self.consumer.cli(&["job", "logs", &id])?;
+        ensure!(String::from_utf8_lossy(&logs.stdout) == "honest\n", "the honest job's output: {logs:?}");
+        Ok(())
+    }
+}
+
+pub(crate) fn a_job_that_floods_its_output_leaves_the_provider_memory_bounded() -> Result<()> {
+    let lender = Lender::start()?;
+    // Settled first: the provider's memory once the market is up and idle.
+    let before =
+        eventually(Duration::from_secs(10), "the provider's RSS", || lender.provider_rss().map(Some))?;
+    let id = lender.submit(
+        "flood.toml",
+        "kind = \"native\"\ncommand = [\"/usr/bin/yes\", \"a line the provider must not keep\"]\n\
+         max_price = 50\n[resources]\ncpu = 1.0\nmemory = \"64MiB\"\n[limits]\ntime = \"10s\"\n",
+    )?;
+    let mut peak = before;
+    let job = lender.until_ended(&id, || {
+        peak = peak.max(lender.provider_rss()?);
+        Ok(())
+    })?;
+    ensure!(job["state"] == "failed" || job["state"] == "cancelled", "yes never ends by itself: {job}");
+    ensure!(
+        peak <= before + RSS_ALLOWANCE,
+        "the provider grew from {} MiB to {} MiB while the job wrote",
+        before >> 20,
+        peak >> 20
+    );
+    let after = lender.provider_rss()?;
+    ensure!(after <= before + RSS_ALLOWANCE, "the provider still holds {} MiB after the job", after >> 20);
+    // The logs are the job's writing: they count against its disk.
+    let id = lender.submit(
+        "small-disk.toml",
+        "kind = \"native\"\ncommand = [\"/usr/bin/yes\"]\nmax_price = 50\n\
+         [resources]\ncpu = 1.0\nmemory = \"64MiB\"\ndisk = \"4MiB\"\n[limits]\ntime = \"60s\"\n",
+    )?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    let reason = job["reason"].as_str().unwrap_or_default();
+    ensure!(
+        job["state"] == "failed" && reason.contains("disk limit") && reason.contains("logs"),
+        "a job whose logs fill its disk: {job}"
+    );
+    lender.honest_job_runs()
+}
