@@ -590,7 +590,7 @@ fn policy(paths: &Paths, command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Set { file } => {
             let text =
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                hearth_api::local_file::read_text(&file, hearth_api::policy::MAX_POLICY_BYTES, "policy")?;
             // Checked here first, so the error names the file the owner wrote.
             Policy::parse(&text, &file.display().to_string())?;
             let applied = match &client {

@@ -12,10 +12,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use hearth_api::local_file::{self, FileError};
 use hearth_api::toml_file;
 
 /// File name of the configuration inside the config dir.
 pub const CONFIG_FILE: &str = "config.toml";
+
+/// The longest config file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The default port of the control API. Fixed, so that a bookmark to the web UI keeps working.
 pub const DEFAULT_API_PORT: u16 = 7447;
@@ -26,14 +30,9 @@ pub enum ConfigError {
     /// No home directory to derive default paths from, and no `--data-dir`.
     #[error("cannot find a home directory for Hearth's files; pass --data-dir DIR or set HEARTH_DATA_DIR")]
     NoHome,
-    /// The file exists but could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// What the OS said.
-        source: io::Error,
-    },
+    /// The file exists but could not be read: not a regular file, too large, unreadable.
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// The file is not valid TOML for this schema. `toml` names the field and line.
     #[error("config {path}: {message}")]
     Parse {
@@ -327,10 +326,10 @@ impl HearthConfig {
     /// Reads the file (defaults when it does not exist), applies `overrides` and validates the
     /// result, so a flag can correct a bad value in the file.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut config = match fs::read_to_string(path) {
+        let mut config = match local_file::read_text(path, MAX_CONFIG_BYTES, "config") {
             Ok(text) => Self::parse(&text, path)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::default(),
-            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+            Err(error) if error.is_not_found() => Self::default(),
+            Err(error) => return Err(error.into()),
         };
         if let Some(port) = overrides.api_port {
             config.api.port = port;

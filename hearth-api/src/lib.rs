@@ -17,6 +17,7 @@ pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod ledger;
+pub mod local_file;
 pub mod market;
 pub mod package;
 pub mod peers;

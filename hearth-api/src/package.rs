@@ -9,17 +9,19 @@
 //! A submitted package becomes a request, whose progress the API shows as a [`RequestStatus`]:
 //! each resource's acquisition and each task's state.
 
-use crate::ids::{JobId, RequestId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{JobId, RequestId};
+use crate::local_file::{self, FileError};
 use crate::market::Prices;
 use crate::resources::Allocation;
 use crate::spec::{JobSpec, Problem, SpecError};
 use crate::toml_file;
+use crate::upload::MAX_SPEC_BYTES;
 
 /// The most resources one package may have.
 pub const MAX_RESOURCES: usize = 32;
@@ -90,14 +92,9 @@ pub struct Task {
 /// Why a package was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
-    /// The file could not be read.
-    #[error("cannot read package {}: {source}", .path.display())]
-    Read {
-        /// The package file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
+    /// The file could not be read: missing, not a regular file, or too large.
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// The TOML does not have the package's shape; names the field.
     #[error("package {}: {message}", .path.display())]
     Parse {
@@ -129,8 +126,7 @@ impl Package {
 
     /// Reads and validates the package at `path`; spec paths in it are relative to `base`.
     pub fn load_in(path: &Path, base: &Path) -> Result<Self, PackageError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PackageError::Read { path: path.to_owned(), source })?;
+        let text = local_file::read_text(path, MAX_SPEC_BYTES as u64, "package")?;
         Self::parse(&text, path, base)
     }
 
@@ -476,8 +472,8 @@ fn load_spec(report: &mut Report, field: &str, base: &Path, spec: &Path) -> Opti
             Ok(absolute) => return Some((absolute, job)),
             Err(e) => report.add(field, format!("names {}, which cannot be opened: {e}", path.display())),
         },
-        Err(SpecError::Read { source, .. }) => {
-            report.add(field, format!("names {}, which cannot be read: {source}", path.display()))
+        Err(SpecError::Read(error)) => {
+            report.add(field, format!("names {}, which {}", path.display(), error.reason()))
         }
         Err(SpecError::Parse { message, .. }) => report.add(field, format!("{}: {message}", spec.display())),
         Err(SpecError::Invalid { problems, .. }) => {

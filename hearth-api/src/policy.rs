@@ -11,10 +11,14 @@ use jiff::civil::{Time, Weekday};
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
+use crate::local_file::{self, FileError};
 use crate::toml_file;
 
 /// The policy file's name in a data dir.
 pub const POLICY_FILE: &str = "policy.toml";
+
+/// The longest policy file read.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 
 /// What a new policy file says: the defaults, each explained.
 pub const DEFAULT_FILE: &str = r#"# When this machine shares, and what it keeps for its owner.
@@ -239,6 +243,9 @@ pub enum PolicyError {
         /// What went wrong.
         source: io::Error,
     },
+    /// The file could not be read: not a regular file, or too large.
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// The text is not a valid policy.
     #[error("{origin}: {message}")]
     Invalid {
@@ -260,10 +267,10 @@ impl Policy {
 
     /// Reads the policy file; a missing file is the default policy.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        match fs::read_to_string(path) {
+        match local_file::read_text(path, MAX_POLICY_BYTES, "policy") {
             Ok(text) => Self::parse(&text, &path.display().to_string()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(PolicyError::Io { path: path.display().to_string(), source }),
+            Err(error) if error.is_not_found() => Ok(Self::default()),
+            Err(error) => Err(PolicyError::Read(error)),
         }
     }
 

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::local_file::{self, FileError};
 use crate::toml_file;
+use crate::upload::MAX_SPEC_BYTES;
 
 /// The most wall-clock time a job may ask for.
 const MAX_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -28,14 +30,9 @@ const MIN_BYTES: u64 = 1 << 20;
 /// Why a spec was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// The file could not be read.
-    #[error("cannot read job spec {}: {source}", .path.display())]
-    Read {
-        /// The spec file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
+    /// The file could not be read: missing, not a regular file, or too large.
+    #[error(transparent)]
+    Read(#[from] FileError),
     /// The TOML does not have the spec's shape; names the field.
     #[error("job spec {}: {message}", .path.display())]
     Parse {
@@ -228,8 +225,7 @@ impl JobSpec {
     /// Reads and validates the spec at `path`; relative paths in it are relative to `base` (an
     /// upload's staged spec lies beside the folder of its files, not in it).
     pub fn load_in(path: &Path, base: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SpecError::Read { path: path.to_owned(), source })?;
+        let text = local_file::read_text(path, MAX_SPEC_BYTES as u64, "job spec")?;
         Self::parse(&text, path, base)
     }
 
@@ -592,6 +588,6 @@ time = "0s"
         let spec = JobSpec::load(&spec_path).unwrap();
         assert_eq!(spec.inputs, [dir.path().canonicalize().unwrap().join("data.txt")]);
         let err = JobSpec::load(&dir.path().join("absent.toml")).unwrap_err();
-        assert!(matches!(err, SpecError::Read { .. }), "{err}");
+        assert!(matches!(err, SpecError::Read(_)), "{err}");
     }
 }

@@ -162,3 +162,52 @@ pub(crate) fn a_module_that_is_not_wasm_is_one_line_here_and_in_the_daemon() -> 
     ensure!(agent.terminate()?.success());
     Ok(())
 }
+
+/// Every file the owner names is read only when it is a regular file within its limit: a device,
+/// a named pipe or an oversized spec is one line, at once, and never a process that fills the
+/// memory or waits for ever. The commands run under a 1 GiB address-space limit, so a reader that
+/// is not bounded fails here instead of taking the machine's memory.
+pub(crate) fn files_the_owner_names_are_regular_and_bounded() -> Result<()> {
+    let dir = JobDir::new()?;
+    let fifo = dir.path().join("fifo.toml");
+    ensure!(std::process::Command::new("mkfifo").arg(&fifo).status()?.success(), "mkfifo");
+    let module = dir.file("module.toml", b"kind = \"wasi\"\nmodule = \"/dev/zero\"\n")?;
+    let image =
+        dir.file("image.toml", b"kind = \"native\"\nimage = \"/dev/zero\"\ncommand = [\"/bin/true\"]\n")?;
+    let huge =
+        format!("kind = \"native\"\ncommand = [\"/bin/true\"]\n[env]\nA = \"{}\"\n", "x".repeat(2 << 20));
+    let huge = dir.file("huge.toml", huge.as_bytes())?;
+    let path = |p: &std::path::Path| p.to_str().map(str::to_owned).context("path");
+    let cases = [
+        (
+            vec!["run".to_owned(), "/dev/zero".to_owned(), "--local".to_owned()],
+            "is a device, not a regular file",
+        ),
+        (vec!["run".to_owned(), path(&fifo)?, "--local".to_owned()], "is a named pipe, not a regular file"),
+        (vec!["run".to_owned(), path(&module)?, "--local".to_owned()], "module /dev/zero is a device"),
+        (vec!["run".to_owned(), path(&image)?, "--local".to_owned()], "image /dev/zero is a device"),
+        (vec!["run".to_owned(), path(&huge)?, "--local".to_owned()], "larger than 1.0 MiB"),
+        (vec!["submit".to_owned(), path(&fifo)?], "is a named pipe, not a regular file"),
+        (
+            vec!["policy".to_owned(), "set".to_owned(), "/dev/zero".to_owned()],
+            "is a device, not a regular file",
+        ),
+    ];
+    // `submit` and `policy set` go to a daemon once the file is read.
+    let agent = Agent::start()?;
+    for (args, says) in cases {
+        let mut limited = std::process::Command::new("prlimit");
+        limited
+            .arg("--as=1073741824")
+            .arg(hearth_tests::hearth_bin())
+            .arg("--data-dir")
+            .arg(agent.data_dir());
+        limited.args(&args).env_remove("HEARTH_DATA_DIR").env_remove("HEARTH_CONFIG");
+        let out = hearth_tests::run_to_end(limited)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "hearth {args:?} succeeded: {stderr}");
+        ensure!(stderr.contains(says), "hearth {args:?} said {stderr:?}, not {says:?}");
+        ensure!(stderr.len() < 400, "hearth {args:?} said {} bytes", stderr.len());
+    }
+    Ok(())
+}

@@ -179,6 +179,10 @@ fn main() {
             events::websocket_streams_snapshot_refreshes_and_stopping,
         ),
         trial("cli::help_lists_every_command", cli::help_lists_every_command),
+        sandboxed(
+            "cli::files_the_owner_names_are_regular_and_bounded",
+            cli::files_the_owner_names_are_regular_and_bounded,
+        ),
         trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
         trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),
         trial("cli::wrong_token_is_one_clear_line", cli::wrong_token_is_one_clear_line),

@@ -145,6 +145,9 @@ impl From<PolicyError> for ApiError {
             PolicyError::Io { .. } => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "policy_not_saved", &error.to_string())
             }
+            PolicyError::Read(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "policy_unreadable", &error.to_string())
+            }
         }
     }
 }

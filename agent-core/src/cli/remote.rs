@@ -41,7 +41,8 @@ pub(super) async fn locate(client: &Client, id: &str) -> anyhow::Result<Where> {
 /// `hearth submit`: the request id alone on stdout's first line at once; with `wait`, the job's
 /// states on stderr until it ends, then its exit code.
 pub(super) async fn submit(client: &Client, spec: &Path, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(spec).unwrap_or_default();
+    let text =
+        hearth_api::local_file::read_text(spec, hearth_api::upload::MAX_SPEC_BYTES as u64, "job spec")?;
     if is_package(&text) {
         return packages::submit(client, spec, wait, json).await;
     }

@@ -13,6 +13,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
+use hearth_api::local_file;
 use serde::Deserialize;
 
 /// The most bytes an image may unpack to.
@@ -20,7 +21,9 @@ pub const MAX_IMAGE_BYTES: u64 = 32 << 30;
 
 /// Unpacks `archive` into `cache_dir` unless already there, and returns the root filesystem folder.
 pub fn unpack_cached(archive: &Path, cache_dir: &Path) -> anyhow::Result<PathBuf> {
-    let digest = sha256_file(archive).with_context(|| format!("reading image {}", archive.display()))?;
+    // A regular file only: a device or a named pipe would be read (or waited on) for ever.
+    let file = local_file::open_regular(archive, MAX_IMAGE_BYTES, "image")?;
+    let digest = sha256_of(file).with_context(|| format!("reading image {}", local_file::shown(archive)))?;
     let image_dir = cache_dir.join(&digest);
     let rootfs = image_dir.join("rootfs");
     if rootfs.is_dir() {
@@ -239,9 +242,8 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The SHA-256 of a file, as hex.
-fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+/// The SHA-256 of a file's content, as hex.
+fn sha256_of(mut file: File) -> io::Result<String> {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buffer = vec![0u8; 1 << 16];
     loop {

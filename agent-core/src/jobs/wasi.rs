@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use hearth_api::local_file;
 use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -30,10 +31,13 @@ pub fn engine() -> anyhow::Result<Engine> {
     wasm(Engine::new(&config)).context("starting wasmtime")
 }
 
+/// The largest WebAssembly module a job may name.
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
 /// Compiles `module` for this engine unless the cache already holds it, and returns the compiled
 /// file. Writes through a temporary file and a rename, so a crash never leaves a torn entry.
 pub fn compile_cached(engine: &Engine, module: &Path, cache_dir: &Path) -> anyhow::Result<PathBuf> {
-    let bytes = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    let bytes = local_file::read_bytes(module, MAX_MODULE_BYTES, "module")?;
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     let mut engine_hash = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut engine_hash);

@@ -26,6 +26,7 @@ use crate::net::negotiate::{Allocation, JobRequest, Message, REQUEST_TAG, Reply,
 use crate::store::Store;
 use crate::transfer::{BlobRef, Imported};
 use hearth_api::ids::{self, JobId, RequestId};
+use hearth_api::upload::MAX_SPEC_BYTES;
 
 mod follow;
 mod logs;
@@ -211,7 +212,7 @@ async fn prepare(
     let (path, base) = (spec_path.to_owned(), base.to_owned());
     let (spec, text) = tokio::task::spawn_blocking(move || {
         let spec = JobSpec::load_in(&path, &base)?;
-        let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
+        let text = hearth_api::local_file::read_text(&path, MAX_SPEC_BYTES as u64, "job spec")?;
         Ok::<_, SpecError>((spec, text))
     })
     .await
