@@ -11,6 +11,7 @@ pub(crate) mod output;
 mod packages;
 mod remote;
 mod run_local;
+mod terminal;
 mod transfers;
 
 use std::io::IsTerminal;
@@ -248,6 +249,9 @@ enum JobCommand {
         /// Only this stream.
         #[arg(long, value_parser = ["stdout", "stderr"])]
         stream: Option<String>,
+        /// Print the output as it is, escape sequences included, even to a terminal.
+        #[arg(long)]
+        raw: bool,
     },
     /// Stop a job for good; nothing of it keeps running.
     Cancel(JobIdArgs),
@@ -290,6 +294,9 @@ struct RunArgs {
     /// runs the job and it shows in `hearth jobs`.
     #[arg(long)]
     local: bool,
+    /// Print the job's output as it is, escape sequences included, even to a terminal.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Debug, Args)]
@@ -369,11 +376,13 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
+            let terminal = terminal::Terminal::detect(args.raw);
             if args.local {
-                return run_local::run(&paths, &args.spec);
+                return run_local::run(&paths, &args.spec, terminal);
             }
-            return runtime(false)?
-                .block_on(async { jobs::run(&Client::discover(&paths.data_dir)?, &args.spec).await });
+            return runtime(false)?.block_on(async {
+                jobs::run(&Client::discover(&paths.data_dir)?, &args.spec, terminal).await
+            });
         }
         Command::Submit(args) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
@@ -408,7 +417,8 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
             runtime(false)?.block_on(async {
                 let client = Client::discover(&paths.data_dir)?;
                 match command {
-                    JobCommand::Logs { id, follow, stream } => {
+                    JobCommand::Logs { id, follow, stream, raw } => {
+                        let terminal = terminal::Terminal::detect(raw);
                         let streams = match stream.as_deref() {
                             Some("stdout") => vec![Stream::Stdout],
                             Some(_) => vec![Stream::Stderr],
@@ -416,9 +426,11 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                         };
                         match remote::locate(&client, &id).await? {
                             remote::Where::Here => {
-                                jobs::follow(&client, &id, &streams, follow).await.map(drop)
+                                jobs::follow(&client, &id, &streams, follow, terminal).await.map(drop)
                             }
-                            remote::Where::Remote => remote::logs(&client, &id, &streams, follow).await,
+                            remote::Where::Remote => {
+                                remote::logs(&client, &id, &streams, follow, terminal).await
+                            }
                         }
                     }
                     JobCommand::Cancel(args) => match remote::locate(&client, &args.id).await? {

@@ -211,3 +211,35 @@ pub(crate) fn files_the_owner_names_are_regular_and_bounded() -> Result<()> {
     }
     Ok(())
 }
+
+/// `hearth run --local` on a terminal shows a job's escape sequences instead of sending them; with
+/// `--raw`, or to a pipe, the bytes go as they are.
+pub(crate) fn a_local_run_shows_escape_sequences_on_a_terminal() -> Result<()> {
+    let dir = JobDir::new()?;
+    let spec = dir.file(
+        "escapes.toml",
+        b"kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"printf 'a\\\\033]52;c;ZXZpbA==\\\\007b\\\\n'\"]\n",
+    )?;
+    let spec = spec.to_str().context("path")?;
+    let on_a_terminal = |raw: bool| -> Result<Vec<u8>> {
+        let line = format!(
+            "{} --data-dir {} run {spec} --local{}",
+            hearth_tests::hearth_bin().display(),
+            dir.data_dir().display(),
+            if raw { " --raw" } else { "" }
+        );
+        let mut script = std::process::Command::new("script");
+        script.args(["-qec", &line, "/dev/null"]).env_remove("HEARTH_DATA_DIR");
+        let out = hearth_tests::run_to_end(script)?;
+        ensure!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stdout));
+        Ok(out.stdout)
+    };
+    let shown = on_a_terminal(false)?;
+    let text = String::from_utf8_lossy(&shown);
+    ensure!(!shown.contains(&0x1b) && text.contains("a^[]52;c;ZXZpbA==^Gb"), "on a terminal: {text:?}");
+    let raw = on_a_terminal(true)?;
+    ensure!(raw.windows(4).any(|w| w == b"\x1b]52"), "--raw: {:?}", String::from_utf8_lossy(&raw));
+    let piped = hearth(&dir.data_dir(), &["run", spec, "--local"])?;
+    ensure!(piped.stdout == b"a\x1b]52;c;ZXZpbA==\x07b\n", "to a pipe: {:?}", piped.stdout);
+    Ok(())
+}

@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::network::{address, joining, wait_to_know, wait_to_know_offer};
 
+/// What a hostile job prints to reach its consumer's terminal: OSC 52 (write the clipboard),
+/// OSC 0 (retitle the window) and CSI 2J (clear the screen). Written with `printf` escapes.
+const TERMINAL_ATTACK: &str = r"printf 'before\033]52;c;ZXZpbA==\007\033]0;owned\007\033[2Jafter\n'";
+
 /// How long one hostile or honest job may take from submission to its end, search included.
 const JOB_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -127,5 +131,43 @@ pub(crate) fn a_job_that_floods_its_output_leaves_the_provider_memory_bounded() 
         job["state"] == "failed" && reason.contains("disk limit") && reason.contains("logs"),
         "a job whose logs fill its disk: {job}"
     );
+    lender.honest_job_runs()
+}
+
+/// Runs `hearth ARGS` at `agent` on a pseudo-terminal (through `script`), as a person at a
+/// terminal would; what the terminal received.
+fn on_a_terminal(agent: &Agent, args: &[&str]) -> Result<Vec<u8>> {
+    let mut line =
+        format!("{} --data-dir {}", hearth_tests::hearth_bin().display(), agent.data_dir().display());
+    for arg in args {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]).env_remove("HEARTH_DATA_DIR");
+    let out = hearth_tests::run_to_end(script)?;
+    ensure!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(out.stdout)
+}
+
+pub(crate) fn a_job_cannot_send_escape_sequences_to_its_consumers_terminal() -> Result<()> {
+    let lender = Lender::start()?;
+    let spec = format!(
+        "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"{}\"]\nmax_price = 50\n\
+         [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n[limits]\ntime = \"30s\"\n",
+        TERMINAL_ATTACK.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    let id = lender.submit("escapes.toml", &spec)?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    ensure!(job["state"] == "finished", "the printing job: {job}");
+    let seen = on_a_terminal(&lender.consumer, &["job", "logs", &id])?;
+    let text = String::from_utf8_lossy(&seen);
+    ensure!(!seen.contains(&0x1b) && !seen.contains(&0x07), "escapes reached the terminal: {text:?}");
+    ensure!(text.contains("before^[]52;c;ZXZpbA==^G^[]0;owned^G^[[2Jafter"), "shown as {text:?}");
+    // Asked for raw, the bytes go as they are; to a pipe they always do.
+    let raw = on_a_terminal(&lender.consumer, &["job", "logs", "--raw", &id])?;
+    ensure!(raw.windows(5).any(|w| w == b"\x1b]52;"), "--raw: {:?}", String::from_utf8_lossy(&raw));
+    let piped = lender.consumer.cli(&["job", "logs", &id])?;
+    ensure!(piped.stdout.windows(5).any(|w| w == b"\x1b]52;"), "to a pipe: {piped:?}");
     lender.honest_job_runs()
 }

@@ -110,6 +110,10 @@ fn main() {
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
         ),
         sandboxed(
+            "hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal",
+            hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal,
+        ),
+        sandboxed(
             "hostile_jobs::a_job_that_floods_its_output_leaves_the_provider_memory_bounded",
             hostile_jobs::a_job_that_floods_its_output_leaves_the_provider_memory_bounded,
         ),
@@ -182,6 +186,10 @@ fn main() {
         sandboxed(
             "cli::files_the_owner_names_are_regular_and_bounded",
             cli::files_the_owner_names_are_regular_and_bounded,
+        ),
+        sandboxed(
+            "cli::a_local_run_shows_escape_sequences_on_a_terminal",
+            cli::a_local_run_shows_escape_sequences_on_a_terminal,
         ),
         trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
         trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),

@@ -12,6 +12,7 @@ use hearth_api::jobs::{JobAction, JobRecord, JobState, LogChunk, Stream};
 use hearth_api::{Client, ClientError, Event};
 
 use super::output;
+use super::terminal::Terminal;
 
 /// Exit code when the job hit its time limit, as `timeout(1)` has it.
 const TIMED_OUT: u8 = 124;
@@ -47,10 +48,10 @@ pub(super) fn exit_code(state: &JobState) -> ExitCode {
 /// Hands the spec to the daemon, follows the job's output to its end, and returns its exit code.
 /// A reader that stops reading (`| head`) does not stop the job: its end is still waited for, so
 /// the exit code is the job's.
-pub(super) async fn run(client: &Client, spec: &Path) -> anyhow::Result<ExitCode> {
+pub(super) async fn run(client: &Client, spec: &Path, terminal: Terminal) -> anyhow::Result<ExitCode> {
     let job = client.submit(spec).await?;
     eprintln!("hearth: job {} accepted", job.id);
-    let job = match follow(client, &job.id, &[Stream::Stdout, Stream::Stderr], true).await {
+    let job = match follow(client, &job.id, &[Stream::Stdout, Stream::Stderr], true, terminal).await {
         Err(error) if error.is::<output::StdoutClosed>() => wait_for_end(client, &job.id).await?,
         other => other?,
     };
@@ -81,13 +82,15 @@ pub(super) async fn follow(
     id: &str,
     streams: &[Stream],
     follow: bool,
+    terminal: Terminal,
 ) -> anyhow::Result<JobRecord> {
     // Subscribed before the first read: whatever the job writes after it is announced.
     let mut events = if follow { Some(client.events().await?) } else { None };
     let mut offsets = vec![0u64; streams.len()];
     loop {
         let finished =
-            print_new(streams, &mut offsets, |stream, offset| client.log(id, stream, offset)).await?;
+            print_new(streams, &mut offsets, terminal, |stream, offset| client.log(id, stream, offset))
+                .await?;
         let Some(events) = events.as_mut().filter(|_| !finished) else { break };
         let wanted = |event: &Event| match event {
             Event::JobLog { id: of, stream, .. } => of == id && streams.contains(stream),
@@ -96,7 +99,8 @@ pub(super) async fn follow(
         };
         if !events.changed(wanted).await? {
             // The daemon is stopping: what it wrote last is read above, once more.
-            print_new(streams, &mut offsets, |stream, offset| client.log(id, stream, offset)).await?;
+            print_new(streams, &mut offsets, terminal, |stream, offset| client.log(id, stream, offset))
+                .await?;
             break;
         }
     }
@@ -109,7 +113,12 @@ pub(super) async fn follow(
 /// Prints what `streams` have past `offsets`, each chunk as `read` gives it (a job's own log, or a
 /// remote job's from its provider), and moves the offsets on; whether every stream says it is
 /// finished. A chunk is bounded by the log's kept limit, so memory is too.
-pub(super) async fn print_new<F, R>(streams: &[Stream], offsets: &mut [u64], read: F) -> anyhow::Result<bool>
+pub(super) async fn print_new<F, R>(
+    streams: &[Stream],
+    offsets: &mut [u64],
+    terminal: Terminal,
+    read: F,
+) -> anyhow::Result<bool>
 where
     F: Fn(Stream, u64) -> R,
     R: Future<Output = Result<LogChunk, ClientError>>,
@@ -119,12 +128,13 @@ where
         let chunk = read(*stream, *offset).await?;
         *offset = chunk.next_offset;
         finished &= chunk.finished;
+        let text = terminal.show(*stream, &chunk.text);
         match stream {
             // A reader that went away ends the printing (`StdoutClosed`); the job goes on.
-            Stream::Stdout => output::out(&chunk.text)?,
+            Stream::Stdout => output::out(&text)?,
             // Where stderr goes is the terminal's business; losing it stops nothing.
             Stream::Stderr => {
-                let _ = std::io::stderr().lock().write_all(chunk.text.as_bytes());
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
             }
         }
     }

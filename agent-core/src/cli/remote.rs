@@ -14,6 +14,7 @@ use hearth_api::spec::JobSpec;
 use hearth_api::{Client, Event};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::terminal::Terminal;
 use super::{jobs, output, packages};
 
 /// Which agent runs a job.
@@ -124,11 +125,19 @@ fn describe(job: &RemoteJob) -> String {
 /// Prints a remote job's logs from the start; with `follow`, until it ends. The daemon holds
 /// each read until the provider has more or the job ended (a long poll over the negotiation
 /// protocol), so following asks again only when there is something to print.
-pub(super) async fn logs(client: &Client, id: &str, streams: &[Stream], follow: bool) -> anyhow::Result<()> {
+pub(super) async fn logs(
+    client: &Client,
+    id: &str,
+    streams: &[Stream],
+    follow: bool,
+    terminal: Terminal,
+) -> anyhow::Result<()> {
     if !follow {
         let mut offsets = vec![0u64; streams.len()];
-        jobs::print_new(streams, &mut offsets, |stream, offset| client.remote_log(id, stream, offset, false))
-            .await?;
+        jobs::print_new(streams, &mut offsets, terminal, |stream, offset| {
+            client.remote_log(id, stream, offset, false)
+        })
+        .await?;
         return Ok(());
     }
     // Each stream on its own: a quiet stdout must not hold back what stderr says.
@@ -136,7 +145,7 @@ pub(super) async fn logs(client: &Client, id: &str, streams: &[Stream], follow: 
         let mut offset = [0u64];
         loop {
             let read = |stream, offset| client.remote_log(id, stream, offset, true);
-            if jobs::print_new(&[stream], &mut offset, read).await? {
+            if jobs::print_new(&[stream], &mut offset, terminal, read).await? {
                 return Ok::<_, anyhow::Error>(());
             }
         }

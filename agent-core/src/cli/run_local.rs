@@ -10,7 +10,9 @@ use hearth::config::Paths;
 use hearth::jobs::{Control, EVENT_BUFFER, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
 use hearth::resources;
 
-pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
+use super::terminal::{Decoder, Terminal, shown};
+
+pub(crate) fn run(paths: &Paths, spec_path: &Path, terminal: Terminal) -> anyhow::Result<ExitCode> {
     let spec = JobSpec::load(spec_path)?;
     let gpus = grant_gpus(paths, spec.resources.gpus)?;
     let runner = Runner::for_data_dir(&paths.data_dir);
@@ -24,12 +26,18 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path) -> anyhow::Result<ExitCode> {
         // A thread of its own: a terminal or pipe that stops reading slows the job's output (the
         // pumps wait for room), never the runtime that enforces the job's deadline and limits.
         let printer = tokio::task::spawn_blocking(move || {
+            // Each stream decoded on its own, so a character cut between two reads stays whole.
+            let (mut stdout, mut stderr) = (Decoder::default(), Decoder::default());
             while let Some(event) = event_rx.blocking_recv() {
                 if let RunEvent::Output { stream, data } = event {
                     // A closed terminal must not stop the job; the logs keep everything.
                     let _ = match stream {
-                        Stream::Stdout => std::io::stdout().lock().write_all(&data),
-                        Stream::Stderr => std::io::stderr().lock().write_all(&data),
+                        Stream::Stdout => {
+                            write_out(&mut std::io::stdout().lock(), &mut stdout, terminal, stream, &data)
+                        }
+                        Stream::Stderr => {
+                            write_out(&mut std::io::stderr().lock(), &mut stderr, terminal, stream, &data)
+                        }
                     };
                 }
             }
@@ -72,4 +80,20 @@ fn grant_gpus(paths: &Paths, count: u32) -> anyhow::Result<Vec<GpuGrant>> {
 /// Seconds since the epoch: job ids only need to sort and not collide with the pid beside them.
 fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Writes what a job printed: its own bytes where `terminal` leaves the stream alone, else its
+/// text made safe.
+fn write_out(
+    out: &mut impl Write,
+    decoder: &mut Decoder,
+    terminal: Terminal,
+    stream: Stream,
+    data: &[u8],
+) -> std::io::Result<()> {
+    if terminal.changes(stream) {
+        out.write_all(shown(&decoder.push(data)).as_bytes())
+    } else {
+        out.write_all(data)
+    }
 }
