@@ -96,7 +96,7 @@ pub enum PackageError {
     #[error(transparent)]
     Read(#[from] FileError),
     /// The TOML does not have the package's shape; names the field.
-    #[error("package {}: {message}", .path.display())]
+    #[error("package {}: {message}", local_file::shown(.path))]
     Parse {
         /// The package file.
         path: PathBuf,
@@ -104,7 +104,7 @@ pub enum PackageError {
         message: String,
     },
     /// The values are well-formed but not acceptable.
-    #[error("package {}: {}", .path.display(), joined(.problems))]
+    #[error("package {}: {}", local_file::shown(.path), joined(.problems))]
     Invalid {
         /// The package file.
         path: PathBuf,
@@ -470,15 +470,19 @@ fn load_spec(report: &mut Report, field: &str, base: &Path, spec: &Path) -> Opti
     match JobSpec::load(&path) {
         Ok(job) => match path.canonicalize() {
             Ok(absolute) => return Some((absolute, job)),
-            Err(e) => report.add(field, format!("names {}, which cannot be opened: {e}", path.display())),
+            Err(e) => {
+                report.add(field, format!("names {}, which cannot be opened: {e}", local_file::shown(&path)))
+            }
         },
         Err(SpecError::Read(error)) => {
-            report.add(field, format!("names {}, which {}", path.display(), error.reason()))
+            report.add(field, format!("names {}, which {}", local_file::shown(&path), error.reason()))
         }
-        Err(SpecError::Parse { message, .. }) => report.add(field, format!("{}: {message}", spec.display())),
+        Err(SpecError::Parse { message, .. }) => {
+            report.add(field, format!("{}: {message}", local_file::shown(spec)))
+        }
         Err(SpecError::Invalid { problems, .. }) => {
             for problem in problems {
-                report.add(field.clone(), format!("{}: {problem}", spec.display()));
+                report.add(field.clone(), format!("{}: {problem}", local_file::shown(spec)));
             }
         }
     }

@@ -34,7 +34,7 @@ pub enum SpecError {
     #[error(transparent)]
     Read(#[from] FileError),
     /// The TOML does not have the spec's shape; names the field.
-    #[error("job spec {}: {message}", .path.display())]
+    #[error("job spec {}: {message}", local_file::shown(.path))]
     Parse {
         /// The spec file.
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum SpecError {
         message: String,
     },
     /// The values are well-formed but not acceptable.
-    #[error("job spec {}: {}", .path.display(), Problems(.problems))]
+    #[error("job spec {}: {}", local_file::shown(.path), Problems(.problems))]
     Invalid {
         /// The spec file.
         path: PathBuf,
@@ -249,7 +249,10 @@ impl RawSpec {
             match resolved.canonicalize() {
                 Ok(absolute) => Some(absolute),
                 Err(e) => {
-                    problem(field, format!("names {}, which cannot be opened: {e}", resolved.display()));
+                    problem(
+                        field,
+                        format!("names {}, which cannot be opened: {e}", local_file::shown(&resolved)),
+                    );
                     None
                 }
             }

@@ -64,6 +64,16 @@ pub(crate) fn foreign_or_missing_host_is_403() -> Result<()> {
         let response = get(port, "/api/v1/status", &format!("\r\nHost: {host}{auth}"))?;
         ensure!(response.status == 200, "Host {host}: {response:?}");
     }
+    // A request line in absolute form names its own host, which must be this API's too.
+    let own_host = format!("\r\nHost: 127.0.0.1:{port}{auth}");
+    for target in ["http://evil.example/api/v1/status", &format!("http://evil.example:{port}/api/v1/status")]
+    {
+        let response = hearth_tests::raw_http(port, &format!("GET {target} HTTP/1.1{own_host}"))?;
+        expect(&response, 403, "forbidden_host", &format!("GET {target}"))?;
+    }
+    let target = format!("http://127.0.0.1:{port}/api/v1/status");
+    let response = hearth_tests::raw_http(port, &format!("GET {target} HTTP/1.1{own_host}"))?;
+    ensure!(response.status == 200, "GET {target}: {response:?}");
     ensure!(agent.terminate()?.success());
     Ok(())
 }

@@ -177,6 +177,11 @@ pub(crate) fn files_the_owner_names_are_regular_and_bounded() -> Result<()> {
     let huge =
         format!("kind = \"native\"\ncommand = [\"/bin/true\"]\n[env]\nA = \"{}\"\n", "x".repeat(2 << 20));
     let huge = dir.file("huge.toml", huge.as_bytes())?;
+    let far = format!("/{}", "far/".repeat(2500));
+    let far = dir.file(
+        "far.toml",
+        format!("kind = \"native\"\ncommand = [\"/bin/true\"]\ninputs = [\"{far}\"]\n").as_bytes(),
+    )?;
     let path = |p: &std::path::Path| p.to_str().map(str::to_owned).context("path");
     let cases = [
         (
@@ -187,6 +192,8 @@ pub(crate) fn files_the_owner_names_are_regular_and_bounded() -> Result<()> {
         (vec!["run".to_owned(), path(&module)?, "--local".to_owned()], "module /dev/zero is a device"),
         (vec!["run".to_owned(), path(&image)?, "--local".to_owned()], "image /dev/zero is a device"),
         (vec!["run".to_owned(), path(&huge)?, "--local".to_owned()], "larger than 1.0 MiB"),
+        // A 10 KB path is shown cut short, not echoed whole.
+        (vec!["run".to_owned(), path(&far)?, "--local".to_owned()], "which cannot be opened"),
         (vec!["submit".to_owned(), path(&fifo)?], "is a named pipe, not a regular file"),
         (
             vec!["policy".to_owned(), "set".to_owned(), "/dev/zero".to_owned()],
@@ -241,5 +248,24 @@ pub(crate) fn a_local_run_shows_escape_sequences_on_a_terminal() -> Result<()> {
     ensure!(raw.windows(4).any(|w| w == b"\x1b]52"), "--raw: {:?}", String::from_utf8_lossy(&raw));
     let piped = hearth(&dir.data_dir(), &["run", spec, "--local"])?;
     ensure!(piped.stdout == b"a\x1b]52;c;ZXZpbA==\x07b\n", "to a pipe: {:?}", piped.stdout);
+    Ok(())
+}
+
+/// A local job asking for more than the machine has is refused before it starts, naming the
+/// machine's size.
+pub(crate) fn a_local_job_larger_than_the_machine_is_refused_with_its_size() -> Result<()> {
+    let dir = JobDir::new()?;
+    let native = "kind = \"native\"\ncommand = [\"/bin/true\"]\n[resources]\n";
+    for (asks, says) in [
+        ("cpu = 512\n", "the job asks for 512 cores and this machine has"),
+        ("memory = \"15EiB\"\n", "of memory and this machine has"),
+        ("memory = \"16EiB\"\n", "memory"),
+        ("disk = \"15EiB\"\n", "of disk and this machine's data disk holds"),
+    ] {
+        let spec = dir.file("big.toml", format!("{native}{asks}").as_bytes())?;
+        let out = hearth(&dir.data_dir(), &["run", spec.to_str().context("path")?, "--local"])?;
+        let stderr = one_line_error(&out)?;
+        ensure!(stderr.contains(says), "{asks:?}: {stderr:?}");
+    }
     Ok(())
 }

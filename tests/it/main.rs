@@ -191,6 +191,10 @@ fn main() {
             "cli::a_local_run_shows_escape_sequences_on_a_terminal",
             cli::a_local_run_shows_escape_sequences_on_a_terminal,
         ),
+        trial(
+            "cli::a_local_job_larger_than_the_machine_is_refused_with_its_size",
+            cli::a_local_job_larger_than_the_machine_is_refused_with_its_size,
+        ),
         trial("cli::status_from_the_cli_uses_the_token", cli::status_from_the_cli_uses_the_token),
         trial("cli::no_daemon_is_one_clear_line", cli::no_daemon_is_one_clear_line),
         trial("cli::wrong_token_is_one_clear_line", cli::wrong_token_is_one_clear_line),

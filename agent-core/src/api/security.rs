@@ -24,6 +24,13 @@ const LOOPBACK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
 
 /// Rejects the request unless Host, Origin and token all check out.
 pub(super) async fn gate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    // A request line in absolute form (`GET http://elsewhere/…`) names its own authority, which
+    // then counts instead of Host: it must be this API's as much as Host must.
+    if let Some(authority) = request.uri().authority()
+        && !is_loopback_authority(authority.as_str(), state.port)
+    {
+        return axum::response::IntoResponse::into_response(ApiError::forbidden_host());
+    }
     match check(&state, request.method(), request.uri().path(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => axum::response::IntoResponse::into_response(e),

@@ -6,15 +6,18 @@ use std::process::ExitCode;
 
 use tokio::sync::mpsc;
 
+use bytesize::ByteSize;
 use hearth::config::Paths;
 use hearth::jobs::{Control, EVENT_BUFFER, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
-use hearth::resources;
+use hearth::resources::{self, Resources};
 
 use super::terminal::{Decoder, Terminal, shown};
 
 pub(crate) fn run(paths: &Paths, spec_path: &Path, terminal: Terminal) -> anyhow::Result<ExitCode> {
     let spec = JobSpec::load(spec_path)?;
-    let gpus = grant_gpus(paths, spec.resources.gpus)?;
+    let machine = resources::detect(&paths.data_dir);
+    fits(&spec, &machine)?;
+    let gpus = grant_gpus(&machine, spec.resources.gpus)?;
     let runner = Runner::for_data_dir(&paths.data_dir);
     let id = format!("local-{}-{}", unix_seconds(), std::process::id());
     let request = Job { id: id.into(), spec, gpus };
@@ -60,12 +63,41 @@ pub(crate) fn run(paths: &Paths, spec_path: &Path, terminal: Terminal) -> anyhow
     Ok(super::jobs::exit_code(&outcome.state))
 }
 
+/// Whether this machine is large enough for what the job asks, at all: a job asking for more cores,
+/// memory or disk than the machine has could never run as asked, so it is refused, naming the
+/// machine's size.
+fn fits(spec: &JobSpec, machine: &Resources) -> anyhow::Result<()> {
+    let asked = &spec.resources;
+    let cores = u64::from(machine.cpu.threads);
+    if u64::from(asked.cpu_millis) > cores * 1000 {
+        anyhow::bail!(
+            "the job asks for {} cores and this machine has {cores}",
+            f64::from(asked.cpu_millis) / 1000.0
+        );
+    }
+    if asked.memory_bytes > machine.memory.total_bytes {
+        anyhow::bail!(
+            "the job asks for {} of memory and this machine has {}",
+            ByteSize(asked.memory_bytes),
+            ByteSize(machine.memory.total_bytes)
+        );
+    }
+    if asked.disk_bytes > machine.disk.total_bytes {
+        anyhow::bail!(
+            "the job asks for {} of disk and this machine's data disk holds {}",
+            ByteSize(asked.disk_bytes),
+            ByteSize(machine.disk.total_bytes)
+        );
+    }
+    Ok(())
+}
+
 /// The first `count` GPUs of this machine, or an error saying how many there are.
-fn grant_gpus(paths: &Paths, count: u32) -> anyhow::Result<Vec<GpuGrant>> {
+fn grant_gpus(machine: &Resources, count: u32) -> anyhow::Result<Vec<GpuGrant>> {
     if count == 0 {
         return Ok(Vec::new());
     }
-    let found = resources::detect(&paths.data_dir).gpus;
+    let found = &machine.gpus;
     let usable: Vec<GpuGrant> = found
         .iter()
         .filter_map(|gpu| Some(GpuGrant { uuid: gpu.uuid.clone(), minor_number: gpu.minor_number? }))
