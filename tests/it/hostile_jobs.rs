@@ -171,3 +171,38 @@ pub(crate) fn a_job_cannot_send_escape_sequences_to_its_consumers_terminal() -> 
     ensure!(piped.stdout.windows(5).any(|w| w == b"\x1b]52;"), "to a pipe: {piped:?}");
     lender.honest_job_runs()
 }
+
+/// Entries under `dir` that are neither plain files nor folders, or that keep a setuid, setgid
+/// or sticky bit, as `find` lists them (it walks any depth).
+fn unsafe_entries(dir: &std::path::Path) -> Result<String> {
+    let found = std::process::Command::new("find")
+        .arg(dir)
+        .args(["(", "-perm", "/7000", "-o", "!", "-type", "f", "!", "-type", "d", ")", "-print"])
+        .output()?;
+    ensure!(found.status.success(), "find: {}", String::from_utf8_lossy(&found.stderr));
+    Ok(String::from_utf8_lossy(&found.stdout).into_owned())
+}
+
+pub(crate) fn a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth() -> Result<()> {
+    let lender = Lender::start()?;
+    // A setuid and setgid file, a link out and a FIFO at the bottom of 3,000 folders (a 6 KB
+    // path): built 100 folders at a time and moved under the next 100, so no path the shell
+    // uses is long. Then a setuid file and a link at the top.
+    let script = "cd /out && mkdir c && echo x > c/s && chmod 6755 c/s && ln -s /etc/shadow c/l && \
+                  mkfifo c/f && p= && j=0 && while [ $j -lt 100 ]; do p=${p}a/; j=$((j+1)); done && \
+                  i=0 && while [ $i -lt 30 ]; do mkdir -p n/$p && mv c n/${p}c && mv n c && \
+                  i=$((i+1)); done && echo y > top && chmod 4755 top && ln -s / root";
+    let id = lender.submit(
+        "setuid.toml",
+        &format!(
+            "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nmax_price = 50\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n[limits]\ntime = \"60s\"\n"
+        ),
+    )?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    ensure!(job["state"] == "finished", "the job that made them: {job}\n{}", lender.provider.log());
+    let jobs = lender.provider.data_dir().join("jobs");
+    let left = unsafe_entries(&jobs)?;
+    ensure!(left.is_empty(), "the provider kept:\n{}", &left[..left.len().min(2000)]);
+    lender.honest_job_runs()
+}

@@ -110,6 +110,10 @@ fn main() {
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
         ),
         sandboxed(
+            "hostile_jobs::a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth",
+            hostile_jobs::a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth,
+        ),
+        sandboxed(
             "hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal",
             hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal,
         ),

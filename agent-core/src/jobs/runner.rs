@@ -191,15 +191,24 @@ impl Runner {
             Ok(state) => state,
             Err(error) => JobState::Failed { reason: format!("{error:#}") },
         };
-        // The job is dead: make everything it left the agent's again, clear privilege bits on its
-        // outputs, and drop the scratch.
-        for name in ["in", "out", "work", "tmp"] {
-            let _ = scratch::reclaim(&job_dir.join(name));
-        }
-        let _ = scratch::strip_special_bits(&job_dir.join("out"));
-        for name in ["in", "work", "tmp", "root"] {
-            let _ = fs::remove_dir_all(job_dir.join(name));
-        }
+        // The job is dead: make everything it left the agent's again, leave only safe outputs,
+        // and drop the scratch. Walks of a tree the job made may be long: off the runtime.
+        let dir = job_dir.clone();
+        let cleaned = tokio::task::spawn_blocking(move || clean_up(&dir))
+            .await
+            .unwrap_or_else(|error| Err(format!("the clean-up stopped: {error}")));
+        let state = match cleaned {
+            Ok(()) => state,
+            Err(reason) => {
+                warn!(job = %request.id, %reason, "the job's outputs could not be made safe; none are kept");
+                match state {
+                    JobState::Finished { .. } => JobState::Failed {
+                        reason: format!("its outputs could not be made safe ({reason}), so none are kept"),
+                    },
+                    other => other,
+                }
+            }
+        };
         let _ = events.send(RunEvent::State(state.clone())).await;
         Outcome { state, job_dir }
     }
@@ -504,6 +513,34 @@ enum Ending {
     DiskFull(u64),
     Hidden(PathBuf),
     Cancelled(Option<String>),
+}
+
+/// Makes everything a dead job left the agent's again (reporting what could not be), leaves in
+/// `out/` only regular files and folders without setuid, setgid or sticky bits, and removes the
+/// scratch. When `out/` cannot be made safe it is removed whole, and the reason returned.
+fn clean_up(job_dir: &Path) -> Result<(), String> {
+    for name in ["in", "out", "work", "tmp"] {
+        if let Err(error) = scratch::reclaim(&job_dir.join(name)) {
+            warn!(dir = %job_dir.join(name).display(), %error, "cannot reclaim a job folder");
+        }
+    }
+    let out = job_dir.join("out");
+    let outputs = match scratch::sanitize_outputs(&out) {
+        Ok(done) => {
+            if done != scratch::Sanitized::default() {
+                debug!(removed = done.removed, cleared = done.cleared, "outputs made safe");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let _ = fs::remove_dir_all(&out);
+            Err(error.to_string())
+        }
+    };
+    for name in ["in", "work", "tmp", "root"] {
+        let _ = fs::remove_dir_all(job_dir.join(name));
+    }
+    outputs
 }
 
 /// Measures the scratch and the job's two log files every [`DISK_CHECK`] on the blocking pool,

@@ -48,6 +48,12 @@ pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// The most files one folder may hold.
 pub const MAX_FOLDER_FILES: usize = 100_000;
 
+/// The longest path of a file in a folder blob, in bytes.
+pub const MAX_MANIFEST_PATH: usize = 4096;
+
+/// How many left-out entries an import lists by name; the rest are left out unnamed.
+const MAX_SKIPPED_LISTED: usize = 1000;
+
 /// A folder: its files, each a blob, sorted by path. Encoded as canonical JSON (keys sorted, no
 /// whitespace), and itself stored as a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +117,7 @@ impl Manifest {
 /// A path of a manifest: relative, `/`-separated, with nothing that could leave the folder.
 fn check_relative(path: &str) -> Result<(), String> {
     let ok = !path.is_empty()
-        && path.len() <= 4096
+        && path.len() <= MAX_MANIFEST_PATH
         && !path.contains('\0')
         && !path.contains('\\')
         && path.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
@@ -122,7 +128,7 @@ fn check_relative(path: &str) -> Result<(), String> {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file operation failed.
-    #[error("{what} {}: {source}", .path.display())]
+    #[error("{what} {}: {source}", hearth_api::local_file::shown(.path))]
     Io {
         /// What was being done.
         what: &'static str,
@@ -383,6 +389,10 @@ impl BlobStore {
         })
     }
 
+    /// Every regular file under `dir`, by its path relative to it, folder after folder: a loop
+    /// over pending folders, not a recursion, so a job's output nested thousands of folders deep
+    /// costs no stack. A folder whose path is already as long as a manifest path may be is not
+    /// entered, and is listed as skipped.
     fn walk(
         &self,
         dir: &Path,
@@ -390,29 +400,32 @@ impl BlobStore {
         files: &mut Vec<ManifestFile>,
         skipped: &mut Vec<String>,
     ) -> Result<(), StoreError> {
-        let entries = fs::read_dir(dir).map_err(io_error("cannot list", dir))?;
-        for entry in entries {
-            let entry = entry.map_err(io_error("cannot list", dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let relative = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
-            let path = entry.path();
-            // Never follows a symlink: a job's outputs may point anywhere on the host.
-            let meta = fs::symlink_metadata(&path).map_err(io_error("cannot read", &path))?;
-            if meta.is_dir() {
-                self.walk(&path, &relative, files, skipped)?;
-            } else if meta.is_file() && check_relative(&relative).is_ok() {
-                let (hash, size) = self.import_file(&path)?;
-                files.push(ManifestFile {
-                    path: relative,
-                    size,
-                    hash,
-                    executable: meta.permissions().mode() & 0o111 != 0,
-                });
-            } else {
-                skipped.push(relative);
-            }
-            if files.len() > MAX_FOLDER_FILES {
-                return Err(StoreError::BadManifest(format!("more than {MAX_FOLDER_FILES} files")));
+        let mut pending = vec![(dir.to_owned(), prefix.to_owned())];
+        while let Some((dir, prefix)) = pending.pop() {
+            let entries = fs::read_dir(&dir).map_err(io_error("cannot list", &dir))?;
+            for entry in entries {
+                let entry = entry.map_err(io_error("cannot list", &dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let relative = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+                let path = entry.path();
+                // Never follows a symlink: a job's outputs may point anywhere on the host.
+                let meta = fs::symlink_metadata(&path).map_err(io_error("cannot read", &path))?;
+                if meta.is_dir() && relative.len() < MAX_MANIFEST_PATH {
+                    pending.push((path, relative));
+                } else if meta.is_file() && check_relative(&relative).is_ok() {
+                    let (hash, size) = self.import_file(&path)?;
+                    files.push(ManifestFile {
+                        path: relative,
+                        size,
+                        hash,
+                        executable: meta.permissions().mode() & 0o111 != 0,
+                    });
+                } else if skipped.len() < MAX_SKIPPED_LISTED {
+                    skipped.push(relative);
+                }
+                if files.len() > MAX_FOLDER_FILES {
+                    return Err(StoreError::BadManifest(format!("more than {MAX_FOLDER_FILES} files")));
+                }
             }
         }
         Ok(())

@@ -12,7 +12,8 @@ use std::rc::Rc;
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{Mode, SFlag, fstatat};
+use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 /// Every file, folder and link is charged at least this much, so a million empty files count as
 /// the inodes they take.
@@ -43,6 +44,42 @@ pub(super) fn usage(dirs: &[PathBuf], limit: u64) -> Result<u64, Unmeasurable> {
 
 /// Visits everything under `root` (not `root` itself) until `visit` returns false.
 fn walk(root: &Path, visit: &mut dyn FnMut(&nix::sys::stat::FileStat) -> bool) -> Result<(), Unmeasurable> {
+    let mut stopped = false;
+    let walked = walk_at(root, &mut |_, _, stat| {
+        stopped = !visit(stat);
+        Ok(if stopped { Step::Stop } else { Step::Enter })
+    });
+    match walked {
+        Err(WalkError::Hidden(path)) => Err(Unmeasurable::Hidden(path)),
+        // A measurement skips what it cannot see; only a hidden folder is reported.
+        Err(WalkError::Io(_)) | Ok(()) => Ok(()),
+    }
+}
+
+/// What a visitor wants done after seeing an entry.
+enum Step {
+    /// Go on, and into the entry if it is a folder.
+    Enter,
+    /// Go on, but not into this entry (it was removed, say).
+    Skip,
+    /// End the walk.
+    Stop,
+}
+
+enum WalkError {
+    /// A folder the walk may not enter.
+    Hidden(PathBuf),
+    /// A visitor's own error, with the entry's path.
+    Io(io::Error),
+}
+
+/// Visits everything under `root` (not `root` itself) with the open folder it is named in, its
+/// name there and its `lstat`, at any depth: folders are opened relative to their parent, so no
+/// path is ever longer than one name, and only the parents of pending folders stay open.
+fn walk_at(
+    root: &Path,
+    visit: &mut dyn FnMut(&Dir, &CStr, &nix::sys::stat::FileStat) -> io::Result<Step>,
+) -> Result<(), WalkError> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let Ok(top) = Dir::open(root, flags, Mode::empty()) else { return Ok(()) };
     // Pending folders, each with the open parent it is named in: only the parents on the current
@@ -59,10 +96,19 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&nix::sys::stat::FileStat) -> bool) -
         let dir = Rc::new(dir);
         for name in names {
             let Ok(stat) = fstatat(&*dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
-            if !visit(&stat) {
-                return Ok(());
+            match visit(&dir, &name, &stat) {
+                Ok(Step::Enter) => {}
+                Ok(Step::Skip) => continue,
+                Ok(Step::Stop) => return Ok(()),
+                Err(error) => {
+                    let at = path.join(name_to_path(&name));
+                    return Err(WalkError::Io(io::Error::new(
+                        error.kind(),
+                        format!("{}: {error}", hearth_api::local_file::shown(&at)),
+                    )));
+                }
             }
-            if SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+            if kind_of(&stat) == SFlag::S_IFDIR {
                 let child_path = path.join(name_to_path(&name));
                 pending.push((Rc::clone(&dir), name, child_path));
             }
@@ -73,7 +119,7 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&nix::sys::stat::FileStat) -> bool) -
                     current = Some((child, child_path));
                     break;
                 }
-                Err(Errno::EACCES) => return Err(Unmeasurable::Hidden(child_path)),
+                Err(Errno::EACCES) => return Err(WalkError::Hidden(child_path)),
                 // Removed, or swapped for a symlink (O_NOFOLLOW), since it was listed.
                 Err(_) => continue,
             }
@@ -82,46 +128,79 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&nix::sys::stat::FileStat) -> bool) -
     Ok(())
 }
 
+fn kind_of(stat: &nix::sys::stat::FileStat) -> SFlag {
+    SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits())
+}
+
 fn name_to_path(name: &CStr) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     PathBuf::from(std::ffi::OsStr::from_bytes(name.to_bytes()))
 }
 
 /// Makes every folder under `root` the agent's to read, write and enter again, so it can be
-/// removed or handed out. Only called once the job is dead, so nothing changes under it.
+/// removed or handed out, at any depth. Only called once the job is dead, so nothing changes
+/// under it.
 pub(super) fn reclaim(root: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(root)?;
-    if !meta.is_dir() {
-        return Ok(());
-    }
+    let meta = match fs::symlink_metadata(root) {
+        Ok(meta) if meta.is_dir() => meta,
+        Ok(_) => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
     fs::set_permissions(root, fs::Permissions::from_mode(0o700 | (meta.permissions().mode() & 0o755)))?;
-    for entry in fs::read_dir(root)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            reclaim(&entry.path())?;
+    let walked = walk_at(root, &mut |dir, name, stat| {
+        if kind_of(stat) == SFlag::S_IFDIR {
+            // Before the walk opens it.
+            let mode = Mode::from_bits_truncate(0o700 | (stat.st_mode & 0o755));
+            fchmodat(dir, name, mode, FchmodatFlags::FollowSymlink)?;
+        }
+        Ok(Step::Enter)
+    });
+    match walked {
+        Ok(()) => Ok(()),
+        Err(WalkError::Io(error)) => Err(error),
+        Err(WalkError::Hidden(path)) => {
+            Err(io::Error::other(format!("{} stayed unreadable", hearth_api::local_file::shown(&path))))
         }
     }
-    Ok(())
 }
 
-/// Clears setuid, setgid and sticky bits under `root`, so no output the job made can gain
-/// privileges on the host. Only called once the job is dead.
-pub(super) fn strip_special_bits(root: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(root)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            continue;
+/// What [`sanitize_outputs`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Sanitized {
+    /// Links, devices, FIFOs and sockets removed.
+    pub(super) removed: u64,
+    /// Files and folders whose setuid, setgid or sticky bit was cleared.
+    pub(super) cleared: u64,
+}
+
+/// Leaves only regular files and folders under `root`, none with a setuid, setgid or sticky
+/// bit, at any depth: symlinks, device nodes, FIFOs and sockets are removed and the bits cleared,
+/// so nothing a job left can gain privileges on the host or point outside its outputs. Only
+/// called once the job is dead (and after [`reclaim`]); an error means the outputs are not safe.
+pub(super) fn sanitize_outputs(root: &Path) -> io::Result<Sanitized> {
+    let mut done = Sanitized::default();
+    let walked = walk_at(root, &mut |dir, name, stat| {
+        let kind = kind_of(stat);
+        if kind != SFlag::S_IFREG && kind != SFlag::S_IFDIR {
+            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+            done.removed += 1;
+            return Ok(Step::Skip);
         }
-        let mode = entry.metadata()?.permissions().mode();
-        if mode & 0o7000 != 0 {
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode & 0o777))?;
+        if stat.st_mode & 0o7000 != 0 {
+            let mode = Mode::from_bits_truncate(stat.st_mode & 0o777);
+            fchmodat(dir, name, mode, FchmodatFlags::FollowSymlink)?;
+            done.cleared += 1;
         }
-        if kind.is_dir() {
-            strip_special_bits(&entry.path())?;
+        Ok(Step::Enter)
+    });
+    match walked {
+        Ok(()) => Ok(done),
+        Err(WalkError::Io(error)) => Err(error),
+        Err(WalkError::Hidden(path)) => {
+            Err(io::Error::other(format!("{} could not be entered", hearth_api::local_file::shown(&path))))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -154,5 +233,56 @@ mod tests {
         }
         reclaim(dir.path()).expect("reclaim");
         fs::remove_dir_all(dir.path().join("hidden")).expect("removable again");
+    }
+
+    #[test]
+    fn outputs_keep_only_plain_files_and_folders_at_any_depth() {
+        use nix::sys::stat::{fchmod, mkdirat, mknodat};
+        use nix::unistd::symlinkat;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        fs::create_dir(&out).expect("mkdir");
+        // 3,000 folders deep: a path of 6 KB, past what any path-based call takes.
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut here = Dir::open(&out, flags, Mode::empty()).expect("open");
+        for _ in 0..3000 {
+            mkdirat(&here, "a", Mode::from_bits_truncate(0o755)).expect("mkdirat");
+            here = Dir::openat(&here, "a", flags, Mode::empty()).expect("openat");
+        }
+        let setuid = nix::fcntl::openat(
+            &here,
+            "setuid",
+            OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o755),
+        )
+        .expect("create");
+        fchmod(&setuid, Mode::from_bits_truncate(0o6755)).expect("setuid bit");
+        drop(setuid);
+        symlinkat("/etc/shadow", &here, "link").expect("symlink");
+        mknodat(&here, "fifo", SFlag::S_IFIFO, Mode::from_bits_truncate(0o644), 0).expect("fifo");
+        mkdirat(&here, "sticky", Mode::from_bits_truncate(0o1777)).expect("sticky folder");
+        fchmodat(&here, "sticky", Mode::from_bits_truncate(0o1777), FchmodatFlags::FollowSymlink)
+            .expect("chmod");
+
+        reclaim(&out).expect("reclaim");
+        let done = sanitize_outputs(&out).expect("sanitize");
+        // The sticky folder lost its bit already when it was reclaimed (u+rwx, no special bits).
+        assert_eq!(done, Sanitized { removed: 2, cleared: 1 });
+        let names: Vec<String> = here
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        let mut names = names;
+        names.sort_unstable();
+        assert_eq!(names, ["setuid", "sticky"]);
+        for name in ["setuid", "sticky"] {
+            let stat = fstatat(&here, name, AtFlags::AT_SYMLINK_NOFOLLOW).expect("stat");
+            assert_eq!(stat.st_mode & 0o7000, 0, "{name} kept a special bit");
+        }
+        // Nothing left that the walk would act on again.
+        assert_eq!(sanitize_outputs(&out).expect("again"), Sanitized::default());
     }
 }
