@@ -206,3 +206,39 @@ pub(crate) fn a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth() -
     ensure!(left.is_empty(), "the provider kept:\n{}", &left[..left.len().min(2000)]);
     lender.honest_job_runs()
 }
+
+/// Bytes the files under `dir` take on disk, as `du` counts them.
+fn disk_used(dir: &std::path::Path) -> Result<u64> {
+    let du = std::process::Command::new("du").args(["-s", "-B1"]).arg(dir).output()?;
+    ensure!(du.status.success(), "du: {}", String::from_utf8_lossy(&du.stderr));
+    let text = String::from_utf8_lossy(&du.stdout);
+    text.split_whitespace().next().and_then(|n| n.parse().ok()).context("du's answer")
+}
+
+pub(crate) fn sparse_outputs_count_at_their_full_size_and_over_the_disk_keep_nothing() -> Result<()> {
+    let lender = Lender::start()?;
+    let before = disk_used(&lender.provider.data_dir())?;
+    // 20 sparse files of 60 MiB: a few blocks on the provider's disk, 1.2 GB once imported.
+    let id = lender.submit(
+        "sparse.toml",
+        "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"for i in $(seq 20); do truncate -s 60M /out/f$i; done\"]\n\
+         max_price = 50\n[resources]\ncpu = 0.5\nmemory = \"64MiB\"\ndisk = \"64MiB\"\n[limits]\ntime = \"60s\"\n",
+    )?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    let reason = job["reason"].as_str().unwrap_or_default();
+    ensure!(
+        job["state"] == "failed" && reason.contains("outputs add up to more than its disk of 64.0 MiB"),
+        "the sparse job: {job}"
+    );
+    let grown = disk_used(&lender.provider.data_dir())?.saturating_sub(before);
+    ensure!(grown < 32 << 20, "the provider's data grew by {} MiB", grown >> 20);
+    let kept: Vec<_> = std::fs::read_dir(lender.provider.data_dir().join("jobs"))?
+        .filter_map(Result::ok)
+        .map(|job| job.path().join("out"))
+        .filter_map(|out| std::fs::read_dir(&out).ok().map(|files| (out, files.count())))
+        // An ended job's results are imported from its `out/`, made empty when there is none.
+        .filter(|(_, files)| *files > 0)
+        .collect();
+    ensure!(kept.is_empty(), "job folders kept outputs: {kept:?}");
+    lender.honest_job_runs()
+}

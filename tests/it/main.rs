@@ -110,6 +110,10 @@ fn main() {
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
         ),
         sandboxed(
+            "hostile_jobs::sparse_outputs_count_at_their_full_size_and_over_the_disk_keep_nothing",
+            hostile_jobs::sparse_outputs_count_at_their_full_size_and_over_the_disk_keep_nothing,
+        ),
+        sandboxed(
             "hostile_jobs::a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth",
             hostile_jobs::a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth,
         ),

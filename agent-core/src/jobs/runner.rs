@@ -193,18 +193,16 @@ impl Runner {
         };
         // The job is dead: make everything it left the agent's again, leave only safe outputs,
         // and drop the scratch. Walks of a tree the job made may be long: off the runtime.
-        let dir = job_dir.clone();
-        let cleaned = tokio::task::spawn_blocking(move || clean_up(&dir))
+        let (dir, disk) = (job_dir.clone(), request.spec.resources.disk_bytes);
+        let cleaned = tokio::task::spawn_blocking(move || clean_up(&dir, disk))
             .await
             .unwrap_or_else(|error| Err(format!("the clean-up stopped: {error}")));
         let state = match cleaned {
             Ok(()) => state,
             Err(reason) => {
-                warn!(job = %request.id, %reason, "the job's outputs could not be made safe; none are kept");
+                warn!(job = %request.id, %reason, "none of the job's outputs are kept");
                 match state {
-                    JobState::Finished { .. } => JobState::Failed {
-                        reason: format!("its outputs could not be made safe ({reason}), so none are kept"),
-                    },
+                    JobState::Finished { .. } => JobState::Failed { reason },
                     other => other,
                 }
             }
@@ -517,8 +515,10 @@ enum Ending {
 
 /// Makes everything a dead job left the agent's again (reporting what could not be), leaves in
 /// `out/` only regular files and folders without setuid, setgid or sticky bits, and removes the
-/// scratch. When `out/` cannot be made safe it is removed whole, and the reason returned.
-fn clean_up(job_dir: &Path) -> Result<(), String> {
+/// scratch. When `out/` cannot be made safe, or its files at their full size (sparse files count
+/// whole) add up to more than the job's `disk`, it is removed whole and the reason returned: no
+/// import then multiplies a few allocated blocks into gigabytes of blob store.
+fn clean_up(job_dir: &Path, disk: u64) -> Result<(), String> {
     for name in ["in", "out", "work", "tmp"] {
         if let Err(error) = scratch::reclaim(&job_dir.join(name)) {
             warn!(dir = %job_dir.join(name).display(), %error, "cannot reclaim a job folder");
@@ -530,13 +530,21 @@ fn clean_up(job_dir: &Path) -> Result<(), String> {
             if done != scratch::Sanitized::default() {
                 debug!(removed = done.removed, cleared = done.cleared, "outputs made safe");
             }
-            Ok(())
+            match scratch::logical_size(&out, disk) {
+                Ok(size) if size > disk => Err(format!(
+                    "its outputs add up to more than its disk of {} at their full size (sparse files \
+                     count whole); none are kept",
+                    ByteSize(disk)
+                )),
+                Ok(_) => Ok(()),
+                Err(error) => Err(format!("its outputs could not be measured ({error}); none are kept")),
+            }
         }
-        Err(error) => {
-            let _ = fs::remove_dir_all(&out);
-            Err(error.to_string())
-        }
+        Err(error) => Err(format!("its outputs could not be made safe ({error}); none are kept")),
     };
+    if outputs.is_err() {
+        let _ = fs::remove_dir_all(&out);
+    }
     for name in ["in", "work", "tmp", "root"] {
         let _ = fs::remove_dir_all(job_dir.join(name));
     }

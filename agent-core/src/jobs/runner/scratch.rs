@@ -165,6 +165,25 @@ pub(super) fn reclaim(root: &Path) -> io::Result<()> {
     }
 }
 
+/// The bytes of the regular files under `root` at their logical size (a sparse file counts
+/// whole, as it would once copied into the blob store), stopping early once past `limit`.
+pub(super) fn logical_size(root: &Path, limit: u64) -> io::Result<u64> {
+    let mut total = 0u64;
+    let walked = walk_at(root, &mut |_, _, stat| {
+        if kind_of(stat) == SFlag::S_IFREG {
+            total = total.saturating_add(u64::try_from(stat.st_size).unwrap_or(0));
+        }
+        Ok(if total > limit { Step::Stop } else { Step::Enter })
+    });
+    match walked {
+        Ok(()) => Ok(total),
+        Err(WalkError::Io(error)) => Err(error),
+        Err(WalkError::Hidden(path)) => {
+            Err(io::Error::other(format!("{} could not be entered", hearth_api::local_file::shown(&path))))
+        }
+    }
+}
+
 /// What [`sanitize_outputs`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Sanitized {
@@ -284,5 +303,17 @@ mod tests {
         }
         // Nothing left that the walk would act on again.
         assert_eq!(sanitize_outputs(&out).expect("again"), Sanitized::default());
+    }
+
+    #[test]
+    fn sparse_files_count_at_their_full_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(dir.path().join("a")).expect("mkdir");
+        let sparse = fs::File::create(dir.path().join("a/sparse")).expect("create");
+        sparse.set_len(60 << 20).expect("set_len");
+        fs::write(dir.path().join("small"), b"12345").expect("write");
+        assert_eq!(logical_size(dir.path(), u64::MAX).expect("size"), (60 << 20) + 5);
+        assert!(logical_size(dir.path(), 1 << 20).expect("size") > 1 << 20, "stops past the limit");
+        assert!(usage(&[dir.path().to_owned()], u64::MAX).expect("usage") < 1 << 20, "few blocks");
     }
 }
