@@ -171,6 +171,11 @@ async fn serve(
 
     let owner = Arc::new(OwnerControls::load(&paths.policy_file(), &paths.data_dir)?);
     let runner = Runner::for_data_dir(&paths.data_dir);
+    // Before anything runs or the agent says it is ready: a run that died leaves nothing behind.
+    let sweeper = Runner::for_data_dir(&paths.data_dir);
+    if let Ok(cleaned @ 1..) = tokio::task::spawn_blocking(move || sweeper.sweep_previous_run()).await {
+        tracing::info!(cleaned, "removed the scratch folders of jobs a previous run left");
+    }
     // No job starts before the first evaluation says the machine shares.
     let (sharing, sharing_rx) = watch::channel(false);
     let jobs = Supervisor::start(runner, store.clone(), events.clone(), sharing_rx).await?;

@@ -199,3 +199,29 @@ pub(crate) fn a_job_frozen_when_its_agent_died_is_swept_by_the_next_start() -> R
     ensure!(agent.terminate()?.success());
     Ok(())
 }
+
+/// After a SIGKILL the next start ends and cleans everything of the run that died before it says
+/// it is ready: the frozen job's processes are gone and its scratch folders removed, with no other
+/// job started to trigger it.
+pub(crate) fn the_next_start_cleans_what_a_killed_run_left_before_it_is_ready() -> Result<()> {
+    let mut agent = Agent::start()?;
+    let job = JobDir::new()?;
+    let marker = format!("888.{}4", std::process::id());
+    let (mut cli, id) = start_sleeper(&agent, &job, &marker)?;
+    let work = agent.data_dir().join("jobs").join(&id).join("work");
+    ensure!(work.is_dir(), "the running job has no scratch at {}", work.display());
+    ensure!(json_of(&hearth(&agent.data_dir(), &["job", "pause", &id, "--json"])?)?["state"] == "paused");
+    agent.stop_with(Signal::SIGKILL)?;
+    let _ = cli.kill();
+    let _ = cli.wait();
+    ensure!(processes_with(&marker) > 0, "the frozen job died with its agent; nothing to show");
+    // `restart` returns once the agent is ready: by then nothing of the dead run may be left.
+    agent.restart()?;
+    ensure!(processes_with(&marker) == 0, "the dead run's frozen job still runs after the restart");
+    let job_dir = agent.data_dir().join("jobs").join(&id);
+    for scratch in ["in", "work", "tmp", "root"] {
+        ensure!(!job_dir.join(scratch).exists(), "{scratch}/ of the dead run's job is still there");
+    }
+    ensure!(agent.terminate()?.success());
+    Ok(())
+}

@@ -276,6 +276,10 @@ fn main() {
             daemon_jobs::a_job_frozen_when_its_agent_died_is_swept_by_the_next_start,
         ),
         sandboxed(
+            "daemon_jobs::the_next_start_cleans_what_a_killed_run_left_before_it_is_ready",
+            daemon_jobs::the_next_start_cleans_what_a_killed_run_left_before_it_is_ready,
+        ),
+        sandboxed(
             "escape::an_image_cannot_bring_host_folders_in",
             escape::an_image_cannot_bring_host_folders_in,
         ),

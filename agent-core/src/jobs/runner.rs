@@ -179,6 +179,39 @@ impl Runner {
         self.jobs_dir.join(id)
     }
 
+    /// Ends and removes what a previous run of the agent left when it died (SIGKILL, a crash,
+    /// power loss): the job cgroups of agents no longer running, with their processes (a frozen
+    /// job's too), and the scratch folders (`in`, `work`, `tmp`, `root`) of every job folder but
+    /// those of a `hearth run --local` still running. Outputs and logs stay: they are results.
+    /// The folders that were cleaned are returned, to be logged.
+    pub fn sweep_previous_run(&self) -> usize {
+        sandbox::cgroup::sweep_dead_agents();
+        let Ok(entries) = fs::read_dir(&self.jobs_dir) else { return 0 };
+        let mut cleaned = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if local_run_alive(&name) {
+                continue;
+            }
+            let job_dir = entry.path();
+            let mut had = false;
+            for scratch in ["in", "work", "tmp", "root"] {
+                let dir = job_dir.join(scratch);
+                if fs::symlink_metadata(&dir).is_ok() {
+                    had = true;
+                    if let Err(error) = scratch::reclaim(&dir) {
+                        warn!(dir = %dir.display(), %error, "cannot reclaim a folder a dead run left");
+                    }
+                    if let Err(error) = fs::remove_dir_all(&dir) {
+                        warn!(dir = %dir.display(), %error, "cannot remove a folder a dead run left");
+                    }
+                }
+            }
+            cleaned += usize::from(had);
+        }
+        cleaned
+    }
+
     /// Runs the job to its end. Errors are reported as a `failed` outcome, never lost.
     pub async fn run(
         &self,
@@ -511,6 +544,15 @@ enum Ending {
     DiskFull(u64),
     Hidden(PathBuf),
     Cancelled(Option<String>),
+}
+
+/// Whether the job folder `name` is a `hearth run --local` (`local-<seconds>-<pid>`) whose
+/// process still runs: its folder is in use by it, not left by a dead run.
+fn local_run_alive(name: &str) -> bool {
+    name.strip_prefix("local-")
+        .and_then(|rest| rest.rsplit_once('-'))
+        .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Makes everything a dead job left the agent's again (reporting what could not be), leaves in

@@ -359,6 +359,34 @@ fn create_v2(root: &Path, own: &str, name: &str) -> Result<PathBuf, CgroupError>
     Ok(dir)
 }
 
+/// Kills and removes the job cgroups of agents that are no longer running, where this agent's
+/// jobs would go: at the agent's start, so the jobs of a run that died (a frozen one included)
+/// are ended before the agent says it is ready, not when some later job starts.
+pub fn sweep_dead_agents() {
+    let Ok(own) = fs::read_to_string("/proc/self/cgroup") else { return };
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        let Some(path) = own_path(&own, "") else { return };
+        let base = root.join(path.trim_start_matches('/'));
+        // Jobs are siblings of the agent's `hearth-agent` leaf, or children of where it starts.
+        let parent = if base.file_name().is_some_and(|name| name == "hearth-agent") {
+            base.parent().map(Path::to_owned).unwrap_or(base)
+        } else {
+            base
+        };
+        sweep_orphans(&parent);
+        return;
+    }
+    for controller in ["cpu", "memory", "pids", "freezer", "cpuacct"] {
+        let mount = root.join(controller);
+        let base = own_path(&own, controller)
+            .map(|path| mount.join(path.trim_start_matches('/')))
+            .filter(|path| path.is_dir())
+            .unwrap_or(mount);
+        sweep_orphans(&base.join("hearth"));
+    }
+}
+
 /// Kills and removes the job cgroups under `parent` whose agent is no longer running.
 fn sweep_orphans(parent: &Path) {
     let Ok(entries) = fs::read_dir(parent) else { return };
