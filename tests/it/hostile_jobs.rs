@@ -118,6 +118,12 @@ pub(crate) fn a_job_that_floods_its_output_leaves_the_provider_memory_bounded() 
         peak >> 20
     );
     let after = lender.provider_rss()?;
+    eprintln!(
+        "hostile_jobs: the provider's RSS was {} MiB idle, {} MiB at most while `yes` ran, {} MiB after",
+        before >> 20,
+        peak >> 20,
+        after >> 20
+    );
     ensure!(after <= before + RSS_ALLOWANCE, "the provider still holds {} MiB after the job", after >> 20);
     // The logs are the job's writing: they count against its disk.
     let id = lender.submit(
