@@ -75,13 +75,7 @@ pub(crate) fn job_logs_follow_prints_later_output_and_ends_with_the_job() -> Res
 }
 
 pub(crate) fn submit_wait_and_remote_logs_follow_end_with_the_remote_job() -> Result<()> {
-    let consumer = Agent::start()?;
-    let (bootstrap, consumer_id) = address(&consumer)?;
-    let provider = joining(&bootstrap)?;
-    let (_, provider_id) = address(&provider)?;
-    wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
-    wait_to_know(&provider, &[&consumer_id], Duration::from_secs(30))?;
-    crate::network::wait_to_know_offer(&consumer, &provider_id)?;
+    let (consumer, _provider) = crate::network::consumer_and_provider()?;
     let job = JobDir::new()?;
     let spec = job.file(
         "slow.toml",

@@ -2,14 +2,14 @@
 //! market job from a real consumer, both agents on loopback. Afterwards the provider's memory is
 //! back within bounds and an honest job still runs there.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use hearth_tests::jobs::JobDir;
 use hearth_tests::{Agent, eventually, json_of, rss_bytes};
 use serde_json::Value;
 
-use crate::network::{address, joining, wait_to_know, wait_to_know_offer};
+use crate::network::consumer_and_provider;
 
 /// What a hostile job prints to reach its consumer's terminal: OSC 52 (write the clipboard),
 /// OSC 0 (retitle the window) and CSI 2J (clear the screen). Written with `printf` escapes.
@@ -32,13 +32,7 @@ struct Lender {
 
 impl Lender {
     fn start() -> Result<Self> {
-        let consumer = Agent::start()?;
-        let (bootstrap, consumer_id) = address(&consumer)?;
-        let provider = joining(&bootstrap)?;
-        let (_, provider_id) = address(&provider)?;
-        wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
-        wait_to_know(&provider, &[&consumer_id], Duration::from_secs(30))?;
-        wait_to_know_offer(&consumer, &provider_id)?;
+        let (consumer, provider) = consumer_and_provider()?;
         Ok(Self { consumer, provider, work: JobDir::new()? })
     }
 
@@ -57,22 +51,14 @@ impl Lender {
         jobs.as_array().and_then(|all| all.iter().find(|job| job["id"] == id).cloned()).context("no such job")
     }
 
-    /// Waits for the remote job to end, calling `watch` every tenth of a second meanwhile.
+    /// Waits for the remote job to end, calling `watch` before each look at it.
     fn until_ended(&self, id: &str, mut watch: impl FnMut() -> Result<()>) -> Result<Value> {
-        let until = Instant::now() + JOB_DEADLINE;
-        loop {
+        eventually(JOB_DEADLINE, &format!("job {id} to end"), || {
             watch()?;
             let job = self.job(id)?;
-            if matches!(job["state"].as_str(), Some("finished" | "failed" | "cancelled")) {
-                return Ok(job);
-            }
-            ensure!(
-                Instant::now() < until,
-                "job {id} never ended: {job}\n--- provider log ---\n{}",
-                self.provider.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            Ok(matches!(job["state"].as_str(), Some("finished" | "failed" | "cancelled")).then_some(job))
+        })
+        .with_context(|| format!("--- provider log ---\n{}", self.provider.log()))
     }
 
     /// The provider's resident memory now.

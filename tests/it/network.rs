@@ -276,6 +276,19 @@ pub(crate) fn rejections(agent: &Agent) -> usize {
     agent.log().lines().filter(|line| line.contains("advert rejected")).count()
 }
 
+/// A consumer and a provider that joined it, each knowing the other and the consumer knowing the
+/// provider's advert: the smallest market.
+pub(crate) fn consumer_and_provider() -> Result<(Agent, Agent)> {
+    let consumer = Agent::start()?;
+    let (bootstrap, consumer_id) = address(&consumer)?;
+    let provider = joining(&bootstrap)?;
+    let (_, provider_id) = address(&provider)?;
+    wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))?;
+    wait_to_know(&provider, &[&consumer_id], Duration::from_secs(30))?;
+    wait_to_know_offer(&consumer, &provider_id)?;
+    Ok((consumer, provider))
+}
+
 pub(crate) fn wait_to_know_offer(agent: &Agent, peer: &str) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
