@@ -37,6 +37,9 @@ if command -v apt-get >/dev/null 2>&1; then
     # slirp4netns gives jobs granted network their outbound-only link; iproute2 and util-linux
     # (nsenter) build the test networks in namespaces, and nftables their home routers' NAT.
     hearth_apt_install slirp4netns iproute2 util-linux nftables
+    # An agent running as root gives each job's disk a kernel limit: an ext4 image (e2fsprogs)
+    # loop-mounted by `mount`.
+    hearth_apt_install e2fsprogs mount
     # The tests check docs/protocol.md with a verifier written in Python from it alone.
     if [ "${HEARTH_SETUP_WASM:-0}" = 1 ] && ! command -v python3 >/dev/null 2>&1; then
         hearth_apt_install python3

@@ -171,6 +171,12 @@ async fn serve(
 
     let owner = Arc::new(OwnerControls::load(&paths.policy_file(), &paths.data_dir)?);
     let runner = Runner::for_data_dir(&paths.data_dir);
+    if let Some(why) = runner.disk_not_enforced() {
+        tracing::warn!(
+            "a job's disk limit is checked every 200 ms, not enforced by the kernel: {why}; a job \
+             can pass it for a moment, or hold deleted files past it"
+        );
+    }
     // Before anything runs or the agent says it is ready: a run that died leaves nothing behind.
     let sweeper = Runner::for_data_dir(&paths.data_dir);
     if let Ok(cleaned @ 1..) = tokio::task::spawn_blocking(move || sweeper.sweep_previous_run()).await {

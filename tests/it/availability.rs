@@ -49,7 +49,8 @@ impl Ticker {
             ensure!(Instant::now() < until, "the job never started");
             std::thread::sleep(Duration::from_millis(50));
         };
-        let ticks = agent.data_dir().join("jobs").join(&id).join("out").join("ticks");
+        // The job's /out while it runs.
+        let ticks = agent.data_dir().join("jobs").join(&id).join("scratch/out/ticks");
         let ticker = Self { cli, id, ticks, marker, _job: job };
         ticker.wait_for_ticks()?;
         Ok(ticker)

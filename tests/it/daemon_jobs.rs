@@ -208,7 +208,7 @@ pub(crate) fn the_next_start_cleans_what_a_killed_run_left_before_it_is_ready() 
     let job = JobDir::new()?;
     let marker = format!("888.{}4", std::process::id());
     let (mut cli, id) = start_sleeper(&agent, &job, &marker)?;
-    let work = agent.data_dir().join("jobs").join(&id).join("work");
+    let work = agent.data_dir().join("jobs").join(&id).join("scratch/work");
     ensure!(work.is_dir(), "the running job has no scratch at {}", work.display());
     ensure!(json_of(&hearth(&agent.data_dir(), &["job", "pause", &id, "--json"])?)?["state"] == "paused");
     agent.stop_with(Signal::SIGKILL)?;
@@ -219,7 +219,7 @@ pub(crate) fn the_next_start_cleans_what_a_killed_run_left_before_it_is_ready() 
     agent.restart()?;
     ensure!(processes_with(&marker) == 0, "the dead run's frozen job still runs after the restart");
     let job_dir = agent.data_dir().join("jobs").join(&id);
-    for scratch in ["in", "work", "tmp", "root"] {
+    for scratch in ["in", "scratch", "scratch.img", "root"] {
         ensure!(!job_dir.join(scratch).exists(), "{scratch}/ of the dead run's job is still there");
     }
     ensure!(agent.terminate()?.success());

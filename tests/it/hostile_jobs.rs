@@ -11,6 +11,30 @@ use serde_json::Value;
 
 use crate::network::consumer_and_provider;
 
+/// Every process below `pid`, from each process's parent in `/proc`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The fields after the command's closing parenthesis: state, then the parent.
+            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(child, _)| *child));
+        next += 1;
+    }
+    found.split_off(1)
+}
+
 /// What a hostile job prints to reach its consumer's terminal: OSC 52 (write the clipboard),
 /// OSC 0 (retitle the window) and CSI 2J (clear the screen). Written with `printf` escapes.
 const TERMINAL_ATTACK: &str = r"printf 'before\033]52;c;ZXZpbA==\007\033]0;owned\007\033[2Jafter\n'";
@@ -64,6 +88,27 @@ impl Lender {
     /// The provider's resident memory now.
     fn provider_rss(&self) -> Result<u64> {
         rss_bytes(self.provider.pid().context("the provider is not running")?).context("the provider's RSS")
+    }
+
+    /// After an attack: the provider has no process of any job left, nothing of a job's scratch
+    /// (folders, images, mounts) remains, and an honest job still runs and its output comes home.
+    fn recovered(&self) -> Result<()> {
+        let pid = self.provider.pid().context("the provider is not running")?;
+        eventually(Duration::from_secs(10), "the jobs' processes to be gone", || {
+            Ok(descendants(pid).is_empty().then_some(()))
+        })
+        .with_context(|| format!("the provider's processes: {:?}", descendants(pid)))?;
+        let data_dir = self.provider.data_dir();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let left: Vec<&str> =
+            mounts.lines().filter(|line| line.contains(data_dir.to_str().unwrap_or("-"))).collect();
+        ensure!(left.is_empty(), "mounts left in the provider's data dir: {left:?}");
+        for job in std::fs::read_dir(data_dir.join("jobs"))?.filter_map(Result::ok) {
+            for scratch in ["in", "root", "scratch", "scratch.img"] {
+                ensure!(!job.path().join(scratch).exists(), "{scratch} left in {}", job.path().display());
+            }
+        }
+        self.honest_job_runs()
     }
 
     /// An honest job still runs on the provider and its output comes home.
@@ -123,7 +168,7 @@ pub(crate) fn a_job_that_floods_its_output_leaves_the_provider_memory_bounded() 
         job["state"] == "failed" && reason.contains("disk limit") && reason.contains("logs"),
         "a job whose logs fill its disk: {job}"
     );
-    lender.honest_job_runs()
+    lender.recovered()
 }
 
 /// Runs `hearth ARGS` at `agent` on a pseudo-terminal (through `script`), as a person at a
@@ -161,7 +206,7 @@ pub(crate) fn a_job_cannot_send_escape_sequences_to_its_consumers_terminal() -> 
     ensure!(raw.windows(5).any(|w| w == b"\x1b]52;"), "--raw: {:?}", String::from_utf8_lossy(&raw));
     let piped = lender.consumer.cli(&["job", "logs", &id])?;
     ensure!(piped.stdout.windows(5).any(|w| w == b"\x1b]52;"), "to a pipe: {piped:?}");
-    lender.honest_job_runs()
+    lender.recovered()
 }
 
 /// Entries under `dir` that are neither plain files nor folders, or that keep a setuid, setgid
@@ -196,7 +241,7 @@ pub(crate) fn a_jobs_outputs_keep_no_setuid_file_link_or_device_at_any_depth() -
     let jobs = lender.provider.data_dir().join("jobs");
     let left = unsafe_entries(&jobs)?;
     ensure!(left.is_empty(), "the provider kept:\n{}", &left[..left.len().min(2000)]);
-    lender.honest_job_runs()
+    lender.recovered()
 }
 
 /// Bytes the files under `dir` take on disk, as `du` counts them.
@@ -232,5 +277,99 @@ pub(crate) fn sparse_outputs_count_at_their_full_size_and_over_the_disk_keep_not
         .filter(|(_, files)| *files > 0)
         .collect();
     ensure!(kept.is_empty(), "job folders kept outputs: {kept:?}");
-    lender.honest_job_runs()
+    lender.recovered()
+}
+
+/// Whether this machine gives a job's disk a kernel limit: the agent runs as root (as the tests
+/// do in CI), with loop devices and `mkfs.ext4`. The reason when not.
+pub(crate) fn kernel_disk_limit() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("a job's disk is a kernel limit only for an agent running as root".into());
+    }
+    if !std::path::Path::new("/dev/loop-control").exists() {
+        return Err("no loop devices here (/dev/loop-control)".into());
+    }
+    match hearth_tests::netns::installed("mkfs.ext4") {
+        true => Ok(()),
+        false => Err("mkfs.ext4 is not installed (`apt install e2fsprogs`)".into()),
+    }
+}
+
+/// The bytes each `dd` of `text` says it copied.
+fn copied_bytes(text: &str) -> u64 {
+    text.lines()
+        .filter(|line| line.contains("bytes") && line.contains("copied"))
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+pub(crate) fn a_job_cannot_write_past_its_disk_by_unlinking_or_in_a_burst() -> Result<()> {
+    let lender = Lender::start()?;
+    // Seven files opened, unlinked and filled with 10 MiB each while held open: the watcher sees
+    // no name to count. Then a 15 MiB burst faster than any watcher looks. Against 16 MiB.
+    let script = "for i in 3 4 5 6 7 8 9; do eval \\\"exec $i>/work/f$i\\\"; rm /work/f$i; \
+                  dd if=/dev/zero bs=1M count=10 2>&1 >&$i | grep -E 'copied|space'; done; \
+                  dd if=/dev/zero of=/tmp/burst bs=1M count=15 2>&1 | grep -E 'copied|space'; sleep 1";
+    let id = lender.submit(
+        "unlinked.toml",
+        &format!(
+            "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nmax_price = 50\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\ndisk = \"16MiB\"\n[limits]\ntime = \"60s\"\n"
+        ),
+    )?;
+    let before = disk_used(&lender.provider.data_dir())?;
+    let mut grown = 0;
+    let job = lender.until_ended(&id, || {
+        grown = grown.max(disk_used(&lender.provider.data_dir())?.saturating_sub(before));
+        Ok(())
+    })?;
+    let logs = lender.consumer.cli(&["job", "logs", &id])?;
+    let said = String::from_utf8_lossy(&logs.stdout).into_owned();
+    let written = copied_bytes(&said);
+    eprintln!(
+        "hostile_jobs: a 16 MiB job wrote {} MiB through unlinked files and a burst; the provider's \
+         data grew by {} MiB at most",
+        written >> 20,
+        grown >> 20
+    );
+    // 86 MiB when nothing but the watcher stops it; the disk plus the file system's slack now.
+    ensure!(written <= 24 << 20, "the job wrote {written} bytes against a 16 MiB disk: {job}\n{said}");
+    ensure!(said.contains("No space left on device"), "the kernel never said no: {said}");
+    ensure!(grown <= 32 << 20, "the provider's data grew by {} MiB", grown >> 20);
+    lender.recovered()
+}
+
+pub(crate) fn a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path() -> Result<()> {
+    let lender = Lender::start()?;
+    let script = "cat /proc/slabinfo >/dev/null 2>&1 && echo slabinfo-readable; \
+                  cat /proc/self/uid_map; tr '\\\\0' ' ' </proc/1/cmdline; echo; \
+                  grep -E ' /(out|work|tmp) ' /proc/self/mountinfo";
+    let id = lender.submit(
+        "nobody.toml",
+        &format!(
+            "kind = \"native\"\ncommand = [\"/bin/sh\", \"-c\", \"{script}\"]\nmax_price = 50\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n[limits]\ntime = \"60s\"\n"
+        ),
+    )?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    ensure!(job["state"] == "finished", "the job: {job}");
+    let logs = lender.consumer.cli(&["job", "logs", &id])?;
+    let said = String::from_utf8_lossy(&logs.stdout).into_owned();
+    ensure!(
+        !said.contains("slabinfo-readable"),
+        "root in the job read a file only the host's root may:\n{said}"
+    );
+    let host_root: u64 = said
+        .lines()
+        .next()
+        .and_then(|map| map.split_whitespace().nth(1)?.parse().ok())
+        .context("no uid_map in the job's output")?;
+    ensure!(host_root >= 65_536, "the job's root is uid {host_root} on the host:\n{said}");
+    let data_dir = lender.provider.data_dir();
+    ensure!(
+        !said.contains(data_dir.to_str().context("path")?),
+        "the job saw the provider's data folder:\n{said}"
+    );
+    ensure!(said.lines().filter(|line| line.contains(" /work ")).count() == 1, "no /work in:\n{said}");
+    lender.recovered()
 }

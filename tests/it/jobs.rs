@@ -87,7 +87,9 @@ time = "60s"
     ensure!(run.out("inner.txt")? == b"inside a folder\n");
     // Scratch is gone after the run; outputs and logs stay.
     let dir = run.job_dir()?;
-    ensure!(!dir.join("work").exists() && !dir.join("in").exists(), "scratch left behind");
+    for scratch in ["in", "scratch", "scratch.img", "root"] {
+        ensure!(!dir.join(scratch).exists(), "{scratch} left behind");
+    }
     Ok(())
 }
 
@@ -192,7 +194,8 @@ time = "120s"
     let spec = JobSpec::load(&spec_path)?;
     let runner =
         Runner::new(hearth_bin().to_owned(), job.data_dir().join("jobs"), job.data_dir().join("cache"));
-    let out = runner.job_dir("pausing").join("out");
+    // Where the job's /out is while it runs.
+    let out = runner.job_dir("pausing").join("scratch/out");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let (controls, control_rx) = mpsc::channel(4);

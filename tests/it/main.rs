@@ -57,6 +57,7 @@ fn main() {
     let args = Arguments::from_args();
     let gpu = hearth_tests::nvidia_gpu_present();
     let sandbox = hearth_tests::jobs::sandbox_support();
+    let kernel_disk = sandbox.clone().and_then(|()| hostile_jobs::kernel_disk_limit());
     let sandboxed = |name: &str, test: TestFn| {
         trial_if(name, test, sandbox.is_ok(), sandbox.as_ref().err().map_or("", String::as_str))
     };
@@ -120,6 +121,18 @@ fn main() {
         sandboxed(
             "hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal",
             hostile_jobs::a_job_cannot_send_escape_sequences_to_its_consumers_terminal,
+        ),
+        trial_if(
+            "hostile_jobs::a_job_cannot_write_past_its_disk_by_unlinking_or_in_a_burst",
+            hostile_jobs::a_job_cannot_write_past_its_disk_by_unlinking_or_in_a_burst,
+            kernel_disk.is_ok(),
+            kernel_disk.as_ref().err().map_or("", String::as_str),
+        ),
+        trial_if(
+            "hostile_jobs::a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path",
+            hostile_jobs::a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path,
+            sandbox.is_ok() && nix::unistd::geteuid().is_root(),
+            "needs the sandbox and an agent running as root (only root's jobs get a range of ids)",
         ),
         sandboxed(
             "hostile_jobs::a_job_that_floods_its_output_leaves_the_provider_memory_bounded",

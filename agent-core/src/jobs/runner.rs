@@ -28,9 +28,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+mod disk;
 mod scratch;
 
 use super::sandbox::cgroup::{self, JobCgroup};
+use super::sandbox::ids::IdMap;
 use super::sandbox::network::NetworkPlan;
 use super::sandbox::nvidia::DriverFiles;
 use super::sandbox::{self, Payload, Plan, RootFs};
@@ -159,13 +161,26 @@ pub struct Runner {
     jobs_dir: PathBuf,
     cache_dir: PathBuf,
     engine: OnceLock<wasmtime::Engine>,
+    /// How a job's disk is limited on this machine.
+    disk: disk::Limit,
+    /// Who a job's users are on the host.
+    ids: IdMap,
 }
 
 impl Runner {
     /// A runner keeping job folders under `jobs_dir`, compiled modules and unpacked images under
     /// `cache_dir`, and starting the sandbox through `exe` (the `hearth` binary).
     pub fn new(exe: PathBuf, jobs_dir: PathBuf, cache_dir: PathBuf) -> Self {
-        Self { exe, jobs_dir, cache_dir, engine: OnceLock::new() }
+        let (disk, ids) = (disk::Limit::for_this_host(), IdMap::for_this_agent());
+        Self { exe, jobs_dir, cache_dir, engine: OnceLock::new(), disk, ids }
+    }
+
+    /// Why a job's disk is not a limit the kernel enforces here, if it is not.
+    pub fn disk_not_enforced(&self) -> Option<&str> {
+        match &self.disk {
+            disk::Limit::Kernel { .. } => None,
+            disk::Limit::Watched { why } => Some(why),
+        }
     }
 
     /// A runner for this very `hearth` binary (through `/proc/self/exe`, so an upgrade of the file
@@ -181,8 +196,9 @@ impl Runner {
 
     /// Ends and removes what a previous run of the agent left when it died (SIGKILL, a crash,
     /// power loss): the job cgroups of agents no longer running, with their processes (a frozen
-    /// job's too), and the scratch folders (`in`, `work`, `tmp`, `root`) of every job folder but
-    /// those of a `hearth run --local` still running. Outputs and logs stay: they are results.
+    /// job's too), and the scratch (`in`, `root` and the `scratch` folder or image) of every job
+    /// folder but those of a `hearth run --local` still running. The logs stay, and the outputs of
+    /// a job that ended; a job the death cut short has none.
     /// The folders that were cleaned are returned, to be logged.
     pub fn sweep_previous_run(&self) -> usize {
         sandbox::cgroup::sweep_dead_agents();
@@ -195,17 +211,17 @@ impl Runner {
             }
             let job_dir = entry.path();
             let mut had = false;
-            for scratch in ["in", "work", "tmp", "root"] {
-                let dir = job_dir.join(scratch);
+            for name in ["in", sandbox::SCRATCH, "root"] {
+                let dir = job_dir.join(name);
                 if fs::symlink_metadata(&dir).is_ok() {
                     had = true;
                     if let Err(error) = scratch::reclaim(&dir) {
                         warn!(dir = %dir.display(), %error, "cannot reclaim a folder a dead run left");
                     }
-                    if let Err(error) = fs::remove_dir_all(&dir) {
-                        warn!(dir = %dir.display(), %error, "cannot remove a folder a dead run left");
-                    }
                 }
+            }
+            if let Err(error) = remove_scratch(&job_dir) {
+                warn!(dir = %job_dir.display(), %error, "cannot remove what a dead run left");
             }
             cleaned += usize::from(had);
         }
@@ -265,12 +281,17 @@ impl Runner {
             .create(&self.jobs_dir)
             .with_context(|| format!("creating {}", self.jobs_dir.display()))?;
         fs::create_dir(job_dir).with_context(|| format!("creating the job folder {}", job_dir.display()))?;
-        for name in ["in", "out", "work", "tmp", "root"] {
+        // `out/` receives the outputs once the job is dead; until then they are in the scratch.
+        for name in ["in", "out", "root"] {
             fs::create_dir(job_dir.join(name))?;
         }
-        let staged = job_dir.to_owned();
-        let inputs = spec.inputs.clone();
-        tokio::task::spawn_blocking(move || stage_inputs(&inputs, &staged.join("in"))).await??;
+        let (staged, owner) = (job_dir.to_owned(), self.ids.host_root());
+        let (inputs, disk, bytes) = (spec.inputs.clone(), self.disk.clone(), spec.resources.disk_bytes);
+        tokio::task::spawn_blocking(move || {
+            disk::create(&staged, bytes, &disk, owner)?;
+            stage_inputs(&inputs, &staged.join("in"), owner)
+        })
+        .await??;
         let payload = self.payload(spec).await?;
 
         let runtime_memory = match spec.kind {
@@ -287,7 +308,7 @@ impl Runner {
             true => DriverFiles::default(),
             false => tokio::task::spawn_blocking(DriverFiles::find).await?,
         };
-        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network, driver);
+        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network, driver, self.ids);
         let result = self.supervise(request, plan, &cgroup, &mut controls, events).await;
         let cleanup = {
             let cgroup = Arc::clone(&cgroup);
@@ -356,12 +377,14 @@ impl Runner {
     ) -> anyhow::Result<JobState> {
         let spec = &request.spec;
         let job_dir = plan.job_dir.as_path();
-        let plan_path = job_dir.join(sandbox::PLAN_FILE);
-        fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
+        fs::write(job_dir.join(sandbox::PLAN_FILE), serde_json::to_vec_pretty(&plan)?)?;
 
+        // Started in the job folder and given the plan's name only: the shim's command line is
+        // init's, which the job reads in /proc/1/cmdline, and it names no host path.
         let mut shim = tokio::process::Command::new(&self.exe)
             .arg(sandbox::SHIM_COMMAND)
-            .arg(&plan_path)
+            .arg(sandbox::PLAN_FILE)
+            .current_dir(job_dir)
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -514,7 +537,7 @@ impl Runner {
             )),
             Ending::Hidden(path) => failed(format!(
                 "the job made {} unreadable, so its disk use could not be checked",
-                path.strip_prefix(job_dir).unwrap_or(&path).display()
+                path.strip_prefix(job_dir.join(sandbox::SCRATCH)).unwrap_or(&path).display()
             )),
             Ending::Exited(status) => {
                 use std::os::unix::process::ExitStatusExt;
@@ -556,48 +579,62 @@ fn local_run_alive(name: &str) -> bool {
 }
 
 /// Makes everything a dead job left the agent's again (reporting what could not be), leaves in
-/// `out/` only regular files and folders without setuid, setgid or sticky bits, and removes the
-/// scratch. When `out/` cannot be made safe, or its files at their full size (sparse files count
-/// whole) add up to more than the job's `disk`, it is removed whole and the reason returned: no
-/// import then multiplies a few allocated blocks into gigabytes of blob store.
+/// its outputs only regular files and folders without setuid, setgid or sticky bits, moves them
+/// from the scratch to the job folder's `out/`, and removes the scratch. When the outputs cannot
+/// be made safe, or their files at their full size (sparse files count whole) add up to more than
+/// the job's `disk`, none are kept and the reason is returned: no import then multiplies a few
+/// allocated blocks into gigabytes of blob store.
 fn clean_up(job_dir: &Path, disk: u64) -> Result<(), String> {
-    for name in ["in", "out", "work", "tmp"] {
-        if let Err(error) = scratch::reclaim(&job_dir.join(name)) {
-            warn!(dir = %job_dir.join(name).display(), %error, "cannot reclaim a job folder");
+    let scratch_dir = job_dir.join(sandbox::SCRATCH);
+    for dir in [job_dir.join("in"), scratch_dir.clone()] {
+        if let Err(error) = scratch::reclaim(&dir) {
+            warn!(dir = %dir.display(), %error, "cannot reclaim a job folder");
         }
     }
-    let out = job_dir.join("out");
-    let outputs = match scratch::sanitize_outputs(&out) {
+    let (scratch_out, out) = (scratch_dir.join("out"), job_dir.join("out"));
+    let outputs = match scratch::sanitize_outputs(&scratch_out) {
         Ok(done) => {
             if done != scratch::Sanitized::default() {
                 debug!(removed = done.removed, cleared = done.cleared, "outputs made safe");
             }
-            match scratch::logical_size(&out, disk) {
+            match scratch::logical_size(&scratch_out, disk) {
                 Ok(size) if size > disk => Err(format!(
                     "its outputs add up to more than its disk of {} at their full size (sparse files \
                      count whole); none are kept",
                     ByteSize(disk)
                 )),
-                Ok(_) => Ok(()),
+                Ok(_) => scratch::move_outputs(&scratch_out, &out)
+                    .map_err(|error| format!("its outputs could not be kept ({error}); none are")),
                 Err(error) => Err(format!("its outputs could not be measured ({error}); none are kept")),
             }
         }
         Err(error) => Err(format!("its outputs could not be made safe ({error}); none are kept")),
     };
     if outputs.is_err() {
-        let _ = fs::remove_dir_all(&out);
+        let _ = fs::remove_dir_all(&out).and_then(|()| fs::create_dir(&out));
     }
-    for name in ["in", "work", "tmp", "root"] {
-        let _ = fs::remove_dir_all(job_dir.join(name));
+    if let Err(error) = remove_scratch(job_dir) {
+        warn!(dir = %job_dir.display(), %error, "cannot remove a job's scratch");
     }
     outputs
+}
+
+/// Removes a dead job's `in/`, `root/` and scratch (unmounting its image).
+fn remove_scratch(job_dir: &Path) -> io::Result<()> {
+    for name in ["in", "root"] {
+        match fs::remove_dir_all(job_dir.join(name)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
+    disk::remove(job_dir)
 }
 
 /// Measures the scratch and the job's two log files every [`DISK_CHECK`] on the blocking pool,
 /// apart from the watch loop so a slow walk never delays a cancel or a deadline; returns once the
 /// job is over its limit. The logs are the job's writing too, so they count against its disk.
 async fn watch_disk(job_dir: PathBuf, limit: u64, peak: Arc<AtomicU64>) -> Ending {
-    let dirs = ["out", "work", "tmp"].map(|name| job_dir.join(name));
+    let dirs = disk::WRITABLE.map(|name| job_dir.join(sandbox::SCRATCH).join(name));
     let logs = [Stream::Stdout, Stream::Stderr].map(|stream| job_dir.join(stream.file_name()));
     loop {
         tokio::time::sleep(DISK_CHECK).await;
@@ -671,30 +708,35 @@ fn spec_module_name(kind: &JobKind) -> String {
     }
 }
 
-/// Copies each input into the job's `in/` under its own name. Symlinks are copied as links, never
-/// followed, so an input cannot smuggle in a file it points to.
-fn stage_inputs(inputs: &[PathBuf], into: &Path) -> anyhow::Result<()> {
+/// Copies each input into the job's `in/` under its own name, owned by `owner` when the job's root
+/// is not the agent's user (so a file only its owner may read is the job's to read too). Symlinks
+/// are copied as links, never followed, so an input cannot smuggle in a file it points to.
+fn stage_inputs(inputs: &[PathBuf], into: &Path, owner: Option<u32>) -> anyhow::Result<()> {
     for input in inputs {
         let name =
             input.file_name().with_context(|| format!("input {} has no file name", input.display()))?;
-        copy_tree(input, &into.join(name)).with_context(|| format!("staging input {}", input.display()))?;
+        copy_tree(input, &into.join(name), owner)
+            .with_context(|| format!("staging input {}", input.display()))?;
     }
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+fn copy_tree(from: &Path, to: &Path, owner: Option<u32>) -> io::Result<()> {
     let meta = fs::symlink_metadata(from)?;
     if meta.file_type().is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
     } else if meta.is_dir() {
         fs::create_dir(to)?;
         for entry in fs::read_dir(from)? {
             let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()), owner)?;
         }
-        Ok(())
     } else {
-        fs::copy(from, to).map(|_| ())
+        fs::copy(from, to)?;
+    }
+    match owner {
+        Some(id) => std::os::unix::fs::lchown(to, Some(id), Some(id)),
+        None => Ok(()),
     }
 }
 
@@ -706,6 +748,7 @@ fn sandbox_plan(
     cgroup: &JobCgroup,
     network: Option<NetworkPlan>,
     driver: DriverFiles,
+    ids: IdMap,
 ) -> Plan {
     let mut env = request.spec.env.clone();
     let mut devices = Vec::new();
@@ -721,6 +764,7 @@ fn sandbox_plan(
     }
     Plan {
         job_dir: job_dir.to_owned(),
+        ids,
         cgroups: cgroup.join_dirs(),
         payload,
         env,

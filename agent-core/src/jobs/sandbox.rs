@@ -5,7 +5,7 @@
 //! ```text
 //! agent (runner.rs)          creates the job's cgroup, spawns the shim, watches, freezes, kills
 //!  └─ shim   (`__sandbox-shim`)   joins the cgroup, then unshares user, pid, net, ipc, uts and
-//!      │                          cgroup namespaces and maps its own uid to root inside
+//!      │                          cgroup namespaces, whose ids are mapped (see [`ids`])
 //!      └─ init (forked)           pid 1 of the new pid namespace: builds a private root in a new
 //!          │                      mount namespace, pivots into it, sets rlimits, drops every
 //!          │                      capability, sets no_new_privs and loads the seccomp filter
@@ -22,11 +22,14 @@
 //! The shim and init are plain synchronous code: `unshare(CLONE_NEWUSER)` and a safe `fork` need a
 //! single-threaded process, so the binary dispatches to the shim before anything starts a thread
 //! (see `main.rs`), and init is a fork of the shim. The shim reads its instructions from a [`Plan`]
-//! file the runner wrote into the job's folder. When
-//! they fail before the job runs, they write the reason to [`ERROR_FILE`] and exit with
+//! file the runner wrote into the job's folder, and runs there: everything init needs from
+//! the host is opened by the shim, and init names the job folder's contents by relative paths, so
+//! neither needs the agent's data folder to be open to the job's users, and the job sees no host
+//! path in `/proc/1/cmdline`. When they fail before the job runs, they write the reason to [`ERROR_FILE`] and exit with
 //! [`SETUP_FAILED`], so the runner reports "sandbox setup failed: …" instead of an exit code.
 
 pub mod cgroup;
+pub mod ids;
 pub mod network;
 pub mod nvidia;
 mod rootfs;
@@ -45,7 +48,7 @@ use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, getegid, geteuid};
+use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 /// Exit code of the shim or init when the sandbox could not be set up; the reason is in
@@ -60,6 +63,12 @@ pub const PLAN_FILE: &str = "sandbox.json";
 
 /// The file in the job folder where slirp4netns, for a job granted network, writes what it says.
 pub const NETWORK_LOG: &str = "network.log";
+
+/// The folder in the job folder holding `out`, `work` and `tmp`: all the job may write.
+pub const SCRATCH: &str = "scratch";
+
+/// The resolver file a job granted network gets, written by the shim into the job folder.
+const RESOLV_CONF: &str = "resolv.conf";
 
 /// The hidden subcommand that runs [`shim_main`].
 pub const SHIM_COMMAND: &str = "__sandbox-shim";
@@ -76,8 +85,10 @@ const MAX_OPEN_FILES: u64 = 4096;
 /// Everything the shim and init need, written by the runner as JSON into the job folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    /// The job folder on the host, holding `in`, `out`, `work`, `tmp` and `root`.
+    /// The job folder on the host, holding `in`, `root` and [`SCRATCH`].
     pub job_dir: PathBuf,
+    /// Who the job's users are on the host.
+    pub ids: ids::IdMap,
     /// The cgroup folders the shim joins (one for v2, one per controller for v1).
     pub cgroups: Vec<PathBuf>,
     /// What runs.
@@ -142,6 +153,15 @@ impl Plan {
     }
 }
 
+/// A program on `PATH`, or in the system folders a daemon's `PATH` may leave out.
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// Records a setup failure where the runner will find it, and returns [`SETUP_FAILED`].
 fn setup_failed(error_file: &Path, error: &anyhow::Error) -> ExitCode {
     let line = format!("{error:#}");
@@ -181,12 +201,16 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
         fs::write(dir.join("cgroup.procs"), &pid)
             .with_context(|| format!("joining cgroup {}", dir.display()))?;
     }
+    // What init needs of the host, opened while the shim still can: with mapped ids, the job's
+    // root may not even enter the agent's data folder. Init inherits the working folder.
+    std::env::set_current_dir(&plan.job_dir).context("entering the job folder")?;
+    let host = HostFiles::open(plan)?;
     // Forked while the shim is still in the host's namespaces, where slirp4netns must run.
     let network = match &plan.network {
         Some(network) => Some(network::fork_helper(network, &plan.job_dir.join(NETWORK_LOG))?),
         None => None,
     };
-    let (uid, gid) = (geteuid(), getegid());
+    let mapper = ids::prepare(plan.ids)?;
     let namespaces = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
@@ -197,10 +221,7 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
         "creating namespaces (unprivileged user namespaces may be disabled: \
          see `sysctl kernel.unprivileged_userns_clone` and AppArmor's userns restriction)",
     )?;
-    // Root inside is this user outside, and nothing else: no other uid exists in the sandbox.
-    fs::write("/proc/self/setgroups", "deny").context("writing /proc/self/setgroups")?;
-    fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("writing /proc/self/uid_map")?;
-    fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("writing /proc/self/gid_map")?;
+    mapper.map()?;
     // Kept until the shim returns, after init: dropping it stops and reaps slirp4netns.
     let _link = network.map(network::Helper::connect).transpose()?;
 
@@ -211,7 +232,7 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
     // thread, and it starts none. The child of a single-threaded process may run any code.
     let forked = unsafe { nix::unistd::fork() }.context("starting the sandbox's init")?;
     let init = match forked {
-        ForkResult::Child => std::process::exit(init_main(plan)),
+        ForkResult::Child => std::process::exit(init_main(plan, host)),
         ForkResult::Parent { child } => child,
     };
     let code = loop {
@@ -232,16 +253,36 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// What init needs from the host, opened by the shim before the job's ids exist.
+struct HostFiles {
+    /// Where init writes why setup failed. An empty error file means no error; the runner
+    /// ignores it.
+    error: File,
+    /// A WASI job's compiled module, read from the agent's cache.
+    wasm: Option<Vec<u8>>,
+}
+
+impl HostFiles {
+    fn open(plan: &Plan) -> anyhow::Result<Self> {
+        let error = File::create(ERROR_FILE).context("creating the sandbox's error file")?;
+        let wasm = match &plan.payload {
+            Payload::Wasi { compiled, .. } => {
+                Some(fs::read(compiled).with_context(|| format!("reading {}", compiled.display()))?)
+            }
+            Payload::Native { .. } => None,
+        };
+        if let Some(network) = &plan.network {
+            fs::write(RESOLV_CONF, rootfs::resolv_conf(network)).context("writing the job's resolv.conf")?;
+        }
+        Ok(Self { error, wasm })
+    }
+}
+
 /// Init: pid 1 of the job's pid namespace, forked from the shim. Builds the private root, locks the
 /// process down, runs the job, and returns its exit code for the process to exit with.
-fn init_main(plan: &Plan) -> i32 {
-    // Opened before the pivot, so a failure after it can still be written to the host. An empty
-    // error file means no error; the runner ignores it.
-    let mut error_file = match File::create(plan.error_file()) {
-        Ok(file) => file,
-        Err(_) => return SETUP_FAILED,
-    };
-    match init(plan) {
+fn init_main(plan: &Plan, host: HostFiles) -> i32 {
+    let mut error_file = host.error;
+    match init(plan, host.wasm) {
         Ok(code) => code,
         Err(error) => {
             let _ = error_file.write_all(format!("{error:#}").as_bytes());
@@ -250,23 +291,31 @@ fn init_main(plan: &Plan) -> i32 {
     }
 }
 
-fn init(plan: &Plan) -> anyhow::Result<i32> {
+fn init(plan: &Plan, wasm: Option<Vec<u8>>) -> anyhow::Result<i32> {
     prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
-    // Read before the pivot: the compiled module lives in the agent's cache, outside the sandbox.
-    let wasm = match &plan.payload {
-        Payload::Wasi { compiled, .. } => {
-            Some(fs::read(compiled).with_context(|| format!("reading {}", compiled.display()))?)
+    rootfs::unshare_mounts()?;
+    // A native job's unpacked image, in the agent's cache: opened while init is still the agent's
+    // user, and in its own mount namespace (a bind mount's source must be in the caller's), then
+    // named `/proc/self/fd/N`.
+    let image = match &plan.payload {
+        Payload::Native { root: RootFs::Image(dir), .. } => {
+            Some(File::open(dir).with_context(|| format!("opening image {}", dir.display()))?)
         }
-        Payload::Native { .. } => None,
+        _ => None,
     };
-    let root = match &plan.payload {
-        Payload::Native { root, .. } => root.clone(),
+    ids::become_job_root(plan.ids)?;
+    let root = match (&plan.payload, &image) {
+        (Payload::Native { .. }, Some(image)) => {
+            use std::os::fd::AsRawFd;
+            RootFs::Image(PathBuf::from(format!("/proc/self/fd/{}", image.as_raw_fd())))
+        }
         // wasmtime needs nothing from the filesystem once the module is read, but the same root
         // keeps one containment for both kinds.
-        Payload::Wasi { .. } => RootFs::Base,
+        _ => RootFs::Base,
     };
     close_inherited_fds()?;
     rootfs::enter(plan, &root)?;
+    drop(image);
     // A session of its own: no controlling terminal, so nothing inside can reach the owner's.
     nix::unistd::setsid().context("starting a new session")?;
     nix::unistd::sethostname(HOSTNAME).context("setting the host name")?;

@@ -222,6 +222,76 @@ pub(super) fn sanitize_outputs(root: &Path) -> io::Result<Sanitized> {
     }
 }
 
+/// Moves the outputs in `from` to `to`, an empty folder: renamed when both are on one file system,
+/// copied (through directory descriptors, at any depth) from a scratch image. Only called after
+/// [`sanitize_outputs`], so there are only regular files and folders to move.
+pub(super) fn move_outputs(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(error) if error.raw_os_error() == Some(Errno::EXDEV as i32) => copy_outputs(from, to),
+        other => other,
+    }
+}
+
+fn copy_outputs(from: &Path, to: &Path) -> io::Result<()> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let source = Dir::open(from, flags, Mode::empty())?;
+    let target = Dir::open(to, flags, Mode::empty())?;
+    // As in `walk_at`: pending folders with their open parents, on both sides.
+    let mut pending: Vec<(Rc<Dir>, Rc<Dir>, CString)> = Vec::new();
+    let mut current = Some((source, target));
+    while let Some((mut source, target)) = current.take() {
+        let names: Vec<CString> = source
+            .iter()
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name().to_owned())
+            .filter(|name| !matches!(name.to_bytes(), b"." | b".."))
+            .collect();
+        let (source, target) = (Rc::new(source), Rc::new(target));
+        for name in names {
+            let stat = fstatat(&*source, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            let mode = Mode::from_bits_truncate(stat.st_mode & 0o777);
+            match kind_of(&stat) {
+                SFlag::S_IFDIR => {
+                    nix::sys::stat::mkdirat(&*target, name.as_c_str(), mode | Mode::S_IRWXU)?;
+                    pending.push((Rc::clone(&source), Rc::clone(&target), name));
+                }
+                SFlag::S_IFREG => {
+                    let read = nix::fcntl::openat(
+                        &*source,
+                        name.as_c_str(),
+                        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    let write = nix::fcntl::openat(
+                        &*target,
+                        name.as_c_str(),
+                        OFlag::O_WRONLY
+                            | OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                        mode,
+                    )?;
+                    io::copy(&mut fs::File::from(read), &mut fs::File::from(write))?;
+                }
+                // Nothing else is left once the outputs were made safe.
+                _ => {
+                    return Err(io::Error::other(format!(
+                        "{} is not a plain file",
+                        name_to_path(&name).display()
+                    )));
+                }
+            }
+        }
+        if let Some((source_parent, target_parent, name)) = pending.pop() {
+            let source = Dir::openat(&*source_parent, name.as_c_str(), flags, Mode::empty())?;
+            let target = Dir::openat(&*target_parent, name.as_c_str(), flags, Mode::empty())?;
+            current = Some((source, target));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

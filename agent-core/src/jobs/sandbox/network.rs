@@ -99,7 +99,7 @@ pub struct NetworkPlan {
 impl NetworkPlan {
     /// The plan for a job on this host, as its interfaces are now.
     pub fn for_this_host() -> anyhow::Result<Self> {
-        let slirp4netns = find_program("slirp4netns").context(
+        let slirp4netns = super::find_program("slirp4netns").context(
             "`limits.network = true` needs slirp4netns, which is not installed on this machine \
              (Debian and Ubuntu: `apt install slirp4netns`)",
         )?;
@@ -126,15 +126,6 @@ impl NetworkPlan {
 
 fn nth_host(net: Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
-}
-
-/// A program on `PATH`, or in the system folders a daemon's `PATH` may leave out.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 /// Every IPv4 network this host has an address on, loopback aside.

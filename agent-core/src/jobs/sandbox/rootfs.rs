@@ -41,14 +41,19 @@ const PASSWD: &str =
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
 
-/// Builds the private root for `job_dir` and pivots into it. Runs in init, which must already be in
-/// the job's user and pid namespaces.
-pub(super) fn enter(plan: &Plan, image: &RootFs) -> anyhow::Result<()> {
-    let (job_dir, network) = (plan.job_dir.as_path(), plan.network.as_ref());
+/// Gives init a mount namespace of its own, where nothing mounted propagates back to the host.
+/// Runs in init, which must already be in the job's user and pid namespaces.
+pub(super) fn unshare_mounts() -> anyhow::Result<()> {
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("creating the mount namespace")?;
-    // Nothing mounted from here on propagates back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making mounts private")?;
+        .context("making mounts private")
+}
+
+/// Builds the private root for the job folder, init's working folder, and pivots into it, once
+/// init has its own mount namespace ([`unshare_mounts`]). The job folder is named only relative to
+/// the working folder: with mapped ids, init may not be able to enter its parents.
+pub(super) fn enter(plan: &Plan, image: &RootFs) -> anyhow::Result<()> {
+    let (job_dir, network) = (Path::new("."), plan.network.as_ref());
 
     let root = job_dir.join("root");
     mount(
@@ -84,27 +89,24 @@ pub(super) fn enter(plan: &Plan, image: &RootFs) -> anyhow::Result<()> {
                 // Its resolv.conf (as in Docker, the image's is the host's business) names ours,
                 // when it has one to mount over.
                 let resolv = image_etc.join("resolv.conf");
-                if let Some(network) = network
-                    && fs::symlink_metadata(&resolv).is_ok_and(|meta| meta.is_file())
-                {
-                    let ours = job_dir.join("resolv.conf");
-                    fs::write(&ours, resolv_conf(network))?;
-                    bind(&ours, &root.join("etc/resolv.conf"), Access::ReadOnly)?;
+                if network.is_some() && fs::symlink_metadata(&resolv).is_ok_and(|meta| meta.is_file()) {
+                    bind(&job_dir.join(super::RESOLV_CONF), &root.join("etc/resolv.conf"), Access::ReadOnly)?;
                 }
             }
         }
     }
     make_dev(&root, &plan.devices)?;
     add_driver(&root, &plan.driver)?;
-    for (name, access) in [
-        ("in", Access::ReadOnly),
-        ("out", Access::ReadWrite),
-        ("work", Access::ReadWrite),
-        ("tmp", Access::ReadWrite),
+    let scratch = job_dir.join(super::SCRATCH);
+    for (source, name, access) in [
+        (job_dir.join("in"), "in", Access::ReadOnly),
+        (scratch.join("out"), "out", Access::ReadWrite),
+        (scratch.join("work"), "work", Access::ReadWrite),
+        (scratch.join("tmp"), "tmp", Access::ReadWrite),
     ] {
         let target = root.join(name);
         fs::create_dir(&target).with_context(|| format!("creating /{name}"))?;
-        bind(&job_dir.join(name), &target, access)?;
+        bind(&source, &target, access)?;
     }
     make_proc(&root)?;
 
@@ -146,7 +148,7 @@ fn take_entry(source_dir: &Path, name: &str, root: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A synthesized `/etc`: one user and group (root, who is the agent's user outside), localhost,
+/// A synthesized `/etc`: one user and group (root, who is nobody on the host), localhost,
 /// and, for the base image, the few host files programs need to start. With network granted, the
 /// job's resolver and, for the base image, the host's CA certificates (public ones only:
 /// `/etc/ssl/private` stays out).
@@ -172,7 +174,7 @@ fn make_etc(root: &Path, host_etc: Option<&Path>, network: Option<&NetworkPlan>)
     Ok(())
 }
 
-fn resolv_conf(network: &NetworkPlan) -> String {
+pub(super) fn resolv_conf(network: &NetworkPlan) -> String {
     format!("nameserver {}\n", network.resolver())
 }
 
