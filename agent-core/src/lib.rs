@@ -11,6 +11,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;
+#[cfg(test)]
+mod fuzz;
 pub mod identity;
 pub mod jobs;
 pub mod ledger;

@@ -20,6 +20,12 @@ mod provider;
 mod receipts;
 mod reservations;
 
+/// The checks a provider runs on a peer's job request and reservation ask, for the fuzz targets.
+#[cfg(test)]
+pub(crate) use provider::check as check_request;
+#[cfg(test)]
+pub(crate) use reservations::check as check_ask;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 

@@ -31,10 +31,11 @@ pub const LAYERS: &[&[&str]] = &[
     // Coordinators of several services.
     &["market"],
     &["packages"],
-    // Clients' way in, then the wiring and the binary.
+    // Clients' way in, then the wiring and the binary; and the fuzz targets (tests only), which
+    // reach every decoder.
     &["api"],
     &["daemon"],
-    &["cli", "main"],
+    &["cli", "main", "fuzz"],
 ];
 
 /// Backward imports not undone yet, as `(from, to)`: none. (The event type and the job record,

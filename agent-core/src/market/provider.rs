@@ -210,7 +210,7 @@ async fn in_reservation(
 }
 
 /// Whether this agent can take `request` at all (now or once busy capacity frees up).
-fn check(
+pub(crate) fn check(
     request: &JobRequest,
     from: &PeerId,
     me: &PeerId,

@@ -162,7 +162,7 @@ pub(super) async fn on_reserve(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
 }
 
 /// Whether an ask can be held at all (now or later).
-fn check(ask: &ReserveRequest, from: &PeerId, me: &PeerId, now: i64) -> Result<(), String> {
+pub(crate) fn check(ask: &ReserveRequest, from: &PeerId, me: &PeerId, now: i64) -> Result<(), String> {
     if ask.consumer != from.to_string() {
         return Err(format!("the ask names {} but came from {from}", ask.consumer));
     }
