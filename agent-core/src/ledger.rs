@@ -284,4 +284,6 @@ pub fn export_file(
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;

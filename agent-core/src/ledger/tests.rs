@@ -18,6 +18,16 @@ fn identity() -> Identity {
     Identity::load_or_create(dir.path()).unwrap().0
 }
 
+/// The identity of a fixed key, the same on every run.
+pub(super) fn identity_from(seed: u8) -> Identity {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("identity.key");
+    std::fs::write(&key, [seed; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Identity::load_or_create(dir.path()).unwrap().0
+}
+
 /// A receipt `provider` signed and `consumer` countersigned.
 pub(super) fn receipt(provider: &Identity, consumer: &Identity, n: u64) -> Receipt {
     let prices = Prices { core_hour: 1000, memory_gib_hour: 100, gpu_hour: 10_000 };
