@@ -143,6 +143,12 @@ fuzz! {
     policy_target => policy_bytes,
     config_target => config_bytes,
     image_archive_target => image_archive_bytes,
+    dns_query_target => dns_query_bytes,
+}
+
+/// A datagram a job sends its resolver.
+fn dns_query_bytes(bytes: &[u8]) {
+    let _ = crate::jobs::sandbox::dns::check_query(bytes);
 }
 
 /// The peer a document names in `field`, or a fixed one: the signer a seed's signature checks
@@ -336,6 +342,10 @@ fn the_valid_seeds_pass_every_check() {
     store::Manifest::decode(&manifest).expect("the manifest");
     let blob = std::fs::read(corpus_dir("blob_wire_target").join("request.json")).expect("seed");
     wire::Request::decode(&blob).expect("the blob request");
+
+    for query in seeds("dns_query_target") {
+        crate::jobs::sandbox::dns::check_query(&query).expect("the query");
+    }
 
     let text = |target: &str| text(&seeds(target)[0]);
     hearth_api::policy::Policy::parse(&text("policy_target"), "policy.toml").expect("the policy");

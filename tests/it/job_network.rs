@@ -104,7 +104,7 @@ pub(crate) fn granted_network_reaches_the_internet_and_nothing_of_the_host() -> 
     )?;
     run.expect_code(0)?;
     let out = run.stdout();
-    ensure!(out.contains("nameserver 192.0.2.3"), "the job's resolver is not the link's:\n{out}");
+    ensure!(out.contains("nameserver 192.0.2.100"), "the job's resolver is not its own address:\n{out}");
     ensure!(out.contains("internet: hello from the internet"), "the job did not reach the internet:\n{out}");
     for (name, _) in &targets[1..] {
         ensure!(out.contains(&format!("{name}: closed")), "the job reached {name}:\n{out}");
@@ -158,4 +158,110 @@ pub(crate) fn network_is_off_unless_granted() -> Result<()> {
 fn network_usage(job_dir: &std::path::Path) -> Result<u64> {
     let usage: serde_json::Value = serde_json::from_slice(&std::fs::read(job_dir.join("usage.json"))?)?;
     usage["network_bytes"].as_u64().ok_or_else(|| anyhow::anyhow!("no network_bytes in {usage}"))
+}
+
+/// A resolver that answers every query for a name with `198.51.100.99` (and no address of other
+/// types), keeping every datagram it received, until the test drops it.
+struct Resolver {
+    received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Resolver {
+    fn start(socket: std::net::UdpSocket) -> Result<Self> {
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (received, stop) = (Arc::new(std::sync::Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+        let (kept, halt) = (Arc::clone(&received), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(120);
+            let mut buffer = [0u8; 1500];
+            while halt.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+                let Ok((length, from)) = socket.recv_from(&mut buffer) else { continue };
+                let query = buffer[..length].to_vec();
+                if let Some(answer) = answer(&query) {
+                    let _ = socket.send_to(&answer, from);
+                }
+                kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(query);
+            }
+        });
+        Ok(Self { received, stop, thread: Some(thread) })
+    }
+
+    fn received(&self) -> Vec<Vec<u8>> {
+        self.received.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.stop.store(1, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The answer to a query: its header and question, and an A record when it asks for one.
+fn answer(query: &[u8]) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let end = end + 5;
+    let kind = u16::from_be_bytes([*query.get(end - 4)?, *query.get(end - 3)?]);
+    let mut answer = query.get(..end)?.to_vec();
+    answer[2] = 0x81;
+    answer[3] = 0x80;
+    answer[6..12].copy_from_slice(&[0, u8::from(kind == 1), 0, 0, 0, 0]);
+    if kind == 1 {
+        // The name by pointer to the question, type A, class IN, a minute, 4 bytes.
+        answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, 99]);
+    }
+    Some(answer)
+}
+
+pub(crate) fn only_dns_queries_reach_the_hosts_resolver() -> Result<()> {
+    let host = Netns::create("hr")?;
+    // The host's resolver, on its LAN: a range no job may reach itself.
+    host.ip(&["addr", "add", "192.168.78.53/32", "dev", "lo"])?;
+    let resolver = Resolver::start(host.udp(SocketAddr::from(([192, 168, 78, 53], 53)))?)?;
+    let tcp = Server::start(host.listen(SocketAddr::from(([192, 168, 78, 53], 53)))?, "not dns\n")?;
+    let job = JobDir::new()?;
+    let resolv_conf = job.file("host-resolv.conf", b"nameserver 192.168.78.53\n")?;
+    // A name through the job's resolver; then TCP to it, any bytes over UDP to it, and TCP to
+    // the host's resolver directly.
+    let script = "ns=$(awk '/nameserver/ {print $2}' /etc/resolv.conf); echo \"resolver $ns\"\n\
+        getent hosts probe.hearth.test || echo unresolved\n\
+        if timeout 5 bash -c \"exec 3<>/dev/tcp/$ns/53\" 2>/dev/null; then echo tcp-open; else echo tcp-closed; fi\n\
+        printf 'GET / HTTP/1.1\\r\\nHost: router\\r\\n\\r\\n' > /dev/udp/$ns/53 && echo sent\n\
+        if timeout 5 bash -c 'exec 3<>/dev/tcp/192.168.78.53/53' 2>/dev/null; then echo direct-open; else echo direct-closed; fi\n\
+        sleep 1\n";
+    job.file("probe.sh", script.as_bytes())?;
+    let run = job.run_with(
+        "kind = \"native\"\nimage = \"base\"\ncommand = [\"/bin/bash\", \"/in/probe.sh\"]\n\
+         inputs = [\"probe.sh\"]\n[limits]\ntime = \"60s\"\nnetwork = true\n",
+        |mut command| {
+            command.env("HEARTH_RESOLV_CONF", &resolv_conf);
+            host.wrap(&command)
+        },
+    )?;
+    run.expect_code(0)?;
+    let out = run.stdout();
+    ensure!(
+        out.contains("198.51.100.99") && out.contains("probe.hearth.test"),
+        "the name did not resolve:\n{out}"
+    );
+    ensure!(out.contains("tcp-closed"), "TCP reached the job's resolver:\n{out}");
+    ensure!(out.contains("sent") && out.contains("direct-closed"), "{out}");
+    ensure!(tcp.accepted() == 0, "TCP reached the host's resolver");
+    let received = resolver.received();
+    ensure!(!received.is_empty(), "the host's resolver saw no query");
+    for datagram in &received {
+        ensure!(
+            datagram.len() >= 12 && datagram[2] & 0xf8 == 0 && !datagram.windows(4).any(|w| w == b"GET "),
+            "the host's resolver got more than a query: {datagram:?}"
+        );
+    }
+    Ok(())
 }

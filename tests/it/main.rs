@@ -427,6 +427,10 @@ fn main() {
             job_network::granted_network_reaches_the_internet_and_nothing_of_the_host,
         ),
         in_netns("job_network::network_is_off_unless_granted", job_network::network_is_off_unless_granted),
+        in_netns(
+            "job_network::only_dns_queries_reach_the_hosts_resolver",
+            job_network::only_dns_queries_reach_the_hosts_resolver,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

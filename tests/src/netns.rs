@@ -69,6 +69,19 @@ impl Netns {
         wrap(&self.name, command)
     }
 
+    /// A UDP socket bound inside this namespace, as [`Netns::listen`] binds a listener.
+    pub fn udp(&self, address: SocketAddr) -> Result<std::net::UdpSocket> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<std::net::UdpSocket> {
+            let netns = File::open(&path).with_context(|| format!("opening {path}"))?;
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the namespace")?;
+            std::net::UdpSocket::bind(address).with_context(|| format!("binding {address} in {path}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the binding thread panicked"))?
+    }
+
     /// A TCP listener bound inside this namespace. Only the thread that binds it enters the
     /// namespace; the socket stays there wherever it is used from.
     pub fn listen(&self, address: SocketAddr) -> Result<TcpListener> {

@@ -221,6 +221,19 @@ pub(super) fn write_all() {
           bootstrap = [\"/ip4/192.0.2.1/tcp/7781/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN\"]\n\
           mdns = false\nrelay = true\n\n[ledger]\nmode = \"batch\"\n",
     );
+    // A query for example.org's A record, and one for its AAAA record with an EDNS record.
+    let question = b"\x07example\x03org\x00";
+    let query =
+        [&b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"[..], question, b"\x00\x01\x00\x01"].concat();
+    write("dns_query_target", "a.bin", &query);
+    let edns = [
+        &b"\xab\xcd\x01\x20\x00\x01\x00\x00\x00\x00\x00\x01"[..],
+        question,
+        b"\x00\x1c\x00\x01",
+        b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00",
+    ]
+    .concat();
+    write("dns_query_target", "aaaa-edns.bin", &edns);
     write(
         "image_archive_target",
         "rootfs.tar",

@@ -29,6 +29,7 @@
 //! [`SETUP_FAILED`], so the runner reports "sandbox setup failed: …" instead of an exit code.
 
 pub mod cgroup;
+pub mod dns;
 pub mod ids;
 pub mod network;
 pub mod nvidia;
@@ -210,9 +211,14 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
         Some(network) => Some(network::fork_helper(network, &plan.job_dir.join(NETWORK_LOG))?),
         None => None,
     };
+    // The socket the job's DNS queries leave from, made while the shim is in the host's network.
+    let upstream = match plan.network.as_ref().and_then(|network| network.upstream) {
+        Some(resolver) => Some(dns::upstream(resolver)?),
+        None => None,
+    };
     let mapper = ids::prepare(plan.ids)?;
+    // The pid namespace comes last, once the resolver runs: it must not be in it.
     let namespaces = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
@@ -224,6 +230,14 @@ fn shim(plan: &Plan) -> anyhow::Result<i32> {
     mapper.map()?;
     // Kept until the shim returns, after init: dropping it stops and reaps slirp4netns.
     let _link = network.map(network::Helper::connect).transpose()?;
+    // Likewise the DNS forwarder, listening on the job's address once the link is up.
+    let _resolver = match (upstream, &plan.network) {
+        (Some(upstream), Some(network)) => {
+            Some(dns::start(upstream, std::net::SocketAddr::from((network.resolver(), dns::PORT)))?)
+        }
+        _ => None,
+    };
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("creating the pid namespace")?;
 
     // Init is a fork of this process rather than a fresh exec of the binary: it already holds the
     // plan, and an exec would cost milliseconds of every job's start (benchmark B2).

@@ -16,7 +16,8 @@
 //! - The link itself uses a documentation range (RFC 5737), assigned to no real network, so the
 //!   few addresses routed on-link reach nothing either.
 //!
-//! DNS goes to the link's resolver address, which slirp4netns forwards to the host's own resolver.
+//! DNS goes to a forwarder listening on the job's own address, which passes standard queries, and
+//! nothing else, to the host's resolver (see [`super::dns`]); slirp4netns's own resolver is off.
 //!
 //! The shim starts slirp4netns through a helper forked before it unshares (slirp4netns must run
 //! in the host's namespaces but can only attach once the job's exist), so slirp4netns is in the
@@ -90,10 +91,12 @@ const WIDEST_HOST_NETWORK: u8 = 8;
 pub struct NetworkPlan {
     /// The slirp4netns program.
     pub slirp4netns: PathBuf,
-    /// The job's link: the job is `.100`, the gateway `.2` and the resolver `.3`.
+    /// The job's link: the job is `.100` and the gateway `.2`.
     pub link: Ipv4Net,
     /// Destinations the job's namespace routes nowhere.
     pub blocked: Vec<Ipv4Net>,
+    /// The host's resolver, where the job's DNS queries go; none when the host names none.
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 impl NetworkPlan {
@@ -103,10 +106,14 @@ impl NetworkPlan {
             "`limits.network = true` needs slirp4netns, which is not installed on this machine \
              (Debian and Ubuntu: `apt install slirp4netns`)",
         )?;
-        Self::new(slirp4netns, &host_networks()?)
+        Self::new(slirp4netns, &host_networks()?, super::dns::host_resolver())
     }
 
-    fn new(slirp4netns: PathBuf, host: &[Ipv4Net]) -> anyhow::Result<Self> {
+    fn new(
+        slirp4netns: PathBuf,
+        host: &[Ipv4Net],
+        upstream: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let link = LINK_CANDIDATES
             .iter()
             .copied()
@@ -115,12 +122,13 @@ impl NetworkPlan {
         let never = NEVER.iter().copied();
         // Merged, so no two routes have the same destination (the kernel would refuse the second).
         let blocked = Ipv4Net::aggregate(&never.chain(host.iter().copied()).collect());
-        Ok(Self { slirp4netns, link, blocked })
+        Ok(Self { slirp4netns, link, blocked, upstream })
     }
 
-    /// The resolver address the job's `/etc/resolv.conf` names.
+    /// The resolver address the job's `/etc/resolv.conf` names: the job's own, where the
+    /// forwarder listens.
     pub fn resolver(&self) -> Ipv4Addr {
-        nth_host(self.link, 3)
+        nth_host(self.link, 100)
     }
 }
 
@@ -222,6 +230,7 @@ fn become_slirp4netns(
             .arg(format!("--mtu={MTU}"))
             .arg(format!("--cidr={}", plan.link))
             .arg("--disable-host-loopback")
+            .arg("--disable-dns")
             .arg("--enable-sandbox")
             .arg("--enable-seccomp")
             .arg(format!("--ready-fd={}", ready.as_raw_fd()))
@@ -336,21 +345,21 @@ mod tests {
 
     #[test]
     fn the_link_avoids_the_hosts_own_networks() {
-        let plan = NetworkPlan::new("slirp4netns".into(), &[cidr("192.168.1.0/24")]).unwrap();
+        let plan = NetworkPlan::new("slirp4netns".into(), &[cidr("192.168.1.0/24")], None).unwrap();
         assert_eq!(plan.link, cidr("192.0.2.0/24"));
-        assert_eq!(plan.resolver(), Ipv4Addr::new(192, 0, 2, 3));
+        assert_eq!(plan.resolver(), Ipv4Addr::new(192, 0, 2, 100), "the job's own address");
 
-        let plan = NetworkPlan::new("slirp4netns".into(), &[cidr("192.0.2.0/25")]).unwrap();
+        let plan = NetworkPlan::new("slirp4netns".into(), &[cidr("192.0.2.0/25")], None).unwrap();
         assert_eq!(plan.link, cidr("198.51.100.0/24"));
 
         let taken = [cidr("192.0.0.0/16"), cidr("198.51.0.0/16"), cidr("203.0.113.64/26")];
-        assert!(NetworkPlan::new("slirp4netns".into(), &taken).is_err());
+        assert!(NetworkPlan::new("slirp4netns".into(), &taken, None).is_err());
     }
 
     #[test]
     fn private_ranges_and_host_networks_are_blocked_once_each() {
         let host = [cidr("203.0.113.8/29"), cidr("10.1.2.0/24"), cidr("192.168.1.0/24")];
-        let plan = NetworkPlan::new("slirp4netns".into(), &host).unwrap();
+        let plan = NetworkPlan::new("slirp4netns".into(), &host, None).unwrap();
         for blocked in ["10.0.0.0/8", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "203.0.113.8/29"] {
             assert!(plan.blocked.contains(&cidr(blocked)), "{blocked} not in {:?}", plan.blocked);
         }

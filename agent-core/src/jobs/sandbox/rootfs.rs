@@ -174,8 +174,12 @@ fn make_etc(root: &Path, host_etc: Option<&Path>, network: Option<&NetworkPlan>)
     Ok(())
 }
 
+/// The job's `/etc/resolv.conf`: its DNS forwarder, or nothing on a host that names no resolver.
 pub(super) fn resolv_conf(network: &NetworkPlan) -> String {
-    format!("nameserver {}\n", network.resolver())
+    match network.upstream {
+        Some(_) => format!("nameserver {}\n", network.resolver()),
+        None => String::new(),
+    }
 }
 
 /// The host's NVIDIA driver files, read-only under [`nvidia::DIR`], for a job granted GPUs.
