@@ -52,12 +52,24 @@ struct Lender {
     consumer: Agent,
     provider: Agent,
     work: JobDir,
+    /// The provider's resident memory once the market is up and idle.
+    idle_rss: u64,
+    /// What the provider's data folder takes on disk then.
+    idle_disk: u64,
 }
+
+/// How much the provider's data folder may have grown once an attack is over: the records, logs
+/// and outputs of a few small jobs. The attacks below leave hundreds of megabytes when not
+/// contained.
+const DISK_ALLOWANCE: u64 = 32 << 20;
 
 impl Lender {
     fn start() -> Result<Self> {
         let (consumer, provider) = consumer_and_provider()?;
-        Ok(Self { consumer, provider, work: JobDir::new()? })
+        let pid = provider.pid().context("the provider is not running")?;
+        let idle_rss = eventually(Duration::from_secs(10), "the provider's RSS", || Ok(rss_bytes(pid)))?;
+        let idle_disk = disk_used(&provider.data_dir())?;
+        Ok(Self { consumer, provider, work: JobDir::new()?, idle_rss, idle_disk })
     }
 
     /// Submits the spec `text` at the consumer; the remote job's id.
@@ -90,10 +102,20 @@ impl Lender {
         rss_bytes(self.provider.pid().context("the provider is not running")?).context("the provider's RSS")
     }
 
-    /// After an attack: the provider has no process of any job left, nothing of a job's scratch
-    /// (folders, images, mounts) remains, and an honest job still runs and its output comes home.
+    /// After an attack: the provider's memory and data folder are back within bounds of where
+    /// they were idle, it has no process of any job left, nothing of a job's scratch (folders,
+    /// images, mounts) remains, and an honest job still runs and its output comes home.
     fn recovered(&self) -> Result<()> {
         let pid = self.provider.pid().context("the provider is not running")?;
+        let rss = self.provider_rss()?;
+        ensure!(
+            rss <= self.idle_rss + RSS_ALLOWANCE,
+            "the provider holds {} MiB after the attack, {} MiB when idle",
+            rss >> 20,
+            self.idle_rss >> 20
+        );
+        let grown = disk_used(&self.provider.data_dir())?.saturating_sub(self.idle_disk);
+        ensure!(grown <= DISK_ALLOWANCE, "the provider's data folder grew by {} MiB", grown >> 20);
         eventually(Duration::from_secs(10), "the jobs' processes to be gone", || {
             Ok(descendants(pid).is_empty().then_some(()))
         })
@@ -128,9 +150,7 @@ impl Lender {
 
 pub(crate) fn a_job_that_floods_its_output_leaves_the_provider_memory_bounded() -> Result<()> {
     let lender = Lender::start()?;
-    // Settled first: the provider's memory once the market is up and idle.
-    let before =
-        eventually(Duration::from_secs(10), "the provider's RSS", || lender.provider_rss().map(Some))?;
+    let before = lender.idle_rss;
     let id = lender.submit(
         "flood.toml",
         "kind = \"native\"\ncommand = [\"/usr/bin/yes\", \"a line the provider must not keep\"]\n\
