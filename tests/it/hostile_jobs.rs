@@ -2,14 +2,19 @@
 //! market job from a real consumer, both agents on loopback. Afterwards the provider's memory is
 //! back within bounds and an honest job still runs there.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use hearth_tests::jobs::JobDir;
-use hearth_tests::{Agent, eventually, json_of, rss_bytes};
+use hearth_tests::netns::Netns;
+use hearth_tests::{Agent, LOOPBACK_NETWORK, eventually, json_of, rss_bytes};
 use serde_json::Value;
 
-use crate::network::consumer_and_provider;
+use crate::network::{consumer_and_provider, wait_to_know, wait_to_know_offer};
 
 /// Every process below `pid`, from each process's parent in `/proc`.
 fn descendants(pid: u32) -> Vec<u32> {
@@ -66,6 +71,25 @@ const DISK_ALLOWANCE: u64 = 32 << 20;
 impl Lender {
     fn start() -> Result<Self> {
         let (consumer, provider) = consumer_and_provider()?;
+        Self::with(consumer, provider)
+    }
+
+    /// Both agents in network namespace `netns`, on its loopback, the provider with `env`.
+    fn start_in(netns: &Netns, env: &[(&str, &str)]) -> Result<Self> {
+        let consumer = Agent::start_in(netns, LOOPBACK_NETWORK)?;
+        let (bootstrap, consumer_id) = consumer.address().context("the consumer's address")?;
+        let provider =
+            Agent::start_in_with(netns, &format!("{LOOPBACK_NETWORK}bootstrap = [\"{bootstrap}\"]\n"), env)?;
+        let (_, provider_id) = provider.address().context("the provider's address")?;
+        wait_to_know(&consumer, &[&provider_id], Duration::from_secs(30))
+            .with_context(|| format!("the consumer knows the provider\n{}", consumer.log()))?;
+        wait_to_know(&provider, &[&consumer_id], Duration::from_secs(30))
+            .context("the provider knows the consumer")?;
+        wait_to_know_offer(&consumer, &provider_id).context("the consumer knows the provider's offer")?;
+        Self::with(consumer, provider)
+    }
+
+    fn with(consumer: Agent, provider: Agent) -> Result<Self> {
         let pid = provider.pid().context("the provider is not running")?;
         let idle_rss = eventually(Duration::from_secs(10), "the provider's RSS", || Ok(rss_bytes(pid)))?;
         let idle_disk = disk_used(&provider.data_dir())?;
@@ -391,5 +415,114 @@ pub(crate) fn a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path() -> Resul
         "the job saw the provider's data folder:\n{said}"
     );
     ensure!(said.lines().filter(|line| line.contains(" /work ")).count() == 1, "no /work in:\n{said}");
+    lender.recovered()
+}
+
+/// A resolver that answers every query for a name with `198.51.100.99` (and no address of other
+/// types), keeping every datagram it received, until the test drops it.
+struct Resolver {
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Resolver {
+    fn start(socket: std::net::UdpSocket) -> Result<Self> {
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (received, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+        let (kept, halt) = (Arc::clone(&received), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(120);
+            let mut buffer = [0u8; 1500];
+            while halt.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+                let Ok((length, from)) = socket.recv_from(&mut buffer) else { continue };
+                let query = buffer[..length].to_vec();
+                if let Some(answer) = answer(&query) {
+                    let _ = socket.send_to(&answer, from);
+                }
+                kept.lock().unwrap_or_else(PoisonError::into_inner).push(query);
+            }
+        });
+        Ok(Self { received, stop, thread: Some(thread) })
+    }
+
+    fn received(&self) -> Vec<Vec<u8>> {
+        self.received.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.stop.store(1, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The answer to a query: its header and question, and an A record when it asks for one.
+fn answer(query: &[u8]) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let end = end + 5;
+    let kind = u16::from_be_bytes([*query.get(end - 4)?, *query.get(end - 3)?]);
+    let mut answer = query.get(..end)?.to_vec();
+    answer[2] = 0x81;
+    answer[3] = 0x80;
+    answer[6..12].copy_from_slice(&[0, u8::from(kind == 1), 0, 0, 0, 0]);
+    if kind == 1 {
+        // The name by pointer to the question, type A, class IN, a minute, 4 bytes.
+        answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, 99]);
+    }
+    Some(answer)
+}
+
+pub(crate) fn only_dns_queries_reach_the_providers_resolver() -> Result<()> {
+    let machine = Netns::create("hr")?;
+    // The provider's resolver, on its LAN: a range no job may reach itself.
+    machine.ip(&["addr", "add", "192.168.78.53/32", "dev", "lo"])?;
+    let resolver = Resolver::start(machine.udp(SocketAddr::from(([192, 168, 78, 53], 53)))?)?;
+    let tcp = machine.listen(SocketAddr::from(([192, 168, 78, 53], 53)))?;
+    tcp.set_nonblocking(true)?;
+    let resolv_conf = tempfile::NamedTempFile::new()?;
+    std::fs::write(resolv_conf.path(), "nameserver 192.168.78.53\n")?;
+    let lender =
+        Lender::start_in(&machine, &[("HEARTH_RESOLV_CONF", resolv_conf.path().to_str().context("path")?)])?;
+    // A name through the job's resolver; then TCP to it, any bytes over UDP to it, and TCP to
+    // the provider's resolver directly.
+    let script = "ns=$(awk '/nameserver/ {print $2}' /etc/resolv.conf); echo resolver $ns; \
+        getent hosts probe.hearth.test || echo unresolved; \
+        if timeout 5 bash -c \\\"exec 3<>/dev/tcp/$ns/53\\\" 2>/dev/null; then echo tcp-open; else echo tcp-closed; fi; \
+        printf 'GET / HTTP/1.1\\\\r\\\\n\\\\r\\\\n' > /dev/udp/$ns/53 && echo sent; \
+        if timeout 5 bash -c 'exec 3<>/dev/tcp/192.168.78.53/53' 2>/dev/null; then echo direct-open; else echo direct-closed; fi; \
+        sleep 1";
+    let id = lender.submit(
+        "dns.toml",
+        &format!(
+            "kind = \"native\"\ncommand = [\"/bin/bash\", \"-c\", \"{script}\"]\nmax_price = 50\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n[limits]\ntime = \"60s\"\nnetwork = true\n"
+        ),
+    )?;
+    let job = lender.until_ended(&id, || Ok(()))?;
+    ensure!(job["state"] == "finished" && job["exit_code"] == 0, "the job: {job}");
+    let logs = lender.consumer.cli(&["job", "logs", &id])?;
+    let out = String::from_utf8_lossy(&logs.stdout).into_owned();
+    ensure!(
+        out.contains("198.51.100.99") && out.contains("probe.hearth.test"),
+        "the name did not resolve:\n{out}"
+    );
+    ensure!(out.contains("tcp-closed"), "TCP reached the job's resolver:\n{out}");
+    ensure!(out.contains("sent") && out.contains("direct-closed"), "{out}");
+    ensure!(tcp.accept().is_err(), "TCP reached the provider's resolver");
+    let received = resolver.received();
+    ensure!(!received.is_empty(), "the provider's resolver saw no query");
+    for datagram in &received {
+        ensure!(
+            datagram.len() >= 12 && datagram[2] & 0xf8 == 0 && !datagram.windows(4).any(|w| w == b"GET "),
+            "the provider's resolver got more than a query: {datagram:?}"
+        );
+    }
     lender.recovered()
 }

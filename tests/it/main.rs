@@ -428,8 +428,8 @@ fn main() {
         ),
         in_netns("job_network::network_is_off_unless_granted", job_network::network_is_off_unless_granted),
         in_netns(
-            "job_network::only_dns_queries_reach_the_hosts_resolver",
-            job_network::only_dns_queries_reach_the_hosts_resolver,
+            "hostile_jobs::only_dns_queries_reach_the_providers_resolver",
+            hostile_jobs::only_dns_queries_reach_the_providers_resolver,
         ),
     ];
     libtest_mimic::run(&args, trials).exit();

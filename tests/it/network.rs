@@ -8,7 +8,7 @@ use hearth_tests::{Agent, hearth, json_of};
 use serde_json::Value;
 
 pub(crate) fn json(agent: &Agent, args: &[&str]) -> Result<Value> {
-    json_of(&hearth(&agent.data_dir(), args)?)
+    json_of(&agent.cli(args)?)
 }
 
 /// The agent's first listen address, ending in /p2p/PEER_ID, and its peer id.

@@ -188,12 +188,17 @@ impl Agent {
     /// Starts a daemon in network namespace `netns` (its API is then on that namespace's
     /// loopback: talk to it with [`Agent::cli`]). `config` must have its own `[network]`.
     pub fn start_in(netns: &netns::Netns, config: &str) -> Result<Self> {
+        Self::start_in_with(netns, config, &[])
+    }
+
+    /// [`Agent::start_in`] with `env` set.
+    pub fn start_in_with(netns: &netns::Netns, config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let root = tempfile::tempdir()?;
         fs::create_dir(root.path().join("data"))?;
         fs::write(root.path().join("data").join("policy.toml"), ALWAYS_SHARE)?;
         fs::write(root.path().join("data").join("config.toml"), config)?;
-        let mut agent =
-            Self { root, child: None, generation: 0, env: Vec::new(), netns: Some(netns.name().to_owned()) };
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut agent = Self { root, child: None, generation: 0, env, netns: Some(netns.name().to_owned()) };
         agent.restart()?;
         Ok(agent)
     }
