@@ -333,10 +333,25 @@ pub(crate) fn kernel_disk_limit() -> Result<(), String> {
     if !std::path::Path::new("/dev/loop-control").exists() {
         return Err("no loop devices here (/dev/loop-control)".into());
     }
-    match hearth_tests::netns::installed("mkfs.ext4") {
-        true => Ok(()),
-        false => Err("mkfs.ext4 is not installed (`apt install e2fsprogs`)".into()),
+    if !hearth_tests::netns::installed("mkfs.ext4") {
+        return Err("mkfs.ext4 is not installed (`apt install e2fsprogs`)".into());
     }
+    // As the agent does: a container may show the loop driver but refuse its devices.
+    let trial = || -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (image, mount_point) = (dir.path().join("trial.img"), dir.path().join("mnt"));
+        std::fs::File::create(&image)?.set_len(8 << 20)?;
+        std::fs::create_dir(&mount_point)?;
+        let run = |program: &str, args: &[&std::ffi::OsStr]| -> Result<()> {
+            let output = std::process::Command::new(program).args(args).output()?;
+            ensure!(output.status.success(), "{program}: {}", String::from_utf8_lossy(&output.stderr).trim());
+            Ok(())
+        };
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), image.as_os_str()])?;
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount_point.as_os_str()])?;
+        run("umount", &[mount_point.as_os_str()])
+    };
+    trial().map_err(|error| format!("a disk image cannot be mounted here: {error:#}"))
 }
 
 /// The bytes each `dd` of `text` says it copied.

@@ -161,8 +161,8 @@ pub struct Runner {
     jobs_dir: PathBuf,
     cache_dir: PathBuf,
     engine: OnceLock<wasmtime::Engine>,
-    /// How a job's disk is limited on this machine.
-    disk: disk::Limit,
+    /// How a job's disk is limited on this machine, found out when first needed.
+    disk: OnceLock<disk::Limit>,
     /// Who a job's users are on the host.
     ids: IdMap,
 }
@@ -171,13 +171,32 @@ impl Runner {
     /// A runner keeping job folders under `jobs_dir`, compiled modules and unpacked images under
     /// `cache_dir`, and starting the sandbox through `exe` (the `hearth` binary).
     pub fn new(exe: PathBuf, jobs_dir: PathBuf, cache_dir: PathBuf) -> Self {
-        let (disk, ids) = (disk::Limit::for_this_host(), IdMap::for_this_agent());
-        Self { exe, jobs_dir, cache_dir, engine: OnceLock::new(), disk, ids }
+        let ids = IdMap::for_this_agent();
+        Self { exe, jobs_dir, cache_dir, engine: OnceLock::new(), disk: OnceLock::new(), ids }
     }
 
-    /// Why a job's disk is not a limit the kernel enforces here, if it is not.
+    /// How a job's disk is limited here; the first call tries an image in the jobs folder.
+    fn disk_limit(&self) -> &disk::Limit {
+        self.disk.get_or_init(|| match self.make_jobs_dir() {
+            Ok(()) => disk::Limit::for_this_host(&self.jobs_dir),
+            Err(error) => disk::Limit::Watched { why: format!("{error:#}") },
+        })
+    }
+
+    /// The folder of every job, private to the agent's user: job folders hold other people's
+    /// inputs and outputs.
+    fn make_jobs_dir(&self) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.jobs_dir)
+            .with_context(|| format!("creating {}", self.jobs_dir.display()))
+    }
+
+    /// Why a job's disk is not a limit the kernel enforces here, if it is not. Blocks for the
+    /// first call's trial mount.
     pub fn disk_not_enforced(&self) -> Option<&str> {
-        match &self.disk {
+        match self.disk_limit() {
             disk::Limit::Kernel { .. } => None,
             disk::Limit::Watched { why } => Some(why),
         }
@@ -274,19 +293,15 @@ impl Runner {
             true => Some(tokio::task::spawn_blocking(NetworkPlan::for_this_host).await??),
             false => None,
         };
-        // Private to the agent's user: job folders hold other people's inputs and outputs.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.jobs_dir)
-            .with_context(|| format!("creating {}", self.jobs_dir.display()))?;
+        self.make_jobs_dir()?;
         fs::create_dir(job_dir).with_context(|| format!("creating the job folder {}", job_dir.display()))?;
         // `out/` receives the outputs once the job is dead; until then they are in the scratch.
         for name in ["in", "out", "root"] {
             fs::create_dir(job_dir.join(name))?;
         }
         let (staged, owner) = (job_dir.to_owned(), self.ids.host_root());
-        let (inputs, disk, bytes) = (spec.inputs.clone(), self.disk.clone(), spec.resources.disk_bytes);
+        let (inputs, disk, bytes) =
+            (spec.inputs.clone(), self.disk_limit().clone(), spec.resources.disk_bytes);
         tokio::task::spawn_blocking(move || {
             disk::create(&staged, bytes, &disk, owner)?;
             stage_inputs(&inputs, &staged.join("in"), owner)

@@ -5,7 +5,8 @@
 //! job writes: a file it unlinked but keeps open counts, and no burst between two measurements
 //! gets through. The image file is sparse, so it takes on the host only what the job wrote, and
 //! never more than its size. Mounting a block file system takes root, so an agent running as its
-//! user (the desktop's) keeps a plain folder, and the runner's watcher is the only limit there.
+//! user (the desktop's), or on a machine where a trial image does not mount, keeps a plain
+//! folder, and the runner's watcher is the only limit there.
 //!
 //! Once the job is dead its outputs are copied to the job folder's `out/`, and the image is
 //! unmounted and deleted.
@@ -37,8 +38,10 @@ pub(crate) enum Limit {
 }
 
 impl Limit {
-    /// What this machine allows: an image needs root, the loop driver and `mkfs.ext4`.
-    pub(crate) fn for_this_host() -> Self {
+    /// What this machine allows: an image needs root, the loop driver and `mkfs.ext4`, and then
+    /// a small one is made and mounted in `dir`, which must exist, to be sure (a container may
+    /// show the loop driver but refuse its devices).
+    pub(crate) fn for_this_host(dir: &Path) -> Self {
         if !nix::unistd::geteuid().is_root() {
             return Self::Watched {
                 why: "the agent does not run as root, which mounting an image needs".into(),
@@ -47,11 +50,22 @@ impl Limit {
         if !Path::new("/dev/loop-control").exists() {
             return Self::Watched { why: "this machine has no loop devices (/dev/loop-control)".into() };
         }
-        match find_program("mkfs.ext4") {
-            Some(mkfs) => Self::Kernel { mkfs },
-            None => {
-                Self::Watched { why: "mkfs.ext4 is not installed (Debian: `apt install e2fsprogs`)".into() }
-            }
+        let Some(mkfs) = find_program("mkfs.ext4") else {
+            return Self::Watched {
+                why: "mkfs.ext4 is not installed (Debian: `apt install e2fsprogs`)".into(),
+            };
+        };
+        let probe = || -> anyhow::Result<()> {
+            let trial = tempfile::Builder::new().prefix(".disk-probe-").tempdir_in(dir)?;
+            let scratch = trial.path().join(SCRATCH);
+            fs::create_dir(&scratch)?;
+            let mounted = mount_image(trial.path(), &scratch, 1 << 20, &mkfs);
+            remove(trial.path())?;
+            mounted
+        };
+        match probe() {
+            Ok(()) => Self::Kernel { mkfs },
+            Err(error) => Self::Watched { why: format!("a disk image cannot be mounted here: {error:#}") },
         }
     }
 }
@@ -151,7 +165,8 @@ mod tests {
     /// An image of any disk size leaves the job at least that size free.
     #[test]
     fn the_image_leaves_the_whole_disk_free_and_no_more_than_it_took() {
-        let Limit::Kernel { mkfs } = Limit::for_this_host() else {
+        let probed = tempfile::tempdir().expect("tempdir");
+        let Limit::Kernel { mkfs } = Limit::for_this_host(probed.path()) else {
             eprintln!(
                 "SKIPPED the_image_leaves_the_whole_disk_free: no kernel limit here (not root, or no loop)"
             );
