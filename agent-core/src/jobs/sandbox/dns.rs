@@ -218,8 +218,8 @@ fn serve(inside: &UdpSocket, upstream: &UdpSocket) {
             let answer = &mut buffer[..length];
             let is_answer = length >= 12 && answer[2] & 0x80 != 0;
             let id = u16::from_be_bytes([answer[0], answer.get(1).copied().unwrap_or(0)]);
-            if is_answer && let Some(at) = in_flight.iter().position(|query| query.ours == id) {
-                let query = in_flight.remove(at).unwrap_or_else(|| unreachable!("found at {at}"));
+            let at = in_flight.iter().position(|query| query.ours == id);
+            if is_answer && let Some(query) = at.and_then(|at| in_flight.remove(at)) {
                 answer[..2].copy_from_slice(&query.theirs);
                 let _ = inside.send_to(answer, query.client);
             }
