@@ -376,6 +376,47 @@ mod tests {
     }
 
     #[test]
+    fn outputs_copied_out_of_an_image_keep_their_tree_at_any_depth() {
+        use nix::sys::stat::mkdirat;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        fs::create_dir(&from).expect("mkdir");
+        fs::create_dir(&to).expect("mkdir");
+        fs::write(from.join("top.txt"), b"top").expect("write");
+        fs::create_dir(from.join("side")).expect("mkdir");
+        fs::write(from.join("side/run.sh"), b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(from.join("side/run.sh"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut here = Dir::open(&from, flags, Mode::empty()).expect("open");
+        for _ in 0..3000 {
+            mkdirat(&here, "a", Mode::from_bits_truncate(0o755)).expect("mkdirat");
+            here = Dir::openat(&here, "a", flags, Mode::empty()).expect("openat");
+        }
+        let bottom = nix::fcntl::openat(
+            &here,
+            "bottom",
+            OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .expect("create");
+        nix::unistd::write(&bottom, b"deep").expect("write");
+
+        copy_outputs(&from, &to).expect("copy");
+        assert_eq!(fs::read(to.join("top.txt")).expect("top"), b"top");
+        let mode = fs::metadata(to.join("side/run.sh")).expect("run.sh").permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "the mode is kept");
+        let mut there = Dir::open(&to, flags, Mode::empty()).expect("open");
+        for _ in 0..3000 {
+            there = Dir::openat(&there, "a", flags, Mode::empty()).expect("the copy is as deep");
+        }
+        let file = nix::fcntl::openat(&there, "bottom", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .expect("bottom");
+        let mut read = String::new();
+        io::Read::read_to_string(&mut fs::File::from(file), &mut read).expect("read");
+        assert_eq!(read, "deep");
+    }
+
+    #[test]
     fn sparse_files_count_at_their_full_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::create_dir(dir.path().join("a")).expect("mkdir");
