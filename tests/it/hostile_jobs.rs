@@ -402,7 +402,7 @@ pub(crate) fn a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path() -> Resul
     let lender = Lender::start()?;
     let script = "cat /proc/slabinfo >/dev/null 2>&1 && echo slabinfo-readable; \
                   cat /proc/self/uid_map; tr '\\\\0' ' ' </proc/1/cmdline; echo; \
-                  grep -E ' /(out|work|tmp) ' /proc/self/mountinfo";
+                  grep -E ' /(in|out|work|tmp) ' /proc/self/mountinfo";
     let id = lender.submit(
         "nobody.toml",
         &format!(
@@ -429,7 +429,9 @@ pub(crate) fn a_jobs_root_is_nobody_on_the_host_and_sees_no_host_path() -> Resul
         !said.contains(data_dir.to_str().context("path")?),
         "the job saw the provider's data folder:\n{said}"
     );
-    ensure!(said.lines().filter(|line| line.contains(" /work ")).count() == 1, "no /work in:\n{said}");
+    for folder in [" /in ", " /work "] {
+        ensure!(said.lines().filter(|line| line.contains(folder)).count() == 1, "no{folder}in:\n{said}");
+    }
     lender.recovered()
 }
 

@@ -230,7 +230,7 @@ impl Runner {
             }
             let job_dir = entry.path();
             let mut had = false;
-            for name in ["in", sandbox::SCRATCH, "root"] {
+            for name in [sandbox::SCRATCH, "root"] {
                 let dir = job_dir.join(name);
                 if fs::symlink_metadata(&dir).is_ok() {
                     had = true;
@@ -296,15 +296,20 @@ impl Runner {
         self.make_jobs_dir()?;
         fs::create_dir(job_dir).with_context(|| format!("creating the job folder {}", job_dir.display()))?;
         // `out/` receives the outputs once the job is dead; until then they are in the scratch.
-        for name in ["in", "out", "root"] {
+        for name in ["out", "root"] {
             fs::create_dir(job_dir.join(name))?;
         }
         let (staged, owner) = (job_dir.to_owned(), self.ids.host_root());
         let (inputs, disk, bytes) =
             (spec.inputs.clone(), self.disk_limit().clone(), spec.resources.disk_bytes);
         tokio::task::spawn_blocking(move || {
-            disk::create(&staged, bytes, &disk, owner)?;
-            stage_inputs(&inputs, &staged.join("in"), owner)
+            // The inputs are in the scratch too, read-only to the job, so an image holds them
+            // beside the job's disk.
+            let input_bytes = inputs
+                .iter()
+                .try_fold(0u64, |sum, input| Ok::<_, io::Error>(sum.saturating_add(tree_bytes(input)?)))?;
+            let scratch = disk::create(&staged, bytes, input_bytes, &disk, owner)?;
+            stage_inputs(&inputs, &scratch.join("in"), owner)
         })
         .await??;
         let payload = self.payload(spec).await?;
@@ -601,10 +606,8 @@ fn local_run_alive(name: &str) -> bool {
 /// allocated blocks into gigabytes of blob store.
 fn clean_up(job_dir: &Path, disk: u64) -> Result<(), String> {
     let scratch_dir = job_dir.join(sandbox::SCRATCH);
-    for dir in [job_dir.join("in"), scratch_dir.clone()] {
-        if let Err(error) = scratch::reclaim(&dir) {
-            warn!(dir = %dir.display(), %error, "cannot reclaim a job folder");
-        }
+    if let Err(error) = scratch::reclaim(&scratch_dir) {
+        warn!(dir = %scratch_dir.display(), %error, "cannot reclaim a job's scratch");
     }
     let (scratch_out, out) = (scratch_dir.join("out"), job_dir.join("out"));
     let outputs = match scratch::sanitize_outputs(&scratch_out) {
@@ -634,13 +637,11 @@ fn clean_up(job_dir: &Path, disk: u64) -> Result<(), String> {
     outputs
 }
 
-/// Removes a dead job's `in/`, `root/` and scratch (unmounting its image).
+/// Removes a dead job's `root/` and scratch (unmounting its image).
 fn remove_scratch(job_dir: &Path) -> io::Result<()> {
-    for name in ["in", "root"] {
-        match fs::remove_dir_all(job_dir.join(name)) {
-            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
-            _ => {}
-        }
+    match fs::remove_dir_all(job_dir.join("root")) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
     }
     disk::remove(job_dir)
 }
@@ -734,6 +735,16 @@ fn stage_inputs(inputs: &[PathBuf], into: &Path, owner: Option<u32>) -> anyhow::
             .with_context(|| format!("staging input {}", input.display()))?;
     }
     Ok(())
+}
+
+/// The bytes of the regular files in `path` (a file, or a folder and all below it, links not
+/// followed), at their logical size.
+fn tree_bytes(path: &Path) -> io::Result<u64> {
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(if meta.is_file() { meta.len() } else { 0 });
+    }
+    fs::read_dir(path)?.try_fold(0u64, |sum, entry| Ok(sum.saturating_add(tree_bytes(&entry?.path())?)))
 }
 
 fn copy_tree(from: &Path, to: &Path, owner: Option<u32>) -> io::Result<()> {

@@ -65,7 +65,8 @@ pub const PLAN_FILE: &str = "sandbox.json";
 /// The file in the job folder where slirp4netns, for a job granted network, writes what it says.
 pub const NETWORK_LOG: &str = "network.log";
 
-/// The folder in the job folder holding `out`, `work` and `tmp`: all the job may write.
+/// The folder in the job folder holding `out`, `work` and `tmp`, all the job may write, and
+/// `in`, its inputs.
 pub const SCRATCH: &str = "scratch";
 
 /// The resolver file a job granted network gets, written by the shim into the job folder.
@@ -86,7 +87,7 @@ const MAX_OPEN_FILES: u64 = 4096;
 /// Everything the shim and init need, written by the runner as JSON into the job folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    /// The job folder on the host, holding `in`, `root` and [`SCRATCH`].
+    /// The job folder on the host, holding `root` and [`SCRATCH`].
     pub job_dir: PathBuf,
     /// Who the job's users are on the host.
     pub ids: ids::IdMap,

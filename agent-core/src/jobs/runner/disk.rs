@@ -1,4 +1,5 @@
-//! The job's writable space, `scratch/` in its folder, holding `out`, `work` and `tmp`.
+//! The job's scratch, `scratch/` in its folder: `out`, `work` and `tmp`, all it may write, and
+//! `in`, its inputs.
 //!
 //! Where the kernel can enforce it, `scratch/` is a file system of its own: an ext4 image the size
 //! of the job's disk, loop-mounted `nosuid,nodev`. A write past it fails with `ENOSPC`, however the
@@ -25,7 +26,8 @@ use crate::jobs::sandbox::{SCRATCH, find_program};
 /// The image file behind [`SCRATCH`], next to it.
 const IMAGE: &str = "scratch.img";
 
-/// The folders of the scratch the job writes, bound at `/out`, `/work` and `/tmp` inside.
+/// The folders of the scratch the job writes, bound at `/out`, `/work` and `/tmp` inside (its
+/// `in`, bound read-only at `/in`, is the inputs').
 pub(crate) const WRITABLE: [&str; 3] = ["out", "work", "tmp"];
 
 /// How the scratch is limited on this machine.
@@ -77,18 +79,21 @@ pub(crate) fn image_bytes(disk: u64) -> u64 {
 }
 
 /// Makes `job_dir/scratch` with `out`, `work` and `tmp` in it, owned by `owner` (the uid and gid
-/// the job's root is on the host) when it is not the agent's user.
+/// the job's root is on the host) when it is not the agent's user, and `in` for `inputs` bytes
+/// of inputs (which an image holds beside the job's `disk`).
 pub(crate) fn create(
     job_dir: &Path,
     disk: u64,
+    inputs: u64,
     limit: &Limit,
     owner: Option<u32>,
 ) -> anyhow::Result<PathBuf> {
     let scratch = job_dir.join(SCRATCH);
     fs::create_dir(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     if let Limit::Kernel { mkfs } = limit {
-        mount_image(job_dir, &scratch, disk, mkfs)?;
+        mount_image(job_dir, &scratch, disk.saturating_add(inputs), mkfs)?;
     }
+    fs::create_dir(scratch.join("in")).context("creating the inputs' folder")?;
     for name in WRITABLE {
         let dir = scratch.join(name);
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -99,7 +99,7 @@ pub(super) fn enter(plan: &Plan, image: &RootFs) -> anyhow::Result<()> {
     add_driver(&root, &plan.driver)?;
     let scratch = job_dir.join(super::SCRATCH);
     for (source, name, access) in [
-        (job_dir.join("in"), "in", Access::ReadOnly),
+        (scratch.join("in"), "in", Access::ReadOnly),
         (scratch.join("out"), "out", Access::ReadWrite),
         (scratch.join("work"), "work", Access::ReadWrite),
         (scratch.join("tmp"), "tmp", Access::ReadWrite),
