@@ -95,7 +95,7 @@ impl Detector {
     /// recent than that, so even the first call reports a real CPU usage.
     pub fn refresh(&mut self, data_dir: &Path) -> Resources {
         Resources {
-            cpu: self.cpu(),
+            cpu: self.cpu(Usage::Sampled),
             memory: self.memory(),
             disk: self.disk(data_dir),
             os: os(),
@@ -103,17 +103,31 @@ impl Detector {
         }
     }
 
-    fn cpu(&mut self) -> Cpu {
+    /// The machine's size, as [`Detector::refresh`] reads it but at once: the CPU's usage is
+    /// left at 0 rather than waited for. What a caller needs that only asks whether a job fits.
+    pub fn size(&mut self, data_dir: &Path) -> Resources {
+        Resources {
+            cpu: self.cpu(Usage::Skipped),
+            memory: self.memory(),
+            disk: self.disk(data_dir),
+            os: os(),
+            gpus: self.gpus(),
+        }
+    }
+
+    fn cpu(&mut self, usage: Usage) -> Cpu {
         let Some(system) = self.system.as_mut() else {
             let threads = logical_cpus(0);
             return Cpu { model: String::new(), cores: threads, threads, usage_percent: 0.0 };
         };
-        let since = self.cpu_sampled_at.elapsed();
-        if let Some(wait) = MINIMUM_CPU_UPDATE_INTERVAL.checked_sub(since) {
-            std::thread::sleep(wait);
+        if usage == Usage::Sampled {
+            let since = self.cpu_sampled_at.elapsed();
+            if let Some(wait) = MINIMUM_CPU_UPDATE_INTERVAL.checked_sub(since) {
+                std::thread::sleep(wait);
+            }
+            system.refresh_cpu_usage();
+            self.cpu_sampled_at = Instant::now();
         }
-        system.refresh_cpu_usage();
-        self.cpu_sampled_at = Instant::now();
 
         let threads = logical_cpus(system.cpus().len());
         let cores = System::physical_core_count()
@@ -125,7 +139,10 @@ impl Detector {
             model: system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default(),
             cores,
             threads,
-            usage_percent: system.global_cpu_usage(),
+            usage_percent: match usage {
+                Usage::Sampled => system.global_cpu_usage(),
+                Usage::Skipped => 0.0,
+            },
         }
     }
 
@@ -174,6 +191,13 @@ impl Detector {
             }
         }
     }
+}
+
+/// Whether a CPU reading waits for a usage sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usage {
+    Sampled,
+    Skipped,
 }
 
 /// Reads this machine's resources once; see [`Detector::refresh`]. Takes at least

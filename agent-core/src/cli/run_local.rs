@@ -15,7 +15,8 @@ use super::terminal::{Decoder, Terminal, shown};
 
 pub(crate) fn run(paths: &Paths, spec_path: &Path, terminal: Terminal) -> anyhow::Result<ExitCode> {
     let spec = JobSpec::load(spec_path)?;
-    let machine = resources::detect(&paths.data_dir);
+    // Its size only: a usage sample would cost every local run 200 ms.
+    let machine = resources::Detector::new().size(&paths.data_dir);
     fits(&spec, &machine)?;
     let gpus = grant_gpus(&machine, spec.resources.gpus)?;
     let runner = Runner::for_data_dir(&paths.data_dir);
