@@ -286,4 +286,4 @@ pub fn export_file(
 #[cfg(test)]
 mod model;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

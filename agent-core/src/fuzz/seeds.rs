@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::{SEED_NOW, corpus_dir};
 use crate::identity::Identity;
 use crate::ledger::record::{self, CHECKPOINT_TAG, Kind, Receipt, ReceiptBody, Usage};
+use crate::ledger::tests::identity_from;
 use crate::ledger::{Ledger, Mode};
 use crate::net::advert::{self, Prices};
 use crate::net::negotiate::{
@@ -17,16 +18,6 @@ use crate::net::negotiate::{
     Signed, VERSION,
 };
 use crate::transfer::{store, wire};
-
-/// An identity from a fixed key, the same on every run.
-fn identity(seed: u8) -> Identity {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = dir.path().join("identity.key");
-    fs::write(&key, [seed; 32]).expect("key");
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("mode");
-    Identity::load_or_create(dir.path()).expect("identity").0
-}
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = corpus_dir(target);
@@ -43,7 +34,7 @@ fn signed(identity: &Identity, tag: crate::identity::DomainTag, body: Value) -> 
 }
 
 pub(super) fn write_all() {
-    let (consumer, provider) = (identity(1), identity(2));
+    let (consumer, provider) = (identity_from(1), identity_from(2));
     let (c, p) = (consumer.peer_id().to_string(), provider.peer_id().to_string());
     let allocation = json!({ "cpu_millis": 1000, "memory_bytes": 1 << 28, "disk_bytes": 1 << 30, "gpus": 0, "vram_bytes": 0 });
     let prices = json!({ "core_hour": 1000, "memory_gib_hour": 100, "gpu_hour": 0 });

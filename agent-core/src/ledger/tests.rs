@@ -19,7 +19,7 @@ fn identity() -> Identity {
 }
 
 /// The identity of a fixed key, the same on every run.
-pub(super) fn identity_from(seed: u8) -> Identity {
+pub(crate) fn identity_from(seed: u8) -> Identity {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("identity.key");
