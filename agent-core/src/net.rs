@@ -16,6 +16,7 @@
 
 pub mod advert;
 mod event_loop;
+pub mod inbound;
 pub mod negotiate;
 mod swarm;
 
@@ -120,6 +121,7 @@ pub struct Network {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     streams: libp2p_stream::Control,
+    inbound: inbound::Control,
 }
 
 impl std::fmt::Debug for Network {
@@ -147,6 +149,7 @@ impl Network {
         let bootstrap = parse_all("network.bootstrap", &config.bootstrap)?;
         let mut swarm = build_swarm(identity, config)?;
         let streams = swarm.behaviour().streams.new_control();
+        let accepting = swarm.behaviour().inbound.control();
         for address in listen {
             swarm
                 .listen_on(address.clone())
@@ -185,7 +188,8 @@ impl Network {
         };
         let task_stop = stop.clone();
         let task = tokio::spawn(async move { event_loop.run(task_stop).await });
-        Ok((Self { commands, peer_id: identity.peer_id(), streams }, NetworkTask { stop, task }, inbound_rx))
+        let network = Self { commands, peer_id: identity.peer_id(), streams, inbound: accepting };
+        Ok((network, NetworkTask { stop, task }, inbound_rx))
     }
 
     /// This agent's peer id.
@@ -193,11 +197,20 @@ impl Network {
         self.peer_id
     }
 
-    /// Opens and accepts raw streams of protocols served outside the event loop (blob transfer).
-    /// Opening a stream to a peer dials it when no connection exists.
+    /// Opens raw streams of protocols served outside the event loop (blob transfer). Opening a
+    /// stream to a peer dials it when no connection exists.
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
     }
+    /// Serves `protocol` outside the event loop: its inbound streams arrive on the receiver, up
+    /// to [`inbound::QUEUE`] waiting, until the receiver drops.
+    pub fn accept(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<mpsc::Receiver<inbound::Incoming>, inbound::AlreadyServed> {
+        self.inbound.accept(protocol)
+    }
+
 
     /// The addresses the swarm listens on, each ending in `/p2p/PEER_ID`.
     pub async fn listen_addrs(&self) -> Vec<String> {

@@ -7,7 +7,8 @@
 //! - Serving: every incoming stream is answered on its own task, at most [`MAX_SERVES`] at once
 //!   (more are told `busy`). A blob is served only to a peer it was granted to ([`Transfers::grant`];
 //!   a folder's grant covers its files); anything else is `not found`, the same answer as for a
-//!   blob that is not here.
+//!   blob that is not here. Every whole answer ends with a clean close (see [`serve`]); streams
+//!   come from [`Network::accept`], which queues them while the server is busy.
 //! - Fetching: [`Transfers::fetch`] records the fetch in SQLite and runs it; after a restart the
 //!   daemon resumes every fetch that had not ended. A fetch asks only for the chunks the store
 //!   does not hold yet, checks every group on arrival and writes only verified data. A group that
@@ -29,7 +30,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use libp2p::futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -140,7 +140,7 @@ impl Transfers {
         events: Bus,
         cancel: &CancellationToken,
     ) -> Result<(Self, TransfersTask), TransferError> {
-        let mut incoming = network.streams().accept(BLOB_PROTOCOL).map_err(|_| TransferError::Registered)?;
+        let mut incoming = network.accept(BLOB_PROTOCOL).map_err(|_| TransferError::Registered)?;
         let inner = Arc::new(Inner {
             blobs,
             db,
@@ -158,7 +158,7 @@ impl Transfers {
             loop {
                 tokio::select! {
                     () = server.stop.cancelled() => break,
-                    next = incoming.next() => match next {
+                    next = incoming.recv() => match next {
                         Some((peer, stream)) => {
                             let inner = Arc::clone(&server);
                             server.tasks.spawn(async move { serve::serve(inner, peer, stream).await });

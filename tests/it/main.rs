@@ -31,6 +31,7 @@ mod protocol;
 mod resources;
 mod submit_by_content;
 mod transfer;
+mod wire;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -400,6 +401,10 @@ fn main() {
         trial(
             "hostile_market::tampered_and_unsigned_documents_are_rejected",
             hostile_market::tampered_and_unsigned_documents_are_rejected,
+        trial(
+            "wire::every_blob_answer_ends_with_a_clean_close",
+            wire::every_blob_answer_ends_with_a_clean_close,
+        ),
         ),
         sandboxed(
             "market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home",

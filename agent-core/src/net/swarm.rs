@@ -14,8 +14,8 @@ use libp2p::{
     tcp, yamux,
 };
 
-use super::advert;
 use super::{ADVERT_TOPIC, KAD_PROTOCOL, NEGOTIATE_TIMEOUT, NetError, negotiate};
+use super::{advert, inbound};
 use crate::config::NetworkConfig;
 use crate::identity::Identity;
 
@@ -43,8 +43,10 @@ pub(super) struct Behaviour {
     pub(super) gossipsub: gossipsub::Behaviour,
     pub(super) autonat: autonat::Behaviour,
     pub(super) dcutr: dcutr::Behaviour,
-    /// Raw streams for protocols served outside the event loop (blob transfer).
+    /// Raw streams for protocols served outside the event loop (blob transfer): outbound here,
     pub(super) streams: libp2p_stream::Behaviour,
+    /// inbound here, queued rather than reset while the server is busy.
+    pub(super) inbound: inbound::Behaviour,
     pub(super) negotiate: request_response::json::Behaviour<negotiate::Message, negotiate::Reply>,
 }
 
@@ -112,6 +114,7 @@ pub(super) fn build_swarm(identity: &Identity, config: &NetworkConfig) -> Result
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 streams: libp2p_stream::Behaviour::new(),
+                inbound: inbound::Behaviour::default(),
                 negotiate: request_response::json::Behaviour::new(
                     [(negotiate::PROTOCOL, ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(NEGOTIATE_TIMEOUT),

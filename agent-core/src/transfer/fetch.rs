@@ -14,6 +14,7 @@ use bao_tree::{BaoTree, ChunkRanges};
 use libp2p::PeerId;
 use libp2p::futures::{TryStreamExt, stream};
 use positioned_io::WriteAt;
+use tokio::io::AsyncWriteExt as _;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
@@ -356,6 +357,8 @@ async fn attempt(
     let mut stream = Idle::new(stream.compat());
     let lost = |e: wire::WireError| Attempt::Retry(format!("the stream failed: {e}"));
     Request { hash, ranges: ranges.clone() }.write(&mut stream).await.map_err(lost)?;
+    // Nothing more is sent: the sender may read to the end of its side.
+    stream.shutdown().await.map_err(|e| lost(e.into()))?;
     let size = match Answer::read(&mut stream).await.map_err(lost)? {
         Answer::Ok { size } => size,
         Answer::Refused { status: Status::Busy, reason } => {
