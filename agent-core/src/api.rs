@@ -53,12 +53,13 @@ use crate::jobs::supervisor::read_log;
 use crate::jobs::{JobAction, JobRecord, Stream, Supervisor};
 use crate::ledger::Ledger;
 use crate::market::Market;
-use crate::net::{AdvertBody, Network, PeerInfo};
+use crate::net::{Network, PeerInfo};
 use crate::packages::Packages;
 use crate::resources::Resources;
 use crate::transfer::{Fetch, FetchRequest, Imported, Transfers};
 use crate::uploads::Uploads;
 use hearth_api::jobs::OwnerNotice;
+use hearth_api::market::Offer;
 
 /// What stays fixed for one daemon run; the rest of [`Status`] is read when asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,13 +271,19 @@ async fn connect_peer(
     Ok(Json(state.network.connect(&body.target).await.map_err(error::ApiError::from)?))
 }
 
-/// The valid, unexpired capacity adverts this agent knows, its own included.
+/// The valid, unexpired capacity adverts this agent knows, its own included, each with the signed
+/// message it came in (`signed`), which a client can verify itself.
 #[utoipa::path(get, path = "/api/v1/offers", responses(
-    (status = 200, body = Vec<AdvertBody>),
+    (status = 200, body = Vec<Offer>),
     (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)
 ))]
-async fn get_offers(State(state): State<ApiState>) -> Json<Vec<AdvertBody>> {
-    Json(state.network.offers().await)
+async fn get_offers(State(state): State<ApiState>) -> Json<Vec<Offer>> {
+    let offers = state.network.adverts().await.into_iter().map(|advert| Offer {
+        // Valid UTF-8: it parsed as JSON, or this agent wrote it.
+        signed: String::from_utf8_lossy(&advert.wire).into_owned(),
+        body: advert.body,
+    });
+    Json(offers.collect())
 }
 
 /// Keeps an ended job's outputs in the blob store (a folder blob, tag `results-ID`); answers the

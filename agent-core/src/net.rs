@@ -92,7 +92,7 @@ enum Command {
     Reachability(oneshot::Sender<Reachability>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Connect(PeerId, Option<Multiaddr>, oneshot::Sender<Result<PeerInfo, ConnectError>>),
-    Offers(oneshot::Sender<Vec<AdvertBody>>),
+    Offers(oneshot::Sender<Vec<Advert>>),
     Publish(Box<AdvertBody>),
     Negotiate(PeerId, Box<negotiate::Message>, oneshot::Sender<Result<negotiate::Reply, String>>),
 }
@@ -180,8 +180,7 @@ impl Network {
             relay_backoff: HashMap::new(),
             connecting: HashMap::new(),
             offers: BTreeMap::new(),
-            own: None,
-            republish_at: None,
+            own: advert::Pacer::new(advert::Pace::default()),
             inbound,
             outbound: HashMap::new(),
             answers: FuturesUnordered::new(),
@@ -202,6 +201,7 @@ impl Network {
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
     }
+
     /// Serves `protocol` outside the event loop: its inbound streams arrive on the receiver, up
     /// to [`inbound::QUEUE`] waiting, until the receiver drops.
     pub fn accept(
@@ -210,7 +210,6 @@ impl Network {
     ) -> Result<mpsc::Receiver<inbound::Incoming>, inbound::AlreadyServed> {
         self.inbound.accept(protocol)
     }
-
 
     /// The addresses the swarm listens on, each ending in `/p2p/PEER_ID`.
     pub async fn listen_addrs(&self) -> Vec<String> {
@@ -249,11 +248,18 @@ impl Network {
 
     /// The valid, unexpired adverts known, own included.
     pub async fn offers(&self) -> Vec<AdvertBody> {
+        self.adverts().await.into_iter().map(|advert| advert.body).collect()
+    }
+
+    /// The valid, unexpired adverts known, own included, each with the signed bytes it came in.
+    pub async fn adverts(&self) -> Vec<Advert> {
         self.ask(Command::Offers).await.unwrap_or_default()
     }
 
-    /// Signs and publishes this agent's advert now, and again (with a new sequence number, so no
-    /// receiver takes it for a replay) whenever a peer joins.
+    /// Hands this agent's current advert to the network, which signs and publishes it when it
+    /// differs from the last one published in a way a consumer acts on, at a bounded rate, and
+    /// again before it expires or when a peer joins (see [`advert::Pacer`]); each with a new
+    /// sequence number, so no receiver takes it for a replay.
     pub async fn publish(&self, body: AdvertBody) {
         let _ = self.commands.send(Command::Publish(Box::new(body))).await;
     }

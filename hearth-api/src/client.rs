@@ -28,7 +28,7 @@ use crate::discovery::{API_INFO_FILE, API_TOKEN_FILE, ApiInfo, ApiToken, Discove
 use crate::error::ErrorBody;
 use crate::jobs::{JobAction, JobRecord, LogChunk, OwnerNotice, Stream};
 use crate::ledger::{Earnings, Period, Report};
-use crate::market::{AdvertBody, HeldReservation, RemoteJob};
+use crate::market::{HeldReservation, Offer, RemoteJob};
 use crate::package::RequestStatus;
 use crate::peers::PeerInfo;
 use crate::resources::Resources;
@@ -281,8 +281,8 @@ impl Client {
         self.send(self.http.post(self.url("/api/v1/peers")).json(&body)).await
     }
 
-    /// `GET /api/v1/offers`.
-    pub async fn offers(&self) -> Result<Vec<AdvertBody>, ClientError> {
+    /// `GET /api/v1/offers`: each advert known, with the signed message it was read from.
+    pub async fn offers(&self) -> Result<Vec<Offer>, ClientError> {
         self.get("/api/v1/offers").await
     }
 

@@ -38,6 +38,30 @@ pub struct AdvertBody {
     pub reputation: Reputation,
 }
 
+/// A capacity advert as `GET /api/v1/offers` and `hearth offers --json` show it: the body's
+/// fields, and the signed message they were read from, so a client can check the signature
+/// itself (docs/api.md, "Verifying an offer").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Offer {
+    /// The advert's fields, as this agent read them from `signed`.
+    #[serde(flatten)]
+    pub body: AdvertBody,
+    /// The advert message exactly as this agent received it from the network (or sent it, for
+    /// its own): UTF-8 JSON `{"advert":BODY,"signature":HEX}`, the signature by `peer_id`'s key
+    /// over `hearth/advert/v1` followed by the RFC 8785 canonical bytes of BODY
+    /// (docs/protocol.md, "Capacity adverts"). Kept as a string so that no JSON decoder on the
+    /// way rounds its integers.
+    pub signed: String,
+}
+
+impl std::ops::Deref for Offer {
+    type Target = AdvertBody;
+
+    fn deref(&self) -> &AdvertBody {
+        &self.body
+    }
+}
+
 /// Free capacity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Free {

@@ -367,6 +367,18 @@ fn main() {
             "protocol::a_verifier_written_from_the_ledger_doc_checks_an_export",
             protocol::a_verifier_written_from_the_ledger_doc_checks_an_export,
             python,
+        trial_if(
+            "protocol::the_offers_an_agent_lists_verify_with_the_documented_steps",
+            protocol::the_offers_an_agent_lists_verify_with_the_documented_steps,
+            python,
+            "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
+        trial_if(
+            "protocol::the_advert_test_vectors_in_the_protocol_doc_are_what_hearth_signs",
+            protocol::the_advert_test_vectors_in_the_protocol_doc_are_what_hearth_signs,
+            python,
+            "python3 is not installed (scripts/setup.sh installs it for the tests)",
+        ),
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),
         trial(
@@ -390,6 +402,10 @@ fn main() {
             browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events,
         ),
         trial(
+            "wire::every_blob_answer_ends_with_a_clean_close",
+            wire::every_blob_answer_ends_with_a_clean_close,
+        ),
+        trial(
             "layers::dependencies_point_down_the_layers_and_the_map_shows_them",
             layers::dependencies_point_down_the_layers_and_the_map_shows_them,
         ),
@@ -401,10 +417,6 @@ fn main() {
         trial(
             "hostile_market::tampered_and_unsigned_documents_are_rejected",
             hostile_market::tampered_and_unsigned_documents_are_rejected,
-        trial(
-            "wire::every_blob_answer_ends_with_a_clean_close",
-            wire::every_blob_answer_ends_with_a_clean_close,
-        ),
         ),
         sandboxed(
             "market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home",

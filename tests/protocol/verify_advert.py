@@ -2,7 +2,14 @@
 """Decode and verify a Hearth capacity advert, written from docs/protocol.md alone.
 
 Usage: verify_advert.py AUTHOR_PEER_ID NOW_UNIX_SECONDS < message
-Prints "ok SEQ" and exits 0 for a valid advert; prints the reason and exits 1 otherwise.
+Prints "ok SEQ STATE CPU_MILLIS" and exits 0 for a valid advert; prints the reason and exits 1
+otherwise.
+
+Or: verify_advert.py --offers NOW_UNIX_SECONDS < offers.json
+Checks each offer of an agent's listing (`GET /api/v1/offers`, `hearth offers --json`) as
+"Checking an offer an agent shows you" says: its `signed` message verifies for its `peer_id`, and
+every other field of the offer equals that member of the signed advert. Prints one line per offer,
+"ok PEER_ID SEQ" or "PEER_ID: REASON", and exits 1 if any offer fails.
 Only the Python standard library: base58, the libp2p key encoding and Ed25519 (RFC 8032) are
 implemented here, so nothing of Hearth's own code or its libraries is trusted.
 """
@@ -158,7 +165,36 @@ def verify(data, author, now):
     return None
 
 
+def check_offers(offers, now):
+    """One line per offer, and whether all of them hold."""
+    lines, good = [], True
+    for offer in offers:
+        peer = offer.get("peer_id") if isinstance(offer, dict) else None
+        signed = offer.get("signed") if isinstance(offer, dict) else None
+        if not isinstance(peer, str) or not isinstance(signed, str):
+            lines.append(f"{peer}: no signed advert")
+            good = False
+            continue
+        data = signed.encode("utf-8")
+        problem = verify(data, peer, now)
+        if problem is None:
+            body = json.loads(data)["advert"]
+            shown = {key: value for key, value in offer.items() if key != "signed"}
+            if any(key not in body or body[key] != value for key, value in shown.items()):
+                problem = "the fields shown differ from the signed advert"
+        if problem:
+            lines.append(f"{peer}: {problem}")
+            good = False
+        else:
+            lines.append(f"ok {peer} {body['seq']}")
+    return lines, good
+
+
 def main():
+    if sys.argv[1] == "--offers":
+        lines, good = check_offers(json.loads(sys.stdin.buffer.read()), int(sys.argv[2]))
+        print("\n".join(lines))
+        sys.exit(0 if good else 1)
     author, now = sys.argv[1], int(sys.argv[2])
     data = sys.stdin.buffer.read()
     problem = verify(data, author, now)

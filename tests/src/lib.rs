@@ -442,3 +442,44 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The test vectors a document gives under `heading`: the first fenced code block after the
+/// Markdown heading whose text is `heading` (any level, `#` marks and surrounding spaces left
+/// out), before the next heading. Each non-empty line of the block is `name: value`, split at the
+/// first `": "`; the value is kept byte for byte (no trimming beyond the line's end). Fails when
+/// the heading, the block or its closing fence is missing, a line has no `": "`, or a name comes
+/// twice, so a test that reads its vectors from a document cannot pass on a document that lost
+/// them.
+pub fn doc_vectors(markdown: &str, heading: &str) -> Result<std::collections::BTreeMap<String, String>> {
+    let is_heading = |line: &str| line.starts_with('#');
+    let mut lines = markdown.lines();
+    lines
+        .by_ref()
+        .find(|line| is_heading(line) && line.trim_start_matches('#').trim() == heading)
+        .with_context(|| format!("no heading {heading:?}"))?;
+    let fence = lines
+        .by_ref()
+        .map(str::trim_end)
+        .find(|line| line.starts_with("```") || is_heading(line))
+        .filter(|line| line.starts_with("```"))
+        .with_context(|| format!("no code block under {heading:?}"))?;
+    let fence = &fence[..fence.chars().take_while(|c| *c == '`').count()];
+    let mut vectors = std::collections::BTreeMap::new();
+    for line in lines {
+        if line.trim_end() == fence {
+            ensure!(!vectors.is_empty(), "the block under {heading:?} is empty");
+            return Ok(vectors);
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .split_once(": ")
+            .with_context(|| format!("under {heading:?}: {line:?} is not `name: value`"))?;
+        ensure!(
+            vectors.insert(name.trim().to_owned(), value.to_owned()).is_none(),
+            "under {heading:?}: {name:?} comes twice"
+        );
+    }
+    bail!("the block under {heading:?} is not closed")
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 use hearth_api::availability::{Availability, OwnerPause};
 use hearth_api::blob::Format;
 use hearth_api::jobs::{JobRecord, JobState, OwnerNotice};
-use hearth_api::market::AdvertBody;
+use hearth_api::market::Offer;
 use hearth_api::peers::{HolePunch, Path, PeerInfo, Reachability};
 use hearth_api::policy::Policy;
 use hearth_api::resources::{Gpu, Resources};
@@ -267,7 +267,7 @@ pub(super) fn peer(peer: &PeerInfo) -> String {
     format!("{}  {:>9}  {}  {}\n", peer.peer_id, rtt, path, peer.addresses.join(" "))
 }
 
-pub(super) fn offers(offers: &Vec<AdvertBody>) -> String {
+pub(super) fn offers(offers: &Vec<Offer>) -> String {
     if offers.is_empty() {
         return "no offers known\n".to_owned();
     }

@@ -9,7 +9,7 @@
 //! receiver canonicalises the BODY it received, not a re-encoding of its own, so fields it does
 //! not know are still covered by the signature.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::identity::PublicKey;
@@ -144,6 +144,165 @@ pub fn verify(
 }
 
 /// The Ed25519 public key inside an Ed25519 peer id (which embeds it whole).
+/// How often this agent may publish its own advert (see [`Pacer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// Adverts that may go out back to back after a quiet spell.
+    pub burst: u32,
+    /// After the burst, one more advert per this much time.
+    pub refill: Duration,
+    /// How long after a peer joins the advert is published again, for subscriptions to be
+    /// exchanged first (gossipsub does not replay what was published before).
+    pub join_delay: Duration,
+}
+
+impl Default for Pace {
+    /// Three at once, then one per 20 s: at most 183 an hour however the machine flaps, while a
+    /// pause and the resume after it still reach peers at once.
+    fn default() -> Self {
+        Self { burst: 3, refill: Duration::from_secs(20), join_delay: Duration::from_secs(2) }
+    }
+}
+
+/// When to publish this agent's own advert: on a change a consumer acts on
+/// ([`material_change`]), when a peer joins, and before the last one published expires (at half
+/// its lifetime); never faster than [`Pace`] allows. A change that comes while the rate holds
+/// adverts back waits and is coalesced with the ones after it: only the latest body goes out,
+/// and none at all if by then it no longer differs materially from the last one published. Pure:
+/// every call is given the time.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    pace: Pace,
+    /// The newest body the agent handed over.
+    latest: Option<AdvertBody>,
+    /// The last body published, and when.
+    sent: Option<(AdvertBody, Instant)>,
+    /// The earliest a wanted advert may go out (a change, or a peer that joined).
+    wanted: Option<Instant>,
+    /// A peer joined since the last advert: publish even if nothing changed.
+    joined: bool,
+    /// The rate limit's state (GCRA): when the budget is next back to empty plus one refill.
+    budget_at: Option<Instant>,
+    /// The sequence number of the last advert published.
+    seq: u64,
+}
+
+impl Pacer {
+    /// A pacer that has published nothing yet.
+    pub fn new(pace: Pace) -> Self {
+        Self { pace, latest: None, sent: None, wanted: None, joined: false, budget_at: None, seq: 0 }
+    }
+
+    /// The agent's advert is now `body` (its `seq` and times are set when it is signed).
+    pub fn update(&mut self, body: AdvertBody, now: Instant) {
+        let material = self.sent.as_ref().is_none_or(|(sent, _)| material_change(sent, &body));
+        self.latest = Some(body);
+        if material {
+            self.want(now);
+        }
+    }
+
+    /// A peer joined: it hears the advert after [`Pace::join_delay`].
+    pub fn peer_joined(&mut self, now: Instant) {
+        self.joined = true;
+        self.want(now + self.pace.join_delay);
+    }
+
+    fn want(&mut self, at: Instant) {
+        self.wanted = Some(self.wanted.map_or(at, |wanted| wanted.min(at)));
+    }
+
+    /// The advert to sign and publish now, if any, counted as published at `now`: the latest
+    /// body, issued at `unix_ms` (milliseconds since the Unix epoch) for the lifetime the agent
+    /// gave it, with the next sequence number (`unix_ms`, or one more than the last if that is
+    /// larger: it grows across restarts without being stored).
+    pub fn poll(&mut self, now: Instant, unix_ms: i64) -> Option<AdvertBody> {
+        let latest = self.latest.as_ref()?;
+        let refresh = match &self.sent {
+            None => true,
+            Some((sent, at)) => {
+                let lifetime = u64::try_from(sent.expires_at.saturating_sub(sent.issued_at)).unwrap_or(0);
+                now >= *at + Duration::from_secs(lifetime) / 2
+            }
+        };
+        let wanted = self.wanted.is_some_and(|at| now >= at);
+        if !refresh && !wanted {
+            return None;
+        }
+        if !self.allowed(now) {
+            return None; // Held back by the rate: `wanted` stays, so it goes out later.
+        }
+        if !refresh && !self.joined {
+            // A change that has flapped back by now needs no advert.
+            if let Some((sent, _)) = &self.sent
+                && !material_change(sent, latest)
+            {
+                self.wanted = None;
+                return None;
+            }
+        }
+        let mut body = latest.clone();
+        // The agent's own body, set by this agent; saturating all the same, as every clock sum is.
+        let lifetime = body.expires_at.saturating_sub(body.issued_at);
+        let issued_at = unix_ms.div_euclid(1000);
+        (body.issued_at, body.expires_at) = (issued_at, issued_at.saturating_add(lifetime));
+        self.seq = u64::try_from(unix_ms).unwrap_or(0).max(self.seq.saturating_add(1));
+        body.seq = self.seq;
+        let start = self.budget_at.map_or(now, |at| at.max(now));
+        self.budget_at = Some(start + self.pace.refill);
+        self.sent = Some((body.clone(), now));
+        self.wanted = None;
+        self.joined = false;
+        Some(body)
+    }
+
+    /// Whether the rate lets one more advert out at `now`.
+    fn allowed(&self, now: Instant) -> bool {
+        let Some(budget_at) = self.budget_at else { return true };
+        let tolerance = self.pace.refill * self.pace.burst.saturating_sub(1);
+        budget_at.checked_sub(tolerance).is_none_or(|earliest| now >= earliest)
+    }
+}
+
+/// Whether `new` offers something a consumer would act on differently from `old`: the state
+/// (sharing or paused), the capacity (cores, memory, disk or a GPU's memory moved by more than a
+/// sixteenth, or from or to zero; a GPU came or went), the prices, or the windows (other than
+/// the first one's start and the last one's end, which move with the clock). Not: the sequence,
+/// the times, the reasons for a pause (a figure in them changes every second while the machine
+/// is busy; the consumer only needs to know it is paused) or the reputation (a ranking detail
+/// that rides on the next refresh).
+pub fn material_change(old: &AdvertBody, new: &AdvertBody) -> bool {
+    fn moved(a: u64, b: u64) -> bool {
+        let (small, large) = (u128::from(a.min(b)), u128::from(a.max(b)));
+        (small == 0 && large > 0) || (large - small) * 16 > large
+    }
+    fn windows(body: &AdvertBody) -> Vec<[i64; 2]> {
+        let mut windows = body.windows.clone();
+        if let Some(first) = windows.first_mut() {
+            first[0] = 0;
+        }
+        if let Some(last) = windows.last_mut() {
+            last[1] = 0;
+        }
+        windows
+    }
+    let (a, b) = (&old.free, &new.free);
+    old.version != new.version
+        || old.peer_id != new.peer_id
+        || old.state != new.state
+        || old.prices != new.prices
+        || moved(a.cpu_millis, b.cpu_millis)
+        || moved(a.memory_bytes, b.memory_bytes)
+        || moved(a.disk_bytes, b.disk_bytes)
+        || a.gpus.len() != b.gpus.len()
+        || a.gpus.iter().zip(&b.gpus).any(|(x, y)| {
+            x.model != y.model
+                || x.compute_capability != y.compute_capability
+                || moved(x.memory_bytes, y.memory_bytes)
+        })
+        || windows(old) != windows(new)
+}
+
 pub(crate) fn public_key(peer: &PeerId) -> Option<PublicKey> {
     let multihash = peer.as_ref();
     if multihash.code() != 0 {
@@ -230,6 +389,220 @@ mod tests {
     }
 
     #[test]
+    #[test]
+    fn only_what_a_consumer_acts_on_is_a_material_change() {
+        let alice = identity(1);
+        let base = body(&alice, 1, NOW);
+        let paused = |reason: &str| AdvertBody {
+            state: "paused".into(),
+            paused_because: vec![reason.into()],
+            free: Free::default(),
+            ..base.clone()
+        };
+        let gpu =
+            |memory_bytes| AdvertGpu { model: "RTX".into(), memory_bytes, compute_capability: "8.9".into() };
+        let with_free = |free: Free| AdvertBody { free, ..base.clone() };
+        let table: Vec<(&str, AdvertBody, AdvertBody, bool)> = vec![
+            ("only seq and times", base.clone(), body(&alice, 9, NOW + 100), false),
+            ("shares → paused", base.clone(), paused("paused by the owner"), true),
+            (
+                "a figure in the reason",
+                paused("other programs use 87% of the CPU"),
+                paused("other programs use 93% of the CPU"),
+                false,
+            ),
+            ("another reason", paused("paused by the owner"), paused("on battery"), false),
+            (
+                "cores −1/32",
+                base.clone(),
+                with_free(Free { cpu_millis: 6000 - 6000 / 32, ..base.free.clone() }),
+                false,
+            ),
+            (
+                "cores −1/8",
+                base.clone(),
+                with_free(Free { cpu_millis: 6000 - 6000 / 8, ..base.free.clone() }),
+                true,
+            ),
+            (
+                "disk −100 MiB of 64 GiB",
+                base.clone(),
+                with_free(Free { disk_bytes: (1 << 36) - (100 << 20), ..base.free.clone() }),
+                false,
+            ),
+            ("disk to zero", base.clone(), with_free(Free { disk_bytes: 0, ..base.free.clone() }), true),
+            (
+                "a GPU came",
+                base.clone(),
+                with_free(Free { gpus: vec![gpu(8 << 30)], ..base.free.clone() }),
+                true,
+            ),
+            (
+                "a GPU's memory −1/2",
+                with_free(Free { gpus: vec![gpu(8 << 30)], ..base.free.clone() }),
+                with_free(Free { gpus: vec![gpu(4 << 30)], ..base.free.clone() }),
+                true,
+            ),
+            (
+                "a price",
+                base.clone(),
+                AdvertBody { prices: Prices { core_hour: 11, ..base.prices.clone() }, ..base.clone() },
+                true,
+            ),
+            (
+                "the window starts now",
+                base.clone(),
+                AdvertBody { windows: vec![[NOW + 30, NOW + 3600]], ..base.clone() },
+                false,
+            ),
+            (
+                "a window ends earlier",
+                base.clone(),
+                AdvertBody { windows: vec![[NOW, NOW + 1800], [NOW + 7200, NOW + 9000]], ..base.clone() },
+                true,
+            ),
+            (
+                "reputation",
+                base.clone(),
+                AdvertBody { reputation: Reputation { completed: 1, failed: 0 }, ..base.clone() },
+                false,
+            ),
+        ];
+        for (what, old, new, expected) in table {
+            assert_eq!(material_change(&old, &new), expected, "{what}");
+            assert_eq!(material_change(&new, &old), expected, "{what}, the other way");
+        }
+    }
+
+    /// A clock for the pacer: `t` seconds after `start`, with the Unix milliseconds that go with it.
+    struct Sim {
+        start: Instant,
+        pacer: Pacer,
+        published: Vec<(u64, AdvertBody)>,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            Self { start: Instant::now(), pacer: Pacer::new(Pace::default()), published: Vec::new() }
+        }
+
+        fn at(&self, t: u64) -> Instant {
+            self.start + Duration::from_secs(t)
+        }
+
+        /// Second `t`: the agent hands over `body` (when given), and the event loop polls twice,
+        /// as its 500 ms tick does.
+        fn second(&mut self, t: u64, body: Option<AdvertBody>) {
+            if let Some(body) = body {
+                self.pacer.update(body, self.at(t));
+            }
+            for half in [0, 500] {
+                let now = self.at(t) + Duration::from_millis(half);
+                let unix_ms = (NOW + t as i64) * 1000 + half as i64;
+                if let Some(advert) = self.pacer.poll(now, unix_ms) {
+                    self.published.push((t, advert));
+                }
+            }
+        }
+
+        fn most_in_any(&self, window: u64) -> usize {
+            self.published
+                .iter()
+                .map(|(from, _)| {
+                    self.published.iter().filter(|(t, _)| (*from..*from + window).contains(t)).count()
+                })
+                .max()
+                .unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn a_flapping_agent_publishes_a_bounded_number_of_adverts_and_ends_on_its_latest_state() {
+        let alice = identity(1);
+        let sharing = body(&alice, 0, NOW);
+        let paused = |cpu: u64| AdvertBody {
+            state: "paused".into(),
+            paused_because: vec![format!("other programs use {cpu}% of the CPU")],
+            free: Free::default(),
+            ..sharing.clone()
+        };
+        // Issue 23: paused because the CPU is busy, the figure changing every second. Before,
+        // that was 25 adverts in 45 s; a consumer needs only the first.
+        let mut sim = Sim::new();
+        for t in 0..3600 {
+            sim.second(t, Some(paused(60 + t % 40)));
+        }
+        assert_eq!(sim.published.iter().filter(|(t, _)| *t < 45).count(), 1, "{:?}", sim.published);
+        // Over the hour only the refreshes follow, one per half lifetime (300 s).
+        assert_eq!(sim.published.len(), 12);
+
+        // The state itself flaps every 3 s for an hour (the agent hands a body over each second).
+        let mut sim = Sim::new();
+        for t in 0..3600 {
+            let body = if (t / 3) % 2 == 0 { sharing.clone() } else { paused(90) };
+            sim.second(t, Some(body));
+        }
+        let pace = Pace::default();
+        let bound = |window: u64| pace.burst as usize + (window / pace.refill.as_secs()) as usize;
+        for window in [10, 45, 60, 600, 3600] {
+            assert!(sim.most_in_any(window) <= bound(window), "{window} s: {}", sim.most_in_any(window));
+        }
+        assert!(sim.published.len() >= 3600 / 20 / 2, "it kept telling the changes: {}", sim.published.len());
+        // Sequence numbers grow; each advert is issued when published.
+        for pair in sim.published.windows(2) {
+            assert!(pair[1].1.seq > pair[0].1.seq);
+        }
+        // When the flapping stops, the last state is what peers are told, within one refill.
+        let last_state = paused(90);
+        for t in 3600..3600 + 60 {
+            sim.second(t, Some(last_state.clone()));
+        }
+        let (at, last) = sim.published.last().unwrap();
+        assert_eq!(last.state, "paused");
+        assert!(*at < 3600 + pace.refill.as_secs() + 1, "told at {at}");
+    }
+
+    #[test]
+    fn an_unchanged_agent_refreshes_its_advert_before_it_expires() {
+        let alice = identity(1);
+        let mut sim = Sim::new();
+        // The agent hands over the same body only at the start, then never again.
+        sim.second(0, Some(body(&alice, 0, NOW)));
+        for t in 1..4 * 3600 {
+            sim.second(t, None);
+        }
+        // Every second of the four hours is covered by an advert that has not expired.
+        let mut covered_until = 0;
+        for (t, advert) in &sim.published {
+            assert!(*t as i64 + NOW < covered_until || covered_until == 0, "a gap before {t}");
+            assert_eq!(advert.expires_at - advert.issued_at, 600, "the lifetime is kept");
+            assert_eq!(advert.issued_at, NOW + *t as i64, "issued when published");
+            covered_until = advert.expires_at;
+        }
+        assert!(covered_until > NOW + 4 * 3600);
+        assert_eq!(sim.published.len(), 4 * 12, "every 300 s, no more");
+    }
+
+    #[test]
+    fn a_peer_that_joins_hears_the_advert_and_joins_are_paced_too() {
+        let alice = identity(1);
+        let mut sim = Sim::new();
+        sim.second(0, Some(body(&alice, 0, NOW)));
+        assert_eq!(sim.published.len(), 1);
+        sim.pacer.peer_joined(sim.at(10));
+        for t in 10..13 {
+            sim.second(t, None);
+        }
+        assert_eq!(sim.published.last().map(|(t, _)| *t), Some(12), "2 s after the join");
+        // A hundred peers joining one a second: bounded all the same.
+        for t in 100..200 {
+            sim.pacer.peer_joined(sim.at(t));
+            sim.second(t, None);
+        }
+        let during = sim.published.iter().filter(|(t, _)| (100..200).contains(t)).count();
+        assert!(during <= 3 + 100 / 20, "{during}");
+    }
+
     fn canonical_json_sorts_keys_and_has_no_whitespace() {
         let value = serde_json::json!({"b": [1, {"z": "é\n", "a": true}], "a": null, "A": -3});
         // JCS: keys by code point, no whitespace, non-ASCII as UTF-8, control characters escaped.

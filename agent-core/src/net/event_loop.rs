@@ -1,6 +1,7 @@
 //! The network task: it owns the swarm and the cache of valid adverts, takes commands from the
 //! [`Network`](super::Network) handles, answers identify, Kademlia, relay, AutoNAT and
-//! hole-punching events, checks every advert, and carries negotiation messages both ways.
+//! hole-punching events, checks every advert, publishes this agent's own when its
+//! [`advert::Pacer`] says (on its 500 ms tick), and carries negotiation messages both ways.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, mdns, ping, rel
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::advert::{self, AdvertBody};
+use super::advert::{self, Advert};
 use super::swarm::{Behaviour, BehaviourEvent};
 use super::{ADVERT_TOPIC, Command, ConnectError, Inbound, KAD_PROTOCOL, MAX_RELAYS, negotiate};
 use crate::clock::unix_now;
@@ -102,11 +103,10 @@ pub(super) struct EventLoop {
     /// Relays that refused or lost a reservation, and when to ask them again.
     pub(super) relay_backoff: HashMap<PeerId, Instant>,
     pub(super) connecting: HashMap<PeerId, Connecting>,
-    pub(super) offers: BTreeMap<PeerId, AdvertBody>,
-    /// This agent's latest advert, signed afresh and published again when peers join.
-    pub(super) own: Option<AdvertBody>,
-    /// When to publish `own` again (a peer joined, or the last publish found nobody).
-    pub(super) republish_at: Option<Instant>,
+    /// The newest valid advert of each advertiser, own included, with the bytes it came in.
+    pub(super) offers: BTreeMap<PeerId, Advert>,
+    /// This agent's advert: the latest body and when to sign and publish it.
+    pub(super) own: advert::Pacer,
     /// Negotiation messages from peers go to the market here.
     pub(super) inbound: mpsc::Sender<Inbound>,
     /// This agent's negotiation messages waiting for their reply.
@@ -136,10 +136,7 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().negotiate.send_response(channel, answer);
                 }
                 _ = tick.tick() => {
-                    if self.republish_at.is_some_and(|at| Instant::now() >= at) {
-                        self.republish_at = None;
-                        self.publish_own();
-                    }
+                    self.publish_own();
                     self.expire_connecting();
                     let now = Instant::now();
                     let before = self.relay_backoff.len();
@@ -167,11 +164,11 @@ impl EventLoop {
             Command::Connect(peer, address, reply) => self.connect(peer, address, reply),
             Command::Offers(reply) => {
                 let now = unix_now();
-                self.offers.retain(|_, body| body.expires_at > now);
+                self.offers.retain(|_, advert| advert.body.expires_at > now);
                 let _ = reply.send(self.offers.values().cloned().collect());
             }
             Command::Publish(body) => {
-                self.own = Some(*body);
+                self.own.update(*body, Instant::now());
                 self.publish_own();
             }
             Command::Negotiate(peer, message, reply) => {
@@ -181,26 +178,23 @@ impl EventLoop {
         }
     }
 
-    /// Signs the own advert with the next sequence number and publishes it.
+    /// Signs and publishes the own advert if the pacer says it is time.
     fn publish_own(&mut self) {
-        let Some(body) = &mut self.own else { return };
-        let now = unix_now();
-        // The own body, set by this agent; saturating all the same, as every clock sum is.
-        let lifetime = body.expires_at.saturating_sub(body.issued_at);
-        // Milliseconds since the epoch: grows across restarts without being stored.
-        let clock = u64::try_from(jiff::Timestamp::now().as_millisecond()).unwrap_or(0);
-        body.seq = clock.max(body.seq + 1);
-        (body.issued_at, body.expires_at) = (now, now.saturating_add(lifetime));
-        let advert = match advert::sign(&self.identity, body.clone()) {
+        let Some(body) = self.own.poll(Instant::now(), jiff::Timestamp::now().as_millisecond()) else {
+            return;
+        };
+        let advert = match advert::sign(&self.identity, body) {
             Ok(advert) => advert,
             Err(error) => {
                 tracing::error!(%error, "cannot sign the advert");
                 return;
             }
         };
-        self.offers.insert(*self.swarm.local_peer_id(), advert.body);
+        tracing::debug!(seq = advert.body.seq, state = %advert.body.state, "advert published");
+        let wire = advert.wire.clone();
+        self.offers.insert(*self.swarm.local_peer_id(), advert);
         let topic = IdentTopic::new(ADVERT_TOPIC);
-        match self.swarm.behaviour_mut().gossipsub.publish(topic, advert.wire) {
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, wire) {
             Ok(_) => {}
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => {
                 // Nobody to tell yet: the next peer that joins gets it.
@@ -243,7 +237,7 @@ impl EventLoop {
                     }
                 }
                 // Subscriptions are exchanged first; then the newcomer should hear our advert.
-                self.republish_at = Some(Instant::now() + Duration::from_secs(2));
+                self.own.peer_joined(Instant::now());
                 self.events.publish(Event::PeersChanged);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
@@ -404,11 +398,12 @@ impl EventLoop {
             }) => {
                 let acceptance = match message.source {
                     Some(source) => {
-                        let newest = self.offers.get(&source).map(|body| body.seq);
+                        let newest = self.offers.get(&source).map(|advert| advert.body.seq);
                         match advert::verify(&message.data, &source, unix_now(), newest) {
                             Ok(advert) => {
-                                self.remember(source, advert.body.clone());
-                                self.events.publish(Event::OfferChanged { offer: Box::new(advert.body) });
+                                let offer = Box::new(advert.body.clone());
+                                self.remember(source, advert);
+                                self.events.publish(Event::OfferChanged { offer });
                                 MessageAcceptance::Accept
                             }
                             Err(rejection) => {
@@ -505,19 +500,19 @@ impl EventLoop {
         }
     }
 
-    /// Keeps `body` as `source`'s offer; when full, the advert that expires first makes room.
-    fn remember(&mut self, source: PeerId, body: AdvertBody) {
+    /// Keeps `advert` as `source`'s offer; when full, the advert that expires first makes room.
+    fn remember(&mut self, source: PeerId, advert: Advert) {
         if self.offers.len() >= MAX_OFFERS && !self.offers.contains_key(&source) {
             let now = unix_now();
-            self.offers.retain(|_, body| body.expires_at > now);
+            self.offers.retain(|_, advert| advert.body.expires_at > now);
             if self.offers.len() >= MAX_OFFERS
                 && let Some(first) =
-                    self.offers.iter().min_by_key(|(_, body)| body.expires_at).map(|(peer, _)| *peer)
+                    self.offers.iter().min_by_key(|(_, advert)| advert.body.expires_at).map(|(peer, _)| *peer)
             {
                 self.offers.remove(&first);
             }
         }
-        self.offers.insert(source, body);
+        self.offers.insert(source, advert);
     }
 }
 
