@@ -190,6 +190,7 @@ pub fn router(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(packages::get))
         .routes(routes!(packages::reservations))
         .routes(routes!(ledger::verify))
+        .routes(routes!(ledger::witnesses))
         .routes(routes!(ledger::earnings))
         .routes(routes!(get_availability))
         .routes(routes!(pause_sharing))

@@ -143,6 +143,10 @@ enum LedgerCommand {
         /// Check this JSON Lines export instead, from the file alone.
         #[arg(long, value_name = "FILE")]
         export: Option<PathBuf>,
+        /// Fail (exit 1) unless the export ends with its owner's signed head, which shows that no
+        /// rows were cut from its end and no unsigned row was edited.
+        #[arg(long, requires = "export")]
+        strict: bool,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -154,9 +158,22 @@ enum LedgerCommand {
         /// Write to FILE instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Export this store file instead of the agent's.
+        /// Export this store file instead of the agent's (its head is signed only if it is this
+        /// agent's ledger).
         #[arg(long, value_name = "FILE")]
         db: Option<PathBuf>,
+        /// Add the checkpoints of this ledger its counterparties hold (asked through the running
+        /// agent) and the ones this agent holds of theirs.
+        #[arg(long)]
+        with_witnesses: bool,
+    },
+    /// The signed checkpoints that pin ledgers: what each counterparty holds of this ledger
+    /// (asked now, through the running agent), and what this agent holds of theirs.
+    Witnesses {
+        /// Only this peer's.
+        peer: Option<String>,
+        #[command(flatten)]
+        read: ReadArgs,
     },
 }
 
@@ -564,15 +581,20 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Ledger(command) => {
             init_logging(cli.log_level.as_deref(), cli.log_level.is_some());
             match command {
-                LedgerCommand::Verify { db, export, read } => {
+                LedgerCommand::Verify { db, export, strict, read } => {
                     let source = match (db, export) {
                         (Some(db), _) => ledger::Source::Db(db),
-                        (None, Some(export)) => ledger::Source::Export(export),
+                        (None, Some(export)) => ledger::Source::Export { path: export, strict },
                         (None, None) => ledger::Source::Agent,
                     };
                     return runtime(false)?.block_on(ledger::verify(&paths, source, read.json));
                 }
-                LedgerCommand::Export { format, out, db } => ledger::export(&paths, db, format, out)?,
+                LedgerCommand::Export { format, out, db, with_witnesses } => {
+                    runtime(false)?.block_on(ledger::export(&paths, db, format, out, with_witnesses))?;
+                }
+                LedgerCommand::Witnesses { peer, read } => {
+                    runtime(false)?.block_on(ledger::witnesses(&paths, peer, read.json))?;
+                }
             }
         }
         Command::Earnings { by, read } => {

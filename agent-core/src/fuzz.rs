@@ -337,7 +337,7 @@ fn the_valid_seeds_pass_every_check() {
     let export = std::fs::read(corpus_dir("ledger_export_target").join("two-rows.jsonl")).expect("seed");
     let report =
         crate::ledger::verify::verify_export(BufReader::new(export.as_slice()), Vec::new()).expect("export");
-    assert_eq!((report.rows, report.broken), (2, None));
+    assert_eq!((report.rows, report.broken, report.anchor), (2, None, crate::ledger::verify::Anchor::Signed));
     let manifest = std::fs::read(corpus_dir("manifest_target").join("two-files.json")).expect("seed");
     store::Manifest::decode(&manifest).expect("the manifest");
     let blob = std::fs::read(corpus_dir("blob_wire_target").join("request.json")).expect("seed");

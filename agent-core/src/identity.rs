@@ -129,6 +129,16 @@ impl Identity {
         }
     }
 
+    /// Loads the identity from `data_dir`; `None` where it has none (it is never created here).
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let path = data_dir.join(KEY_FILE);
+        match File::open(&path) {
+            Ok(file) => Self::read(&path, file).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(IdentityError::Unreadable { path, source }),
+        }
+    }
+
     /// The agent's peer id: its name on the network and the identity behind its signatures.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id

@@ -30,8 +30,9 @@ use crate::clock::unix_now;
 pub use crate::config::{LedgerConfig, LedgerMode as Mode};
 use crate::identity::Identity;
 use crate::net::advert::canonical_json;
-use crate::net::negotiate::Signed;
-use crate::store::{Head, LedgerReader, NewRow, Store, StoreError};
+pub use crate::net::negotiate::Signed;
+use crate::store::{Head, LedgerReader, NewRow, Store, StoreError, Witness};
+use hearth_api::ledger::{Broken, HeldCheckpoint, SignedDocument};
 
 /// In batch mode, how many records may wait before they are appended anyway.
 pub const BATCH_LIMIT: usize = 4096;
@@ -65,6 +66,9 @@ struct Inner {
     mode: Mode,
     /// Batch mode: records not appended yet, oldest first.
     waiting: Mutex<Vec<NewRow>>,
+    /// The rows verified so far for earnings, with their receipts: each call verifies only the
+    /// rows appended since the last.
+    verified: Arc<tokio::sync::Mutex<Verifier>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -76,7 +80,9 @@ impl std::fmt::Debug for Ledger {
 impl Ledger {
     /// The ledger of `identity`, kept in `store`.
     pub fn new(store: Store, identity: Identity, mode: Mode) -> Self {
-        Self { inner: Arc::new(Inner { store, identity, mode, waiting: Mutex::default() }) }
+        let verified = Verifier::new(&identity.peer_id().to_string()).counting_receipts();
+        let verified = Arc::new(tokio::sync::Mutex::new(verified));
+        Self { inner: Arc::new(Inner { store, identity, mode, waiting: Mutex::default(), verified }) }
     }
 
     /// When records are appended.
@@ -142,16 +148,7 @@ impl Ledger {
     /// is empty.
     pub async fn checkpoint(&self) -> Result<Option<Signed>, LedgerError> {
         let Some(head) = self.inner.store.ledger_head().await? else { return Ok(None) };
-        let checkpoint = Checkpoint {
-            version: VERSION,
-            peer: self.inner.identity.peer_id().to_string().into(),
-            seq: head.seq,
-            head: head.hash,
-            at: unix_now(),
-        };
-        Signed::sign(&self.inner.identity, CHECKPOINT_TAG, &checkpoint)
-            .map(Some)
-            .map_err(|e| LedgerError::Encode(e.to_string()))
+        sign_head(&self.inner.identity, &head).map(Some)
     }
 
     /// Keeps a checkpoint `from` signed of its own ledger, so this agent can later show it what it
@@ -190,17 +187,33 @@ impl Ledger {
         Ok(bodies)
     }
 
-    /// Every countersigned receipt in the chain, oldest first (unreadable ones are skipped: verify
-    /// names them).
-    pub async fn receipts(&self) -> Result<Vec<ReceiptBody>, LedgerError> {
-        let rows = self.inner.store.ledger_bodies(Kind::Receipt).await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(_, _, body)| {
-                let receipt: Receipt = serde_json::from_str(&body).ok()?;
-                serde_json::from_value(receipt.receipt).ok()
-            })
-            .collect())
+    /// Every checkpoint this agent holds of other agents' ledgers (of `peer`'s alone, if given),
+    /// by peer, oldest first.
+    pub async fn held(&self, peer: Option<&PeerId>) -> Result<Vec<HeldCheckpoint>, LedgerError> {
+        let rows = self.inner.store.all_witnessed(peer.map(ToString::to_string)).await?;
+        Ok(rows.into_iter().filter_map(held_checkpoint).collect())
+    }
+
+    /// `read` of the receipts of the verified chain (one per agreement, oldest first) and of the
+    /// first bad row if there is one (the receipts stop before it). Verifies only the rows
+    /// appended since the last call; the first call verifies the whole chain.
+    pub async fn with_verified_receipts<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&[ReceiptBody], Option<&Broken>) -> R + Send + 'static,
+    ) -> Result<R, LedgerError> {
+        let mut verifier = self.inner.verified.clone().lock_owned().await;
+        let path = self.inner.store.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = LedgerReader::open(&path)?;
+            reader.for_each_from(verifier.next_seq(), |row| {
+                verifier.push(row);
+                true
+            })?;
+            verifier.settle();
+            Ok(read(verifier.counted(), verifier.broken()))
+        })
+        .await
+        .map_err(|e| LedgerError::Encode(format!("the verification stopped: {e}")))?
     }
 
     /// Verifies the whole ledger as it is on disk (after appending what waits), holding it
@@ -219,13 +232,42 @@ impl Ledger {
 
     /// Credits earned and spent, from the receipts.
     pub async fn earnings(&self, by: Option<Period>) -> Result<Earnings, LedgerError> {
-        let receipts = self.receipts().await?;
-        Ok(earnings::summarize(&self.inner.identity.peer_id().to_string(), &receipts, by))
+        self.flush().await?;
+        let owner = self.inner.identity.peer_id().to_string();
+        self.with_verified_receipts(move |receipts, broken| Earnings {
+            broken: broken.cloned(),
+            ..earnings::summarize(&owner, receipts, by)
+        })
+        .await
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<NewRow>> {
         self.inner.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// `identity`'s signed checkpoint of its chain's `head`.
+fn sign_head(identity: &Identity, head: &Head) -> Result<Signed, LedgerError> {
+    let checkpoint = Checkpoint {
+        version: VERSION,
+        peer: identity.peer_id().to_string().into(),
+        seq: head.seq,
+        head: head.hash.clone(),
+        at: unix_now(),
+    };
+    Signed::sign(identity, CHECKPOINT_TAG, &checkpoint).map_err(|e| LedgerError::Encode(e.to_string()))
+}
+
+/// A stored checkpoint of another agent's ledger, as the API shows it; `None` for one that no
+/// longer reads (it was checked when it arrived).
+fn held_checkpoint(stored: Witness) -> Option<HeldCheckpoint> {
+    let checkpoint: SignedDocument = serde_json::from_str(&stored.document).ok()?;
+    Some(HeldCheckpoint {
+        peer: stored.peer.into(),
+        seq: stored.seq,
+        received_at: stored.received_at,
+        checkpoint,
+    })
 }
 
 fn new_row(kind: Kind, body: &impl Serialize) -> Result<NewRow, LedgerError> {
@@ -254,19 +296,77 @@ pub fn verify_file(
     Ok(verifier.finish())
 }
 
-/// Writes the ledger in the store file at `path` to `out` in `format`; how many rows. Blocks.
+/// The owner of the ledger in the store file at `path` and the checkpoints it holds of other
+/// agents' ledgers (`peer`'s alone, if given), read-only. Blocks.
+pub fn held_in_file(path: &Path, peer: Option<&str>) -> Result<(String, Vec<HeldCheckpoint>), LedgerError> {
+    let reader = LedgerReader::open(path)?;
+    let held = reader.witnessed(peer)?.into_iter().filter_map(held_checkpoint).collect();
+    Ok((reader.owner()?, held))
+}
+
+impl From<SignedDocument> for Signed {
+    fn from(document: SignedDocument) -> Self {
+        Signed { body: document.body, signature: document.signature }
+    }
+}
+
+/// What an export carries beyond the rows (JSON Lines only).
+#[derive(Debug, Default)]
+pub struct ExportExtras<'a> {
+    /// The owner's key, to sign the head with; the export is unsigned without it.
+    pub signer: Option<&'a Identity>,
+    /// Checkpoints of this ledger its counterparties hold, each with its holder.
+    pub witnesses: Vec<(String, Signed)>,
+    /// Checkpoints this ledger's owner holds of other agents' ledgers.
+    pub held: Vec<Signed>,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    /// Rows written.
+    pub rows: u64,
+    /// Whether it ends with the owner's signed head.
+    pub signed: bool,
+}
+
+/// Writes the ledger in the store file at `path` to `out` in `format`: the header, the
+/// checkpoints in `extras`, every row of one snapshot, then (with `extras.signer`, whose ledger
+/// it must be) the signed head of the last row written. Blocks.
 pub fn export_file(
     path: &Path,
     format: ExportFormat,
     out: &mut impl std::io::Write,
-) -> Result<u64, LedgerError> {
+    extras: &ExportExtras<'_>,
+) -> Result<Exported, LedgerError> {
     let mut reader = LedgerReader::open(path)?;
-    verify::write_header(out, format, &reader.owner()?)?;
+    let owner = reader.owner()?;
+    let signer = extras.signer.filter(|_| format == ExportFormat::Jsonl);
+    if let Some(signer) = signer
+        && signer.peer_id().to_string() != owner
+    {
+        return Err(LedgerError::Encode(format!(
+            "{} is the ledger of {owner}, not of this agent ({}): only its owner can sign its head",
+            path.display(),
+            signer.peer_id()
+        )));
+    }
+    verify::write_header(out, format, &owner)?;
+    if format == ExportFormat::Jsonl {
+        for (witness, checkpoint) in &extras.witnesses {
+            verify::write_witness(out, witness, checkpoint)?;
+        }
+        for checkpoint in &extras.held {
+            verify::write_held(out, checkpoint)?;
+        }
+    }
     let mut written = 0;
+    let mut head = Head { seq: 0, hash: hex::encode(record::GENESIS) };
     let mut failure = None;
-    reader.for_each(|row| match verify::write_row(out, format, &row) {
+    reader.for_each_from(1, |row| match verify::write_row(out, format, &row) {
         Ok(()) => {
             written += 1;
+            head = Head { seq: row.seq, hash: row.hash };
             true
         }
         Err(error) => {
@@ -274,13 +374,14 @@ pub fn export_file(
             false
         }
     })?;
-    match failure {
-        Some(error) => Err(error.into()),
-        None => {
-            out.flush()?;
-            Ok(written)
-        }
+    if let Some(error) = failure {
+        return Err(error.into());
     }
+    if let Some(signer) = signer {
+        verify::write_signed_head(out, &sign_head(signer, &head)?)?;
+    }
+    out.flush()?;
+    Ok(Exported { rows: written, signed: signer.is_some() })
 }
 
 #[cfg(test)]

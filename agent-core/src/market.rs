@@ -288,10 +288,10 @@ impl Market {
 }
 
 impl Market {
-    /// Asks every agent this one made agreements with for the newest checkpoint of this agent's
-    /// ledger it holds; each answer, or why there was none.
-    pub async fn witnesses(&self) -> Vec<(String, Result<Option<Signed>, String>)> {
-        receipts::ask_witnesses(&self.inner).await
+    /// Asks every agent this one made agreements with (or `only` that one) for the newest
+    /// checkpoint of this agent's ledger it holds; each answer, or why there was none.
+    pub async fn witnesses(&self, only: Option<&str>) -> Vec<(String, Result<Option<Signed>, String>)> {
+        receipts::ask_witnesses(&self.inner, only).await
     }
 }
 

@@ -71,6 +71,81 @@ pub fn canonical_json(value: &Value) -> Result<Vec<u8>, NotCanonical> {
     Ok(out)
 }
 
+/// Parses JSON as a verifier must read what it did not write: like `serde_json::from_str`, except
+/// that an object naming a key twice is refused. serde_json keeps the last of them, another reader
+/// may keep the first, and a signature or hash over the canonical form covers only one: two
+/// readers of one "intact" file would see different values.
+pub fn strict_json(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Strict>(text).map(|strict| strict.0)
+}
+
+/// A JSON value whose objects repeat no key.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(item)) = items.next_element()? {
+            out.push(item);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("the key {key:?} appears twice in one object")));
+            }
+            let Strict(value) = entries.next_value()?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// The `prev` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
@@ -199,6 +274,22 @@ pub fn random_secret(bytes: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_json_refuses_a_key_named_twice_at_any_depth() {
+        let once = r#"{"a":[{"x":1,"y":"finished"}],"b":null,"c":-3,"d":1.5}"#;
+        assert_eq!(strict_json(once).unwrap(), serde_json::from_str::<Value>(once).unwrap());
+        for twice in [
+            r#"{"outcome":"failed","outcome":"finished"}"#,
+            r#"{"a":{"b":{"c":1,"c":1}}}"#,
+            r#"[{"k":1},{"k":2,"k":3}]"#,
+        ] {
+            assert!(serde_json::from_str::<Value>(twice).is_ok(), "serde_json alone takes {twice}");
+            let error = strict_json(twice).unwrap_err().to_string();
+            assert!(error.contains("appears twice"), "{error}");
+        }
+        assert!(strict_json("{\"a\":1} x").is_err(), "trailing bytes");
+    }
 
     #[test]
     fn ids_and_secrets_are_fresh_hex_of_the_asked_length() {

@@ -21,7 +21,7 @@ use libp2p_identity::PeerId;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
-pub use ledger::{Head, LedgerReader, NewRow};
+pub use ledger::{Head, LedgerReader, NewRow, Witness};
 pub use packages::{Durability, RequestRow, TaskRow};
 
 use hearth_api::jobs::{JobRecord, JobState, OwnerNotice};

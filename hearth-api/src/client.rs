@@ -27,7 +27,7 @@ use crate::blob::Format;
 use crate::discovery::{API_INFO_FILE, API_TOKEN_FILE, ApiInfo, ApiToken, DiscoveryError};
 use crate::error::ErrorBody;
 use crate::jobs::{JobAction, JobRecord, LogChunk, OwnerNotice, Stream};
-use crate::ledger::{Earnings, Period, Report};
+use crate::ledger::{Earnings, Period, Report, Witnesses};
 use crate::market::{HeldReservation, Offer, RemoteJob};
 use crate::package::RequestStatus;
 use crate::peers::PeerInfo;
@@ -395,6 +395,27 @@ impl Client {
     /// `GET /api/v1/ledger/verify`: the whole ledger and its witnesses, so it may take minutes.
     pub async fn verify_ledger(&self) -> Result<Report, ClientError> {
         self.send(self.http.get(self.url("/api/v1/ledger/verify")).timeout(VERIFY_TIMEOUT)).await
+    }
+
+    /// `GET /api/v1/ledger/witnesses`: asks every counterparty (or `peer` alone), so it may take
+    /// as long as a verification.
+    pub async fn witnesses(&self, peer: Option<&str>) -> Result<Witnesses, ClientError> {
+        // A peer id is base58; anything else is sent escaped, for the daemon to refuse.
+        let query = peer.map_or_else(String::new, |peer| {
+            let escaped: String =
+                peer.bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() {
+                            char::from(b).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        }
+                    })
+                    .collect();
+            format!("?peer={escaped}")
+        });
+        let url = self.url(&format!("/api/v1/ledger/witnesses{query}"));
+        self.send(self.http.get(url).timeout(VERIFY_TIMEOUT)).await
     }
 
     /// `GET /api/v1/earnings`.

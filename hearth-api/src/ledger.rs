@@ -61,7 +61,7 @@ pub struct PeriodEarnings {
     pub spent: Totals,
 }
 
-/// What `hearth earnings` shows.
+/// What `hearth earnings` shows: the receipts of the verified chain, one per agreement.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Earnings {
     /// Whose.
@@ -70,6 +70,9 @@ pub struct Earnings {
     pub periods: Vec<PeriodEarnings>,
     /// Every period together.
     pub total: PeriodEarnings,
+    /// The ledger's first bad row, when it has one: receipts from there on are not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<Broken>,
 }
 
 /// The first bad row, and what is wrong with it.
@@ -112,6 +115,35 @@ pub struct WitnessCheck {
     pub detail: String,
 }
 
+/// What vouches for the end of the rows verified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Anchor {
+    /// The ledger was read from its store file, whose owner was not asked to sign its head.
+    #[default]
+    Store,
+    /// The export ends with its owner's signed head, and the head is the last row.
+    Signed,
+    /// The export has no signed head: nothing shows that rows were not cut from its end, or that
+    /// unsigned rows (`transfer`, `release`) were not edited and the chain computed again.
+    Unsigned,
+    /// The export's signed head does not verify, or pins another row (`broken` says which).
+    Invalid,
+}
+
+/// A checkpoint the ledger's owner holds of another agent's ledger, as an export carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeldCheck {
+    /// Whose ledger the checkpoint is of (its signer).
+    pub peer: PeerId,
+    /// The row it pins.
+    pub seq: u64,
+    /// That row's hash.
+    pub head: String,
+    /// Whether `peer`'s signature over it verifies.
+    pub verifies: bool,
+}
+
 /// The outcome of a verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
@@ -127,6 +159,12 @@ pub struct Report {
     pub broken: Option<Broken>,
     /// What the checkpoints held by other agents say.
     pub witnesses: Vec<WitnessCheck>,
+    /// What vouches for the end of the rows.
+    #[serde(default)]
+    pub anchor: Anchor,
+    /// The checkpoints of other agents' ledgers an export carries (`--with-witnesses`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldCheck>,
 }
 
 impl Report {
@@ -134,4 +172,58 @@ impl Report {
     pub fn ok(&self) -> bool {
         self.broken.is_none()
     }
+
+    /// Whether it verified and its end is vouched for: what `hearth ledger verify --strict`
+    /// demands of an export.
+    pub fn ok_strict(&self) -> bool {
+        self.ok() && self.anchor != Anchor::Unsigned
+    }
+}
+
+/// A signed document as it travels: `{"body": BODY, "signature": HEX}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignedDocument {
+    /// What was signed.
+    #[schema(value_type = Object)]
+    pub body: serde_json::Value,
+    /// The Ed25519 signature (128 hex digits) over the domain tag and `body`'s canonical bytes.
+    pub signature: String,
+}
+
+/// The checkpoint one counterparty holds of this agent's ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WitnessAnswer {
+    /// The counterparty.
+    pub witness: PeerId,
+    /// The newest checkpoint of this ledger it holds, signed by this agent; `None` with `error`
+    /// when it could not be asked, alone when it holds none.
+    pub checkpoint: Option<SignedDocument>,
+    /// Why it could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A checkpoint another agent signed of its own ledger, held by this agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeldCheckpoint {
+    /// Whose ledger (the signer).
+    pub peer: PeerId,
+    /// The row it pins.
+    pub seq: u64,
+    /// Unix seconds when it arrived.
+    pub received_at: i64,
+    /// The signed checkpoint as it arrived.
+    pub checkpoint: SignedDocument,
+}
+
+/// What `hearth ledger witnesses` shows: the checkpoints that pin ledgers, both ways.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Witnesses {
+    /// This agent.
+    pub owner: PeerId,
+    /// What each counterparty holds of this agent's ledger (asked now, through the network).
+    pub of_this_ledger: Vec<WitnessAnswer>,
+    /// What this agent holds of its counterparties' ledgers, oldest first by peer.
+    pub held: Vec<HeldCheckpoint>,
 }

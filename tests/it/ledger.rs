@@ -102,6 +102,57 @@ pub(crate) fn a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledge
         );
     }
 
+    // The checkpoints both ways: listed, and carried by an export that verifies under --strict.
+    let listed = json_of(&consumer.cli(&["ledger", "witnesses", "--json"])?)?;
+    let of_this = listed["of_this_ledger"].as_array().context("of_this_ledger")?;
+    ensure!(
+        of_this.iter().any(|w| w["witness"] == provider_id.as_str()
+            && w["checkpoint"]["body"]["peer"] == consumer_id.as_str()),
+        "the provider holds no checkpoint of the consumer's ledger: {listed}"
+    );
+    let held = listed["held"].as_array().context("held")?;
+    ensure!(held.iter().any(|h| h["peer"] == provider_id.as_str()), "{listed}");
+    let stranger = "12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE";
+    let none = json_of(&consumer.cli(&["ledger", "witnesses", stranger, "--json"])?)?;
+    ensure!(
+        none["of_this_ledger"] == serde_json::json!([]) && none["held"] == serde_json::json!([]),
+        "{none}"
+    );
+    let bad = consumer.cli(&["ledger", "witnesses", "not-a-peer"])?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a peer id"),
+        "{bad:?}"
+    );
+    let anchored = dir.path().join("anchored.jsonl");
+    let out = consumer.cli(&[
+        "ledger",
+        "export",
+        "--with-witnesses",
+        "--out",
+        anchored.to_str().context("path")?,
+    ])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let strict = consumer.cli(&[
+        "ledger",
+        "verify",
+        "--strict",
+        "--json",
+        "--export",
+        anchored.to_str().context("path")?,
+    ])?;
+    let report: Value = serde_json::from_slice(&strict.stdout)?;
+    ensure!(strict.status.success() && report["anchor"] == "signed", "{report}");
+    ensure!(
+        report["witnesses"].as_array().is_some_and(|w| w
+            .iter()
+            .any(|w| w["peer"] == provider_id.as_str() && w["verdict"] == "matches")),
+        "{report}"
+    );
+    ensure!(
+        report["held"].as_array().is_some_and(|h| !h.is_empty() && h.iter().all(|h| h["verifies"] == true)),
+        "{report}"
+    );
+
     // Earnings: what one earned the other spent.
     let earned = json_of(&provider.cli(&["earnings", "--json", "--by", "day"])?)?;
     let spent = json_of(&consumer.cli(&["earnings", "--json"])?)?;
@@ -121,7 +172,9 @@ pub(crate) fn a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledge
                 std::process::Command::new("python3").arg(script).arg(dir.path().join(file)).output()?;
             let stdout = String::from_utf8_lossy(&output.stdout);
             ensure!(
-                output.status.success() && stdout.starts_with("ok "),
+                output.status.success()
+                    && stdout.starts_with("ok ")
+                    && stdout.trim_end().ends_with(" signed"),
                 "{file}: {stdout}{}",
                 String::from_utf8_lossy(&output.stderr)
             );
@@ -190,5 +243,58 @@ pub(crate) fn a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledge
         std::thread::sleep(Duration::from_millis(500));
     };
     ensure!(report["broken"]["seq"] == last + 1, "the first bad row should be {}: {report}", last + 1);
+    Ok(())
+}
+
+/// docs/ledger.md's test vectors are what the code computes: a key, a record, its canonical bytes,
+/// a row's entry and hash, a checkpoint and its full signature, and an export's signed head line.
+pub(crate) fn the_ledger_docs_test_vectors_are_what_the_code_computes() -> Result<()> {
+    use hearth::ledger::record::{CHECKPOINT_TAG, Kind};
+    use hearth::net::negotiate::Signed;
+    use hearth::proto::{canonical_json, entry_bytes, row_hash};
+    use std::os::unix::fs::PermissionsExt;
+
+    let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ledger.md"))?;
+    let vectors = hearth_tests::doc_vectors(&doc, "Test vectors")?;
+    let get =
+        |name: &str| vectors.get(name).map(String::as_str).with_context(|| format!("no {name:?} vector"));
+    let mut computed = Vec::new();
+    let mut check = |name: &str, value: String| -> Result<()> {
+        if get(name)? != value {
+            computed.push(format!("{name}: {value}"));
+        }
+        Ok(())
+    };
+
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("identity.key");
+    fs::write(&key, hex::decode(get("seed")?)?)?;
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;
+    let identity = hearth::identity::Identity::load(dir.path())?.context("no identity")?;
+    check("peer", identity.peer_id().to_string())?;
+
+    let body: Value = serde_json::from_str(get("body")?)?;
+    check("body canonical", String::from_utf8(canonical_json(&body)?)?)?;
+    let prev: [u8; 32] =
+        hex::decode(get("prev")?)?.try_into().map_err(|_| anyhow::anyhow!("prev is not 32 bytes"))?;
+    let entry = entry_bytes(3, 1_700_000_000, Kind::Release.name(), &body)?;
+    check("entry", String::from_utf8(entry.clone())?)?;
+    let hash = hex::encode(row_hash(&prev, &entry));
+    check("hash", hash.clone())?;
+
+    let checkpoint = serde_json::json!({
+        "version": 1, "peer": identity.peer_id().to_string(), "seq": 3, "head": hash, "at": 1_700_000_060
+    });
+    check("checkpoint canonical", String::from_utf8(canonical_json(&checkpoint)?)?)?;
+    let signed = Signed::sign(&identity, CHECKPOINT_TAG, &checkpoint)?;
+    check("checkpoint signature", signed.signature.clone())?;
+    let mut line = Vec::new();
+    hearth::ledger::verify::write_signed_head(&mut line, &signed)?;
+    check("signed head line", String::from_utf8(line)?.trim_end().to_owned())?;
+    ensure!(
+        computed.is_empty(),
+        "docs/ledger.md's test vectors differ from the code's:\n{}",
+        computed.join("\n")
+    );
     Ok(())
 }

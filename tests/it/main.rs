@@ -107,6 +107,10 @@ fn main() {
         ),
         trial("daemon::sigint_stops_cleanly", daemon::sigint_stops_cleanly),
         trial("daemon::restart_after_kill_9_recovers", daemon::restart_after_kill_9_recovers),
+        trial(
+            "ledger::the_ledger_docs_test_vectors_are_what_the_code_computes",
+            ledger::the_ledger_docs_test_vectors_are_what_the_code_computes,
+        ),
         sandboxed(
             "ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers",
             ledger::a_finished_job_leaves_the_same_countersigned_receipt_in_both_ledgers,
@@ -364,10 +368,6 @@ fn main() {
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),
         trial_if(
-            "protocol::a_verifier_written_from_the_ledger_doc_checks_an_export",
-            protocol::a_verifier_written_from_the_ledger_doc_checks_an_export,
-            python,
-        trial_if(
             "protocol::the_offers_an_agent_lists_verify_with_the_documented_steps",
             protocol::the_offers_an_agent_lists_verify_with_the_documented_steps,
             python,
@@ -379,6 +379,10 @@ fn main() {
             python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),
+        trial_if(
+            "protocol::a_verifier_written_from_the_ledger_doc_checks_an_export",
+            protocol::a_verifier_written_from_the_ledger_doc_checks_an_export,
+            python,
             "python3 is not installed (scripts/setup.sh installs it for the tests)",
         ),
         trial(
@@ -398,12 +402,12 @@ fn main() {
             transfer::a_vanished_sender_gives_a_clear_error_and_cancel_is_clean,
         ),
         trial(
-            "browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events",
-            browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events,
-        ),
-        trial(
             "wire::every_blob_answer_ends_with_a_clean_close",
             wire::every_blob_answer_ends_with_a_clean_close,
+        ),
+        trial(
+            "browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events",
+            browser_session::a_login_link_signs_a_browser_in_once_and_the_cookie_opens_the_api_and_events,
         ),
         trial(
             "layers::dependencies_point_down_the_layers_and_the_map_shows_them",

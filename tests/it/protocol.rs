@@ -54,9 +54,13 @@ pub(crate) fn a_verifier_written_from_the_protocol_doc_checks_adverts() -> Resul
 
 /// Runs tests/protocol/verify_ledger.py on `export`: its exit code and its one line.
 fn python_verify_ledger(export: &Path) -> Result<(Option<i32>, String)> {
+    python_verify_ledger_with(export, &[])
+}
+
+fn python_verify_ledger_with(export: &Path, args: &[&str]) -> Result<(Option<i32>, String)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/verify_ledger.py");
     let mut command = Command::new("python3");
-    command.arg(script).arg(export);
+    command.arg(script).arg(export).args(args);
     let out = hearth_tests::run_to_end(command).context("running python3")?;
     ensure!(out.stderr.is_empty(), "the verifier failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned()))
@@ -105,20 +109,142 @@ pub(crate) fn a_verifier_written_from_the_ledger_doc_checks_an_export() -> Resul
     let _ = reader.join();
     ensure!(last >= 5, "ledger-writer acknowledged only {last} receipts within 20 s");
 
-    // Exported by the hearth binary, without a daemon.
+    // Exported by the hearth binary, without a daemon, from the owner's data folder: it ends
+    // with the owner's signed head.
     let export = dir.path().join("ledger.jsonl");
-    let mut command = hearth_tests::command(dir.path());
+    let mut command = hearth_tests::command(&keys);
     command.args(["ledger", "export", "--format", "jsonl", "--db"]).arg(&db).arg("--out").arg(&export);
     let out = hearth_tests::run_to_end(command)?;
     ensure!(out.status.success(), "hearth ledger export: {}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<String> = std::fs::read_to_string(&export)?.lines().map(str::to_owned).collect();
+    ensure!(lines.last().is_some_and(|line| line.starts_with(r#"{"signed_head":"#)), "{lines:?}");
     let rows: Vec<Value> =
-        lines[1..].iter().map(|line| serde_json::from_str(line)).collect::<Result<_, _>>()?;
+        lines[1..lines.len() - 1].iter().map(|line| serde_json::from_str(line)).collect::<Result<_, _>>()?;
     ensure!(rows.len() as u64 >= last, "{} rows exported, {last} acknowledged", rows.len());
     let receipts = rows.iter().filter(|row| row["kind"] == "receipt").count();
     let head = rows.last().and_then(|row| row["hash"].as_str()).context("no head")?;
-    let verdict = python_verify_ledger(&export)?;
-    ensure!(verdict == (Some(0), format!("ok {} {receipts} {head}", rows.len())), "{verdict:?}");
+    let verdict = python_verify_ledger_with(&export, &["--strict"])?;
+    ensure!(verdict == (Some(0), format!("ok {} {receipts} {head} signed", rows.len())), "{verdict:?}");
+
+    // Checkpoints carried in the export, both ways: a witness's of this ledger pins its row; one
+    // held of another agent's ledger is checked against its own signer.
+    let owner = hearth::identity::Identity::load(&keys)?.context("the writer's key")?;
+    let other = hearth::identity::Identity::load(&keys.join("consumer"))?.context("the consumer's key")?;
+    let pinned = &rows[1];
+    let checkpoint = |identity: &hearth::identity::Identity, seq: &Value, head: &Value| {
+        hearth::ledger::Signed::sign(
+            identity,
+            hearth::ledger::record::CHECKPOINT_TAG,
+            &serde_json::json!({ "version": 1, "peer": identity.peer_id().to_string(), "seq": seq, "head": head, "at": 1 }),
+        )
+    };
+    let witness_line = |signed: &hearth::ledger::Signed| -> Result<String> {
+        let mut line = Vec::new();
+        hearth::ledger::verify::write_witness(&mut line, &other.peer_id().to_string(), signed)?;
+        Ok(String::from_utf8(line)?.trim_end().to_owned())
+    };
+    let mut held = Vec::new();
+    hearth::ledger::verify::write_held(&mut held, &checkpoint(&other, &7.into(), &"ef".repeat(32).into())?)?;
+    let mut carried =
+        vec![lines[0].clone(), witness_line(&checkpoint(&owner, &pinned["seq"], &pinned["hash"])?)?];
+    carried.push(String::from_utf8(held)?.trim_end().to_owned());
+    carried.extend(lines[1..].iter().cloned());
+    let file = dir.path().join("carried.jsonl");
+    write_lines(&file, &carried)?;
+    let verdict = python_verify_ledger_with(&file, &["--strict"])?;
+    ensure!(verdict == (Some(0), format!("ok {} {receipts} {head} signed", rows.len())), "{verdict:?}");
+    carried[1] = witness_line(&checkpoint(&owner, &pinned["seq"], &"00".repeat(32).into())?)?;
+    write_lines(&file, &carried)?;
+    let (code, line) = python_verify_ledger(&file)?;
+    ensure!(
+        code == Some(1) && line.starts_with(&format!("broken at row {}: rewritten", pinned["seq"])),
+        "{code:?} {line}"
+    );
+    let rust =
+        hearth_tests::hearth(dir.path(), &["ledger", "verify", "--export", file.to_str().context("path")?])?;
+    ensure!(rust.status.code() == Some(1), "hearth ledger verify: {rust:?}");
+    ensure!(String::from_utf8_lossy(&rust.stdout).contains("REWRITTEN"), "{rust:?}");
+
+    // From elsewhere, the export cannot be signed, and says so; under --strict both verifiers
+    // fail it, with the same code.
+    let unsigned = dir.path().join("unsigned.jsonl");
+    let mut command = hearth_tests::command(dir.path());
+    command.args(["ledger", "export", "--db"]).arg(&db).arg("--out").arg(&unsigned);
+    let out = hearth_tests::run_to_end(command)?;
+    ensure!(out.status.success(), "hearth ledger export: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("will not be signed"), "{out:?}");
+    let (code, line) = python_verify_ledger_with(&unsigned, &["--strict"])?;
+    ensure!(code == Some(1) && line.starts_with("unsigned: "), "{code:?} {line}");
+    let rust = hearth_tests::hearth(
+        dir.path(),
+        &["ledger", "verify", "--strict", "--export", unsigned.to_str().context("path")?],
+    )?;
+    ensure!(rust.status.code() == Some(1), "hearth ledger verify --strict: {rust:?}");
+    ensure!(String::from_utf8_lossy(&rust.stdout).contains("UNSIGNED"), "{rust:?}");
+
+    // The last row cut off and the chain as it was (nothing to compute again for the last row):
+    // the signed head is of a row the export no longer has.
+    let mut cut = lines.clone();
+    cut.remove(cut.len() - 2);
+    write_lines(&unsigned, &cut)?;
+    let (code, line) = python_verify_ledger(&unsigned)?;
+    ensure!(code == Some(1) && line.contains("signed head is of row"), "{code:?} {line}");
+
+    // A receipt appended twice, chained as the store would chain it: both refuse it.
+    let mut doubled: Vec<String> = lines[..lines.len() - 1].to_vec();
+    let first_receipt = rows.iter().position(|row| row["kind"] == "receipt").context("no receipt")?;
+    let mut again = rows[first_receipt].clone();
+    let last_row = rows.last().context("no rows")?;
+    let seq = last_row["seq"].as_u64().context("seq")? + 1;
+    let prev: [u8; 32] = hex::decode(last_row["hash"].as_str().context("hash")?)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("hash"))?;
+    let entry =
+        hearth::proto::entry_bytes(seq, again["at"].as_i64().context("at")?, "receipt", &again["body"])?;
+    again["seq"] = seq.into();
+    again["prev"] = hex::encode(prev).into();
+    again["hash"] = hex::encode(hearth::proto::row_hash(&prev, &entry)).into();
+    doubled.push(serde_json::to_string(&again)?);
+    write_lines(&unsigned, &doubled)?;
+    let (code, line) = python_verify_ledger(&unsigned)?;
+    ensure!(
+        code == Some(1) && line.starts_with(&format!("broken at row {seq}: a second receipt")),
+        "{code:?} {line}"
+    );
+    let rust = hearth_tests::hearth(
+        dir.path(),
+        &["ledger", "verify", "--export", unsigned.to_str().context("path")?],
+    )?;
+    ensure!(rust.status.code() == Some(1), "hearth ledger verify: {rust:?}");
+    ensure!(
+        String::from_utf8_lossy(&rust.stdout).contains(&format!("broken at row {seq}: a second receipt")),
+        "{rust:?}"
+    );
+
+    // A key named twice in a row: a bad row for both. Not an export at all: exit 2 for both.
+    let mut twice = lines.clone();
+    twice[2] = twice[2].replacen(r#""kind":"receipt""#, r#""kind":"release","kind":"receipt""#, 1);
+    ensure!(twice[2] != lines[2], "row 2 is not a receipt: {}", lines[2]);
+    write_lines(&unsigned, &twice)?;
+    let (code, line) = python_verify_ledger(&unsigned)?;
+    ensure!(code == Some(1) && line.starts_with("broken at row 2: "), "{code:?} {line}");
+    let rust = hearth_tests::hearth(
+        dir.path(),
+        &["ledger", "verify", "--export", unsigned.to_str().context("path")?],
+    )?;
+    ensure!(rust.status.code() == Some(1), "hearth ledger verify: {rust:?}");
+    ensure!(String::from_utf8_lossy(&rust.stdout).contains("broken at row 2: "), "{rust:?}");
+    std::fs::write(&unsigned, "seq,at,kind\n")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/verify_ledger.py");
+    let mut command = Command::new("python3");
+    command.arg(script).arg(&unsigned);
+    let out = hearth_tests::run_to_end(command)?;
+    ensure!(out.status.code() == Some(2) && out.stderr.starts_with(b"error: "), "python: {out:?}");
+    let rust = hearth_tests::hearth(
+        dir.path(),
+        &["ledger", "verify", "--export", unsigned.to_str().context("path")?],
+    )?;
+    ensure!(rust.status.code() == Some(2), "hearth ledger verify of a CSV file: {rust:?}");
 
     // One digit of row 3's body changed: row 3 is the first bad row, for both verifiers.
     let mut tampered = lines.clone();
@@ -139,7 +265,7 @@ pub(crate) fn a_verifier_written_from_the_ledger_doc_checks_an_export() -> Resul
     );
 
     // Row 2 removed: row 2 is the first bad row.
-    let mut cut = lines;
+    let mut cut = lines[..lines.len() - 1].to_vec();
     cut.remove(2);
     write_lines(&file, &cut)?;
     let (code, line) = python_verify_ledger(&file)?;

@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Verify an exported Hearth ledger, written from docs/ledger.md (and docs/protocol.md) alone.
 
-Usage: verify_ledger.py EXPORT.jsonl [--checkpoint CHECKPOINT.json]...
+Usage: verify_ledger.py EXPORT.jsonl [--strict] [--checkpoint CHECKPOINT.json]...
 
 EXPORT is the JSON Lines export (`hearth ledger export --format jsonl`); each CHECKPOINT holds one
-signed checkpoint `{"body": {...}, "signature": "..."}` that a witness kept.
+signed checkpoint `{"body": {...}, "signature": "..."}` that a witness kept. The checkpoints an
+export carries (`--with-witnesses`) count as if they were given so.
 
-Prints `ok ROWS RECEIPTS HEAD` (HEAD: the last row's hash, `-` for an empty ledger) and exits 0
-when every row passes the steps of "Verification" and no checkpoint signed by the owner
-contradicts the chain; prints `broken at row N: REASON` for the first bad row and exits 1; prints
-`error: ...` on stderr and exits 2 when the input is not an export (or a checkpoint file is not a
-checkpoint). A checkpoint that is not the owner's proves nothing: it is reported on stderr as a
-note and otherwise ignored.
+Prints `ok ROWS RECEIPTS HEAD ANCHOR` (HEAD: the last row's hash, `-` for an empty ledger;
+ANCHOR: `signed` when the export ends with its owner's signed head of its last row, else
+`unsigned`) and exits 0 when every row passes the steps of "Verification", no agreement has two
+receipts, no checkpoint signed by the owner contradicts the chain and the signed head (if any)
+holds; prints `broken at row N: REASON` for the first bad row and exits 1; with `--strict`, prints
+`unsigned: REASON` and exits 1 for an export without a signed head; prints `error: ...` on stderr
+and exits 2 when the input is not an export (or a checkpoint file is not a checkpoint). A
+checkpoint that is not the owner's proves nothing: it is reported on stderr as a note and
+otherwise ignored, as is a held checkpoint (of another agent's ledger) that does not verify.
 
 Where docs/ledger.md leaves a choice open, this verifier is strict about what no hash or signature
 covers and lenient about what one does: a row must have exactly its six fields, each line must be
@@ -319,16 +323,51 @@ def read_lines(path):
 def read_header(header):
     if not isinstance(header, dict) or header.get("format") != "hearth-ledger":
         raise Malformed('the first line is not a {"format":"hearth-ledger",…} header')
-    if not (is_int(header.get("version")) and header["version"] == 1):
-        raise Malformed(f"export version {header.get('version')!r}, not 1")
+    if set(header) != {"format", "version", "owner"}:
+        raise Malformed("the header has fields other than format, version and owner")
+    if not (is_int(header.get("version")) and header["version"] in (1, 2)):
+        raise Malformed(f"export version {header.get('version')!r}, not 1 or 2")
     owner = header.get("owner")
     if peer_key(owner) is None:
         raise Malformed(f"the header's owner {owner!r} is not an Ed25519 peer id")
-    return owner
+    return owner, header["version"]
 
 
-def check_row(row, expected, last, owner):
-    """Steps 1 to 4 for one row; raises Bad with the reason."""
+def split_export(lines, version):
+    """The export's parts: (witness lines, held lines, rows, signed head or None). Checkpoints
+    come first, then rows, then at most one signed head, the last line; version 1 has rows alone."""
+    witnesses, held, rows, head = [], [], [], None
+    part = 0  # 0: checkpoints, 1: rows, 2: the end
+    for number, line in enumerate(lines, start=2):
+        if isinstance(line, DuplicateKey) or "seq" in line:
+            kind, at = "row", 1
+        elif set(line) == {"witness", "checkpoint"}:
+            kind, at = "witness", 0
+        elif set(line) == {"held"}:
+            kind, at = "held", 0
+        elif set(line) == {"signed_head"}:
+            kind, at = "head", 2
+        else:
+            raise Malformed(f"line {number} is neither a row, a checkpoint nor the signed head")
+        if at < part or part == 2:
+            raise Malformed(f"line {number} is out of place (checkpoints, rows, then the signed head)")
+        if version == 1 and kind != "row":
+            raise Malformed(f"line {number}: a version 1 export holds rows alone")
+        part = at
+        if kind == "row":
+            rows.append(line)
+        elif kind == "witness":
+            witnesses.append(line)
+        elif kind == "held":
+            held.append(line)
+        else:
+            head = line["signed_head"]
+    return witnesses, held, rows, head
+
+
+def check_row(row, expected, last, owner, receipts):
+    """Steps 1 to 5 for one row; raises Bad with the reason. `receipts` maps each agreement with
+    a receipt so far to that receipt's row."""
     if isinstance(row, DuplicateKey):
         raise Bad(f"the key {row} appears twice in one object, so the row has no single meaning")
     seq = row.get("seq")
@@ -366,15 +405,23 @@ def check_row(row, expected, last, owner):
         raise Bad(f"hash {stored} is not SHA-256(prev ‖ JCS(entry)) = {computed}")
     # 4. signatures, and the owner as a party
     check_kind(kind, body, owner)
+    # 5. one receipt per agreement
+    if kind == "receipt":
+        agreement = body["receipt"].get("agreement_id")
+        if not isinstance(agreement, str) or not agreement:
+            raise Bad("the receipt names no agreement_id")
+        if agreement in receipts:
+            raise Bad(f"a second receipt of agreement {agreement} (the first is row {receipts[agreement]})")
+        receipts[agreement] = seq
     return stored
 
 
 def verify_chain(rows, owner):
     """The hashes of the rows that pass, and the first bad row as (seq, reason) or None."""
-    hashes, expected, last = [], 1, ZEROS
+    hashes, expected, last, receipts = [], 1, ZEROS, {}
     for row in rows:
         try:
-            last = check_row(row, expected, last, owner)
+            last = check_row(row, expected, last, owner, receipts)
         except Bad as bad:
             return hashes, (expected, str(bad))
         hashes.append(last)
@@ -385,7 +432,7 @@ def verify_chain(rows, owner):
 # --- Checkpoints ---------------------------------------------------------------------------------
 
 
-def read_checkpoint(path):
+def read_checkpoint_file(path):
     try:
         with open(path, "rb") as f:
             value = parse(f.read().decode("utf-8"))
@@ -393,15 +440,22 @@ def read_checkpoint(path):
         raise Malformed(f"cannot read checkpoint {path}: {e.strerror}") from None
     except (ValueError, RecursionError, DuplicateKey):
         raise Malformed(f"checkpoint {path} is not JSON") from None
+    return read_checkpoint(value, path)
+
+
+def read_checkpoint(value, path, least_seq=1):
+    """A signed checkpoint's body and signature; `path` names it in errors."""
     try:
         has_keys(value, ("body", "signature"), "it")
+        if set(value) != {"body", "signature"}:
+            raise Bad("it has fields other than body and signature")
         body = value["body"]
         has_keys(body, ("version", "peer", "seq", "head", "at"), "its body")
         version_1(body, "its body")
         if not isinstance(body["peer"], str):
             raise Bad("its peer is not a string")
-        if not (is_int(body["seq"]) and body["seq"] >= 1):
-            raise Bad("its seq is not an integer ≥ 1")
+        if not (is_int(body["seq"]) and body["seq"] >= least_seq):
+            raise Bad(f"its seq is not an integer ≥ {least_seq}")
         if not isinstance(body["head"], str) or not HEX64.fullmatch(body["head"]):
             raise Bad("its head is not 64 lowercase hex digits")
         if not is_int(body["at"]):
@@ -412,11 +466,11 @@ def read_checkpoint(path):
     return body, value["signature"]
 
 
-def check_checkpoints(paths, owner, hashes, first_bad):
-    """The earliest row a checkpoint of the owner shows bad, as (seq, reason), or None."""
+def check_checkpoints(checkpoints, owner, hashes, first_bad):
+    """The earliest row a checkpoint of the owner shows bad, as (seq, reason), or None.
+    `checkpoints` are (name, body, signature)."""
     found = None
-    for path in paths:
-        body, signature = read_checkpoint(path)
+    for path, body, signature in checkpoints:
         try:
             signed = body["peer"] == owner and signature_holds(TAG_CHECKPOINT, body, signature, owner)
         except Bad:
@@ -444,11 +498,50 @@ def check_checkpoints(paths, owner, hashes, first_bad):
 # --- Main ----------------------------------------------------------------------------------------
 
 
+def check_signed_head(head, owner, hashes, first_bad):
+    """The first bad row the export's signed head shows, as (seq, reason), or None."""
+    body, signature = head
+    last = len(hashes)
+    try:
+        signed = body["peer"] == owner and signature_holds(TAG_CHECKPOINT, body, signature, owner)
+    except Bad:
+        signed = False
+    if not signed:
+        return (last + 1, "the export's signed head is not signed by its owner")
+    seq = body["seq"]
+    if first_bad is not None:
+        return None  # already bad at a row the head covers
+    if seq > last:
+        return (last + 1, f"missing: the export's signed head is of row {seq}, but its rows end at row {last}")
+    if seq < last:
+        return (seq + 1, f"row {seq + 1} is past the export's signed head, which is of row {seq}")
+    if body["head"] != (hashes[-1] if hashes else ZEROS):
+        return (last, f"rewritten: the export's signed head says row {last} has hash {body['head']}")
+    return None
+
+
+def report_held(held):
+    """Checkpoints the owner holds of other agents' ledgers: each must be its signer's."""
+    for number, line in enumerate(held, start=1):
+        body, signature = read_checkpoint(line["held"], f"held #{number}")
+        try:
+            ok = signature_holds(TAG_CHECKPOINT, body, signature, body["peer"])
+        except Bad:
+            ok = False
+        if not ok:
+            print(f"note: held checkpoint #{number} (of {body['peer']}) is not signed by it",
+                  file=sys.stderr)
+
+
 def arguments(argv):
-    export, checkpoints = None, []
+    export, checkpoints, strict = None, [], False
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--strict":
+            strict = True
+            i += 1
+            continue
         if arg == "--checkpoint" and i + 1 < len(argv):
             checkpoints.append(argv[i + 1])
             i += 2
@@ -458,26 +551,40 @@ def arguments(argv):
         elif export is None and not arg.startswith("--"):
             export = arg
         else:
-            raise Malformed(f"usage: {sys.argv[0]} EXPORT.jsonl [--checkpoint CHECKPOINT.json]...")
+            raise Malformed(f"usage: {sys.argv[0]} EXPORT.jsonl [--strict] [--checkpoint CHECKPOINT.json]...")
         i += 1
     if export is None:
-        raise Malformed(f"usage: {sys.argv[0]} EXPORT.jsonl [--checkpoint CHECKPOINT.json]...")
-    return export, checkpoints
+        raise Malformed(f"usage: {sys.argv[0]} EXPORT.jsonl [--strict] [--checkpoint CHECKPOINT.json]...")
+    return export, checkpoints, strict
 
 
 def run(argv):
-    export, checkpoint_paths = arguments(argv)
+    export, checkpoint_paths, strict = arguments(argv)
     lines = read_lines(export)
-    owner = read_header(lines[0])
-    rows = lines[1:]
+    if isinstance(lines[0], DuplicateKey):
+        raise Malformed("the header names a key twice")
+    owner, version = read_header(lines[0])
+    witnesses, held, rows, head = split_export(lines[1:], version)
+    checkpoints = [(path, *read_checkpoint_file(path)) for path in checkpoint_paths]
+    for line in witnesses:
+        if not isinstance(line["witness"], str):
+            raise Malformed("a witness line names no witness")
+        checkpoints.append((f"the one {line['witness']} holds", *read_checkpoint(line["checkpoint"], "a witness line")))
+    report_held(held)
+    if head is not None:
+        head = read_checkpoint(head, "the signed head", least_seq=0)
     hashes, first_bad = verify_chain(rows, owner)
-    witnessed = check_checkpoints(checkpoint_paths, owner, hashes, first_bad)
-    if witnessed is not None and (first_bad is None or witnessed[0] < first_bad[0]):
-        first_bad = witnessed
+    for found in (check_checkpoints(checkpoints, owner, hashes, first_bad),
+                  head and check_signed_head(head, owner, hashes, first_bad)):
+        if found is not None and (first_bad is None or found[0] < first_bad[0]):
+            first_bad = found
     if first_bad is not None:
         return 1, f"broken at row {first_bad[0]}: {first_bad[1]}"
+    if head is None and strict:
+        return 1, "unsigned: the export has no signed head, so its end and its unsigned rows are not vouched for"
     receipts = sum(1 for row in rows if row["kind"] == "receipt")
-    return 0, f"ok {len(rows)} {receipts} {hashes[-1] if hashes else '-'}"
+    anchor = "signed" if head is not None else "unsigned"
+    return 0, f"ok {len(rows)} {receipts} {hashes[-1] if hashes else '-'} {anchor}"
 
 
 def main():

@@ -276,8 +276,21 @@ async fn ledger_export(owner: &Identity, peer: &Identity, receipt: &Receipt) {
     let release = json!({ "agreement_id": "a1b2c3d4e5f60718", "outcome": "finished", "peer": peer.peer_id().to_string() });
     ledger.record(Kind::Release, &release).await.expect("record");
     ledger.flush().await.expect("flush");
+    // With every kind of line: a witness's checkpoint of this ledger, one held of the peer's, and
+    // the signed head.
+    let witnessed = ledger.checkpoint().await.expect("checkpoint").expect("a head");
+    let held = signed(
+        peer,
+        CHECKPOINT_TAG,
+        json!({ "version": VERSION, "peer": peer.peer_id().to_string(), "seq": 3, "head": "ef".repeat(32), "at": SEED_NOW }),
+    );
+    let extras = crate::ledger::ExportExtras {
+        signer: Some(owner),
+        witnesses: vec![(peer.peer_id().to_string(), witnessed)],
+        held: vec![held],
+    };
     let mut jsonl = Vec::new();
-    crate::ledger::export_file(&path, crate::ledger::verify::ExportFormat::Jsonl, &mut jsonl)
+    crate::ledger::export_file(&path, crate::ledger::verify::ExportFormat::Jsonl, &mut jsonl, &extras)
         .expect("export");
     write("ledger_export_target", "two-rows.jsonl", &jsonl);
 }

@@ -37,7 +37,7 @@ pub fn summarize(owner: &str, receipts: &[ReceiptBody], by: Option<Period>) -> E
             add(&mut total.spent, receipt, &receipt.provider);
         }
     }
-    Earnings { owner: owner.to_owned().into(), periods: periods.into_values().collect(), total }
+    Earnings { owner: owner.to_owned().into(), periods: periods.into_values().collect(), total, broken: None }
 }
 
 /// The name of the period holding `at` (Unix seconds, UTC).

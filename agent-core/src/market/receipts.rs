@@ -177,11 +177,17 @@ pub(super) async fn on_witness(inner: &Arc<Inner>, peer: PeerId) -> Reply {
 const WITNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks every counterparty, at once, for the newest checkpoint of this agent's ledger it holds.
-pub(super) async fn ask_witnesses(inner: &Arc<Inner>) -> Vec<(String, Result<Option<Signed>, String>)> {
-    let peers = match inner.parts.store.counterparties().await {
+pub(super) async fn ask_witnesses(
+    inner: &Arc<Inner>,
+    only: Option<&str>,
+) -> Vec<(String, Result<Option<Signed>, String>)> {
+    let mut peers = match inner.parts.store.counterparties().await {
         Ok(peers) => peers,
         Err(error) => return vec![(String::new(), Err(error.to_string()))],
     };
+    if let Some(only) = only {
+        peers.retain(|peer| peer == only);
+    }
     let asks = peers.into_iter().map(|peer| {
         let network = inner.parts.network.clone();
         async move {

@@ -54,8 +54,9 @@ pub enum Rejection {
     /// Larger than [`MAX_ADVERT_BYTES`].
     #[error("advert of {0} bytes is larger than {MAX_ADVERT_BYTES}")]
     Oversized(usize),
-    /// Not an advert.
-    #[error("malformed advert: {0}")]
+    /// Not the document it should be (an advert, or any signed document of the negotiation or
+    /// the ledger, which share this type).
+    #[error("malformed document: {0}")]
     Malformed(String),
     /// A version this code does not read.
     #[error("advert version {0} is not supported")]
@@ -143,7 +144,6 @@ pub fn verify(
     Ok(Advert { body, wire: bytes.to_vec() })
 }
 
-/// The Ed25519 public key inside an Ed25519 peer id (which embeds it whole).
 /// How often this agent may publish its own advert (see [`Pacer`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pace {
@@ -303,6 +303,7 @@ pub fn material_change(old: &AdvertBody, new: &AdvertBody) -> bool {
         || windows(old) != windows(new)
 }
 
+/// The Ed25519 public key inside an Ed25519 peer id (which embeds it whole).
 pub(crate) fn public_key(peer: &PeerId) -> Option<PublicKey> {
     let multihash = peer.as_ref();
     if multihash.code() != 0 {
@@ -388,7 +389,6 @@ mod tests {
         assert!(matches!(verify(b"{\"advert\":1}", &peer, NOW, None), Err(Rejection::Malformed(_))));
     }
 
-    #[test]
     #[test]
     fn only_what_a_consumer_acts_on_is_a_material_change() {
         let alice = identity(1);
@@ -603,6 +603,7 @@ mod tests {
         assert!(during <= 3 + 100 / 20, "{during}");
     }
 
+    #[test]
     fn canonical_json_sorts_keys_and_has_no_whitespace() {
         let value = serde_json::json!({"b": [1, {"z": "é\n", "a": true}], "a": null, "A": -3});
         // JCS: keys by code point, no whitespace, non-ASCII as UTF-8, control characters escaped.

@@ -51,6 +51,19 @@ pub struct NewRow {
     pub body: String,
 }
 
+/// A checkpoint another agent signed of its own ledger, as this agent keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Witness {
+    /// Whose ledger (the signer).
+    pub peer: String,
+    /// The row it pins.
+    pub seq: u64,
+    /// The signed checkpoint's JSON.
+    pub document: String,
+    /// Unix seconds when it arrived.
+    pub received_at: i64,
+}
+
 /// The last row of a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -165,6 +178,12 @@ impl Store {
         .await
     }
 
+    /// Every checkpoint this agent holds of other agents' ledgers (`peer`'s alone, if given), by
+    /// peer, oldest first.
+    pub async fn all_witnessed(&self, peer: Option<String>) -> Result<Vec<Witness>, StoreError> {
+        self.call(move |conn| witnessed_rows(conn, peer.as_deref())).await
+    }
+
     /// Every peer this agent made an agreement with: the witnesses of its ledger.
     pub async fn counterparties(&self) -> Result<Vec<String>, StoreError> {
         self.call(|conn| {
@@ -173,6 +192,23 @@ impl Store {
         })
         .await
     }
+}
+
+fn witnessed_rows(conn: &Connection, peer: Option<&str>) -> rusqlite::Result<Vec<Witness>> {
+    let mut statement = conn.prepare(
+        "SELECT peer, seq, document, received_at FROM witnessed
+         WHERE ?1 IS NULL OR peer = ?1 ORDER BY peer, seq",
+    )?;
+    statement
+        .query_map([peer], |row| {
+            Ok(Witness {
+                peer: row.get(0)?,
+                seq: row.get::<_, i64>(1)?.unsigned_abs(),
+                document: row.get(2)?,
+                received_at: row.get(3)?,
+            })
+        })?
+        .collect()
 }
 
 /// The agreement a receipt row's body cites.
@@ -234,16 +270,29 @@ impl LedgerReader {
             .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
     }
 
+    /// The checkpoints the store's owner holds of other agents' ledgers (`peer`'s alone, if
+    /// given), by peer, oldest first.
+    pub fn witnessed(&self, peer: Option<&str>) -> Result<Vec<Witness>, StoreError> {
+        witnessed_rows(&self.conn, peer)
+            .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
+    }
+
     /// Calls `each` with every row in storage order (by `seq`), inside one read transaction so the
     /// rows are one consistent snapshot; stops early when `each` returns false.
-    pub fn for_each(&mut self, mut each: impl FnMut(Row) -> bool) -> Result<(), StoreError> {
+    pub fn for_each(&mut self, each: impl FnMut(Row) -> bool) -> Result<(), StoreError> {
+        self.for_each_from(1, each)
+    }
+
+    /// [`LedgerReader::for_each`] for the rows from `first` on.
+    pub fn for_each_from(&mut self, first: u64, mut each: impl FnMut(Row) -> bool) -> Result<(), StoreError> {
         let sqlite = |source| StoreError::Sqlite { path: self.path.clone(), source };
+        let first = i64::try_from(first).unwrap_or(i64::MAX);
         let tx = self.conn.transaction().map_err(sqlite)?;
         {
             let mut statement = tx
-                .prepare("SELECT seq, at, kind, body, prev, hash FROM ledger ORDER BY seq")
+                .prepare("SELECT seq, at, kind, body, prev, hash FROM ledger WHERE seq >= ?1 ORDER BY seq")
                 .map_err(sqlite)?;
-            let mut rows = statement.query([]).map_err(sqlite)?;
+            let mut rows = statement.query([first]).map_err(sqlite)?;
             while let Some(row) = rows.next().map_err(sqlite)? {
                 // Text is read as bytes and made UTF-8 lossily: a damaged row still reads (and
                 // then fails its hash, which names it) instead of stopping the whole read.
