@@ -331,6 +331,10 @@ struct DaemonArgs {
     /// Also relay for agents behind NAT and serve as a bootstrap node.
     #[arg(long)]
     relay: bool,
+    /// Meet no agent on the local network by mDNS: only the bootstrap agents and whom they
+    /// introduce (overrides `network.mdns`).
+    #[arg(long, env = "HEARTH_NO_MDNS")]
+    no_mdns: bool,
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +374,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
                 listen: args.listen,
                 bootstrap: args.bootstrap,
                 relay: args.relay,
+                no_mdns: args.no_mdns,
             };
             let config = HearthConfig::load(&paths.config_file, &overrides)?;
             init_logging(Some(&config.log.level), overrides.log_level.is_some());

@@ -278,6 +278,8 @@ pub struct Overrides {
     pub bootstrap: Vec<String>,
     /// `--relay`.
     pub relay: bool,
+    /// `--no-mdns`: meet no agent by mDNS, whatever `network.mdns` says.
+    pub no_mdns: bool,
 }
 
 /// The levels `log.level` accepts.
@@ -342,6 +344,7 @@ impl HearthConfig {
         }
         config.network.bootstrap.extend(overrides.bootstrap.iter().cloned());
         config.network.relay |= overrides.relay;
+        config.network.mdns &= !overrides.no_mdns;
         let file = path.display().to_string();
         config.validate(|field| match field {
             "log.level" if overrides.log_level.is_some() => "--log-level".to_owned(),
@@ -448,11 +451,20 @@ mod tests {
 
     #[test]
     fn flags_and_environment_win_over_the_file() {
-        let overrides =
-            Overrides { api_port: Some(0), log_level: Some("debug".into()), ..Overrides::default() };
-        let config = load_text("[api]\nport = 9000\n[log]\nlevel = \"warn\"\n", &overrides).unwrap();
+        let overrides = Overrides {
+            api_port: Some(0),
+            log_level: Some("debug".into()),
+            no_mdns: true,
+            ..Overrides::default()
+        };
+        let config =
+            load_text("[api]\nport = 9000\n[log]\nlevel = \"warn\"\n[network]\nmdns = true\n", &overrides)
+                .unwrap();
         assert_eq!(config.api.port, 0);
         assert_eq!(config.log.level, "debug");
+        assert!(!config.network.mdns, "--no-mdns wins over the file");
+        let config = load_text("[network]\nmdns = false\n", &Overrides::default()).unwrap();
+        assert!(!config.network.mdns, "no flag leaves the file's choice");
     }
 
     #[test]

@@ -310,15 +310,17 @@ pub(crate) fn two_agents_on_one_lan_find_each_other_by_mdns() -> Result<()> {
     veth(&left, &left_if, &right, &right_if)?;
     left.ip(&["addr", "add", "192.168.50.1/24", "dev", &left_if])?;
     right.ip(&["addr", "add", "192.168.50.2/24", "dev", &right_if])?;
-    // The defaults a home user has: every interface, mDNS on, no bootstrap.
+    // The defaults a home user has: every interface, mDNS on, no bootstrap. A third agent on B's
+    // side is started first with mDNS turned off by its flag (as the README's quickstart does).
     let config = "[network]\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\nmdns = true\n";
+    let mut quiet = Agent::start_in_with(&right, config, &[("HEARTH_NO_MDNS", "true")])?;
     let mut a = Agent::start_in(&left, config)?;
     let mut b = Agent::start_in(&right, config)?;
     let id = |agent: &Agent| -> Result<String> {
         let status = json_of(&agent.cli(&["status", "--json"])?)?;
         Ok(status["peer_id"].as_str().context("peer_id")?.to_owned())
     };
-    let (a_id, b_id) = (id(&a)?, id(&b)?);
+    let (a_id, b_id, quiet_id) = (id(&a)?, id(&b)?, id(&quiet)?);
     let until = Instant::now() + Duration::from_secs(30);
     for (agent, other) in [(&a, &b_id), (&b, &a_id)] {
         loop {
@@ -336,7 +338,18 @@ pub(crate) fn two_agents_on_one_lan_find_each_other_by_mdns() -> Result<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
-    for agent in [&mut a, &mut b] {
+    // A and B found each other by mDNS while the quiet agent ran on the same LAN: it met nobody,
+    // and nobody met it.
+    let peers = json_of(&quiet.cli(&["peers", "--json"])?)?;
+    ensure!(peers.as_array().is_some_and(Vec::is_empty), "an agent with mDNS off met {peers}");
+    for agent in [&a, &b] {
+        let peers = json_of(&agent.cli(&["peers", "--json"])?)?;
+        ensure!(
+            !peers.as_array().is_some_and(|p| p.iter().any(|p| p["peer_id"] == quiet_id.as_str())),
+            "an agent found one whose mDNS is off: {peers}"
+        );
+    }
+    for agent in [&mut a, &mut b, &mut quiet] {
         ensure!(agent.terminate()?.success(), "an agent did not stop cleanly");
     }
     Ok(())
