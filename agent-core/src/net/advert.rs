@@ -151,16 +151,28 @@ pub struct Pace {
     pub burst: u32,
     /// After the burst, one more advert per this much time.
     pub refill: Duration,
-    /// How long after a peer joins the advert is published again, for subscriptions to be
-    /// exchanged first (gossipsub does not replay what was published before).
+    /// How long after a peer subscribes to adverts the advert is published again (gossipsub does
+    /// not replay what was published before); the peers that subscribe within it share one advert.
     pub join_delay: Duration,
+    /// Adverts for peers that joined have their own allowance, so that the changes of an agent's
+    /// first seconds do not keep a newcomer waiting: this many back to back…
+    pub join_burst: u32,
+    /// …then one per this much time, however many peers join.
+    pub join_refill: Duration,
 }
 
 impl Default for Pace {
     /// Three at once, then one per 20 s: at most 183 an hour however the machine flaps, while a
-    /// pause and the resume after it still reach peers at once.
+    /// pause and the resume after it still reach peers at once. For joining peers, three more at
+    /// once, then one per 10 s (at most 363 an hour, only while peers keep joining).
     fn default() -> Self {
-        Self { burst: 3, refill: Duration::from_secs(20), join_delay: Duration::from_secs(2) }
+        Self {
+            burst: 3,
+            refill: Duration::from_secs(20),
+            join_delay: Duration::from_secs(2),
+            join_burst: 3,
+            join_refill: Duration::from_secs(10),
+        }
     }
 }
 
@@ -183,6 +195,8 @@ pub struct Pacer {
     joined: bool,
     /// The rate limit's state (GCRA): when the budget is next back to empty plus one refill.
     budget_at: Option<Instant>,
+    /// The same for adverts published because peers joined.
+    join_budget_at: Option<Instant>,
     /// The sequence number of the last advert published.
     seq: u64,
 }
@@ -190,7 +204,16 @@ pub struct Pacer {
 impl Pacer {
     /// A pacer that has published nothing yet.
     pub fn new(pace: Pace) -> Self {
-        Self { pace, latest: None, sent: None, wanted: None, joined: false, budget_at: None, seq: 0 }
+        Self {
+            pace,
+            latest: None,
+            sent: None,
+            wanted: None,
+            joined: false,
+            budget_at: None,
+            join_budget_at: None,
+            seq: 0,
+        }
     }
 
     /// The agent's advert is now `body` (its `seq` and times are set when it is signed).
@@ -202,7 +225,7 @@ impl Pacer {
         }
     }
 
-    /// A peer joined: it hears the advert after [`Pace::join_delay`].
+    /// A peer subscribed to adverts: it hears the advert after [`Pace::join_delay`].
     pub fn peer_joined(&mut self, now: Instant) {
         self.joined = true;
         self.want(now + self.pace.join_delay);
@@ -229,7 +252,14 @@ impl Pacer {
         if !refresh && !wanted {
             return None;
         }
-        if !self.allowed(now) {
+        let changed = self.sent.as_ref().is_none_or(|(sent, _)| material_change(sent, latest));
+        // A refresh or a change draws on the agent's own allowance; an advert for peers that
+        // joined on theirs, also when it carries a change the agent's own rate holds back.
+        let own = (refresh || changed) && allowed(self.budget_at, self.pace.burst, self.pace.refill, now);
+        let for_joins = !own
+            && self.joined
+            && allowed(self.join_budget_at, self.pace.join_burst, self.pace.join_refill, now);
+        if !own && !for_joins {
             return None; // Held back by the rate: `wanted` stays, so it goes out later.
         }
         if !refresh && !self.joined {
@@ -248,20 +278,26 @@ impl Pacer {
         (body.issued_at, body.expires_at) = (issued_at, issued_at.saturating_add(lifetime));
         self.seq = u64::try_from(unix_ms).unwrap_or(0).max(self.seq.saturating_add(1));
         body.seq = self.seq;
-        let start = self.budget_at.map_or(now, |at| at.max(now));
-        self.budget_at = Some(start + self.pace.refill);
+        let (budget, refill) = if for_joins {
+            (&mut self.join_budget_at, self.pace.join_refill)
+        } else {
+            (&mut self.budget_at, self.pace.refill)
+        };
+        *budget = Some(budget.map_or(now, |at| at.max(now)) + refill);
         self.sent = Some((body.clone(), now));
         self.wanted = None;
         self.joined = false;
         Some(body)
     }
 
-    /// Whether the rate lets one more advert out at `now`.
-    fn allowed(&self, now: Instant) -> bool {
-        let Some(budget_at) = self.budget_at else { return true };
-        let tolerance = self.pace.refill * self.pace.burst.saturating_sub(1);
-        budget_at.checked_sub(tolerance).is_none_or(|earliest| now >= earliest)
-    }
+}
+
+/// Whether a rate of `burst` back to back, then one per `refill`, whose budget is back to empty
+/// plus one refill at `budget_at` (GCRA), lets one more advert out at `now`.
+fn allowed(budget_at: Option<Instant>, burst: u32, refill: Duration, now: Instant) -> bool {
+    let Some(budget_at) = budget_at else { return true };
+    let tolerance = refill * burst.saturating_sub(1);
+    budget_at.checked_sub(tolerance).is_none_or(|earliest| now >= earliest)
 }
 
 /// Whether `new` offers something a consumer would act on differently from `old`: the state
@@ -594,13 +630,38 @@ mod tests {
             sim.second(t, None);
         }
         assert_eq!(sim.published.last().map(|(t, _)| *t), Some(12), "2 s after the join");
-        // A hundred peers joining one a second: bounded all the same.
+        // A hundred peers joining one a second: bounded all the same, by the joins' allowance.
         for t in 100..200 {
             sim.pacer.peer_joined(sim.at(t));
             sim.second(t, None);
         }
         let during = sim.published.iter().filter(|(t, _)| (100..200).contains(t)).count();
-        assert!(during <= 3 + 100 / 20, "{during}");
+        assert!(during <= 3 + 100 / 10, "{during}");
+    }
+
+    #[test]
+    fn a_peer_that_joins_while_changes_spent_the_budget_hears_the_advert_at_once() {
+        // An agent's first seconds: its state changes three times, which spends the burst.
+        let alice = identity(1);
+        let mut sim = Sim::new();
+        sim.second(0, Some(body(&alice, 0, NOW)));
+        let mut paused = body(&alice, 0, NOW);
+        paused.state = "paused".into();
+        sim.second(1, Some(paused));
+        sim.second(2, Some(body(&alice, 0, NOW)));
+        assert_eq!(sim.published.len(), 3);
+        // A consumer subscribes: it hears the advert 2 s later, not once the changes' rate
+        // allows another (20 s on).
+        sim.pacer.peer_joined(sim.at(3));
+        for t in 3..6 {
+            sim.second(t, None);
+        }
+        assert_eq!(sim.published.last().map(|(t, _)| *t), Some(5), "{:?}", sim.published);
+        // A change right after is still held to the changes' own rate.
+        let mut paused = body(&alice, 0, NOW);
+        paused.state = "paused".into();
+        sim.second(6, Some(paused));
+        assert_eq!(sim.published.len(), 4, "the changes' burst is spent");
     }
 
     #[test]

@@ -236,8 +236,6 @@ impl EventLoop {
                         let _ = reply.send(Ok(info.clone()));
                     }
                 }
-                // Subscriptions are exchanged first; then the newcomer should hear our advert.
-                self.own.peer_joined(Instant::now());
                 self.events.publish(Event::PeersChanged);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
@@ -419,6 +417,13 @@ impl EventLoop {
                     &propagation_source,
                     acceptance,
                 );
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == IdentTopic::new(ADVERT_TOPIC).hash() =>
+            {
+                // A peer that can hear adverts now: gossipsub replays nothing published before,
+                // so it hears ours again (see `advert::Pacer::peer_joined`).
+                self.own.peer_joined(Instant::now());
             }
             _ => {}
         }

@@ -145,9 +145,12 @@ fn simulated() {
     println!("## Scaled clock: one simulated hour per scenario (the agent's Pacer, in virtual time)\n");
     let pace = Pace::default();
     println!(
-        "pace: {} at once, then one per {} s; join delay {} s; adverts live 600 s\n",
+        "pace: {} at once, then one per {} s; for joining peers {} at once, then one per {} s, \
+         after they subscribe ({} s later); adverts live 600 s\n",
         pace.burst,
         pace.refill.as_secs(),
+        pace.join_burst,
+        pace.join_refill.as_secs(),
         pace.join_delay.as_secs()
     );
     println!(
