@@ -319,13 +319,13 @@ fn init(plan: &Plan, wasm: Option<Vec<u8>>) -> anyhow::Result<i32> {
         _ => None,
     };
     ids::become_job_root(plan.ids)?;
-    let root = match (&plan.payload, &image) {
-        (Payload::Native { .. }, Some(image)) => {
-            use std::os::fd::AsRawFd;
     // Changing its ids cleared the parent-death signal (the kernel does on every change of
     // credentials), so that the agent's death would no longer take the job: set it again. The
     // shim dying in the few instructions between the two leaves init to its time limit.
     prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal again")?;
+    let root = match (&plan.payload, &image) {
+        (Payload::Native { .. }, Some(image)) => {
+            use std::os::fd::AsRawFd;
             RootFs::Image(PathBuf::from(format!("/proc/self/fd/{}", image.as_raw_fd())))
         }
         // wasmtime needs nothing from the filesystem once the module is read, but the same root

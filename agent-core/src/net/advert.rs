@@ -289,7 +289,6 @@ impl Pacer {
         self.joined = false;
         Some(body)
     }
-
 }
 
 /// Whether a rate of `burst` back to back, then one per `refill`, whose budget is back to empty
