@@ -216,6 +216,7 @@ async fn serve(
             ledger: ledger.clone(),
             events: events.clone(),
             availability: availability.availability(),
+            resources: monitor.resources(),
             dir: paths.market(),
         },
         inbound,

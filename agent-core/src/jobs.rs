@@ -21,6 +21,6 @@ pub mod wasi;
 pub use hearth_api::jobs::{
     JobAction, JobRecord, JobState, LogChunk, OwnerNotice, Stream, Transition, TransitionError,
 };
-pub use runner::{Control, EVENT_BUFFER, GpuGrant, Job, Outcome, RunEvent, Runner};
+pub use runner::{Control, EVENT_BUFFER, GpuDevice, GpuGrant, Job, Outcome, RunEvent, Runner};
 pub use spec::{Demand, Image, JobKind, JobSpec, Limits, SpecError};
 pub use supervisor::{Supervisor, SupervisorError};

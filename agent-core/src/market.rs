@@ -39,6 +39,7 @@ pub use holding::Failure;
 pub use reservations::{HeldReservation, MAX_HOLD_S};
 
 use crate::availability::Availability;
+use crate::config::FAKE_GPU_PREFIX;
 use crate::events::{Bus, Event};
 use crate::identity::Identity;
 use crate::jobs::{SpecError, Stream, Supervisor};
@@ -46,6 +47,7 @@ use crate::ledger::Ledger;
 use crate::net::advert::{Prices, Rejection};
 use crate::net::negotiate::{Allocation, Message, Reply, Reservation, ReserveRequest, Signed};
 use crate::net::{Inbound, Network};
+use crate::resources::Resources;
 use crate::store::{Store, StoreError};
 use crate::transfer::{FetchRequest, Imported, TransferError, Transfers};
 use crate::uploads::Staged;
@@ -100,6 +102,8 @@ pub struct Parts {
     pub events: Bus,
     /// Whether the machine shares, and what.
     pub availability: watch::Receiver<Availability>,
+    /// The machine's hardware: the granted GPUs' device nodes and models.
+    pub resources: watch::Receiver<Resources>,
     /// A folder of its own, under the data dir: the files of the jobs run for others.
     pub dir: PathBuf,
 }
@@ -393,6 +397,26 @@ fn amount(resources: &Allocation) -> matching::Amount {
         memory_bytes: resources.memory_bytes,
         gpus: resources.gpus,
         vram_bytes: resources.vram_bytes,
+    }
+}
+
+/// The least memory each GPU of `resources` must have: the request carries the sum over its GPUs
+/// (`vram_bytes`), which the consumer sets to the spec's `gpu_memory` times `gpus`.
+fn gpu_memory_each(resources: &Allocation) -> u64 {
+    match resources.gpus {
+        0 => 0,
+        gpus => resources.vram_bytes.div_ceil(u64::from(gpus)),
+    }
+}
+
+/// The model of the GPU `uuid` of this machine, as receipts count GPU-seconds by it; a GPU of the
+/// `[testing] fake_gpus` test setting is `fake GPU (test setting)`, as its advert says.
+fn gpu_model(resources: &Resources, uuid: &str) -> String {
+    match resources.gpus.iter().find(|gpu| gpu.uuid == uuid) {
+        Some(gpu) if !gpu.name.is_empty() => gpu.name.clone(),
+        Some(_) => "unknown GPU".to_owned(),
+        None if uuid.starts_with(FAKE_GPU_PREFIX) => "fake GPU (test setting)".to_owned(),
+        None => "unknown GPU".to_owned(),
     }
 }
 

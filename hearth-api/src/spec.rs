@@ -90,7 +90,8 @@ pub struct RawSpec {
     pub module: Option<PathBuf>,
     /// Native: `base`, or an OCI image archive or rootfs tar relative to the spec.
     pub image: Option<String>,
-    /// Native: the program and its arguments.
+    /// Native: the program and its arguments; with an image archive, may be left to the image's
+    /// `Entrypoint` and `Cmd`.
     pub command: Option<Vec<String>>,
     /// Arguments passed to the job.
     #[serde(default)]
@@ -123,11 +124,13 @@ pub struct RawResources {
     pub disk: String,
     /// Whole GPUs.
     pub gpus: u32,
+    /// The least memory each GPU must have, such as `"16GiB"`; any GPU when absent.
+    pub gpu_memory: Option<String>,
 }
 
 impl Default for RawResources {
     fn default() -> Self {
-        Self { cpu: 1.0, memory: "256MiB".to_owned(), disk: "1GiB".to_owned(), gpus: 0 }
+        Self { cpu: 1.0, memory: "256MiB".to_owned(), disk: "1GiB".to_owned(), gpus: 0, gpu_memory: None }
     }
 }
 
@@ -179,8 +182,9 @@ pub enum JobKind {
     Native {
         /// Its root filesystem.
         image: Image,
-        /// The program and its arguments.
-        command: Vec<String>,
+        /// The program and its arguments; `None` (only with an image archive) runs the image's
+        /// `Entrypoint` and `Cmd`.
+        command: Option<Vec<String>>,
     },
 }
 
@@ -204,6 +208,8 @@ pub struct Demand {
     pub disk_bytes: u64,
     /// Whole GPUs.
     pub gpus: u32,
+    /// The least memory each GPU must have, in bytes; 0 for any GPU.
+    pub gpu_memory_bytes: u64,
 }
 
 /// What bounds a job.
@@ -289,22 +295,27 @@ impl RawSpec {
                 if self.module.is_some() {
                     problem("module", "is only for WASI jobs; a native job names its `image`".into());
                 }
-                let image = match self.image.as_deref() {
-                    None | Some("base") => Some(Image::Base),
+                let archive = self.image.as_deref().filter(|image| *image != "base");
+                let image = match archive {
+                    None => Some(Image::Base),
                     Some(archive) => existing("image", Path::new(archive), &mut problem).map(Image::Archive),
                 };
                 let command = match self.command {
                     Some(command) if command.first().is_some_and(|program| !program.is_empty()) => {
-                        Some(command)
+                        Some(Some(command))
                     }
                     Some(_) => {
                         problem("command", "is empty; expected the program and its arguments".into());
                         None
                     }
+                    // An image archive's config may say what to run.
+                    None if archive.is_some() => Some(None),
                     None => {
                         problem(
                             "command",
-                            "is missing; expected a list such as [\"/bin/sh\", \"-c\", \"…\"]".into(),
+                            "is missing; expected a list such as [\"/bin/sh\", \"-c\", \"…\"] (only an \
+                             image archive may leave it to the image's Entrypoint and Cmd)"
+                                .into(),
                         );
                         None
                     }
@@ -373,6 +384,14 @@ impl RawSpec {
         };
         let memory_bytes = size("resources.memory", &self.resources.memory);
         let disk_bytes = size("resources.disk", &self.resources.disk);
+        let gpu_memory_bytes = match &self.resources.gpu_memory {
+            Some(_) if self.resources.gpus == 0 => {
+                problem("resources.gpu_memory", "is set, but the job asks for no GPUs".into());
+                None
+            }
+            Some(text) => size("resources.gpu_memory", text),
+            None => Some(0),
+        };
         let time = match humantime::parse_duration(self.limits.time.trim()) {
             Ok(time) if !time.is_zero() && time <= MAX_TIME => Some(time),
             Ok(_) => {
@@ -402,20 +421,29 @@ impl RawSpec {
             None => None,
         };
 
-        match (kind, cpu_millis, memory_bytes, disk_bytes, time) {
-            (Some(kind), Some(cpu_millis), Some(memory_bytes), Some(disk_bytes), Some(time))
-                if problems.is_empty() =>
-            {
-                Ok(JobSpec {
-                    kind,
-                    args: self.args,
-                    env: self.env,
-                    inputs,
-                    resources: Demand { cpu_millis, memory_bytes, disk_bytes, gpus: self.resources.gpus },
-                    limits: Limits { time, network: self.limits.network },
-                    max_price_per_hour,
-                })
-            }
+        match (kind, cpu_millis, memory_bytes, disk_bytes, gpu_memory_bytes, time) {
+            (
+                Some(kind),
+                Some(cpu_millis),
+                Some(memory_bytes),
+                Some(disk_bytes),
+                Some(gpu_memory_bytes),
+                Some(time),
+            ) if problems.is_empty() => Ok(JobSpec {
+                kind,
+                args: self.args,
+                env: self.env,
+                inputs,
+                resources: Demand {
+                    cpu_millis,
+                    memory_bytes,
+                    disk_bytes,
+                    gpus: self.resources.gpus,
+                    gpu_memory_bytes,
+                },
+                limits: Limits { time, network: self.limits.network },
+                max_price_per_hour,
+            }),
             _ => Err(problems),
         }
     }
@@ -469,7 +497,13 @@ network = false
         assert_eq!(spec.inputs, [root.join("data.txt")]);
         assert_eq!(
             spec.resources,
-            Demand { cpu_millis: 1000, memory_bytes: 256 << 20, disk_bytes: 1 << 30, gpus: 0 }
+            Demand {
+                cpu_millis: 1000,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+                gpus: 0,
+                gpu_memory_bytes: 0
+            }
         );
         assert_eq!(spec.limits, Limits { time: Duration::from_secs(60), network: false });
     }
@@ -486,6 +520,9 @@ network = false
                 .unwrap();
         let archive = dir.path().canonicalize().unwrap().join("rootfs.tar");
         assert!(matches!(spec.kind, JobKind::Native { image: Image::Archive(ref p), .. } if *p == archive));
+        // An image archive may leave the command to the image's config; the base image may not.
+        let spec = parse(dir.path(), "kind = \"native\"\nimage = \"rootfs.tar\"\n").unwrap();
+        assert!(matches!(spec.kind, JobKind::Native { command: None, .. }));
     }
 
     #[test]
@@ -501,6 +538,7 @@ env = { "A=B" = "x" }
 cpu = 0
 memory = "lots"
 disk = "10KiB"
+gpu_memory = "16GiB"
 [limits]
 time = "0s"
 "#;
@@ -519,6 +557,7 @@ time = "0s"
                 "resources.cpu",
                 "resources.memory",
                 "resources.disk",
+                "resources.gpu_memory",
                 "limits.time"
             ],
             "{problems:?}"

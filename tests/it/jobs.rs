@@ -305,7 +305,8 @@ pub(crate) fn tar_dir(dir: &std::path::Path, archive: &std::path::Path) -> Resul
     Ok(())
 }
 
-fn sha256_of(path: &std::path::Path) -> Result<String> {
+/// The SHA-256 of a file, as hex.
+pub(crate) fn sha256_of(path: &std::path::Path) -> Result<String> {
     let out = std::process::Command::new("sha256sum").arg(path).output()?;
     let text = String::from_utf8(out.stdout)?;
     Ok(text.split_whitespace().next().context("no sum")?.to_owned())
@@ -342,9 +343,6 @@ pub(crate) fn native_job_runs_in_a_rootfs_tar() -> Result<()> {
 
 pub(crate) fn native_job_runs_in_an_oci_image_with_whiteouts() -> Result<()> {
     let job = JobDir::new()?;
-    let layout = job.path().join("layout");
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
     // Layer one: the shell, /etc/hello = one, /etc/gone. Layer two (gzipped): hello = two, and a
     // whiteout for gone.
     let one = job.path().join("one");
@@ -356,48 +354,8 @@ pub(crate) fn native_job_runs_in_an_oci_image_with_whiteouts() -> Result<()> {
     fs::create_dir_all(two.join("etc"))?;
     fs::write(two.join("etc/hello"), "two\n")?;
     fs::write(two.join("etc/.wh.gone"), "")?;
-    let mut layers = Vec::new();
-    for (dir, gzip) in [(&one, false), (&two, true)] {
-        let tar = job.path().join("layer.tar");
-        tar_dir(dir, &tar)?;
-        let file = if gzip {
-            ensure!(std::process::Command::new("gzip").arg("-f").arg(&tar).status()?.success());
-            job.path().join("layer.tar.gz")
-        } else {
-            tar
-        };
-        let digest = sha256_of(&file)?;
-        let size = fs::metadata(&file)?.len();
-        fs::rename(&file, blobs.join(&digest))?;
-        let media = if gzip { "tar+gzip" } else { "tar" };
-        layers.push(format!(
-            "{{\"mediaType\":\"application/vnd.oci.image.layer.v1.{media}\",\"digest\":\"sha256:{digest}\",\"size\":{size}}}"
-        ));
-    }
-    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}";
-    fs::write(job.path().join("config"), config)?;
-    let config_digest = sha256_of(&job.path().join("config"))?;
-    fs::rename(job.path().join("config"), blobs.join(&config_digest))?;
-    let manifest = format!(
-        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
-         \"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:{config_digest}\",\"size\":{}}},\
-         \"layers\":[{}]}}",
-        config.len(),
-        layers.join(",")
-    );
-    fs::write(job.path().join("manifest"), &manifest)?;
-    let manifest_digest = sha256_of(&job.path().join("manifest"))?;
-    fs::rename(job.path().join("manifest"), blobs.join(&manifest_digest))?;
-    fs::write(
-        layout.join("index.json"),
-        format!(
-            "{{\"schemaVersion\":2,\"manifests\":[{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
-             \"digest\":\"sha256:{manifest_digest}\",\"size\":{}}}]}}",
-            manifest.len()
-        ),
-    )?;
-    fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    tar_dir(&layout, &job.path().join("image.tar"))?;
+    let config = "{\"os\":\"linux\"}";
+    crate::images::oci_archive(job.path(), &[&one, &two], config, &job.path().join("image.tar"))?;
     job.file("data.txt", b"input bytes")?;
 
     let run = job.run(&image_spec("image.tar"))?;

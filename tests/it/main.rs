@@ -16,9 +16,11 @@ mod escape;
 mod events;
 mod flood;
 mod follow;
+mod gpu_market;
 mod hostile_clocks;
 mod hostile_jobs;
 mod hostile_market;
+mod images;
 mod job_network;
 mod jobs;
 mod layers;
@@ -252,6 +254,19 @@ fn main() {
             "jobs::native_job_runs_in_an_oci_image_with_whiteouts",
             jobs::native_job_runs_in_an_oci_image_with_whiteouts,
         ),
+        sandboxed(
+            "images::native_job_takes_what_its_spec_leaves_from_the_image_config",
+            images::native_job_takes_what_its_spec_leaves_from_the_image_config,
+        ),
+        sandboxed(
+            "images::an_image_whose_layer_does_not_match_its_digest_runs_nothing",
+            images::an_image_whose_layer_does_not_match_its_digest_runs_nothing,
+        ),
+        trial("images::the_pytorch_example_is_a_valid_spec", images::the_pytorch_example_is_a_valid_spec),
+        sandboxed(
+            "images::a_provider_receives_and_unpacks_an_image_once",
+            images::a_provider_receives_and_unpacks_an_image_once,
+        ),
         trial(
             "jobs::malformed_spec_names_the_field_and_runs_nothing",
             jobs::malformed_spec_names_the_field_and_runs_nothing,
@@ -421,6 +436,10 @@ fn main() {
         trial(
             "hostile_market::tampered_and_unsigned_documents_are_rejected",
             hostile_market::tampered_and_unsigned_documents_are_rejected,
+        ),
+        sandboxed(
+            "gpu_market::a_gpu_job_is_matched_granted_by_uuid_paused_alone_and_metered",
+            gpu_market::a_gpu_job_is_matched_granted_by_uuid_paused_alone_and_metered,
         ),
         sandboxed(
             "market::a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home",

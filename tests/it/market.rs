@@ -66,7 +66,7 @@ fn free_cpu(offers: &[Value], peer: &str) -> u64 {
 }
 
 /// `hearth submit SPEC` on `agent`; the id from stdout's first line.
-fn submit(agent: &Agent, spec: &Path) -> Result<String> {
+pub(crate) fn submit(agent: &Agent, spec: &Path) -> Result<String> {
     let output = agent.cli(&["submit", spec.to_str().context("path")?])?;
     ensure!(output.status.success(), "submit failed: {}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout)?;
@@ -76,13 +76,18 @@ fn submit(agent: &Agent, spec: &Path) -> Result<String> {
 }
 
 /// The job `id` as `hearth jobs --json` on `agent` lists it.
-fn job(agent: &Agent, id: &str) -> Result<Value> {
+pub(crate) fn job(agent: &Agent, id: &str) -> Result<Value> {
     let jobs = json_of(&agent.cli(&["jobs", "--json"])?)?;
     jobs.as_array().and_then(|all| all.iter().find(|j| j["id"] == id).cloned()).context("no such job")
 }
 
 /// Waits until the job `id` on `agent` satisfies `done`.
-fn wait_job(agent: &Agent, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Result<Value> {
+pub(crate) fn wait_job(
+    agent: &Agent,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
     let until = Instant::now() + within;
     loop {
         let now = job(agent, id)?;
@@ -171,7 +176,7 @@ pub(crate) fn a_job_runs_on_the_provider_it_fits_best_and_its_outputs_come_home(
     Ok(())
 }
 
-fn json_array(agent: &Agent, args: &[&str]) -> Result<Vec<Value>> {
+pub(crate) fn json_array(agent: &Agent, args: &[&str]) -> Result<Vec<Value>> {
     Ok(json_of(&agent.cli(args)?)?.as_array().cloned().unwrap_or_default())
 }
 

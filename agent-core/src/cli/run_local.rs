@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use bytesize::ByteSize;
 use hearth::config::Paths;
-use hearth::jobs::{Control, EVENT_BUFFER, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
+use hearth::jobs::{Control, EVENT_BUFFER, GpuDevice, GpuGrant, Job, JobSpec, RunEvent, Runner, Stream};
 use hearth::resources::{self, Resources};
 
 use super::terminal::{Decoder, Terminal, shown};
@@ -101,7 +101,10 @@ fn grant_gpus(machine: &Resources, count: u32) -> anyhow::Result<Vec<GpuGrant>> 
     let found = &machine.gpus;
     let usable: Vec<GpuGrant> = found
         .iter()
-        .filter_map(|gpu| Some(GpuGrant { uuid: gpu.uuid.clone(), minor_number: gpu.minor_number? }))
+        .filter_map(|gpu| {
+            let device = GpuDevice::Node { minor_number: gpu.minor_number? };
+            Some(GpuGrant { uuid: gpu.uuid.clone(), device })
+        })
         .take(count as usize)
         .collect();
     if usable.len() < count as usize {

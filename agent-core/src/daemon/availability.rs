@@ -158,6 +158,10 @@ impl TaskState {
             }
             _ => {}
         }
+        // After the thaw above: a job whose GPU is still paused alone stays frozen.
+        if let Availability::Sharing { paused_gpus, .. } = &availability {
+            wiring.jobs.gpu_pauses(paused_gpus).await;
+        }
         if let Availability::Paused { reasons } = &availability
             && !self.stopped
             && self.memory.paused_since().is_some_and(|since| {

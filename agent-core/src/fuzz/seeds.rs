@@ -232,12 +232,15 @@ pub(super) fn write_all() {
     );
     let layer = tar_of(&[("usr/bin/tool", b"tool"), (".wh.gone", b""), ("opt/.wh..wh..opq", b"")]);
     let manifest = "[{\"Config\":\"config.json\",\"Layers\":[\"layer/layer.tar\"]}]";
+    // The layer's digest, so the seed gets past the check and reaches the layer's entries.
+    let diff_id = hex::encode(ring::digest::digest(&ring::digest::SHA256, &layer));
+    let config = format!("{{\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[\"sha256:{diff_id}\"]}}}}");
     write(
         "image_archive_target",
         "docker-save.tar",
         &tar_of(&[
             ("manifest.json", manifest.as_bytes()),
-            ("config.json", b"{}"),
+            ("config.json", config.as_bytes()),
             ("layer/layer.tar", &layer),
         ]),
     );

@@ -128,10 +128,24 @@ pub enum Control {
 /// A GPU granted to a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuGrant {
-    /// NVML's UUID, which the job sees in `NVIDIA_VISIBLE_DEVICES`.
+    /// NVML's UUID, which the job sees in `NVIDIA_VISIBLE_DEVICES` and `CUDA_VISIBLE_DEVICES`.
     pub uuid: String,
-    /// The N of `/dev/nvidiaN`.
-    pub minor_number: u32,
+    /// What of the GPU goes into the sandbox.
+    pub device: GpuDevice,
+}
+
+/// How a granted GPU reaches the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuDevice {
+    /// A real GPU: `/dev/nvidiaN` with this N, the shared control and unified-memory nodes, and
+    /// the driver's user-space libraries.
+    Node {
+        /// The N of `/dev/nvidiaN`.
+        minor_number: u32,
+    },
+    /// TEST SETTING: a GPU of `[testing] fake_gpus`, which the machine does not have. The job
+    /// gets the environment variables naming it and nothing else: no device node, no driver.
+    Fake,
 }
 
 /// A job to run.
@@ -312,7 +326,7 @@ impl Runner {
             stage_inputs(&inputs, &scratch.join("in"), owner)
         })
         .await??;
-        let payload = self.payload(spec).await?;
+        let prepared = self.prepare(spec).await?;
 
         let runtime_memory = match spec.kind {
             JobKind::Wasi { .. } => WASI_RUNTIME_MEMORY,
@@ -324,11 +338,12 @@ impl Runner {
             pids: MAX_PROCESSES,
         };
         let cgroup = Arc::new(JobCgroup::create(&request.id, &limits)?);
-        let driver = match request.gpus.is_empty() {
-            true => DriverFiles::default(),
-            false => tokio::task::spawn_blocking(DriverFiles::find).await?,
+        let real = request.gpus.iter().any(|gpu| matches!(gpu.device, GpuDevice::Node { .. }));
+        let driver = match real {
+            false => DriverFiles::default(),
+            true => tokio::task::spawn_blocking(DriverFiles::find).await?,
         };
-        let plan = sandbox_plan(request, job_dir, payload, &cgroup, network, driver, self.ids);
+        let plan = sandbox_plan(request, job_dir, prepared, &cgroup, network, driver, self.ids);
         let result = self.supervise(request, plan, &cgroup, &mut controls, events).await;
         let cleanup = {
             let cgroup = Arc::clone(&cgroup);
@@ -345,7 +360,8 @@ impl Runner {
         result
     }
 
-    async fn payload(&self, spec: &JobSpec) -> anyhow::Result<Payload> {
+    /// What runs, and its environment.
+    async fn prepare(&self, spec: &JobSpec) -> anyhow::Result<Prepared> {
         Ok(match &spec.kind {
             JobKind::Wasi { module } => {
                 let engine = match self.engine.get() {
@@ -362,27 +378,28 @@ impl Runner {
                 let name = spec_module_name(&spec.kind);
                 let mut args = vec![name];
                 args.extend(spec.args.iter().cloned());
-                Payload::Wasi {
+                let payload = Payload::Wasi {
                     compiled,
                     args,
                     memory_bytes: spec.resources.memory_bytes,
                     time: spec.limits.time,
-                }
+                };
+                Prepared { payload, env: spec.env.clone() }
             }
             JobKind::Native { image: root_image, command } => {
-                let root = match root_image {
-                    Image::Base => RootFs::Base,
+                let (root, config) = match root_image {
+                    Image::Base => (RootFs::Base, image::ImageConfig::default()),
                     Image::Archive(path) => {
                         let (archive, cache_dir) = (path.clone(), self.cache_dir.join("images"));
-                        let rootfs =
+                        let unpacked =
                             tokio::task::spawn_blocking(move || image::unpack_cached(&archive, &cache_dir))
                                 .await??;
-                        RootFs::Image(rootfs)
+                        (RootFs::Image(unpacked.rootfs), unpacked.config)
                     }
                 };
-                let mut command = command.clone();
-                command.extend(spec.args.iter().cloned());
-                Payload::Native { root, command }
+                let launch = config.launch(command.as_deref(), &spec.args, &spec.env)?;
+                let payload = Payload::Native { root, command: launch.command, workdir: launch.workdir };
+                Prepared { payload, env: launch.env }
             }
         })
     }
@@ -766,27 +783,37 @@ fn copy_tree(from: &Path, to: &Path, owner: Option<u32>) -> io::Result<()> {
     }
 }
 
+/// What runs, prepared on this machine.
+struct Prepared {
+    payload: Payload,
+    /// The job's environment before the grants add theirs: the spec's, laid over the image's
+    /// `Env` for a native job from an image archive.
+    env: BTreeMap<String, String>,
+}
+
 /// What the shim needs to build the job's sandbox.
 fn sandbox_plan(
     request: &Job,
     job_dir: &Path,
-    payload: Payload,
+    prepared: Prepared,
     cgroup: &JobCgroup,
     network: Option<NetworkPlan>,
     driver: DriverFiles,
     ids: IdMap,
 ) -> Plan {
-    let mut env = request.spec.env.clone();
+    let Prepared { payload, mut env } = prepared;
     let mut devices = Vec::new();
     if !request.gpus.is_empty() {
         let uuids: Vec<&str> = request.gpus.iter().map(|gpu| gpu.uuid.as_str()).collect();
         env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuids.join(","));
         env.insert("CUDA_VISIBLE_DEVICES".into(), uuids.join(","));
         devices = gpu_devices(&request.gpus);
-        // The driver's folders come first, so an image's stale copy of a driver library never
-        // shadows the one matching the kernel module.
-        prepend_path(&mut env, "LD_LIBRARY_PATH", &DriverFiles::library_dir(), "");
-        prepend_path(&mut env, "PATH", &DriverFiles::program_dir(), sandbox::DEFAULT_PATH);
+        if !devices.is_empty() {
+            // The driver's folders come first, so an image's stale copy of a driver library
+            // never shadows the one matching the kernel module.
+            prepend_path(&mut env, "LD_LIBRARY_PATH", &DriverFiles::library_dir(), "");
+            prepend_path(&mut env, "PATH", &DriverFiles::program_dir(), sandbox::DEFAULT_PATH);
+        }
     }
     Plan {
         job_dir: job_dir.to_owned(),
@@ -809,11 +836,19 @@ fn prepend_path(env: &mut BTreeMap<String, String>, key: &str, dir: &str, defaul
     env.insert(key.to_owned(), value);
 }
 
-/// The device nodes for granted GPUs: each GPU's own node, plus the control and unified-memory
-/// nodes every CUDA program opens, where they exist.
+/// The device nodes for granted GPUs: each real GPU's own node, plus the control and
+/// unified-memory nodes every CUDA program opens, where they exist; none for fake GPUs alone.
 fn gpu_devices(gpus: &[GpuGrant]) -> Vec<PathBuf> {
-    let mut devices: Vec<PathBuf> =
-        gpus.iter().map(|gpu| PathBuf::from(format!("/dev/nvidia{}", gpu.minor_number))).collect();
+    let mut devices: Vec<PathBuf> = gpus
+        .iter()
+        .filter_map(|gpu| match gpu.device {
+            GpuDevice::Node { minor_number } => Some(PathBuf::from(format!("/dev/nvidia{minor_number}"))),
+            GpuDevice::Fake => None,
+        })
+        .collect();
+    if devices.is_empty() {
+        return devices;
+    }
     for shared in ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"] {
         if Path::new(shared).exists() {
             devices.push(PathBuf::from(shared));

@@ -119,6 +119,9 @@ pub enum Payload {
         root: RootFs,
         /// Program and arguments.
         command: Vec<String>,
+        /// The folder it starts in: `/work`, or the image's `WorkingDir` when the image's own
+        /// command runs.
+        workdir: PathBuf,
     },
     /// A WASI module, run by wasmtime inside init.
     Wasi {
@@ -344,7 +347,7 @@ fn init(plan: &Plan, wasm: Option<Vec<u8>>) -> anyhow::Result<i32> {
     // ptrace it.
     prctl::set_dumpable(false).context("making init undumpable")?;
     match &plan.payload {
-        Payload::Native { command, .. } => run_native(command, &plan.env),
+        Payload::Native { command, workdir, .. } => run_native(command, workdir, &plan.env),
         Payload::Wasi { args, memory_bytes, time, .. } => {
             let wasm = wasm.unwrap_or_default();
             super::wasi::run_inside(&wasm, args, &plan.env, *memory_bytes, *time)
@@ -405,15 +408,19 @@ fn lock_down() -> anyhow::Result<()> {
 
 /// Runs a native job's command as init's child, reaps every orphan, and when the main process ends
 /// kills whatever it left behind.
-fn run_native(command: &[String], env: &BTreeMap<String, String>) -> anyhow::Result<i32> {
+fn run_native(command: &[String], workdir: &Path, env: &BTreeMap<String, String>) -> anyhow::Result<i32> {
     let (program, args) = command.split_first().context("the command is empty")?;
+    // An image's WorkingDir is not made for it: the image is read-only.
+    if !workdir.is_dir() {
+        bail!("the working folder {} is not a folder in the image", workdir.display());
+    }
     let child = Command::new(program)
         .args(args)
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", "/work")
         .envs(env)
-        .current_dir("/work")
+        .current_dir(workdir)
         .stdin(Stdio::null())
         .spawn();
     let child = match child {

@@ -7,7 +7,8 @@
 //! goes out as [`Event::JobOutput`] and into the job's bounded log files, whose growth goes out as
 //! [`Event::JobLog`] (a few times a second at most). When the daemon stops,
 //! running jobs are cancelled and their records say so; a job left unfinished by a crash is marked
-//! failed at the next start (its processes died with the agent).
+//! failed at the next start (its processes died with the agent). Jobs granted GPUs (the market's)
+//! are remembered with their GPUs, so a GPU paused alone freezes only the jobs holding it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -17,12 +18,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use super::JobState;
-use super::runner::{Control, EVENT_BUFFER, Job, RunEvent, Runner};
+use super::runner::{Control, EVENT_BUFFER, GpuGrant, Job, RunEvent, Runner};
 use super::spec::{JobKind, JobSpec, SpecError};
 use crate::clock::unix_now;
 use crate::events::{Bus, Event};
 use crate::store::{Store, StoreError};
 use crate::uploads::Staged;
+use hearth_api::availability::GpuPause;
 use hearth_api::ids::JobId;
 use hearth_api::jobs::{JobAction, JobRecord, OwnerNotice, Stream};
 
@@ -79,6 +81,10 @@ struct Inner {
     sharing: watch::Receiver<bool>,
     /// The jobs the owner's pause froze: thawed or stopped when it ends.
     owner_paused: Mutex<HashSet<JobId>>,
+    /// The GPUs (UUIDs) of each job granted some, while its task runs.
+    gpus: Mutex<HashMap<JobId, Vec<String>>>,
+    /// The jobs frozen because one of their GPUs was paused alone: thawed when all are shared.
+    gpu_paused: Mutex<HashSet<JobId>>,
 }
 
 impl Supervisor {
@@ -102,14 +108,27 @@ impl Supervisor {
             tasks: TaskTracker::new(),
             sharing,
             owner_paused: Mutex::default(),
+            gpus: Mutex::default(),
+            gpu_paused: Mutex::default(),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
 
     /// Validates the spec at `spec_path`, records the job and starts it.
+    /// A spec asking for GPUs is refused: the daemon grants GPUs only under an agreement.
     pub async fn submit(&self, spec_path: &Path) -> Result<JobRecord, SupervisorError> {
+        self.submit_granted(spec_path, Vec::new()).await
+    }
+
+    /// [`submit`](Self::submit) with `gpus` granted: exactly as many as the spec asks for (the
+    /// market's jobs, whose agreement names them).
+    pub async fn submit_granted(
+        &self,
+        spec_path: &Path,
+        gpus: Vec<GpuGrant>,
+    ) -> Result<JobRecord, SupervisorError> {
         let base = spec_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        self.submit_in(spec_path, base.to_owned(), None).await
+        self.submit_in(spec_path, base.to_owned(), None, gpus).await
     }
 
     /// Validates an uploaded spec and its files, records the job and starts it. The staging
@@ -117,7 +136,7 @@ impl Supervisor {
     /// may be long after, while the owner's pause lasts), then removed.
     pub async fn submit_staged(&self, staged: Staged) -> Result<JobRecord, SupervisorError> {
         let (spec, files) = (staged.spec(), staged.files());
-        self.submit_in(&spec, files, Some(staged)).await
+        self.submit_in(&spec, files, Some(staged), Vec::new()).await
     }
 
     async fn submit_in(
@@ -125,16 +144,25 @@ impl Supervisor {
         spec_path: &Path,
         base: PathBuf,
         staged: Option<Staged>,
+        gpus: Vec<GpuGrant>,
     ) -> Result<JobRecord, SupervisorError> {
         let path = spec_path.to_owned();
         let spec = tokio::task::spawn_blocking(move || JobSpec::load_in(&path, &base))
             .await
             .map_err(|error| SupervisorError::Control { id: String::new(), message: error.to_string() })??;
-        if spec.resources.gpus > 0 {
+        if spec.resources.gpus > 0 && gpus.is_empty() {
             return Err(SupervisorError::Unsupported(
-                "the daemon does not grant GPUs to jobs yet; run GPU jobs with `hearth run JOB.toml --local`"
+                "the daemon grants GPUs only to other agents' jobs under an agreement; run GPU jobs \
+                 with `hearth run JOB.toml --local`"
                     .into(),
             ));
+        }
+        if gpus.len() != spec.resources.gpus as usize {
+            return Err(SupervisorError::Unsupported(format!(
+                "the job asks for {} GPUs but {} were granted",
+                spec.resources.gpus,
+                gpus.len()
+            )));
         }
         let id: JobId = crate::proto::new_id();
         let now = unix_now();
@@ -157,7 +185,11 @@ impl Supervisor {
         let (controls, control_rx) = mpsc::channel(8);
         self.lock_live().insert(id.clone(), controls);
         let inner = Arc::clone(&self.inner);
-        let request = Job { id, spec, gpus: Vec::new() };
+        if !gpus.is_empty() {
+            let uuids = gpus.iter().map(|gpu| gpu.uuid.clone()).collect();
+            self.inner.lock_gpus().insert(id.clone(), uuids);
+        }
+        let request = Job { id, spec, gpus };
         let first = record.clone();
         self.inner.tasks.spawn(async move {
             inner.drive(first, request, control_rx).await;
@@ -279,6 +311,69 @@ impl Supervisor {
         }
     }
 
+    /// Some GPUs are paused alone (the owner's policy, a GPU too hot): freezes each running job
+    /// holding one of them, with a `paused` notice naming the GPU, and thaws the jobs this froze
+    /// once all their GPUs are shared again (`resumed`). Jobs on other GPUs, and jobs without
+    /// any, go on. Called with every evaluation while the machine shares (while it is paused as a
+    /// whole, [`owner_pause`](Self::owner_pause) holds everything).
+    pub async fn gpu_pauses(&self, paused: &[GpuPause]) {
+        let holders: Vec<(JobId, Vec<String>)> =
+            self.inner.lock_gpus().iter().map(|(id, uuids)| (id.clone(), uuids.clone())).collect();
+        if holders.is_empty() {
+            return;
+        }
+        let running: HashSet<JobId> = match self.list().await {
+            Ok(jobs) => {
+                jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect()
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot list the jobs to pause by GPU");
+                return;
+            }
+        };
+        for (id, uuids) in holders {
+            let hit = paused.iter().find(|pause| uuids.contains(&pause.uuid));
+            let frozen = self.inner.lock_gpu_paused().contains(&id);
+            let Some(controls) = self.lock_live().get(&id).cloned() else { continue };
+            match hit {
+                Some(pause) if !frozen && running.contains(&id) => {
+                    let (reply, answer) = oneshot::channel();
+                    if controls.send(Control::Pause(reply)).await.is_err() {
+                        continue; // It ended meanwhile.
+                    }
+                    match answer.await {
+                        Ok(Ok(_)) => {
+                            self.inner.lock_gpu_paused().insert(id.clone());
+                            let why: Vec<String> = pause.reasons.iter().map(ToString::to_string).collect();
+                            let reason = format!("GPU {} is paused: {}", pause.uuid, why.join("; "));
+                            self.inner.notice(&id, "paused", &reason).await;
+                        }
+                        Ok(Err(error)) => {
+                            let error = format!("{error:#}");
+                            tracing::error!(job = %id, %error, "cannot pause the job for its GPU");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                None if frozen => {
+                    self.inner.lock_gpu_paused().remove(&id);
+                    let (reply, answer) = oneshot::channel();
+                    if controls.send(Control::Resume(reply)).await.is_err() {
+                        continue;
+                    }
+                    match answer.await {
+                        Ok(Ok(_)) => self.inner.notice(&id, "resumed", "its GPUs are shared again").await,
+                        Ok(Err(error)) => {
+                            tracing::error!(job = %id, error = %format!("{error:#}"), "cannot thaw the job");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Every notice recorded about a job for its consumer, oldest first.
     pub async fn notices(&self, id: &str) -> Result<Vec<OwnerNotice>, SupervisorError> {
         Ok(self.inner.store.owner_notices(id).await?)
@@ -302,6 +397,21 @@ impl Supervisor {
 impl Inner {
     fn lock_owner_paused(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
         self.owner_paused.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_gpus(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Vec<String>>> {
+        self.gpus.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_gpu_paused(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
+        self.gpu_paused.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets a job whose task ended.
+    fn forget(&self, id: &JobId) {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        self.lock_gpus().remove(id);
+        self.lock_gpu_paused().remove(id);
     }
 
     /// Records a notice for the job's consumer and publishes it.
@@ -348,7 +458,7 @@ impl Inner {
                 tracing::error!(job = %id, %error, "could not record the job's state");
             }
             self.events.publish(Event::JobChanged { job: Box::new(record.clone()) });
-            self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            self.forget(&id);
             return;
         }
         let (events_tx, mut events_rx) = mpsc::channel(EVENT_BUFFER);
@@ -385,7 +495,7 @@ impl Inner {
                 },
             }
         }
-        self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        self.forget(&id);
         if let Some(outcome) = outcome {
             tracing::info!(job = %id, state = outcome.state.name(), "job ended");
         }

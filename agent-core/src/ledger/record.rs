@@ -145,6 +145,21 @@ pub fn charges(prices: &Prices, cpu_millis: u64, memory_bytes: u64, gpus: u32, r
     }
 }
 
+/// GPU-seconds by GPU model: each granted GPU (named by its model) counts `running_ms`, the
+/// time the job ran with its GPUs, paused time excluded, as [`charges`] charges it; rounded down
+/// to whole seconds per model.
+pub fn gpu_seconds<'a>(models: impl IntoIterator<Item = &'a str>, running_ms: u64) -> BTreeMap<String, u64> {
+    let mut gpus: BTreeMap<String, u64> = BTreeMap::new();
+    for model in models {
+        *gpus.entry(model.to_owned()).or_default() += 1;
+    }
+    gpus.into_iter()
+        .map(|(model, count)| {
+            (model, u64::try_from(u128::from(count) * u128::from(running_ms) / 1000).unwrap_or(u64::MAX))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +203,21 @@ mod tests {
         // One millisecond of anything costs a thousandth of a credit, not nothing.
         assert_eq!(charges(&prices, 1, 1, 1, 1), Charges { cpu: 1, memory: 1, gpu: 1 });
         assert_eq!(charges(&prices, 4000, 1 << 34, 2, 0), Charges::default());
+    }
+
+    #[test]
+    fn gpu_seconds_count_each_gpu_by_its_model() {
+        type Case = (&'static [&'static str], u64, &'static [(&'static str, u64)]);
+        let cases: [Case; 4] = [
+            (&[], 60_000, &[]),
+            (&["RTX 4090"], 2_500, &[("RTX 4090", 2)]),
+            (&["RTX 4090", "RTX 4090", "A100"], 90_000, &[("A100", 90), ("RTX 4090", 180)]),
+            (&["A100"], 999, &[("A100", 0)]),
+        ];
+        for (models, running_ms, expected) in cases {
+            let expected: BTreeMap<String, u64> =
+                expected.iter().map(|(m, s)| ((*m).to_owned(), *s)).collect();
+            assert_eq!(gpu_seconds(models.iter().copied(), running_ms), expected, "{models:?}");
+        }
     }
 }

@@ -226,7 +226,8 @@ async fn prepare(
         memory_bytes: spec.resources.memory_bytes,
         disk_bytes: spec.resources.disk_bytes,
         gpus: spec.resources.gpus,
-        vram_bytes: 0,
+        // The request carries the sum; the provider asks it of each GPU divided again.
+        vram_bytes: spec.resources.gpu_memory_bytes.saturating_mul(u64::from(spec.resources.gpus)),
     };
     let template = JobRequest {
         version: VERSION,
@@ -339,6 +340,8 @@ async fn search(inner: Arc<Inner>, id: JobId) {
                     let reasons: Vec<String> =
                         refused.iter().map(|(peer, why)| format!("{peer}: {why}")).collect();
                     format!("no provider took the job: {}", reasons.join("; "))
+                } else if let Some(why) = no_gpu_fits(&template.resources, &adverts) {
+                    why
                 } else if seen_any {
                     "no provider's advert fits the job (resources, price ceiling)".to_owned()
                 } else {
@@ -511,6 +514,37 @@ async fn sharing(inner: &Arc<Inner>) -> Vec<(PeerId, AdvertBody)> {
         .collect()
 }
 
+/// Why no advert fits a job asking for GPUs, when the GPUs are why: no sharing provider offers
+/// as many GPUs with the memory asked of each. `None` for a job without GPUs, or when some
+/// provider has such GPUs (something else does not fit).
+fn no_gpu_fits(resources: &Allocation, adverts: &[(PeerId, AdvertBody)]) -> Option<String> {
+    if resources.gpus == 0 {
+        return None;
+    }
+    let each = super::gpu_memory_each(resources);
+    let enough = |advert: &AdvertBody| {
+        advert.free.gpus.iter().filter(|gpu| gpu.memory_bytes >= each).count() >= resources.gpus as usize
+    };
+    if adverts.iter().any(|(_, advert)| enough(advert)) {
+        return None;
+    }
+    let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+    let largest = adverts.iter().flat_map(|(_, advert)| &advert.free.gpus).map(|gpu| gpu.memory_bytes).max();
+    Some(match largest {
+        None => format!("no provider offers a GPU; the job asks for {}", resources.gpus),
+        Some(largest) if each > largest => format!(
+            "no provider offers a GPU with {:.2} GiB of memory; the largest on offer has {:.2} GiB",
+            gib(each),
+            gib(largest)
+        ),
+        Some(_) => format!(
+            "no provider offers {} GPUs with {:.2} GiB of memory each on one machine",
+            resources.gpus,
+            gib(each)
+        ),
+    })
+}
+
 /// The adverts that fit `resources` for `time_s` under the price ceiling, best first (see
 /// [`matching::rank`]).
 fn rank(
@@ -525,11 +559,15 @@ fn rank(
     let candidates: Vec<Candidate> = adverts
         .iter()
         .map(|(_, advert)| {
+            // Only the GPUs with the memory asked of each count.
+            let each = super::gpu_memory_each(resources);
+            let gpus: Vec<u64> =
+                advert.free.gpus.iter().map(|gpu| gpu.memory_bytes).filter(|bytes| *bytes >= each).collect();
             let free = Amount {
                 cpu_millis: advert.free.cpu_millis,
                 memory_bytes: advert.free.memory_bytes,
-                gpus: advert.free.gpus.len() as u32,
-                vram_bytes: advert.free.gpus.iter().map(|gpu| gpu.memory_bytes).sum(),
+                gpus: gpus.len() as u32,
+                vram_bytes: gpus.iter().sum(),
             };
             let (completed, failed) = (advert.reputation.completed, advert.reputation.failed);
             Candidate {

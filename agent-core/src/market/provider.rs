@@ -1,11 +1,12 @@
 //! The provider's side of the market: requests are checked (signature, address, policy state,
 //! fit, price) and queued; the matcher offers signed terms to the requests [`matching::choose`]
-//! picks whenever idle capacity appears; an accepted offer becomes an agreement whose job this
-//! agent runs: its files are fetched from the consumer, the job runs under the supervisor, every
+//! picks whenever idle capacity appears (a GPU job's GPUs named by UUID, see `gpus`); an
+//! accepted offer becomes an agreement whose job this agent runs: its files are fetched from the
+//! consumer, the job runs under the supervisor with the GPUs the terms grant, every
 //! state change goes to the consumer as a signed notice, and the outputs are kept and granted to
 //! the consumer when it ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::matching::{self, Amount, Class, Pending, Weights};
 use super::reservations::{self, Reservations};
 use super::{
-    Fetched, Inner, PRICES, amount, credits, fetch_to_end, price_per_hour, receipts, rejected, reputation,
+    Fetched, Inner, PRICES, amount, credits, fetch_to_end, gpu_memory_each, price_per_hour, receipts,
+    rejected, reputation,
 };
 use crate::availability::{Availability, Capacity};
 use crate::clock::{self, unix_now};
@@ -32,7 +34,9 @@ use crate::net::negotiate::{
 use crate::transfer::{BlobRef, FetchRequest, Imported};
 use hearth_api::ids::{AgreementId, JobId, RequestId};
 
+mod gpus;
 mod logs;
+use gpus::{grant, pick_gpus};
 pub(super) use logs::on_logs;
 
 /// The most requests waiting at once; more are refused.
@@ -70,8 +74,9 @@ const NOTICE_TRIES: u32 = 3;
 pub(super) struct State {
     /// In arrival order.
     pending: Vec<Waiting>,
-    /// Capacity set aside for offers not answered yet, by consumer and request id.
-    offering: HashMap<(PeerId, RequestId), Allocation>,
+    /// Capacity set aside for offers not answered yet, by consumer and request id, with the
+    /// GPUs (UUIDs) the terms grant.
+    offering: HashMap<(PeerId, RequestId), (Allocation, Vec<String>)>,
     /// Agreements of this run, by id; ended ones stay for their last notice and logs.
     agreements: HashMap<AgreementId, Running>,
     /// Resources held for other agents' request packages.
@@ -86,14 +91,28 @@ impl State {
             .values()
             .filter(|running| !running.ended)
             .map(|running| running.resources)
-            .chain(self.offering.values().copied())
+            .chain(self.offering.values().map(|(resources, _)| *resources))
             .chain(self.reservations.values().map(|held| held.resources))
             .fold(Amount::default(), |sum, r| sum.saturating_add(&amount(&r)))
+    }
+
+    /// The GPUs (UUIDs) granted to running agreements, offered, or held for a reservation.
+    pub(super) fn gpus_taken(&self) -> HashSet<String> {
+        self.agreements
+            .values()
+            .filter(|running| !running.ended)
+            .flat_map(|running| &running.gpus)
+            .chain(self.offering.values().flat_map(|(_, gpus)| gpus))
+            .chain(self.reservations.values().flat_map(|held| &held.gpus))
+            .cloned()
+            .collect()
     }
 }
 
 struct Waiting {
     request: JobRequest,
+    /// The GPUs (UUIDs) the terms will grant, picked when the request is chosen.
+    gpus: Vec<String>,
     /// [`Signed::hash`] of the request, which the terms cite.
     hash: String,
     consumer: PeerId,
@@ -104,6 +123,8 @@ struct Waiting {
 struct Running {
     consumer: PeerId,
     resources: Allocation,
+    /// The GPUs (UUIDs) the terms grant.
+    gpus: Vec<String>,
     job: Option<(JobId, PathBuf)>,
     seq: u64,
     latest: Option<Signed>,
@@ -155,6 +176,7 @@ pub(super) async fn on_request(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
             None => {
                 let waiting = Waiting {
                     request,
+                    gpus: Vec::new(),
                     hash,
                     consumer: peer,
                     arrived: Instant::now(),
@@ -193,17 +215,21 @@ async fn in_reservation(
     if let Err(reason) = reservations::check_task(inner, &peer, &request, reservation) {
         return refused(reason);
     }
-    {
+    let gpus = {
         let mut state = inner.provider();
         let key = (peer, request.request_id.clone());
         if state.offering.contains_key(&key) {
             return refused("terms for this request are on their way to you".into());
         }
+        // The task's GPUs are among those the reservation holds.
+        let held = state.reservations.get(reservation).map(|held| held.gpus.clone()).unwrap_or_default();
+        let gpus: Vec<String> = held.into_iter().take(request.resources.gpus as usize).collect();
         // Nothing beside the reservation: the task runs in what it holds.
-        state.offering.insert(key, Allocation::default());
-    }
+        state.offering.insert(key, (Allocation::default(), Vec::new()));
+        gpus
+    };
     inner.parts.ledger.note(Kind::Request, signed).await;
-    let waiting = Waiting { request, hash, consumer: peer, arrived: Instant::now(), reputation: 0.5 };
+    let waiting = Waiting { request, gpus, hash, consumer: peer, arrived: Instant::now(), reputation: 0.5 };
     let task_inner = Arc::clone(inner);
     inner.tasks.spawn(async move { offer(task_inner, waiting).await });
     Reply::Queued { position: 0 }
@@ -235,13 +261,29 @@ pub(crate) fn check(
         }
     }
     let wanted = &request.resources;
-    if wanted.gpus > 0 || wanted.vram_bytes > 0 {
-        return Err("this agent does not run other agents' GPU jobs yet".into());
-    }
     if wanted.cpu_millis == 0 || wanted.memory_bytes == 0 {
         return Err("the request asks for no cores or no memory".into());
     }
     let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+    if wanted.gpus == 0 && wanted.vram_bytes > 0 {
+        return Err("the request asks for GPU memory but no GPUs".into());
+    }
+    let each = gpu_memory_each(wanted);
+    let fitting = capacity.gpus.iter().filter(|gpu| gpu.memory_bytes >= each).count();
+    if fitting < wanted.gpus as usize {
+        let most = capacity.gpus.iter().map(|gpu| gpu.memory_bytes).max().unwrap_or(0);
+        return Err(if each == 0 || fitting == capacity.gpus.len() {
+            format!("the job needs {} GPUs; this agent offers {}", wanted.gpus, capacity.gpus.len())
+        } else {
+            format!(
+                "the job needs {} GPUs with {:.2} GiB each; this agent offers {} such (its largest has {:.2} GiB)",
+                wanted.gpus,
+                gib(each),
+                fitting,
+                gib(most)
+            )
+        });
+    }
     if wanted.cpu_millis > capacity.cpu_millis {
         return Err(format!(
             "the job needs {} cores; this agent offers at most {}",
@@ -359,11 +401,20 @@ fn match_once(inner: &Arc<Inner>) {
     order.sort_unstable_by(|a, b| b.cmp(a));
     let mut taken: HashMap<usize, Waiting> =
         order.into_iter().map(|i| (i, state.pending.remove(i))).collect();
+    let mut gpus_taken = state.gpus_taken();
     for i in chosen.drain(..) {
-        let Some(waiting) = taken.remove(&i) else { continue };
-        state
-            .offering
-            .insert((waiting.consumer, waiting.request.request_id.clone()), waiting.request.resources);
+        let Some(mut waiting) = taken.remove(&i) else { continue };
+        // The knapsack counts GPUs and their memory in sums; which GPUs fit is decided here.
+        let Some(gpus) = pick_gpus(&waiting.request.resources, &capacity.gpus, &gpus_taken) else {
+            state.pending.push(waiting);
+            continue;
+        };
+        gpus_taken.extend(gpus.iter().cloned());
+        waiting.gpus = gpus.clone();
+        state.offering.insert(
+            (waiting.consumer, waiting.request.request_id.clone()),
+            (waiting.request.resources, gpus),
+        );
         let task_inner = Arc::clone(inner);
         inner.tasks.spawn(async move { offer(task_inner, waiting).await });
     }
@@ -403,7 +454,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
         access_key,
         hosted: request.hosted,
         network: request.network,
-        gpus: Vec::new(),
+        gpus: waiting.gpus.clone(),
         issued_at: now,
         expires_at: now + OFFER_LIFETIME.as_secs() as i64,
     };
@@ -458,6 +509,7 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
                 } else {
                     request.resources
                 },
+                gpus: terms.gpus.clone(),
                 job: None,
                 seq: 0,
                 latest: None,
@@ -480,7 +532,8 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     }
     inner.parts.ledger.note(Kind::Agreement, &agreement).await;
     tracing::info!(agreement = %id, consumer = %waiting.consumer, "agreed to run a job");
-    let (mut state, mut reason, outputs) = execute(&inner, &id, &request, waiting.consumer, &cancel).await;
+    let (mut state, mut reason, outputs) =
+        execute(&inner, &id, &request, &terms.gpus, waiting.consumer, &cancel).await;
     if inner.stop.is_cancelled() {
         // The agent is stopping: its jobs were stopped with it, not by the consumer.
         state = JobState::Failed { reason: "the provider's agent stopped".into() };
@@ -496,7 +549,11 @@ async fn offer(inner: Arc<Inner>, waiting: Waiting) {
     let job_dir =
         inner.provider().agreements.get(&id).and_then(|running| running.job.clone()).map(|(_, dir)| dir);
     let measured = job_dir.as_deref().and_then(Measured::read);
-    let receipt = receipts::issue(&inner, &agreement, &terms, &state, measured, outputs.as_ref());
+    let models: Vec<String> = {
+        let resources = inner.parts.resources.borrow();
+        terms.gpus.iter().map(|uuid| super::gpu_model(&resources, uuid)).collect()
+    };
+    let receipt = receipts::issue(&inner, &agreement, &terms, &state, measured, &models, outputs.as_ref());
     notify(&inner, &id, state, reason, outputs.map(|imported| imported.blob), receipt).await;
     if let Some(running) = inner.provider().agreements.get_mut(&id) {
         running.ended = true;
@@ -516,6 +573,7 @@ async fn execute(
     inner: &Arc<Inner>,
     agreement_id: &str,
     request: &JobRequest,
+    gpus: &[String],
     consumer: PeerId,
     cancel: &CancellationToken,
 ) -> (JobState, Option<String>, Option<Imported>) {
@@ -573,9 +631,17 @@ async fn execute(
     if let Err(reason) = confined(&spec, &dir, request) {
         return failed(reason);
     }
+    // As many of the agreement's GPUs as the spec asks for (`within`: never more).
+    let grants = match grant(
+        &inner.parts.resources.borrow().gpus,
+        &gpus[..(spec.resources.gpus as usize).min(gpus.len())],
+    ) {
+        Ok(grants) => grants,
+        Err(reason) => return failed(reason),
+    };
     // Subscribed before the job exists, so none of its changes is missed.
     let mut events = inner.parts.events.subscribe();
-    let job = match inner.parts.jobs.submit(&spec_path).await {
+    let job = match inner.parts.jobs.submit_granted(&spec_path, grants).await {
         Ok(job) => job,
         Err(error) => return failed(format!("the job could not start: {error}")),
     };
@@ -645,6 +711,7 @@ fn within(spec: &JobSpec, request: &JobRequest) -> Result<(), String> {
         || asked.memory_bytes > agreed.memory_bytes
         || asked.disk_bytes > agreed.disk_bytes
         || asked.gpus > agreed.gpus
+        || asked.gpu_memory_bytes.saturating_mul(u64::from(asked.gpus)) > agreed.vram_bytes
         || spec.limits.time.as_secs() > request.time_limit_s
         || (spec.limits.network && !request.network);
     if over { Err("the job's spec asks for more than the agreement grants".into()) } else { Ok(()) }
@@ -750,9 +817,23 @@ mod tests {
     #[test]
     fn requests_that_cannot_be_taken_are_refused_with_the_reason() {
         let (consumer, me, other) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let capacity = Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, gpus: Vec::new() };
+        let gpu = |uuid: &str, gib: u64| hearth_api::availability::GpuCapacity {
+            uuid: uuid.into(),
+            memory_bytes: gib << 30,
+        };
+        let capacity =
+            Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, gpus: vec![gpu("G8", 8), gpu("G24", 24)] };
         let ok = request(&consumer, &me);
         assert_eq!(check(&ok, &consumer, &me, &capacity, 1500), Ok(()));
+        let gpus = |gpus: u32, gib_each: u64| JobRequest {
+            resources: Allocation { gpus, vram_bytes: u64::from(gpus) * (gib_each << 30), ..ok.resources },
+            max_price_per_hour: None,
+            ..ok.clone()
+        };
+        // Two GPUs of any size, or one with up to 24 GiB, fit.
+        for fits in [gpus(1, 0), gpus(2, 0), gpus(2, 8), gpus(1, 24)] {
+            assert_eq!(check(&fits, &consumer, &me, &capacity, 1500), Ok(()), "{:?}", fits.resources);
+        }
 
         let cases: Vec<(JobRequest, PeerId, i64, &str)> = vec![
             (ok.clone(), other, 1500, "but came from"),
@@ -777,11 +858,19 @@ mod tests {
                 1500,
                 "3.00 GiB of memory",
             ),
+            (gpus(3, 0), consumer, 1500, "needs 3 GPUs; this agent offers 2"),
             (
-                JobRequest { resources: Allocation { gpus: 1, ..ok.resources }, ..ok.clone() },
+                gpus(1, 32),
                 consumer,
                 1500,
-                "GPU",
+                "needs 1 GPUs with 32.00 GiB each; this agent offers 0 such (its largest has 24.00 GiB)",
+            ),
+            (gpus(2, 16), consumer, 1500, "needs 2 GPUs with 16.00 GiB each; this agent offers 1 such"),
+            (
+                JobRequest { resources: Allocation { vram_bytes: 1, ..ok.resources }, ..ok.clone() },
+                consumer,
+                1500,
+                "GPU memory but no GPUs",
             ),
             (
                 JobRequest { max_price_per_hour: Some(1000), ..ok.clone() },
@@ -818,6 +907,7 @@ mod tests {
                 memory_bytes: 1 << 20,
                 disk_bytes: 1 << 20,
                 gpus: 0,
+                gpu_memory_bytes: 0,
             },
             limits: crate::jobs::Limits { time: Duration::from_secs(60), network: false },
             max_price_per_hour: None,

@@ -52,10 +52,12 @@ pub(super) fn issue(
     terms: &Terms,
     state: &JobState,
     measured: Option<Measured>,
+    gpu_models: &[String],
     outputs: Option<&Imported>,
 ) -> Option<Signed> {
     let consumer: PeerId = terms.consumer.parse().ok()?;
-    let body = receipt_body(agreement, terms, state, measured.unwrap_or_default(), outputs, unix_now());
+    let measured = measured.unwrap_or_default();
+    let body = receipt_body(agreement, terms, state, measured, gpu_models, outputs, unix_now());
     let signed = match Signed::sign(&inner.parts.identity, RECEIPT_TAG, &body) {
         Ok(signed) => signed,
         Err(error) => {
@@ -71,12 +73,14 @@ pub(super) fn issue(
     Some(signed)
 }
 
-/// What the provider states: the work priced by the agreement.
+/// What the provider states: the work priced by the agreement. `gpu_models` names the model of
+/// each GPU the terms grant.
 fn receipt_body(
     agreement: &Agreement,
     terms: &Terms,
     state: &JobState,
     measured: Measured,
+    gpu_models: &[String],
     outputs: Option<&Imported>,
     now: i64,
 ) -> ReceiptBody {
@@ -96,8 +100,7 @@ fn receipt_body(
             .unwrap_or(u64::MAX),
         memory_mib_s: u64::try_from(u128::from(resources.memory_bytes >> 20) * u128::from(running_ms) / 1000)
             .unwrap_or(u64::MAX),
-        // GPUs are not lent to other agents yet: no agreement grants one.
-        gpu_s: Default::default(),
+        gpu_s: record::gpu_seconds(gpu_models.iter().map(String::as_str), running_ms),
         disk_peak_bytes: measured.disk_peak_bytes,
         outputs_bytes: outputs.map_or(0, |imported| imported.size),
         network_bytes: measured.network_bytes,
@@ -302,6 +305,18 @@ fn check(
     if body.charges != charges || body.amount != charges.total() {
         return Err("the receipt's charges do not follow from the agreed prices".into());
     }
+    // The models are the provider's to name; the GPU-seconds must add up to the granted GPUs'
+    // running time (each model rounded down on its own, so a second less per model is fine).
+    let (models, granted) = (body.usage.gpu_s.len() as u64, terms.gpus.len() as u64);
+    let gpu_s = body.usage.gpu_s.values().fold(0u64, |sum, s| sum.saturating_add(*s));
+    let whole =
+        u64::try_from(u128::from(granted) * u128::from(body.usage.running_ms) / 1000).unwrap_or(u64::MAX);
+    if models > granted || gpu_s > whole || gpu_s < whole.saturating_sub(models) {
+        return Err(format!(
+            "the receipt counts {gpu_s} GPU-seconds, but {granted} GPUs for {} ms make {whole}",
+            body.usage.running_ms
+        ));
+    }
     if body.outcome != ended.name() {
         return Err(format!("the receipt says {} but the job ended {}", body.outcome, ended.name()));
     }
@@ -357,6 +372,10 @@ mod tests {
             issued_at: 1_000,
             expires_at: 1_060,
         };
+        signed(provider, consumer, terms)
+    }
+
+    fn signed(provider: &Identity, consumer: &Identity, terms: Terms) -> (Agreement, Terms) {
         let offer = Signed::sign(provider, AGREEMENT_TAG, &terms).unwrap();
         let accepted = sign_detached(consumer, AGREEMENT_TAG, &offer.body).unwrap();
         let agreement = Agreement {
@@ -388,7 +407,7 @@ mod tests {
             disk_peak_bytes: 4096,
             network_bytes: 0,
         };
-        let body = receipt_body(&agreement, &terms, &finished, measured, Some(&outputs), 5_000);
+        let body = receipt_body(&agreement, &terms, &finished, measured, &[], Some(&outputs), 5_000);
         // Two cores and 1 GiB for half an hour at the agreed prices.
         assert_eq!((body.charges.cpu, body.charges.memory, body.amount), (1000, 50, 1050));
         assert_eq!(
@@ -416,8 +435,35 @@ mod tests {
         assert!(refused(cheaper, &finished, Some(&root)).contains("prices"));
 
         // A job that never ran is charged nothing.
-        let nothing = receipt_body(&agreement, &terms, &failed, Measured::default(), None, 5_000);
+        let nothing = receipt_body(&agreement, &terms, &failed, Measured::default(), &[], None, 5_000);
         assert_eq!((nothing.amount, nothing.result.as_deref()), (0, None));
         assert_eq!(check(&nothing, &agreement, &terms, &failed, None), Ok(()));
+    }
+
+    #[test]
+    fn gpu_seconds_count_the_granted_gpus_by_model_and_are_checked() {
+        let (provider, consumer) = (identity(), identity());
+        let (_, mut terms) = agreement(&provider, &consumer);
+        terms.resources.gpus = 2;
+        terms.gpus = vec!["GPU-a".into(), "FAKE-GPU-0".into()];
+        let (agreement, terms) = signed(&provider, &consumer, terms);
+        let finished = JobState::Finished { exit_code: 0 };
+        // 90 s of running, frozen time already left out by the runner.
+        let measured = Measured { running_ms: 90_500, ..Measured::default() };
+        let models = ["NVIDIA A100".to_owned(), "fake GPU (test setting)".to_owned()];
+        let body = receipt_body(&agreement, &terms, &finished, measured, &models, None, 5_000);
+        let expected: std::collections::BTreeMap<String, u64> =
+            [("NVIDIA A100".to_owned(), 90), ("fake GPU (test setting)".to_owned(), 90)].into();
+        assert_eq!(body.usage.gpu_s, expected);
+        // 2 GPUs × 90.5 s at 10 credits per GPU-hour.
+        assert_eq!(body.charges.gpu, 503);
+        assert_eq!(check(&body, &agreement, &terms, &finished, None), Ok(()));
+
+        let mut padded = body.clone();
+        padded.usage.gpu_s.insert("NVIDIA A100".into(), 900);
+        assert!(check(&padded, &agreement, &terms, &finished, None).unwrap_err().contains("GPU-seconds"));
+        let mut missing = body;
+        missing.usage.gpu_s.clear();
+        assert!(check(&missing, &agreement, &terms, &finished, None).unwrap_err().contains("GPU-seconds"));
     }
 }

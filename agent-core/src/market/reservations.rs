@@ -106,12 +106,13 @@ pub(super) async fn on_reserve(inner: &Arc<Inner>, peer: PeerId, signed: Signed)
                 short(&ask.resources)
             ));
         }
-        let taken: Vec<&String> = state.reservations.values().flat_map(|held| &held.gpus).collect();
+        // Not one granted to a running agreement, offered, or held already.
+        let taken = state.gpus_taken();
         let gpus: Vec<String> = capacity
             .gpus
             .iter()
             .map(|gpu| gpu.uuid.clone())
-            .filter(|uuid| !taken.contains(&uuid))
+            .filter(|uuid| !taken.contains(uuid))
             .take(ask.resources.gpus as usize)
             .collect();
         if gpus.len() < ask.resources.gpus as usize {
@@ -279,6 +280,8 @@ pub(super) fn check_task(
         || asked.memory_bytes > has.memory_bytes
         || asked.disk_bytes > has.disk_bytes
         || asked.gpus > has.gpus
+        // A reservation holds GPUs by count: a task asking memory of each asks more than that.
+        || asked.vram_bytes > has.vram_bytes
     {
         return Err("the task asks for more than its reservation holds".into());
     }

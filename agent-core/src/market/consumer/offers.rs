@@ -118,6 +118,14 @@ fn check_offer(
     {
         return Err("the terms' prices are above the provider's advert".into());
     }
+    let distinct: std::collections::BTreeSet<&String> = terms.gpus.iter().collect();
+    if terms.gpus.len() != wanted.resources.gpus as usize || distinct.len() != terms.gpus.len() {
+        return Err(format!(
+            "the terms grant {} distinct GPUs, not the {} asked for",
+            distinct.len(),
+            wanted.resources.gpus
+        ));
+    }
     if terms.network != wanted.network || terms.hosted != wanted.hosted {
         return Err("the terms grant other network or hosting than asked".into());
     }
@@ -272,6 +280,12 @@ mod tests {
             ),
             (Terms { network: true, ..good.clone() }, provider, 50, "network"),
             (
+                Terms { gpus: vec!["GPU-a".into()], ..good.clone() },
+                provider,
+                50,
+                "1 distinct GPUs, not the 0",
+            ),
+            (
                 Terms { resources: Allocation { disk_bytes: u64::MAX, ..good.resources }, ..good.clone() },
                 provider,
                 50,
@@ -301,5 +315,23 @@ mod tests {
         let terms = Terms { prices: dear.asked[0].prices.clone(), price_per_hour: 5025, ..good };
         let reason = check_offer(&terms, &provider, &me, &dear, 50).unwrap_err();
         assert!(reason.contains("above the ceiling of 2.000"), "{reason:?}");
+
+        // A GPU job's terms name as many distinct GPUs as it asks for.
+        let mut gpu_job = negotiation(&provider, &me);
+        gpu_job.template.resources.gpus = 2;
+        gpu_job.template.max_price_per_hour = None;
+        let resources = gpu_job.template.resources;
+        let granting = |gpus: &[&str]| Terms {
+            resources,
+            price_per_hour: price_per_hour(&PRICES, &resources),
+            prices: PRICES,
+            gpus: gpus.iter().map(|uuid| (*uuid).to_owned()).collect(),
+            ..terms.clone()
+        };
+        assert_eq!(check_offer(&granting(&["GPU-a", "GPU-b"]), &provider, &me, &gpu_job, 50), Ok(()));
+        for wrong in [&["GPU-a"][..], &["GPU-a", "GPU-a"], &["GPU-a", "GPU-b", "GPU-c"]] {
+            let reason = check_offer(&granting(wrong), &provider, &me, &gpu_job, 50).unwrap_err();
+            assert!(reason.contains("not the 2 asked for"), "{wrong:?}: {reason:?}");
+        }
     }
 }
