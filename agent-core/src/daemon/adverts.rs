@@ -1,6 +1,7 @@
 //! This agent's capacity advert: built from the availability, the machine's figures and the
-//! policy's windows, signed, and handed to the network when what it says changes (sharing or
-//! paused, the capacity, the windows) and again well before it expires.
+//! policy's windows, and handed to the network whenever the availability changes and every few
+//! seconds. The network's `advert::Pacer` decides when it is signed and published (on a change a
+//! consumer acts on, before it expires, for a peer that joins, at a bounded rate).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +24,12 @@ use crate::resources::Resources;
 /// How long an advert stays valid.
 const LIFETIME: Duration = Duration::from_secs(10 * 60);
 
-/// How often an unchanged advert is signed and published again.
-const REFRESH: Duration = Duration::from_secs(5 * 60);
 
 /// How far ahead the windows reach.
 const HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// How often the inputs are compared with the last advert.
+/// How often the advert is built again from its inputs (the free capacity moves without an
+/// availability change).
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Everything the advert is made of.
@@ -54,20 +54,10 @@ impl AdvertTask {
         let stop = cancel.child_token();
         let task_stop = stop.clone();
         let task = tokio::spawn(async move {
-            let mut last: Option<(AdvertBody, tokio::time::Instant)> = None;
             let mut availability = sources.availability.clone();
             let mut tick = tokio::time::interval(CHECK_EVERY);
             loop {
-                let fresh = body(&sources).await;
-                let due = match &last {
-                    None => true,
-                    Some((previous, at)) => !same_offer(previous, &fresh) || at.elapsed() >= REFRESH,
-                };
-                if due {
-                    // The network signs it, with the next sequence number.
-                    sources.network.publish(fresh.clone()).await;
-                    last = Some((fresh, tokio::time::Instant::now()));
-                }
+                sources.network.publish(body(&sources).await).await;
                 tokio::select! {
                     () = task_stop.cancelled() => break,
                     _ = availability.changed() => {}
@@ -84,23 +74,6 @@ impl AdvertTask {
             tracing::error!(%error, "the advert task panicked");
         }
     }
-}
-
-/// Whether two adverts offer the same: everything but the sequence, the times, the ends of the
-/// window list that move with the clock, and free disk below a GiB.
-fn same_offer(a: &AdvertBody, b: &AdvertBody) -> bool {
-    let strip = |body: &AdvertBody| {
-        let mut windows = body.windows.clone();
-        if let Some(first) = windows.first_mut() {
-            first[0] = 0;
-        }
-        if let Some(last) = windows.last_mut() {
-            last[1] = 0;
-        }
-        let free = Free { disk_bytes: body.free.disk_bytes >> 30, ..body.free.clone() };
-        AdvertBody { seq: 0, issued_at: 0, expires_at: 0, windows, free, ..body.clone() }
-    };
-    strip(a) == strip(b)
 }
 
 async fn body(sources: &Sources) -> AdvertBody {

@@ -72,7 +72,8 @@ fn flap_3s(t: u64) -> (AdvertBody, bool) {
     }
 }
 
-/// The rule before issue 23 (`daemon::adverts::same_offer` and its 5-minute refresh).
+/// The rule before issue 23, the anchor: the daemon's advert task published a body that differed
+/// from the last in this (then `daemon::adverts::same_offer`), and every 5 minutes.
 fn old_same_offer(a: &AdvertBody, b: &AdvertBody) -> bool {
     let strip = |body: &AdvertBody| {
         let mut windows = body.windows.clone();
