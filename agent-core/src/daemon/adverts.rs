@@ -24,7 +24,6 @@ use crate::resources::Resources;
 /// How long an advert stays valid.
 const LIFETIME: Duration = Duration::from_secs(10 * 60);
 
-
 /// How far ahead the windows reach.
 const HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
 

@@ -252,19 +252,24 @@ impl Supervisor {
         self.get(id).await
     }
 
+    /// The ids of the running jobs; `None`, logged, when they cannot be read.
+    async fn running(&self) -> Option<HashSet<JobId>> {
+        match self.list().await {
+            Ok(jobs) => Some(
+                jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect(),
+            ),
+            Err(error) => {
+                tracing::error!(%error, "cannot list the running jobs");
+                None
+            }
+        }
+    }
+
     /// The owner needs the machine: freezes every running job, records a `paused` notice with
     /// `reason` for each, and returns once all are frozen. Jobs that start later while the owner's
     /// pause lasts are frozen as they start.
     pub async fn owner_pause(&self, reason: &str) {
-        let running: Vec<JobId> = match self.list().await {
-            Ok(jobs) => {
-                jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect()
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot list the jobs to pause");
-                return;
-            }
-        };
+        let Some(running) = self.running().await else { return };
         // Every freeze is asked for before any answer is awaited, so they happen together.
         let mut answers = Vec::new();
         for id in running {
@@ -322,15 +327,7 @@ impl Supervisor {
         if holders.is_empty() {
             return;
         }
-        let running: HashSet<JobId> = match self.list().await {
-            Ok(jobs) => {
-                jobs.into_iter().filter(|job| job.state == JobState::Running).map(|job| job.id).collect()
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot list the jobs to pause by GPU");
-                return;
-            }
-        };
+        let Some(running) = self.running().await else { return };
         for (id, uuids) in holders {
             let hit = paused.iter().find(|pause| uuids.contains(&pause.uuid));
             let frozen = self.inner.lock_gpu_paused().contains(&id);
